@@ -1,0 +1,60 @@
+# dit: one command each for a newcomer. `make train` and `make test` run `make setup` first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Install into the active virtualenv / conda env if there is one, else into .venv/ here.
+ifneq ($(VIRTUAL_ENV),)
+  ENV_DIR := $(VIRTUAL_ENV)
+else ifneq ($(CONDA_PREFIX),)
+  ENV_DIR := $(CONDA_PREFIX)
+else
+  ENV_DIR := $(CURDIR)/.venv
+endif
+PY := $(ENV_DIR)/bin/python
+# One stamp per (checkout, environment): re-run setup when pyproject.toml changes.
+STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-all train zoo fashion-mnist clean
+
+help:
+	@echo "make setup     install everything (env: $(ENV_DIR))"
+	@echo "make test      fast test suite (CPU, < 10 min)"
+	@echo "make test-all  also the slow tests"
+	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
+	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
+
+setup: $(STAMP) fashion-mnist
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(ENV_DIR)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p .make && touch $@
+
+# Debian's dataset-fashion-mnist package: the four idx files under $(FMNIST_DIR).
+fashion-mnist:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "warning: no apt-get; put the Fashion-MNIST idx files in $(FMNIST_DIR) or set data.root=" >&2; \
+	  fi; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+zoo: setup
+	$(PY) -m dit.zoo
+
+clean:
+	rm -rf .make .pytest_cache

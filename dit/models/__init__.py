@@ -1,0 +1,14 @@
+"""DiT model zoo: ``create_model("DiT-XL/2", block="adaln_zero", ...)``."""
+
+from __future__ import annotations
+
+from dit.models.blocks import BLOCKS, get_block, register_block
+from dit.models.dit import DiT
+from dit.models.sizes import DIT_MODELS, PATCH_SIZES, SIZES, config_name, model_config
+
+__all__ = ["BLOCKS", "DIT_MODELS", "DiT", "PATCH_SIZES", "SIZES", "config_name", "create_model", "get_block", "register_block"]
+
+
+def create_model(name: str, block: str = "adaln_zero", **kwargs) -> DiT:
+    """Build a zoo model by name, e.g. create_model("DiT-XL/2", input_size=32, in_channels=4)."""
+    return DiT(**model_config(name), block=block, name=name, **kwargs)

@@ -1,0 +1,80 @@
+"""Print the model zoo: parameters, GFLOPs and tokens of every size x conditioning block.
+
+    python -m dit.zoo                 # table, 256x256 images = 32x32x4 latents
+    python -m dit.zoo --json          # the same as a JSON list
+    python -m dit.zoo --markdown      # a Markdown table (docs/zoo.md)
+
+GFLOPs are counted as the DiT paper counts them: multiply-adds of one forward pass of one image,
+i.e. torch.utils.flop_counter's FLOPs / 2. Models are built on the meta device: no weights are
+allocated, so even DiT-XL/2 is counted in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit.models import BLOCKS, DIT_MODELS, create_model
+
+
+def count(name: str, block: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:
+    """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry."""
+    with torch.device("meta"):
+        model = create_model(name, block=block, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+        x = torch.empty(1, in_channels, input_size, input_size)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long)
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return dict(
+        model=name,
+        block=block,
+        params=sum(p.numel() for p in model.parameters()),
+        gflops=counter.get_total_flops() / 2 / 1e9,
+        tokens=model.num_tokens,
+    )
+
+
+def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> list[dict]:
+    """count() for every size x block, sizes in registry order."""
+    return [count(n, b, input_size, in_channels, num_classes) for n in DIT_MODELS for b in BLOCKS]
+
+
+def _gflops(g: float) -> str:
+    """Two decimals as in the paper, three significant digits for the tiny CPU sizes."""
+    return f"{g:.2f}" if g >= 1 else f"{g:.3g}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dit.zoo", description=__doc__.split("\n\n")[0])
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list of {model, block, params, gflops, tokens}")
+    fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side length [32 = 256x256 images]")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    args = parser.parse_args(argv)
+    rows = zoo_table(args.input_size, args.in_channels, args.num_classes)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    header = ("model", "block", "params (M)", "GFLOPs", "tokens")
+    lines = [(r["model"], r["block"], f"{r['params'] / 1e6:.2f}", _gflops(r["gflops"]), str(r["tokens"])) for r in rows]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join(["---"] * 2 + ["---:"] * 3) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for line in lines:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+
+
+if __name__ == "__main__":
+    main()
