@@ -16,7 +16,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all train zoo fashion-mnist clean
+.PHONY: help setup test test-all train zoo fashion-mnist clean bench-sample
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
@@ -24,6 +24,7 @@ help:
 	@echo "make test-all  also the slow tests"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
+	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 
 setup: $(STAMP) fashion-mnist
 
@@ -55,6 +56,9 @@ train: setup
 
 zoo: setup
 	$(PY) -m dit.zoo
+
+bench-sample: setup
+	$(PY) benchmarks/bench_sample.py $(ARGS)
 
 clean:
 	rm -rf .make .pytest_cache

@@ -38,6 +38,13 @@ class DiT(nn.Module):
         name: str | None = None,  # zoo name, e.g. "DiT-XL/2", kept for exports
     ):
         super().__init__()
+        # Constructor arguments, saved with exports so a model can be rebuilt without its Hydra config.
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma, block=block,
+            timestep_freq_shift=timestep_freq_shift, norm_eps=norm_eps, name=name,
+        )  # fmt: skip
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.block_cls = get_block(block)

@@ -1,0 +1,183 @@
+"""sample.py end to end on CPU: tiny models, a tiny random VAE, no downloads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import sample
+from dit.checkpoints import FASHION_MNIST_CLASSES, save_export
+from dit.models import create_model
+from dit.models.convert import to_diffusers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sample_cfg(**overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("sample", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def randomize(model):
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixel_export(tmp_path_factory):
+    """A Fashion-MNIST-like pixel model: 1 channel, 16x16, 10 named classes."""
+    path = tmp_path_factory.mktemp("pixel") / "export"
+    model = randomize(create_model("DiT-Debug/4", input_size=16, in_channels=1, num_classes=10))
+    save_export(path, model, ema=model, data=dict(class_names=FASHION_MNIST_CLASSES, latent=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+        norm_num_groups=32, sample_size=32,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def run(**overrides):
+    return sample.run(sample_cfg(steps=4, batch_size=4, **overrides))
+
+
+def test_grid_one_row_per_class(pixel_export, tmp_path):
+    out = run(checkpoint=pixel_export, out_dir=tmp_path / "s", classes="[Sneaker,3,ankle boot]", per_class=5)
+    grid = Image.open(out / "grid.png")
+    # 3 rows x 5 columns of 16x16 images with 2-pixel padding.
+    assert grid.size == (5 * 18 + 2, 3 * 18 + 2) and grid.mode == "RGB"
+    assert not (out / "samples.npz").exists()
+
+
+def test_fid_outputs_exact_n_and_types(pixel_export, tmp_path):
+    out = run(checkpoint=pixel_export, out_dir=tmp_path / "s", num_images=11)
+    with np.load(out / "samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (11, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.shape == (11,) and labels.dtype == np.int64 and labels.max() < 10
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 11
+    first = np.array(Image.open(pngs[0]))
+    assert first.shape == (16, 16) and first.dtype == np.uint8  # grey stays grey in PNGs
+    np.testing.assert_array_equal(first, images[0, ..., 0])
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_deterministic_by_seed(pixel_export, tmp_path):
+    def images(seed, name):
+        out = run(checkpoint=pixel_export, out_dir=tmp_path / name, num_images=6, seed=seed)
+        return np.load(out / "samples.npz")["arr_0"]
+
+    np.testing.assert_array_equal(images(3, "a"), images(3, "b"))
+    assert (images(3, "a2") != images(4, "c")).any()
+
+
+def test_two_processes_give_exactly_n_and_the_same_images(pixel_export, tmp_path):
+    one = run(checkpoint=pixel_export, out_dir=tmp_path / "one", num_images=9)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "sample.py"), f"checkpoint={pixel_export}", f"out_dir={tmp_path / 'two'}",
+           "num_images=9", "steps=4", "batch_size=4"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stdout
+    a, b = np.load(one / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert len(b["arr_0"]) == 9
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 9
+
+
+def test_latent_model_decodes_through_the_vae(tiny_vae_dir, tmp_path):
+    model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=5))
+    save_export(tmp_path / "export", model, ema=model, data=dict(latent=True, vae=str(tiny_vae_dir)))
+    out = run(checkpoint=tmp_path / "export", out_dir=tmp_path / "s", num_images=3, cfg_scale=1.5)
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (3, 32, 32, 3)  # 16x16x4 latents -> 32x32 RGB through the 2x VAE
+
+
+def test_official_checkpoint_with_imagenet_names(tiny_vae_dir, tmp_path):
+    model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000))
+    torch.save(model.state_dict(), tmp_path / "DiT-Debug-2.pt")
+    out = run(checkpoint=tmp_path / "DiT-Debug-2.pt", vae=tiny_vae_dir, out_dir=tmp_path / "s",
+              classes='["golden retriever",otter]', per_class=2)  # fmt: skip
+    assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+
+def test_diffusers_pipeline_directory(tiny_vae_dir, tmp_path):
+    model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000, timestep_freq_shift=1))
+    pipe = DiTPipeline(transformer=to_diffusers(model), vae=AutoencoderKL.from_pretrained(tiny_vae_dir),
+                       scheduler=DDPMScheduler(num_train_timesteps=1000))  # fmt: skip
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = run(checkpoint=tmp_path / "pipe", out_dir=tmp_path / "s", classes="[1,2]", per_class=1, num_images=2)
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_class_name_lists_close_names(pixel_export, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown class name 'sneakers'; close names: 'Sneaker'"):
+        run(checkpoint=pixel_export, out_dir=tmp_path / "s", classes="[sneakers]")
+
+
+def test_refuses_to_overwrite_samples(pixel_export, tmp_path):
+    out = run(checkpoint=pixel_export, out_dir=tmp_path / "s", num_images=2)
+    before = (out / "samples.npz").read_bytes()
+    with pytest.raises(SystemExit, match="already holds samples"):
+        run(checkpoint=pixel_export, out_dir=tmp_path / "s", num_images=3)
+    assert (out / "samples.npz").read_bytes() == before
+    run(checkpoint=pixel_export, out_dir=tmp_path / "s", num_images=3, overwrite="true")
+    assert len(np.load(out / "samples.npz")["arr_0"]) == 3 and len(list((out / "images").glob("*.png"))) == 3
+
+
+def test_checkpoint_that_does_not_fit_its_config(pixel_export, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in pixel_export.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["model"]["hidden_size"] = 128
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        run(checkpoint=bad, out_dir=tmp_path / "s")
+    assert f"checkpoint {bad / 'ema.safetensors'} does not fit the model config" in str(err.value)
+    assert "x_embedder.proj.weight: checkpoint (64, 1, 4, 4) vs model (128, 1, 4, 4)" in str(err.value)
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": Evil(), "ema": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a loadable official DiT checkpoint"):
+        run(checkpoint=tmp_path / "evil.pt", out_dir=tmp_path / "s")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        run(checkpoint=tmp_path / "nope", out_dir=tmp_path / "s")
+
+
+def test_cli_error_exits_nonzero(pixel_export, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={pixel_export}",
+                           f"out_dir={tmp_path}", "classes=[jacket]"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "unknown class name 'jacket'" in proc.stderr
