@@ -52,7 +52,7 @@ test-all: setup
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 train: setup
-	$(PY) train.py $(ARGS)
+	$(PY) train.py experiment=fashion_mnist_cpu $(ARGS)
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -1,19 +1,86 @@
-"""Train a DiT. Composes configs/train.yaml with Hydra; override anything on the command line:
+"""Train a DiT with Accelerate. Hydra composes configs/train.yaml; any field can be overridden:
 
-    python train.py model=dit_b2 model.block=cross_attn
+    python train.py experiment=fashion_mnist_cpu                      # what `make train` runs
+    python train.py model=dit_b2 model.block=cross_attn data=imagefolder data.dataset.root=/data/x
+    accelerate launch --config_file configs/accelerate/ddp.yaml train.py experiment=dit_xl2_imagenet256 ...
+    python train.py --cfg job                                           # show the composed config
+
+Writes to the run directory (outputs/<data>-<model>-<block>/): checkpoints/, samples/, metrics.jsonl,
+loss.png and model/ (the EMA export that sample.py loads). resume=auto (the default) continues from
+the latest checkpoint there.
 """
 
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dit.data import Subset
+from dit.training import OptimConfig, TrainConfig, train
+from dit.training.checkpointing import list_checkpoints
+
+
+def build(node: DictConfig):
+    """hydra.utils.instantiate, re-raising our own error (not Hydra's wrapper) so users see its message."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
+
+
+def build_data(cfg: DictConfig):
+    """The dataset, and cfg.data's input_size / in_channels / num_classes filled in or checked against it."""
+    dataset = build(cfg.data.dataset)
+    if cfg.data.get("limit"):
+        dataset = Subset(dataset, cfg.data.limit)
+    if len(dataset) == 0:
+        raise ValueError(f"the dataset ({cfg.data.name}) is empty")
+    found = {"input_size": dataset.input_size, "in_channels": dataset.channels, "num_classes": dataset.num_classes}
+    with open_dict(cfg):
+        for key, value in found.items():
+            declared = cfg.data.get(key)
+            if declared is None:
+                cfg.data[key] = value
+            elif declared != value:
+                raise ValueError(f"data.{key}={declared} but the dataset ({cfg.data.name}) has {value}")
+    return dataset
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.resume in (None, "none") and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already has checkpoints; resume=auto continues them, or choose another run directory")
+    dataset = build_data(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = build(cfg.model)
+    diffusion = build(cfg.diffusion)
+    vae = None
+    if dataset.latent:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(dataset.vae).eval()  # for the sample grids
+    data_meta = dict(name=cfg.data.name, class_names=list(dataset.class_names or []) or None, latent=dataset.latent,
+                     vae=getattr(dataset, "vae", None), image_size=getattr(dataset, "image_size", None))  # fmt: skip
+    t = TrainConfig(**OmegaConf.to_container(cfg.training), seed=cfg.seed, wandb=OmegaConf.to_container(cfg.logger.wandb))
+    o = OptimConfig(**OmegaConf.to_container(cfg.optim))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return train(model, dataset, diffusion, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    model = instantiate(cfg.model)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{model.name} block={model.block}: {n / 1e6:.2f}M parameters, {model.num_tokens} tokens")
-    raise SystemExit("the training loop is not implemented yet (issue 4)")
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Encode a dataset once with a diffusers AutoencoderKL into latent shards that training reads.
+
+    python -m dit.data.extract --root /data/imagenet/train --image-size 256 \\
+        --vae stabilityai/sd-vae-ft-ema --out data/latents/imagenet256
+    accelerate launch -m dit.data.extract ...        # several processes split the images
+
+Stores, for both horizontal flips of every image, the posterior mean and std (fp16), so training
+samples the latent anew each time (see dit.data.latents). Written into <out>.tmp and renamed when
+complete; an existing <out> is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+
+def build_dataset(args):
+    if args.source == "fashion_mnist":
+        from dit.data.fashion_mnist import FashionMNIST
+
+        return FashionMNIST(root=args.root or "/usr/share/datasets/fashion-mnist", image_size=args.image_size, resize="bilinear")
+    from dit.data.image_folder import ImageFolder
+
+    return ImageFolder(args.root, image_size=args.image_size, hflip=False, skip_corrupt=args.skip_corrupt)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dit.data.extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=["imagefolder", "fashion_mnist"], default="imagefolder")
+    p.add_argument("--root", help="image folder (one sub-folder per class); Fashion-MNIST: the idx folder")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of failing")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+
+    accelerator = Accelerator()
+    out, tmp = Path(args.out), Path(args.out + ".tmp")
+    if (out / "meta.json").exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds latents; pass --overwrite")
+    try:
+        dataset = build_dataset(args)
+        vae = AutoencoderKL.from_pretrained(args.vae).to(accelerator.device).eval()
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    means, stds, labels, shard = [], [], [], 0
+
+    def flush():
+        nonlocal means, stds, labels, shard
+        if labels:
+            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.cat(labels)},
+                      tmp / f"shard_{accelerator.process_index:03d}_{shard:05d}.safetensors")  # fmt: skip
+            means, stds, labels, shard = [], [], [], shard + 1
+
+    bar = tqdm(total=len(mine), unit="img", desc="encoding", disable=not accelerator.is_main_process)
+    with torch.no_grad():
+        for start in range(0, len(mine), args.batch_size):
+            items = [dataset[i] for i in mine[start : start + args.batch_size]]
+            x = torch.stack([it[0] for it in items]).to(accelerator.device)
+            if x.shape[1] == 1 and vae.config.in_channels == 3:
+                x = x.repeat(1, 3, 1, 1)  # grey -> RGB for an RGB VAE
+            both = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): original, flipped
+            dist = vae.encode(both.to(vae.dtype)).latent_dist
+            n = len(items)
+            means.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu())  # (n, 2, C, h, w)
+            stds.append(torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu())
+            labels.append(torch.tensor([int(it[1]) for it in items]))
+            if sum(len(lb) for lb in labels) >= args.shard_size:
+                flush()
+            bar.update(n)
+    flush()
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = dict(
+            count=len(dataset), num_classes=dataset.num_classes, class_names=list(dataset.class_names),
+            image_size=args.image_size, vae=args.vae, scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
+            source=args.source, root=args.root,
+        )  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        print(f"wrote {len(dataset)} latents ({accelerator.num_processes} process(es)) to {out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

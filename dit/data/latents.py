@@ -1,0 +1,75 @@
+"""Pre-extracted VAE latents (python -m dit.data.extract): both flips' posterior mean and std per image.
+
+Training draws the flip and samples z = (mean + std * eps) * scaling_factor on the fly, so the
+VAE's posterior is sampled anew each epoch, as when encoding online.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _shape(path: Path, key: str) -> list[int]:
+    with safe_open(path, framework="pt") as f:
+        return f.get_slice(key).get_shape()
+
+
+class LatentShards(Dataset):
+    """Reads <root>/meta.json and <root>/shard_*.safetensors (mean, std: (n, 2, C, h, w) fp16; labels)."""
+
+    latent = True
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        meta_file = self.root / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{meta_file} not found: extract latents first (python -m dit.data.extract ...)")
+        self.meta = json.loads(meta_file.read_text())
+        self.shards = sorted(self.root.glob("shard_*.safetensors"))
+        if not self.shards:
+            raise ValueError(f"{self.root}: meta.json but no shard_*.safetensors")
+        # Labels are small: read them all (for checks); means and stds are read lazily per item.
+        self.labels = torch.cat([_read(s, "labels") for s in self.shards]).long()
+        sizes = [_shape(s, "labels")[0] for s in self.shards]
+        self.offsets = torch.tensor([0] + sizes).cumsum(0)
+        if len(self.labels) != self.meta["count"]:
+            raise ValueError(f"{self.root}: meta.json says {self.meta['count']} latents, shards hold {len(self.labels)}")
+        self._handles: dict = {}
+        self.num_classes = self.meta["num_classes"]
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(f"{self.root}: labels outside [0, {self.num_classes - 1}]")
+        self.class_names = self.meta.get("class_names")
+        _, _, self.channels, _, self.input_size = _shape(self.shards[0], "mean")
+        self.image_size = self.meta["image_size"]
+        self.vae = self.meta["vae"]
+        self.scaling_factor = self.meta["scaling_factor"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        shard = int(torch.searchsorted(self.offsets, i, right=True)) - 1
+        j = i - int(self.offsets[shard])
+        if shard not in self._handles:  # one memory-mapped handle per shard and process
+            self._handles[shard] = safe_open(self.shards[shard], framework="pt")
+        f = self._handles[shard]
+        mean, std = f.get_slice("mean")[j : j + 1][0], f.get_slice("std")[j : j + 1][0]
+        return torch.stack([mean, std]).float(), self.labels[i]  # (2 [mean, std], 2 [flips], C, h, w)
+
+    def batch_transform(self, x: torch.Tensor, rng) -> torch.Tensor:
+        """(N, 2, 2, C, h, w) -> (N, C, h, w): pick a flip, sample the posterior, scale."""
+        n = len(x)
+        flip = (rng.rand(n) < 0.5).long()
+        picked = x[torch.arange(n, device=x.device), :, flip]  # (N, 2, C, h, w)
+        mean, std = picked[:, 0], picked[:, 1]
+        return (mean + std * rng.randn(mean.shape)) * self.scaling_factor

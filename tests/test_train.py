@@ -1,0 +1,308 @@
+"""The training loop on CPU: smoke run, exact resume, crash safety, several processes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from dit.checkpoints import load_model
+from dit.data import GlobalBatchSampler
+from dit.training import OptimConfig, lr_at
+from dit.training.checkpointing import list_checkpoints
+from dit.training.ema import EMA
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
+SMOKE = ["experiment=smoke", "training.log_every=1"]
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[*SMOKE, *overrides])
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def image_folder(root: Path, classes=("cats", "dogs"), per_class=6, size=20):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@needs_fmnist
+def test_smoke_run_writes_everything(tmp_path):
+    result = train.run(cfg_for("training.sample_every=3"), tmp_path)
+    assert result["step"] == 6
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["mse"] + r["vb"], rel=1e-5) for r in recs)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000006"]
+    assert (tmp_path / "samples" / "step_0000003.png").exists() and (tmp_path / "samples" / "latest.png").exists()
+    assert (tmp_path / "loss.png").exists()
+    grid = Image.open(tmp_path / "samples" / "latest.png")
+    assert grid.size == (2 * 34 + 2, 10 * 34 + 2)  # 10 classes x 2 per class of 32x32
+    # The EMA export and the checkpoints load in sample.py's loader, EMA weights by default.
+    model, meta = load_model(tmp_path / "model")
+    assert meta["class_names"][7] == "Sneaker" and not meta["latent"] and model.in_channels == 1
+    ema = load_file(tmp_path / "model" / "ema.safetensors")
+    for k, v in result["ema"].state_dict().items():
+        torch.testing.assert_close(ema[k], v)
+    load_model(list_checkpoints(tmp_path)[-1])
+
+
+@needs_fmnist
+def test_resume_is_bit_exact(tmp_path):
+    full = train.run(cfg_for(), tmp_path / "full")
+    train.run(cfg_for("training.total_steps=3"), tmp_path / "split")
+    resumed = train.run(cfg_for(), tmp_path / "split")  # resume=auto picks step 3
+    assert [r["loss"] for r in records(tmp_path / "split")] == [r["loss"] for r in records(tmp_path / "full")]
+    for a, b in ((full["model"], resumed["model"]), (full["ema"], resumed["ema"])):
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(va, vb), k
+
+
+@needs_fmnist
+def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
+    import dit.training.checkpointing as ckpt
+
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second)
+    with pytest.raises(OSError, match="simulated"):
+        train.run(cfg_for(), tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003"]
+    assert (tmp_path / "checkpoints" / ".step_0000006.tmp").exists()  # the half-written one, hidden
+    load_model(tmp_path / "checkpoints" / "step_0000003")
+    monkeypatch.setattr(ckpt, "save_file", real)
+    result = train.run(cfg_for(), tmp_path)  # resume=auto continues from step 3
+    assert result["step"] == 6 and [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000006"]
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+@needs_fmnist
+def test_two_processes_match_one(tmp_path):
+    overrides = [*SMOKE, "training.total_steps=3", "training.ckpt_every=0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "tests" / "helpers" / "train_ranks.py"), str(tmp_path / "two"), *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = load_file(tmp_path / "two" / "params_rank0.safetensors")
+    rank1 = load_file(tmp_path / "two" / "params_rank1.safetensors")
+    one = train.run(cfg_for("training.total_steps=3", "training.ckpt_every=0"), tmp_path / "one")["model"].state_dict()
+    for k in one:
+        assert torch.equal(rank0[k], rank1[k]), f"{k} differs between ranks"
+        torch.testing.assert_close(rank0[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["step"] for r in records(tmp_path / "two")] == [1, 2, 3]
+    # Training moved the weights (the comparison above is not between two untouched inits).
+    init = train.build(cfg_for().model).state_dict()
+    assert not torch.equal(one["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+
+
+def test_global_batch_sampler_shards_and_resumes():
+    def batches(world, rank, batch_size, accum=1, n=12):
+        it = iter(GlobalBatchSampler(40, batch_size, world, rank, accum, seed=1))
+        return [next(it) for _ in range(n)]
+
+    one = batches(1, 0, 4)  # global batch 4 on one process
+    r0, r1 = batches(2, 0, 2), batches(2, 1, 2)  # the same global batch on two
+    assert [a + b for a, b in zip(r0, r1)] == one  # rank slices concatenate to the same global batches
+    assert all(set(a).isdisjoint(b) for a, b in zip(r0, r1))
+    accum = batches(1, 0, 2, accum=2, n=24)  # two micro-batches per global batch
+    assert [a + b for a, b in zip(accum[::2], accum[1::2])] == one
+    # One epoch = 10 global batches of 4 covering all 40 samples; the next epoch is a new permutation.
+    assert sorted(i for b in one[:10] for i in b) == list(range(40)) and one[10:12] != one[0:2]
+    # Resuming at (epoch 0, batch 5) continues exactly where an uninterrupted iterator is.
+    s = GlobalBatchSampler(40, 4, 1, 0, 1, seed=1)
+    s.set_position(0, 5)
+    it = iter(s)
+    assert [next(it) for _ in range(7)] == one[5:12]
+
+
+def test_lr_schedules():
+    o = OptimConfig(lr=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, 110, o) == pytest.approx(0.1) and lr_at(9, 110, o) == pytest.approx(1.0)
+    assert lr_at(60, 110, o) == pytest.approx(0.55) and lr_at(110, 110, o) == pytest.approx(0.1)
+    assert lr_at(60, 110, OptimConfig(lr=1.0, warmup_steps=10, decay="linear")) == pytest.approx(0.5)
+    assert lr_at(5000, 10, OptimConfig(lr=3e-4)) == 3e-4
+
+
+def test_ema_update_formula_and_frozen_buffers():
+    from dit.models import create_model
+
+    model = create_model("DiT-Debug/4", input_size=16, in_channels=1, num_classes=3)
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for name, p in ema.model.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * dict(model.named_parameters())[name])
+    assert torch.equal(ema.model.pos_embed, before["pos_embed"])
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ema.model.parameters())
+    warm = EMA(model, decay=0.9999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.model._target_ == "dit.models.DiT" and cfg.training.total_steps > 0
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=dit_b2", "model.block=cross_attn"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and "block: cross_attn" in proc.stdout and "hidden_size: 768" in proc.stdout
+
+
+# --- your own data ------------------------------------------------------------------------------
+
+
+def test_image_folder_training_and_class_names(tmp_path):
+    root = image_folder(tmp_path / "data")
+    cfg = cfg_for("data=imagefolder", f"data.dataset.root={root}", "data.dataset.image_size=16", "data.limit=null",
+                  "training.global_batch_size=4", "training.total_steps=2")  # fmt: skip
+    train.run(cfg, tmp_path / "run")
+    model, meta = load_model(tmp_path / "run" / "model")
+    assert meta["class_names"] == ["cats", "dogs"] and model.num_classes == 2 and model.in_channels == 3
+
+
+def test_latent_extraction_and_training(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from dit.data.extract import main as extract
+
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32, sample_size=32)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    root = image_folder(tmp_path / "data", size=16)
+    extract(["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat"),
+             "--batch-size", "5", "--shard-size", "4"])  # fmt: skip
+    meta = json.loads((tmp_path / "lat" / "meta.json").read_text())
+    assert meta["count"] == 12 and meta["num_classes"] == 2 and len(list((tmp_path / "lat").glob("shard_*"))) == 3
+    with pytest.raises(SystemExit, match="already holds latents"):
+        extract(["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat")])
+    from dit.data import LatentShards
+
+    ds = LatentShards(tmp_path / "lat")
+    x, y = ds[11]
+    assert x.shape == (2, 2, 4, 8, 8) and ds.input_size == 8 and ds.channels == 4
+    cfg = cfg_for("data=latents", f"data.dataset.root={tmp_path / 'lat'}", "data.limit=null", "model=dit_debug2",
+                  "training.global_batch_size=4", "training.total_steps=2", "training.sample_every=0")  # fmt: skip
+    train.run(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "samples" / "latest.png").exists()  # decoded through the VAE: 16x16 RGB
+    assert Image.open(tmp_path / "run" / "samples" / "latest.png").size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+@needs_fmnist
+def test_wandb_offline(tmp_path):
+    train.run(cfg_for("logger=wandb", "logger.wandb.mode=offline", "training.total_steps=2"), tmp_path)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"dataset folder not found: {tmp_path / 'nope'}"):
+        train.run(cfg_for("data=imagefolder", f"data.dataset.root={tmp_path / 'nope'}"), tmp_path / "run")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        train.run(cfg_for("data=imagefolder", f"data.dataset.root={tmp_path / 'empty'}"), tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
+        train.run(cfg_for(f"data.dataset.root={tmp_path}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_image_named_or_skipped(tmp_path):
+    root = image_folder(tmp_path / "data")
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG not really")
+    common = ["data=imagefolder", f"data.dataset.root={root}", "data.dataset.image_size=16", "data.limit=null",
+              "training.global_batch_size=4", "training.total_steps=1"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError"):
+        train.run(cfg_for(*common), tmp_path / "run")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        train.run(cfg_for(*common, "data.dataset.skip_corrupt=true"), tmp_path / "run")
+
+
+@needs_fmnist
+def test_batch_size_not_divisible_leaves_checkpoints_alone(tmp_path):
+    train.run(cfg_for("training.total_steps=3"), tmp_path)
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"global_batch_size=15 is not divisible by processes \(1\) x grad_accum \(2\)"):
+        train.run(cfg_for("training.global_batch_size=15", "training.grad_accum=2"), tmp_path)
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_labels_outside_the_class_range(tmp_path):
+    root = image_folder(tmp_path / "data", classes=("a", "b", "c"))
+    with pytest.raises(ValueError, match="data.num_classes=2 but the dataset"):
+        train.run(cfg_for("data=imagefolder", f"data.dataset.root={root}", "data.num_classes=2"), tmp_path / "run")
+
+
+class NaNAfter(torch.utils.data.Dataset):
+    """Wraps a dataset; images from index `start` on are NaN."""
+
+    def __init__(self, dataset, start):
+        self.dataset, self.start = dataset, start
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return (x * float("nan") if i >= self.start else x), y
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss(tmp_path, monkeypatch, policy):
+    real = train.build_data
+    monkeypatch.setattr(train, "build_data", lambda cfg: NaNAfter(real(cfg), start=200))
+    cfg = cfg_for(f"training.nan_policy={policy}", "training.total_steps=20", "training.ckpt_every=0")
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
+            train.run(cfg, tmp_path)
+        assert not list_checkpoints(tmp_path)  # no checkpoint of a broken run
+    else:
+        result = train.run(cfg, tmp_path)
+        assert records(tmp_path)[-1]["skipped_steps"] > 0
+        assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
+def test_cli_bad_input_exits_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "data=imagefolder",
+                           f"data.dataset.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and f"dataset folder not found: {tmp_path / 'missing'}" in proc.stderr
