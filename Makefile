@@ -16,7 +16,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all train zoo fashion-mnist clean bench-sample
+.PHONY: help setup test test-all train zoo fashion-mnist clean bench-sample bench-train bench-kernel
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
@@ -25,6 +25,8 @@ help:
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
+	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
+	@echo "make bench-kernel   fused adaLN kernel vs eager and torch.compile (needs a CUDA GPU)"
 
 setup: $(STAMP) fashion-mnist
 
@@ -56,6 +58,12 @@ train: setup
 
 zoo: setup
 	$(PY) -m dit.zoo
+
+bench-kernel: setup
+	$(PY) benchmarks/bench_kernel.py $(ARGS)
+
+bench-train: setup
+	$(PY) benchmarks/bench_train.py $(ARGS)
 
 bench-sample: setup
 	$(PY) benchmarks/bench_sample.py $(ARGS)

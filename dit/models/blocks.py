@@ -124,6 +124,8 @@ class FinalLayer(nn.Module):
 class AdaLNFinalLayer(nn.Module):
     """Adaptive LayerNorm (shift, scale regressed from c) + linear decoder; zero_init for adaLN-Zero."""
 
+    fused_adaln: str = "auto"  # set by DiT.set_fused_adaln; the fused kernel does not change the state dict
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, zero_init: bool):
         super().__init__()
         self.norm_eps = 1e-6
@@ -133,7 +135,7 @@ class AdaLNFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
-        return self.linear(layernorm_modulate(x, shift, scale, self.norm_eps))  # (N, T, p*p*C_out)
+        return self.linear(layernorm_modulate(x, shift, scale, self.norm_eps, self.fused_adaln))  # (N, T, p*p*C_out)
 
     def initialize_conditioning(self) -> None:
         """adaLN-Zero: the modulation and the output projection start at zero, so the model outputs 0."""
@@ -152,6 +154,7 @@ class DiTBlock(nn.Module):
     """Base class: a transformer block conditioned on the timestep and class embeddings."""
 
     name: ClassVar[str]
+    fused_adaln: str = "auto"  # LayerNorm + modulate through the Triton kernel: auto | true | false
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
@@ -248,8 +251,8 @@ class AdaLNBlock(DiTBlock):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # (N, D) each
-        x = x + self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps))
-        return x + self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps))
+        x = x + self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps, self.fused_adaln))
+        return x + self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps, self.fused_adaln))
 
 
 @register_block("adaln_zero")
@@ -273,8 +276,8 @@ class AdaLNZeroBlock(DiTBlock):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps))
+        x = x + gate_msa.unsqueeze(1) * self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps, self.fused_adaln))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps, self.fused_adaln))
 
     def initialize_conditioning(self) -> None:
         nn.init.zeros_(self.adaLN_modulation[-1].weight)

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from dit.models.blocks import get_block
+from dit.ops import MODES
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 __all__ = ["DiT"]
@@ -35,6 +36,7 @@ class DiT(nn.Module):
         block: str = "adaln_zero",  # conditioning variant, a key of dit.models.BLOCKS
         timestep_freq_shift: int = 0,  # 0: official DiT embedding; 1: diffusers' (see TimestepEmbedder)
         norm_eps: float = 1e-6,  # eps of the blocks' LayerNorms (official: 1e-6)
+        fused_adaln: str = "auto",  # fused LayerNorm+modulate kernel: auto (on CUDA) | true | false
         name: str | None = None,  # zoo name, e.g. "DiT-XL/2", kept for exports
     ):
         super().__init__()
@@ -43,7 +45,7 @@ class DiT(nn.Module):
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, block=block,
-            timestep_freq_shift=timestep_freq_shift, norm_eps=norm_eps, name=name,
+            timestep_freq_shift=timestep_freq_shift, norm_eps=norm_eps, fused_adaln=fused_adaln, name=name,
         )  # fmt: skip
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -67,7 +69,18 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos, persistent=True)  # (1, T, D)
         self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
         self.final_layer = self.block_cls.final_layer(hidden_size, patch_size, self.out_channels)
+        self.set_fused_adaln(fused_adaln)
         self.initialize_weights()
+
+    def set_fused_adaln(self, mode: str | bool) -> None:
+        """Route every adaptive LayerNorm through the fused kernel: "auto" | "true" | "false"."""
+        mode = str(mode).lower()
+        if mode not in MODES:
+            raise ValueError(f"fused_adaln={mode!r}; valid: {', '.join(MODES)}")
+        self.config["fused_adaln"] = mode
+        for module in self.modules():
+            if hasattr(module, "fused_adaln"):
+                module.fused_adaln = mode
 
     def initialize_weights(self) -> None:
         """All initialisation in one place (the official DiT scheme, plus each variant's own)."""

@@ -54,6 +54,7 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 10_000  # EMA sample grid; 0: only at the end
     sample_steps: int = 100
+    sample_sampler: str = "ddpm"  # ddpm | ddim (eta 0)
     sample_cfg_scale: float = 1.5
     sample_per_class: int = 8
     sample_max_classes: int = 10
@@ -148,7 +149,7 @@ def train(
         if accelerator.is_main_process:
             images = torch.cat([imgs for _, imgs in generate(
                 ema.model, sample_diffusion, sample_labels, batch_size=len(sample_labels), seed=t.seed,
-                cfg_scale=t.sample_cfg_scale if null_drop > 0 else 1.0, vae=vae, device=device,
+                cfg_scale=t.sample_cfg_scale if null_drop > 0 else 1.0, sampler=t.sample_sampler, vae=vae, device=device,
             )])  # fmt: skip
             path = run_dir / "samples" / f"step_{at_step:07d}.png"
             save_grid(images, nrow=t.sample_per_class, path=path)

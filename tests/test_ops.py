@@ -1,0 +1,142 @@
+"""The fused LayerNorm + modulate kernel against a float64 reference (CPU: Triton interpreter)."""
+
+import os
+
+import pytest
+import torch
+
+from dit.ops import layernorm_modulate, layernorm_modulate_fused, layernorm_modulate_reference
+
+assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()  # conftest sets it before triton loads
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (B, T, D): odd T, D = 1152 (DiT-XL), D not a multiple of the block, T = 1.
+SHAPES = [(2, 7, 64), (1, 37, 1152), (3, 5, 200), (2, 1, 96), (2, 64, 384)]
+# Relative error ||out - ref|| / ||ref|| against float64: fp32 far under 1e-5; bf16 storage ~4e-3.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(shape, dtype, device, requires_grad=False):
+    B, T, D = shape
+    x = (torch.randn(B, T, D, device=device) * 3 + 1).to(dtype)
+    shift = torch.randn(B, D, device=device).to(dtype)
+    scale = (0.5 * torch.randn(B, D, device=device)).to(dtype)
+    return [v.requires_grad_(requires_grad) for v in (x, shift, scale)]
+
+
+def reference64(x, shift, scale, eps=1e-6):
+    return layernorm_modulate_reference(x.double(), shift.double(), scale.double(), eps)
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_float64(device, shape):
+    for dtype in dtypes_for(device):
+        x, shift, scale = inputs(shape, dtype, device)
+        out = layernorm_modulate_fused(x, shift, scale)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert rel(out, reference64(x, shift, scale)) < TOL[dtype], dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_matches_float64(device, shape):
+    for dtype in dtypes_for(device):
+        x, shift, scale = inputs(shape, dtype, device, requires_grad=True)
+        dy = torch.randn(x.shape, device=device).to(dtype)
+        grads = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+        x64, s64, c64 = (v.detach().double().requires_grad_() for v in (x, shift, scale))
+        ref = torch.autograd.grad(reference64(x64, s64, c64), (x64, s64, c64), dy.double())
+        for name, g, r, v in zip(("dx", "dshift", "dscale"), grads, ref, (x, shift, scale)):
+            assert g.dtype == v.dtype and g.shape == v.shape
+            assert rel(g, r) < TOL[dtype], (name, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_output_element_is_written(device, monkeypatch):
+    """Poison the buffers the kernel writes into: any element it skips stays NaN."""
+    import dit.ops.triton_adaln as k
+
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+    monkeypatch.setattr(k.torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    monkeypatch.setattr(k.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    x, shift, scale = inputs((3, 37, 200), torch.float32, device)
+    y, mean, rstd = k.forward(x, shift, scale, 1e-6)
+    assert torch.isfinite(y).all() and torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    dx, dshift, dscale = k.backward(torch.randn_like(x), x, scale, mean, rstd)
+    assert torch.isfinite(dx).all() and torch.isfinite(dshift).all() and torch.isfinite(dscale).all()
+
+
+def test_gradients_are_deterministic():
+    x, shift, scale = inputs((2, 50, 96), torch.float32, DEVICES[-1], requires_grad=True)
+    dy = torch.randn_like(x)
+    first = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+    second = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_modes():
+    x, shift, scale = inputs((1, 4, 32), torch.float32, "cpu")
+    ref = layernorm_modulate_reference(x, shift, scale)
+    assert torch.equal(layernorm_modulate(x, shift, scale, fused="false"), ref)
+    assert torch.equal(layernorm_modulate(x, shift, scale, fused="auto"), ref)  # CPU tensors: the reference
+    torch.testing.assert_close(layernorm_modulate(x, shift, scale, fused="true"), ref)  # interpreter
+    with pytest.raises(ValueError, match="fused_adaln='maybe'"):
+        layernorm_modulate(x, shift, scale, fused="maybe")
+
+
+def test_fused_model_equals_unfused_and_keeps_the_state_dict():
+    from dit.models import create_model
+
+    model = create_model("DiT-Debug/4", input_size=16, in_channels=3, num_classes=5, fused_adaln="false")
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    fused = create_model("DiT-Debug/4", input_size=16, in_channels=3, num_classes=5, fused_adaln="true")
+    fused.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), fused.eval()  # no label dropout: both see the same labels (gradients still flow)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])
+    out_ref, out_fused = model(x, t, y), fused(x, t, y)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_block_with_the_fused_op():
+    from dit.models.blocks import AdaLNZeroBlock
+
+    block = AdaLNZeroBlock(64, 2)
+    block.fused_adaln = "true"
+    for p in block.parameters():
+        p.data.normal_(0, 0.1)
+    device = DEVICES[-1]
+    block = block.to(device)
+    x, c = torch.randn(2, 9, 64, device=device), torch.randn(2, 64, device=device)
+    eager = block(x, c)
+    compiled = torch.compile(block, fullgraph=True)(x, c)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fused_block_on_cuda():
+    from dit.models.blocks import AdaLNZeroBlock
+
+    block = AdaLNZeroBlock(1152, 16).cuda()
+    for p in block.parameters():
+        p.data.normal_(0, 0.02)
+    x, c = torch.randn(4, 256, 1152, device="cuda"), torch.randn(4, 1152, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = block(x, c)
+        compiled = torch.compile(block, fullgraph=True)(x, c)
+    assert rel(compiled, eager) < 1e-2
