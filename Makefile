@@ -16,13 +16,14 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all train zoo fashion-mnist clean bench-sample bench-train bench-kernel
+.PHONY: help setup test test-all train fid zoo fashion-mnist clean bench-sample bench-train bench-kernel
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
 	@echo "make test      fast test suite (CPU, < 10 min)"
 	@echo "make test-all  also the slow tests"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
+	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
@@ -55,6 +56,17 @@ test-all: setup
 
 train: setup
 	$(PY) train.py experiment=fashion_mnist_cpu $(ARGS)
+
+# Sampling + FID on what `make train` wrote: the Fashion-MNIST domain metric always, Inception FID
+# too when its weights are in the torch hub cache.
+RUN ?= outputs/fashion_mnist-dit_ti4-adaln_zero
+FID_N ?= 500
+INCEPTION := $(or $(TORCH_HOME),$(HOME)/.cache/torch)/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth
+fid: setup
+	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) sampler=ddim steps=25 cfg_scale=2 out_dir=$(RUN)/fid_samples overwrite=true
+	$(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist --metric fashion_mnist
+	@if [ -f $(INCEPTION) ]; then $(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist; \
+	else echo "(Inception FID skipped: $(INCEPTION) not found; see README)"; fi
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -112,7 +112,6 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.slow
 def test_torch_compile_of_a_block_with_the_fused_op():
     from dit.models.blocks import AdaLNZeroBlock
 

@@ -306,3 +306,18 @@ def test_cli_bad_input_exits_nonzero(tmp_path):
                            f"data.dataset.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and f"dataset folder not found: {tmp_path / 'missing'}" in proc.stderr
+
+
+@needs_fmnist
+def test_fid_during_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    import dit.eval.domain as domain
+
+    monkeypatch.setattr(domain, "EPOCHS", 1)  # the metric's quality is tested in test_eval; here the wiring
+    cfg = cfg_for("training.fid_every=2", "training.fid_samples=20", "training.fid_steps=2", "training.total_steps=4",
+                  "training.fid_metric=fashion_mnist", "training.fid_ref=fashion_mnist:test")  # fmt: skip
+    with pytest.warns(UserWarning, match="unreliable"):  # 20 samples < 128 dims
+        train.run(cfg, tmp_path / "run")
+    evals = [r for r in records(tmp_path / "run") if "fid" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["fid"] > 0 and 0 <= r["class_consistency"] <= 1 for r in evals)
+    assert (tmp_path / "run" / "fid.png").exists() and (tmp_path / "run" / "fid_ref_fashion_mnist.npz").exists()

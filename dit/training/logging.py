@@ -75,6 +75,20 @@ class MetricsLogger:
         path = self.run_dir / "loss.png"
         fig.savefig(path)
         plt.close(fig)
+        evals = [r for r in self.records() if "fid" in r]
+        if evals:  # run_dir/fid.png: FID (and class consistency) against step
+            fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+            ax.plot([r["step"] for r in evals], [r["fid"] for r in evals], "o-", label="FID")
+            ax.set_xlabel("step")
+            ax.set_ylabel("FID")
+            ax.grid(alpha=0.3)
+            if any("class_consistency" in r for r in evals):
+                ax2 = ax.twinx()
+                ax2.plot([r["step"] for r in evals], [r.get("class_consistency", float("nan")) for r in evals], "s--", color="C1")
+                ax2.set_ylabel("class consistency", color="C1")
+            fig.tight_layout()
+            fig.savefig(self.run_dir / "fid.png")
+            plt.close(fig)
         return path
 
     def finish(self) -> None:

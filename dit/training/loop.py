@@ -58,6 +58,13 @@ class TrainConfig:
     sample_cfg_scale: float = 1.5
     sample_per_class: int = 8
     sample_max_classes: int = 10
+    fid_every: int = 0  # FID of EMA samples every N steps (0: never), logged and plotted like the loss
+    fid_samples: int = 500
+    fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
+    fid_ref: str | None = None  # reference: stats npz, image folder/npz or dataset name (e.g. fashion_mnist)
+    fid_steps: int = 25  # DDIM steps for the FID samples
+    fid_cfg_scale: float = 1.0
+    inception_weights: str | None = None
     num_workers: int = 2
     seed: int = 0
     wandb: dict = field(default_factory=lambda: {"mode": "disabled"})
@@ -158,6 +165,45 @@ def train(
             logger.plot()
         accelerator.wait_for_everyone()
 
+    fid_extractor = fid_reference = None
+    if t.fid_every and accelerator.is_main_process:
+        from dit.eval import ImageSource, Stats, extract_features, make_extractor, stats_from_features
+        from dit.eval.stats import is_stats_file
+
+        if not t.fid_ref:
+            raise ValueError("training.fid_every > 0 needs training.fid_ref (a stats npz, images, or a dataset name)")
+        fid_extractor = make_extractor(t.fid_metric, t.inception_weights, device)
+        cached = run_dir / f"fid_ref_{t.fid_metric}.npz"
+        if cached.exists():
+            fid_reference = Stats.load(cached, fid_extractor.name)
+        elif is_stats_file(t.fid_ref):
+            fid_reference = Stats.load(t.fid_ref, fid_extractor.name)
+        else:
+            fid_reference = stats_from_features(extract_features(ImageSource(t.fid_ref), fid_extractor, 250, device)[0], fid_extractor.name)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fid_reference.save(cached)
+    fid_diffusion = create_diffusion(str(t.fid_steps), variance_type=diffusion.variance_type)
+
+    def evaluate(at_step: int) -> None:
+        """FID (and class consistency for the domain metric) of fid_samples EMA samples."""
+        if accelerator.is_main_process:
+            from dit.eval import fid, stats_from_features
+
+            labels = torch.arange(t.fid_samples) % raw.num_classes
+            images = torch.cat([imgs for _, imgs in generate(
+                ema.model, fid_diffusion, labels, batch_size=250, seed=t.seed + 1, sampler="ddim",
+                cfg_scale=t.fid_cfg_scale if null_drop > 0 else 1.0, vae=vae, device=device,
+            )])  # fmt: skip
+            x = images.permute(0, 3, 1, 2)
+            feats, logits = zip(*(fid_extractor(x[i : i + 250].to(device)) for i in range(0, len(x), 250)))
+            feats, logits = torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu()
+            metrics = {"fid": fid(stats_from_features(feats, fid_extractor.name), fid_reference)}
+            if t.fid_metric == "fashion_mnist":
+                metrics["class_consistency"] = (logits.argmax(1) == labels).float().mean().item()
+            logger.log(at_step, metrics)
+            logger.plot()
+        accelerator.wait_for_everyone()
+
     def checkpoint(at_step: int) -> Path:
         pos = {"epoch": state["epoch"], "batch": state["batch"], "ema_num_updates": ema.num_updates}
         return save_checkpoint(accelerator, model, ema, run_dir, at_step, pos, data_meta or {}, t.keep_last)
@@ -230,6 +276,8 @@ def train(
             tic, tic_step = time.perf_counter(), step
         if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
             write_samples(step)
+        if t.fid_every and step % t.fid_every == 0:
+            evaluate(step)
         if t.ckpt_every and step % t.ckpt_every == 0 and step < t.total_steps:
             last_ckpt = checkpoint(step)
     bar.close()

@@ -1,0 +1,69 @@
+"""FID from the command line (in the spirit of edm2's calculate_metrics.py).
+
+    python -m dit.eval ref fashion_mnist -o refs/fmnist_inception.npz          # reference statistics
+    python -m dit.eval ref /data/imagenet_val_pngs -o refs/in256.npz
+    python -m dit.eval fid samples/fid/samples.npz refs/in256.npz              # FID (+ Inception Score)
+    python -m dit.eval fid samples/fid/samples.npz fashion_mnist --metric fashion_mnist
+    accelerate launch -m dit.eval fid ...                                      # several processes
+
+Sources: a folder of images, an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels), or a dataset name
+(fashion_mnist, fashion_mnist:test). A reference npz with mu/sigma (ours, or ADM's
+VIRTUAL_imagenet256_labeled.npz) is used as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from dit.eval import METRICS, ImageSource, Stats, extract_features, fid, inception_score, make_extractor, stats_from_features
+from dit.eval.stats import is_stats_file
+
+
+def source_stats(spec: str, extractor, args) -> tuple[Stats, np.ndarray | None, ImageSource | None]:
+    if is_stats_file(spec):
+        return Stats.load(spec, default_extractor=extractor.name), None, None
+    source = ImageSource(spec)
+    features, logits = extract_features(source, extractor, args.batch_size, args.device)
+    return stats_from_features(features, extractor.name), logits, source
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dit.eval", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("ref", help="compute and save reference statistics (mu, sigma, count)")
+    ref.add_argument("source")
+    ref.add_argument("-o", "--out", required=True)
+    f = sub.add_parser("fid", help="FID of samples against a reference (stats npz or images)")
+    f.add_argument("samples")
+    f.add_argument("ref")
+    for sp in (ref, f):
+        sp.add_argument("--metric", choices=METRICS, default="inception")
+        sp.add_argument("--inception-weights", default=None, help="path of weights-inception-2015-12-05-6726825d.pth")
+        sp.add_argument("--batch-size", type=int, default=100)
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        extractor = make_extractor(args.metric, args.inception_weights, args.device)
+        if args.command == "ref":
+            stats, _, _ = source_stats(args.source, extractor, args)
+            stats.save(args.out)
+            print(f"wrote {args.out}: {stats.count} images, {stats.extractor}")
+            return
+        samples, logits, source = source_stats(args.samples, extractor, args)
+        reference, _, _ = source_stats(args.ref, extractor, args)
+        result = {"fid": fid(samples, reference)}
+        if logits is not None and args.metric == "inception":
+            result["inception_score"], result["inception_score_std"] = inception_score(logits)
+        if logits is not None and args.metric == "fashion_mnist" and source.labels is not None:
+            result["class_consistency"] = float((logits.argmax(1) == source.labels).mean())
+        print(" ".join(f"{k}={v:.4f}" for k, v in result.items()) + f" ({samples.count} samples, {samples.extractor})")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
