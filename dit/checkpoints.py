@@ -116,16 +116,9 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
 
 
 def _load_official(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
-    from dit.models.convert import infer_official_config
+    from dit.models.convert import load_official_checkpoint
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
-    except Exception as e:
-        raise ValueError(f"{path}: not a loadable official DiT checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and "model" in obj and "ema" in obj:
-        obj = obj["ema" if use_ema else "model"]
-    model = DiT(**{**infer_official_config(obj), **overrides})
-    load_state_dict_checked(model, obj, path)
+    model = load_official_checkpoint(path, use_ema, **overrides)
     names = imagenet_class_names() if model.num_classes == 1000 else None
     return model, dict(format="official", class_names=names, latent=True, vae=DEFAULT_LATENT_VAE)
 

@@ -20,6 +20,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit.models import BLOCKS, DIT_MODELS, create_model
 
 
+# Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
+# column, Table 4 for the other adaLN-Zero entries. Shown beside our counts in --markdown.
+PAPER_GFLOPS = {
+    ("DiT-XL/2", "in_context"): 119.4, ("DiT-XL/2", "cross_attn"): 137.6, ("DiT-XL/2", "adaln"): 118.6,
+    ("DiT-XL/2", "adaln_zero"): 118.6, ("DiT-S/4", "adaln_zero"): 1.4, ("DiT-B/4", "adaln_zero"): 5.6,
+    ("DiT-L/4", "adaln_zero"): 19.7, ("DiT-XL/4", "adaln_zero"): 29.1, ("DiT-S/2", "adaln_zero"): 6.06,
+    ("DiT-S/8", "adaln_zero"): 0.36, ("DiT-B/2", "adaln_zero"): 23.01, ("DiT-B/8", "adaln_zero"): 1.42,
+}  # fmt: skip
+PAPER_PARAMS_M = {("DiT-XL/2", "adaln_zero"): 675}
+
+
 def count(name: str, block: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:
     """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry."""
     with torch.device("meta"):
@@ -65,10 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     header = ("model", "block", "params (M)", "GFLOPs", "tokens")
     lines = [(r["model"], r["block"], f"{r['params'] / 1e6:.2f}", _gflops(r["gflops"]), str(r["tokens"])) for r in rows]
     if args.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join(["---"] * 2 + ["---:"] * 3) + "|")
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
+        print("| " + " | ".join(header) + " | paper GFLOPs | paper params (M) |")
+        print("|" + "|".join(["---"] * 2 + ["---:"] * 5) + "|")
+        for r, line in zip(rows, lines):
+            key = (r["model"], r["block"])
+            paper = (str(PAPER_GFLOPS.get(key, "")), str(PAPER_PARAMS_M.get(key, "")))
+            print("| " + " | ".join(line + paper) + " |")
         return
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))

@@ -22,12 +22,13 @@ from dit.models.sizes import DIT_MODELS
 __all__ = ["infer_official_config", "load_official_checkpoint", "to_diffusers", "from_diffusers"]
 
 
-def _zoo_name(depth: int, hidden_size: int, patch_size: int) -> tuple[str | None, int]:
-    """Zoo name and head count for an architecture (heads cannot be read off the weights)."""
+def _zoo_name(depth: int, hidden_size: int, patch_size: int) -> tuple[str | None, int | None]:
+    """Zoo name and head count of an architecture; (None, None) outside the zoo (heads cannot be
+    read off the weights: the caller must give num_heads)."""
     for name, cfg in DIT_MODELS.items():
         if (cfg["depth"], cfg["hidden_size"], cfg["patch_size"]) == (depth, hidden_size, patch_size):
             return name, cfg["num_heads"]
-    return None, max(1, hidden_size // 72)  # official XL/L heads are 72 / 64 wide; a best guess otherwise
+    return None, None
 
 
 def infer_official_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -62,14 +63,22 @@ def infer_official_config(state_dict: dict[str, torch.Tensor]) -> dict:
 def load_official_checkpoint(path: str | Path, use_ema: bool = True, **overrides) -> DiT:
     """Load an official DiT .pt (a plain state dict, or train.py's {"model", "ema", ...}) strictly.
 
-    Loaded with weights_only=True: no pickled code from the file is executed.
+    Loaded with weights_only=True: no pickled code from the file is executed. Mismatched keys or
+    shapes raise an error naming them.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from dit.checkpoints import load_state_dict_checked
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable official DiT checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "ema" in obj and "model" in obj:
         obj = obj["ema" if use_ema else "model"]
     config = {**infer_official_config(obj), **overrides}
+    if config["num_heads"] is None:
+        raise ValueError(f"{path}: depth {config['depth']} / hidden {config['hidden_size']} is not a zoo size; pass num_heads=")
     model = DiT(**config)
-    model.load_state_dict(obj, strict=True)
+    load_state_dict_checked(model, obj, path)
     return model
 
 

@@ -59,7 +59,9 @@ def all_processes(accelerator, flag: bool | torch.Tensor) -> bool:
 
 
 def _all_finite(accelerator, model: torch.nn.Module) -> bool:
-    return all_processes(accelerator, all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+    """Every process checks its own parameters (its shards under FSDP)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return all_processes(accelerator, all(bool(torch.isfinite(p).all()) for p in local))
 
 
 def save_checkpoint(accelerator, model, ema, run_dir: Path, step: int, trainer_state: dict, data_meta: dict, keep_last: int) -> Path:

@@ -29,6 +29,8 @@ class EMA:
             assert name == name2, (name, name2)
             if p.requires_grad:
                 ema_params.append(p_ema)
-                params.append(p.detach().float())
+                # Under FSDP2 the live parameters are sharded DTensors: gather them (all ranks call this).
+                full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                params.append(full.float())
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         self.num_updates += 1
