@@ -113,7 +113,7 @@ def write_report(multirun: Path, out: Path) -> str:
     stem = out.stem
     images = {
         "loss": plot_curves(runs, "loss", "training loss", out.with_name(f"{stem}_loss.png"), log=True),
-        "fid": plot_curves(runs, "fid", "FID (last evaluation per step)", out.with_name(f"{stem}_fid.png")),
+        "fid": plot_curves(runs, "fid", "FID", out.with_name(f"{stem}_fid.png")),
         "grids": plot_grids(ok, out.with_name(f"{stem}_samples.png")),
     }
     lines = [f"| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |",
