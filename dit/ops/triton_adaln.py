@@ -29,9 +29,9 @@ def _configs():
     return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK_T"])
 @triton.jit
-def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample b and BLOCK_T tokens: row/column indices, masks, element offsets."""
     tile = tl.program_id(0)
     b = tl.program_id(1)
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # token indices
@@ -40,6 +40,13 @@ def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
     offs = (b * T + rows)[:, None] * D + cols[None, :]
+    return tile, b, rows, cols, row_ok, col_ok, mask, offs
+
+
+@triton.autotune(configs=_configs(), key=["D", "BLOCK_T"])
+@triton.jit
+def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    tile, b, rows, cols, row_ok, col_ok, mask, offs = _tile(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -57,14 +64,7 @@ def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr
 @triton.jit
 def _bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSHIFT_PART, DSCALE_PART, T, D, n_tiles,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = (b * T + rows)[:, None] * D + cols[None, :]
+    tile, b, rows, cols, row_ok, col_ok, mask, offs = _tile(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + b * T + rows, mask=row_ok, other=0.0)
