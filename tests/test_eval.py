@@ -125,7 +125,7 @@ def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
     from dit.eval import extract_features, make_extractor
 
     extractor = make_extractor("fashion_mnist")
-    assert extractor.test_accuracy >= 0.88  # stated in the README: ~0.90 after 2 seeded epochs
+    assert extractor.test_accuracy >= 0.88  # stated in the README: 0.892 after 2 seeded epochs
     test = ImageSource("fashion_mnist:test")
     test.array, test.labels = test.array[:2000], test.labels[:2000]
     feats, logits = extract_features(test, extractor, 500, progress=False)
