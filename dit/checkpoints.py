@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from dit.models import DiT
 
-__all__ = ["save_export", "load_model", "load_state_dict_checked", "atomic_dir", "FASHION_MNIST_CLASSES", "imagenet_class_names"]
+__all__ = ["save_export", "load_model", "load_state_dict_checked", "atomic_dir", "atomic_file", "FASHION_MNIST_CLASSES", "imagenet_class_names"]
 
 FORMAT = "dit"
 FASHION_MNIST_CLASSES = [
@@ -36,6 +36,22 @@ def imagenet_class_names() -> list[str]:
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def atomic_file(path: str | Path, write, suffix: str = "") -> Path:
+    """Create a file through write(tmp_path) in a temporary sibling, then rename it into place: readers
+    see the old file or the new one, never a half-written one. suffix: what the writer appends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 class atomic_dir:

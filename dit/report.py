@@ -116,7 +116,7 @@ def write_report(multirun: Path, out: Path) -> str:
         "fid": plot_curves(runs, "fid", "FID", out.with_name(f"{stem}_fid.png")),
         "grids": plot_grids(ok, out.with_name(f"{stem}_samples.png")),
     }
-    lines = [f"| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |",
+    lines = ["| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in ok:
         s = summarize(r)

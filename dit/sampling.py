@@ -7,8 +7,6 @@ the same images whatever the number of processes.
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from dit.checkpoints import atomic_file
 from dit.diffusion import GaussianDiffusion, guided_model, sample_loop
 
 __all__ = ["resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic"]
@@ -101,22 +100,9 @@ def generate(
 def save_grid(images: torch.Tensor, nrow: int, path: str | Path) -> None:
     """uint8 NHWC images -> one PNG grid with nrow images per row (atomic write)."""
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
-    _atomic_save(Image.fromarray(grid.permute(1, 2, 0).numpy()), Path(path))
-
-
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    image.save(tmp)
-    os.replace(tmp, path)
+    atomic_file(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save, suffix=".png")
 
 
 def save_npz_atomic(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     """ADM-format npz (arr_0 uint8 NHWC, arr_1 labels), written to a temporary file then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez(tmp, arr_0=images, arr_1=labels)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=labels), suffix=".npz")

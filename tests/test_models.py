@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit.models import BLOCKS, DIT_MODELS, DiT, create_model, get_block
+from dit.models import BLOCKS, DIT_MODELS, create_model, get_block
 from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 
 

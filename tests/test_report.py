@@ -1,7 +1,5 @@
 """python -m dit.report on a small multirun: a finished run per block, an unfinished and a failed one."""
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 

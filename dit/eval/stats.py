@@ -68,10 +68,9 @@ class Stats:
     extractor: str
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor)
-        tmp.replace(path)
+        from dit.checkpoints import atomic_file
+
+        atomic_file(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor), suffix=".npz")
 
     @staticmethod
     def load(path: str | Path, default_extractor: str) -> "Stats":
@@ -99,7 +98,7 @@ def extract_features(source: ImageSource, extractor, batch_size: int = 100, devi
 
     state = PartialState()
     starts = list(range(0, len(source), batch_size))[state.process_index :: state.num_processes]
-    feats, logits = [], []
+    feats = []
     for start in tqdm(starts, desc=f"features ({extractor.name.split('/')[0]})", unit="batch", disable=not (progress and state.is_main_process)):
         f, l = extractor(source.batch(start, start + batch_size).to(device))
         feats.append((start, f.cpu().numpy(), l.cpu().numpy()))
