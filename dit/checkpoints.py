@@ -84,12 +84,15 @@ class atomic_dir:
 
 
 def save_export(
-    path: str | Path, model: DiT, ema: DiT | None = None, data: dict | None = None, extra_files: dict | None = None
+    path: str | Path, model: DiT, ema: DiT | None = None, data: dict | None = None, extra_files: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Write model (and EMA) weights with their config as one atomic directory; returns the path."""
+    """Write model (and EMA) weights with their config as one atomic directory; returns the path.
+    `state_dict` replaces model.state_dict() (the gathered full weights of a sharded model)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": model.config, "data": data or {}}, indent=1))
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "model.safetensors")
         if ema is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         for name, writer in (extra_files or {}).items():
@@ -124,7 +127,11 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     config = {**meta["model"], **overrides}
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
     if not weights.exists():
-        raise FileNotFoundError(f"{path} has no ema.safetensors or model.safetensors")
+        hint = ""
+        if (path / "pytorch_model_fsdp.bin").exists():
+            hint = (" (an FSDP training checkpoint keeps its raw weights in Accelerate's pytorch_model_fsdp.bin:"
+                    " load its EMA weights, or the run's model/ export, which has both)")  # fmt: skip
+        raise FileNotFoundError(f"{path} has no ema.safetensors or model.safetensors{hint}")
     model = DiT(**config)
     load_state_dict_checked(model, load_file(weights), weights)
     data = meta.get("data", {})

@@ -68,6 +68,8 @@ class DiT(nn.Module):
         pos = sincos_pos_embed_2d(hidden_size, input_size // patch_size).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=True)  # (1, T, D)
         self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
+        # FSDP wraps (shards) each block as a unit: Accelerate reads this when the config names no class.
+        self._no_split_modules = [self.block_cls.__name__]
         self.final_layer = self.block_cls.final_layer(hidden_size, patch_size, self.out_channels)
         self.set_fused_adaln(fused_adaln)
         self.initialize_weights()

@@ -252,7 +252,8 @@ def train(
             step += 1
             bar.update(1)
             continue
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        # model.parameters() after prepare: FSDP2 replaces the parameters with sharded ones.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(accelerator.unwrap_model(model))
@@ -286,10 +287,11 @@ def train(
     last_ckpt = checkpoint(step)
     write_samples(step)
     export = run_dir / "model"
+    weights = accelerator.get_state_dict(model)  # collective: gathers the full weights under FSDP
     if accelerator.is_main_process:
         from dit.checkpoints import save_export
 
-        save_export(export, accelerator.unwrap_model(model), ema=ema.model, data=data_meta)
+        save_export(export, raw, ema=ema.model, data=data_meta, state_dict=weights)
         logger.plot()
         logger.finish()
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
