@@ -138,13 +138,13 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     """The shipped FSDP config through Accelerate's FSDP2 path (fully_shard on a CPU mesh, see
     tests/helpers/cpu_fsdp.py): sharded parameters, clipping and accumulation, a checkpoint and a resume
     in a second launch; losses, weights and EMA match one unsharded process."""
-    overrides = [*SMOKE, "training.ckpt_every=3", "training.grad_accum=2", "training.max_grad_norm=0.05"]
+    overrides = [*SMOKE, "training.ckpt_every=3", "training.grad_accum=2", "training.max_grad_norm=0.05", "training.ema_decay=0.5"]
     run = tmp_path / "fsdp"
     launch("fsdp", run, [*overrides, "training.total_steps=3"], "--num_processes", "2", fsdp_on_cpu=True)
     ckpt = run / "checkpoints" / "step_0000003"
     assert (ckpt / "pytorch_model_fsdp.bin").exists() and (ckpt / "optimizer.bin").exists()
     launch("fsdp", run, overrides, "--num_processes", "2", fsdp_on_cpu=True)  # resume=auto from step 3
-    one = train.run(cfg_for("training.grad_accum=2", "training.max_grad_norm=0.05"), tmp_path / "one")
+    one = train.run(cfg_for(*overrides[len(SMOKE) :]), tmp_path / "one")
 
     # Every block was really sharded: each rank holds about half of each weight matrix.
     for rank in (0, 1):
@@ -156,6 +156,8 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     np.testing.assert_allclose(two_losses, [r["loss"] for r in records(tmp_path / "one")], rtol=1e-5)
     assert all(r["grad_norm"] > 0.05 for r in records(run))  # clipping was active in every step
     np.testing.assert_allclose([r["grad_norm"] for r in records(run)], [r["grad_norm"] for r in records(tmp_path / "one")], rtol=1e-4)
+    init = train.build(cfg_for().model).state_dict()
+    assert not torch.equal(one["ema"].state_dict()["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])  # EMA moved
     for name, reference in (("model.safetensors", one["model"]), ("ema.safetensors", one["ema"])):
         exported = load_file(run / "model" / name)
         for k, v in reference.state_dict().items():

@@ -66,6 +66,7 @@ def _all_finite(accelerator, model: torch.nn.Module) -> bool:
 
 def save_checkpoint(accelerator, model, ema, run_dir: Path, step: int, trainer_state: dict, data_meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights."""
+    ema.sync()
     unwrapped = accelerator.unwrap_model(model)
     if not _all_finite(accelerator, unwrapped) or not all(torch.isfinite(p).all() for p in ema.model.parameters()):
         raise ValueError(f"step {step}: the weights contain NaN/Inf; not saving a checkpoint")

@@ -5,32 +5,62 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA:
     """ema = decay * ema + (1 - decay) * param over trainable parameters only; frozen buffers (the
     position embedding) are copied, not averaged. warmup=True uses min(decay, (1 + n) / (10 + n))
-    for short runs, where 0.9999 would average over far more steps than the run has."""
+    for short runs, where 0.9999 would average over far more steps than the run has.
+
+    Under FSDP2 (`shard_like` with the prepared model) each process averages only its own shard of
+    every parameter, laid out like the live one, so the update needs no communication; `sync()`
+    (collective) gathers the shards into `self.model` before it is used (samples, checkpoints)."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = False):
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.shards: dict[str, DTensor] | None = None
 
     def current_decay(self) -> float:
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
+    def shard_like(self, model: torch.nn.Module) -> None:
+        """Shard the EMA as `model`'s parameters are (a no-op for unsharded models). Call again after
+        loading new weights into self.model (resume)."""
+        live = dict(model.named_parameters())
+        self.shards = {
+            name: distribute_tensor(p_ema.detach().to(live[name].device), live[name].device_mesh, live[name].placements)
+            for name, p_ema in self.model.named_parameters()
+            if isinstance(live[name], DTensor) and live[name].requires_grad
+        } or None
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         decay = self.current_decay()
+        own = self.shards or {}
         ema_params, params = [], []
         for (name, p_ema), (name2, p) in zip(self.model.named_parameters(), model.named_parameters()):
             assert name == name2, (name, name2)
-            if p.requires_grad:
+            if not p.requires_grad:
+                continue
+            if name in own:
+                ema_params.append(own[name].to_local())
+                params.append(p.detach().to_local().float())
+            else:
                 ema_params.append(p_ema)
-                # Under FSDP2 the live parameters are sharded DTensors: gather them (all ranks call this).
-                full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
-                params.append(full.float())
+                # A DTensor without a shard here (shard_like not called): gather it (all ranks call this).
+                params.append((p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()).float())
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         self.num_updates += 1
+
+    @torch.no_grad()
+    def sync(self) -> torch.nn.Module:
+        """Collective under FSDP (every process calls it): the full EMA weights into self.model."""
+        if self.shards:
+            params = dict(self.model.named_parameters())
+            for name, shard in self.shards.items():
+                params[name].copy_(shard.full_tensor())
+        return self.model

@@ -144,6 +144,7 @@ def train(
     if resume_from is not None:
         state = load_checkpoint(accelerator, model, ema, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
     logger = MetricsLogger(run_dir, accelerator.is_main_process, t.wandb, config or {}, step if resume_from else None)
@@ -153,6 +154,7 @@ def train(
 
     def write_samples(at_step: int) -> None:
         """EMA sample grid (one row per class) -> run_dir/samples/step_*.png and latest.png."""
+        ema.sync()
         if accelerator.is_main_process:
             images = torch.cat([imgs for _, imgs in generate(
                 ema.model, sample_diffusion, sample_labels, batch_size=len(sample_labels), seed=t.seed,
@@ -186,6 +188,7 @@ def train(
 
     def evaluate(at_step: int) -> None:
         """FID (and class consistency for the domain metric) of fid_samples EMA samples."""
+        ema.sync()
         if accelerator.is_main_process:
             from dit.eval import fid, stats_from_features
 
@@ -287,11 +290,11 @@ def train(
     last_ckpt = checkpoint(step)
     write_samples(step)
     export = run_dir / "model"
-    weights = accelerator.get_state_dict(model)  # collective: gathers the full weights under FSDP
+    weights, ema_weights = accelerator.get_state_dict(model), ema.sync()  # collective: full weights under FSDP
     if accelerator.is_main_process:
         from dit.checkpoints import save_export
 
-        save_export(export, raw, ema=ema.model, data=data_meta, state_dict=weights)
+        save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights)
         logger.plot()
         logger.finish()
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
