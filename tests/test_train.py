@@ -76,6 +76,25 @@ def test_resume_is_bit_exact(tmp_path):
             assert torch.equal(va, vb), k
 
 
+
+@needs_fmnist
+def test_compiled_training_matches_eager_and_resumes_without_compile(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train.run(cfg_for("training.total_steps=3", "training.compile=true"), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] > 0  # the forward really went through torch.compile
+    eager = train.run(cfg_for("training.total_steps=3"), tmp_path / "eager")
+    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "compiled")], [r["loss"] for r in records(tmp_path / "eager")], rtol=1e-4)
+    for k, v in eager["model"].state_dict().items():
+        torch.testing.assert_close(compiled["model"].state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    load_model(tmp_path / "compiled" / "model", use_ema=False)  # plain DiT names in the export and checkpoints
+    resumed = train.run(cfg_for(), tmp_path / "compiled")  # resume=auto without compile
+    assert resumed["step"] == 6
+    torch._dynamo.reset()
+
+
 @needs_fmnist
 def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
     import dit.training.checkpointing as ckpt

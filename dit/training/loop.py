@@ -133,10 +133,10 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     model.train()
     if t.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: parameter and state-dict names stay those of the DiT
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(device)
-    raw = accelerator.unwrap_model(model)
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)  # the DiT itself (its parameters are the live ones)
     null_drop = raw.y_embedder.dropout_prob if raw.y_embedder.has_null_class else 0.0
 
     # --- resume ----------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def train(
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model))
+        ema.update(raw)
         _advance(state, sampler)
         step += 1
         bar.update(1)
@@ -300,7 +300,7 @@ def train(
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": step, "checkpoint": last_ckpt, "export": export, "ema": ema.model, "model": accelerator.unwrap_model(model)}
+    return {"step": step, "checkpoint": last_ckpt, "export": export, "ema": ema.model, "model": raw}
 
 
 def _advance(state: dict, sampler: GlobalBatchSampler) -> None:
