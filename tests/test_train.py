@@ -120,59 +120,83 @@ def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch)
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-@needs_fmnist
-def test_two_processes_match_one(tmp_path):
-    overrides = [*SMOKE, "training.total_steps=3", "training.ckpt_every=0"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(ROOT / "tests" / "helpers" / "train_ranks.py"), str(tmp_path / "two"), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = load_file(tmp_path / "two" / "params_rank0.safetensors")
-    rank1 = load_file(tmp_path / "two" / "params_rank1.safetensors")
-    one = train.run(cfg_for("training.total_steps=3", "training.ckpt_every=0"), tmp_path / "one")["model"].state_dict()
+CPU_RANKS = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # several CPU processes (gloo), ENVIRONMENT.md
+HELPER = str(ROOT / "tests" / "helpers" / "train_ranks.py")
+SHORT = [*SMOKE, "training.total_steps=3", "training.ckpt_every=0"]
+
+
+def accelerate_launch(config: str, *args: str) -> list[str]:
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml <args>` as a command line."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), *args]
+
+
+def run_all(*commands: list[str]) -> None:
+    """Start the commands together (the processes of one job) and check every one succeeded."""
+    procs = [subprocess.Popen(c, env={**os.environ, **CPU_RANKS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+
+
+def assert_ranks_match_one_process(run_dir: Path, one_dir: Path) -> None:
+    """The ranks of a 3-step SHORT run hold identical weights, equal to a 1-process run's within float error."""
+    rank0 = load_file(run_dir / "params_rank0.safetensors")
+    rank1 = load_file(run_dir / "params_rank1.safetensors")
+    one = train.run(cfg_for("training.total_steps=3", "training.ckpt_every=0"), one_dir)["model"].state_dict()
     for k in one:
         assert torch.equal(rank0[k], rank1[k]), f"{k} differs between ranks"
         torch.testing.assert_close(rank0[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert [r["step"] for r in records(tmp_path / "two")] == [1, 2, 3]
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3]
     # Training moved the weights (the comparison above is not between two untouched inits).
     init = train.build(cfg_for().model).state_dict()
     assert not torch.equal(one["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
+@needs_fmnist
+def test_two_processes_match_one(tmp_path):
+    run_all([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", HELPER, str(tmp_path / "two"), *SHORT])
+    assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
 
-def launch(config: str, run_dir: Path, overrides: list[str], *launch_args: str, fsdp_on_cpu: bool = False, port: int = 29541):
-    """`accelerate launch --config_file configs/accelerate/<config>.yaml` of tests/helpers/train_ranks.py on CPU."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"),
-           "--main_process_port", str(port), *launch_args, str(ROOT / "tests" / "helpers" / "train_ranks.py"),
-           *(["--fsdp-on-cpu"] if fsdp_on_cpu else []), str(run_dir), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+
+@needs_fmnist
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
+    """The README's two-node commands, with two 'nodes' of one process each on this machine."""
+    port = "29561" if launcher == "accelerate" else "29562"
+    nodes = []
+    for node in ("0", "1"):
+        if launcher == "accelerate":
+            cmd = accelerate_launch("multinode", "--num_processes", "2", "--machine_rank", node, "--main_process_ip", "127.0.0.1", "--main_process_port", port)
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node,
+                   "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
+        nodes.append([*cmd, HELPER, str(tmp_path / "two"), *SHORT])
+    run_all(*nodes)
+    launched = [json.loads((tmp_path / "two" / f"launch_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(x["RANK"], x["LOCAL_RANK"], x["GROUP_RANK"], x["WORLD_SIZE"]) for x in launched] == [("0", "0", "0", "2"), ("1", "0", "1", "2")]
+    assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
 
 
 @needs_fmnist
 def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     """The shipped FSDP config through Accelerate's FSDP2 path (fully_shard on a CPU mesh, see
-    tests/helpers/cpu_fsdp.py): sharded parameters, clipping and accumulation, a checkpoint and a resume
-    in a second launch; losses, weights and EMA match one unsharded process."""
+    tests/helpers/cpu_fsdp.py): sharded parameters and EMA, clipping and accumulation, a checkpoint and a
+    resume in a second launch; losses, weights and EMA match one unsharded process."""
     overrides = [*SMOKE, "training.ckpt_every=3", "training.grad_accum=2", "training.max_grad_norm=0.05", "training.ema_decay=0.5"]
     run = tmp_path / "fsdp"
-    launch("fsdp", run, [*overrides, "training.total_steps=3"], "--num_processes", "2", fsdp_on_cpu=True)
+    fsdp = accelerate_launch("fsdp", "--num_processes", "2", "--main_process_port", "29541", HELPER, "--fsdp-on-cpu", str(run))
+    run_all([*fsdp, *overrides, "training.total_steps=3"])
     ckpt = run / "checkpoints" / "step_0000003"
     assert (ckpt / "pytorch_model_fsdp.bin").exists() and (ckpt / "optimizer.bin").exists()
-    launch("fsdp", run, overrides, "--num_processes", "2", fsdp_on_cpu=True)  # resume=auto from step 3
+    run_all([*fsdp, *overrides])  # resume=auto from step 3
     one = train.run(cfg_for(*overrides[len(SMOKE) :]), tmp_path / "one")
 
-    # Every block was really sharded: each rank holds about half of each weight matrix.
+    # Every block was really sharded: each rank holds half of each weight matrix.
     for rank in (0, 1):
-        shards = json.loads((run / f"shards_rank{rank}.json").read_text())
-        qkv_full, qkv_local = shards["blocks.0.attn.qkv.weight"]
+        qkv_full, qkv_local = json.loads((run / f"shards_rank{rank}.json").read_text())["blocks.0.attn.qkv.weight"]
         assert qkv_local * 2 == qkv_full
-    two_losses = [r["loss"] for r in records(run)]
     assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(two_losses, [r["loss"] for r in records(tmp_path / "one")], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in records(run)], [r["loss"] for r in records(tmp_path / "one")], rtol=1e-5)
     assert all(r["grad_norm"] > 0.05 for r in records(run))  # clipping was active in every step
     np.testing.assert_allclose([r["grad_norm"] for r in records(run)], [r["grad_norm"] for r in records(tmp_path / "one")], rtol=1e-4)
     init = train.build(cfg_for().model).state_dict()
@@ -181,40 +205,9 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
         exported = load_file(run / "model" / name)
         for k, v in reference.state_dict().items():
             torch.testing.assert_close(exported[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
-    model, _ = load_model(run / "checkpoints" / "step_0000006")  # EMA weights of an FSDP checkpoint
+    load_model(run / "checkpoints" / "step_0000006")  # EMA weights of an FSDP checkpoint
     with pytest.raises(FileNotFoundError, match="pytorch_model_fsdp.bin"):
         load_model(run / "checkpoints" / "step_0000006", use_ema=False)
-
-
-
-@needs_fmnist
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
-    """The README's two-node commands, with two 'nodes' of one process each on this machine."""
-    overrides = [*SMOKE, "training.total_steps=3", "training.ckpt_every=0"]
-    port = "29561" if launcher == "accelerate" else "29562"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    helper = [str(ROOT / "tests" / "helpers" / "train_ranks.py"), str(tmp_path / "two"), *overrides]
-    nodes = []
-    for node in (0, 1):
-        if launcher == "accelerate":
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/multinode.yaml"),
-                   "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1", "--main_process_port", port]  # fmt: skip
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                   "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
-        nodes.append(subprocess.Popen([*cmd, *helper], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for node in nodes:
-        _, err = node.communicate(timeout=600)
-        assert node.returncode == 0, err[-4000:]
-    launched = [json.loads((tmp_path / "two" / f"launch_rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(x["RANK"], x["LOCAL_RANK"], x["GROUP_RANK"], x["WORLD_SIZE"]) for x in launched] == [("0", "0", "0", "2"), ("1", "0", "1", "2")]
-    rank0 = load_file(tmp_path / "two" / "params_rank0.safetensors")
-    rank1 = load_file(tmp_path / "two" / "params_rank1.safetensors")
-    one = train.run(cfg_for("training.total_steps=3", "training.ckpt_every=0"), tmp_path / "one")["model"].state_dict()
-    for k in one:
-        assert torch.equal(rank0[k], rank1[k]), f"{k} differs between nodes"
-        torch.testing.assert_close(rank0[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_global_batch_sampler_shards_and_resumes():
