@@ -67,7 +67,7 @@ def test_smoke_run_writes_everything(tmp_path):
 
 @needs_fmnist
 def test_resume_is_bit_exact(tmp_path):
-    train.run(cfg_for(), tmp_path / "full")
+    full = train.run(cfg_for(), tmp_path / "full")
     train.run(cfg_for("training.total_steps=3"), tmp_path / "split")
     resumed = train.run(cfg_for(), tmp_path / "split")  # resume=auto picks step 3
     assert [r["loss"] for r in records(tmp_path / "split")] == [r["loss"] for r in records(tmp_path / "full")]
