@@ -153,8 +153,13 @@ def assert_ranks_match_one_process(run_dir: Path, one_dir: Path) -> None:
 
 
 @needs_fmnist
-def test_two_processes_match_one(tmp_path):
-    run_all([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", HELPER, str(tmp_path / "two"), *SHORT])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one(tmp_path, launcher):
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    else:  # the shipped DDP config
+        cmd = accelerate_launch("ddp", "--num_processes", "2", "--main_process_port", "29532")
+    run_all([*cmd, HELPER, str(tmp_path / "two"), *SHORT])
     assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
     # The process count may change on resume: 2 processes for steps 1-3, then 1 for 4-6, as one run.
     train.run(cfg_for(), tmp_path / "two")
