@@ -76,7 +76,6 @@ def test_resume_is_bit_exact(tmp_path):
             assert torch.equal(va, vb), k
 
 
-
 @needs_fmnist
 def test_compiled_training_matches_eager_and_resumes_without_compile(tmp_path):
     from torch._dynamo.utils import counters
