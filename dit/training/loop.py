@@ -221,7 +221,7 @@ def train(
         lr = lr_at(step, t.total_steps, o)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        bad = False
+        step_terms = torch.zeros(4, device=device)  # this step's loss, mse, vb sums and micro-batch count
         for micro in range(t.grad_accum):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -237,24 +237,22 @@ def train(
                 with accelerator.autocast():
                     terms = diffusion.training_losses(model, x, timesteps, kwargs, noise=noise)
                 loss = terms["loss"].mean()
-                if not all_processes(accelerator, torch.isfinite(loss.detach())):  # every rank decides alike
-                    bad = True
-                    break
                 accelerator.backward(loss / t.grad_accum)
-            window += torch.stack([loss.detach(), terms["mse"].mean().detach(),
-                                   terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach(), torch.ones((), device=device)])  # fmt: skip
-        if bad:
+            step_terms += torch.stack([loss.detach(), terms["mse"].mean().detach(),
+                                       terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach(), torch.ones((), device=device)])  # fmt: skip
+        # One decision per step, alike on every rank, taken after the backward passes: the host waits for
+        # the device once per step, never between a forward and its backward.
+        if not all_processes(accelerator, torch.isfinite(step_terms).all()):
             if t.nan_policy == "stop":
                 bar.close()
                 raise FloatingPointError(f"non-finite loss at step {step}; stopping (training.nan_policy=skip skips such steps)")
             skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(micro + 1, t.grad_accum):  # keep the data order: consume the rest of this global batch
-                next(batches)
+            optimizer.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
             _advance(state, sampler)
             step += 1
             bar.update(1)
             continue
+        window += step_terms
         # model.parameters() after prepare: FSDP2 replaces the parameters with sharded ones.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
