@@ -122,18 +122,20 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: st
     model.load_state_dict(state_dict, strict=True)
 
 
+FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FULL_STATE_DICT), loaded weights_only
+
+
 def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     meta = json.loads((path / "config.json").read_text())
     config = {**meta["model"], **overrides}
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
+    if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
+        weights = path / FSDP_WEIGHTS
     if not weights.exists():
-        hint = ""
-        if (path / "pytorch_model_fsdp.bin").exists():
-            hint = (" (an FSDP training checkpoint keeps its raw weights in Accelerate's pytorch_model_fsdp.bin:"
-                    " load its EMA weights, or the run's model/ export, which has both)")  # fmt: skip
-        raise FileNotFoundError(f"{path} has no ema.safetensors or model.safetensors{hint}")
+        raise FileNotFoundError(f"{path} has no ema.safetensors, model.safetensors or {FSDP_WEIGHTS}")
     model = DiT(**config)
-    load_state_dict_checked(model, load_file(weights), weights)
+    state = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
+    load_state_dict_checked(model, state, weights)
     data = meta.get("data", {})
     return model, dict(format="dit", weights=str(weights), **data)
 

@@ -213,9 +213,11 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
         exported = load_file(run / "model" / name)
         for k, v in reference.state_dict().items():
             torch.testing.assert_close(exported[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
-    load_model(run / "checkpoints" / "step_0000006")  # EMA weights of an FSDP checkpoint
-    with pytest.raises(FileNotFoundError, match="pytorch_model_fsdp.bin"):
-        load_model(run / "checkpoints" / "step_0000006", use_ema=False)
+    # sample.py loads an FSDP checkpoint: EMA weights, or the raw ones from Accelerate's file.
+    for use_ema, reference in ((True, one["ema"]), (False, one["model"])):
+        model, _ = load_model(run / "checkpoints" / "step_0000006", use_ema=use_ema)
+        for k, v in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=f"use_ema={use_ema}: {k}")
 
 
 def test_global_batch_sampler_shards_and_resumes():
