@@ -21,6 +21,7 @@ class EMA:
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
         self.shards: dict[str, DTensor] | None = None
+        self.synced_at = 0  # num_updates when self.model last held the full EMA (sharded case)
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -36,6 +37,7 @@ class EMA:
             for name, p_ema in self.model.named_parameters()
             if isinstance(live[name], DTensor) and live[name].requires_grad
         } or None
+        self.synced_at = self.num_updates
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -59,8 +61,9 @@ class EMA:
     @torch.no_grad()
     def sync(self) -> torch.nn.Module:
         """Collective under FSDP (every process calls it): the full EMA weights into self.model."""
-        if self.shards:
+        if self.shards and self.synced_at != self.num_updates:  # once per update, however many users
             params = dict(self.model.named_parameters())
             for name, shard in self.shards.items():
                 params[name].copy_(shard.full_tensor())
+            self.synced_at = self.num_updates
         return self.model
