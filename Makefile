@@ -16,12 +16,14 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all train fid zoo fashion-mnist clean bench-sample bench-train bench-kernel
+.PHONY: help setup test test-all lint format train fid zoo fashion-mnist clean bench-sample bench-train bench-kernel
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
 	@echo "make test      fast test suite (CPU, < 10 min)"
 	@echo "make test-all  also the slow tests"
+	@echo "make lint      ruff: lint and formatting check (CI runs it)"
+	@echo "make format    ruff: fix imports and format the tree"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
@@ -53,6 +55,15 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+# Configured in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(ENV_DIR)/bin/ruff check .
+	$(ENV_DIR)/bin/ruff format --check .
+
+format: setup
+	$(ENV_DIR)/bin/ruff check --fix .
+	$(ENV_DIR)/bin/ruff format .
 
 train: setup
 	$(PY) train.py experiment=fashion_mnist_cpu $(ARGS)

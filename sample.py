@@ -68,10 +68,20 @@ def run(cfg: DictConfig) -> Path:
     index, chunks = [], []
     bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not accelerator.is_main_process)
     for start, images in generate(
-        model, diffusion, labels, batch_size=cfg.batch_size, seed=cfg.seed, cfg_scale=cfg.cfg_scale,
-        guidance_channels=cfg.guidance_channels, sampler=cfg.sampler, eta=cfg.eta, vae=vae,
-        rank=rank, world_size=world, device=accelerator.device,
-    ):  # fmt: skip
+        model,
+        diffusion,
+        labels,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        cfg_scale=cfg.cfg_scale,
+        guidance_channels=cfg.guidance_channels,
+        sampler=cfg.sampler,
+        eta=cfg.eta,
+        vae=vae,
+        rank=rank,
+        world_size=world,
+        device=accelerator.device,
+    ):
         index.append(torch.arange(start, start + len(images)))
         chunks.append(images)
         if write_images:
@@ -105,7 +115,9 @@ def run(cfg: DictConfig) -> Path:
             (parts / "images").rename(out / "images")
         shutil.rmtree(parts, ignore_errors=True)
         names = [class_names[c] if class_names else str(c) for c in classes]
-        print(f"wrote {len(labels)} images of {len(classes)} classes ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) to {out} ({world} process{'es' if world > 1 else ''})")
+        print(
+            f"wrote {len(labels)} images of {len(classes)} classes ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) to {out} ({world} process{'es' if world > 1 else ''})"
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -67,8 +67,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(dataset.vae).eval()  # for the sample grids
-    data_meta = dict(name=cfg.data.name, class_names=list(dataset.class_names or []) or None, latent=dataset.latent,
-                     vae=getattr(dataset, "vae", None), image_size=getattr(dataset, "image_size", None))  # fmt: skip
+    data_meta = dict(
+        name=cfg.data.name,
+        class_names=list(dataset.class_names or []) or None,
+        latent=dataset.latent,
+        vae=getattr(dataset, "vae", None),
+        image_size=getattr(dataset, "image_size", None),
+    )
     t = TrainConfig(**OmegaConf.to_container(cfg.training), seed=cfg.seed, wandb=OmegaConf.to_container(cfg.logger.wandb))
     o = OptimConfig(**OmegaConf.to_container(cfg.optim))
     config = OmegaConf.to_container(cfg, resolve=True)

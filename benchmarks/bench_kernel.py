@@ -73,15 +73,17 @@ def main() -> None:
         bytes_fb = bytes_fwd + (3 * B * T * D + 3 * B * D) * e  # + read dy, x; write dx, dshift, dscale
         results = {}
         for name, fn in impls.items():
-            fwd = bench(lambda i: fn(*sets[i][:3]), args.sets)
-            fb = bench(lambda i: torch.autograd.grad(fn(*sets[i][:3]), sets[i][:3], sets[i][3]), args.sets)
+            fwd = bench(lambda i, fn=fn, sets=sets: fn(*sets[i][:3]), args.sets)
+            fb = bench(lambda i, fn=fn, sets=sets: torch.autograd.grad(fn(*sets[i][:3]), sets[i][:3], sets[i][3]), args.sets)
             results[name] = (fwd, fb)
         for k, (label, nbytes) in enumerate((("fwd", bytes_fwd), ("fwd+bwd", bytes_fb))):
             for name, times in results.items():
                 ms = times[k]
                 gbs = nbytes / ms / 1e6
-                print(f"| {size} | {D} | {label} | {name} | {ms:.4f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
-                      f"{results['eager'][k] / ms:.2f}x | {results['torch.compile'][k] / ms:.2f}x |")  # fmt: skip
+                print(
+                    f"| {size} | {D} | {label} | {name} | {ms:.4f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
+                    f"{results['eager'][k] / ms:.2f}x | {results['torch.compile'][k] / ms:.2f}x |"
+                )
     if args.skip_model:
         return
 

@@ -25,9 +25,13 @@ from dit.sampling import generate
 def tiny_vae():
     """A small random AutoencoderKL (8x): no download; decoding cost is the same for both sides."""
     return AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32,
-    )  # fmt: skip
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
 
 
 def timed(fn, device) -> float:
@@ -71,14 +75,23 @@ def main() -> None:
             pass
 
     def theirs():
-        pipe(class_labels=labels.tolist(), guidance_scale=args.cfg, num_inference_steps=args.steps, output_type="np",
-             generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+        pipe(
+            class_labels=labels.tolist(),
+            guidance_scale=args.cfg,
+            num_inference_steps=args.steps,
+            output_type="np",
+            generator=torch.Generator(device).manual_seed(0),
+        )
 
     with torch.no_grad():
         ours(), theirs()  # warm-up
         t_ours = sorted(timed(ours, device) for _ in range(args.repeats))[args.repeats // 2]
         t_theirs = sorted(timed(theirs, device) for _ in range(args.repeats))[args.repeats // 2]
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"device: {dev}; torch {torch.__version__}")
     print(f"{args.model} latent {args.input_size}x{args.input_size}x4, {args.steps} DDPM steps, batch {args.batch}, cfg {args.cfg}")
     print(f"| sampler | s / batch (median of {args.repeats}) | images/s |")

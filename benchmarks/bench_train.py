@@ -54,10 +54,19 @@ def ours(args, variant: str) -> dict:
     data = SyntheticLatents(args.batch * 4, 4, args.input_size)
     total = args.warmup + args.steps
     t = TrainConfig(
-        total_steps=total, global_batch_size=args.batch, mixed_precision=args.precision, log_every=1,
-        ckpt_every=0, sample_every=0, sample_steps=2, sample_per_class=1, sample_max_classes=1, num_workers=0,
-        compile="compile" in variant, gradient_checkpointing="ckpt" in variant,
-    )  # fmt: skip
+        total_steps=total,
+        global_batch_size=args.batch,
+        mixed_precision=args.precision,
+        log_every=1,
+        ckpt_every=0,
+        sample_every=0,
+        sample_steps=2,
+        sample_per_class=1,
+        sample_max_classes=1,
+        num_workers=0,
+        compile="compile" in variant,
+        gradient_checkpointing="ckpt" in variant,
+    )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -71,11 +80,20 @@ def ours(args, variant: str) -> dict:
 def peer(args) -> dict:
     device = torch.device(args.device)
     cfg = create_model(args.model, input_size=args.input_size, in_channels=4, num_classes=1000).config  # same size
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["hidden_size"] // cfg["num_heads"], in_channels=4,
-        out_channels=8, num_layers=cfg["depth"], sample_size=args.input_size, patch_size=cfg["patch_size"],
-        num_embeds_ada_norm=1000,
-    ).to(device).train()  # fmt: skip
+    model = (
+        DiTTransformer2DModel(
+            num_attention_heads=cfg["num_heads"],
+            attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
+            in_channels=4,
+            out_channels=8,
+            num_layers=cfg["depth"],
+            sample_size=args.input_size,
+            patch_size=cfg["patch_size"],
+            num_embeds_ada_norm=1000,
+        )
+        .to(device)
+        .train()
+    )
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     data = SyntheticLatents(args.batch * 4, 4, args.input_size)
@@ -121,10 +139,14 @@ def main() -> None:
 
     rows = [(f"dit ({v})", ours(args, v)) for v in args.variants.split(",")]
     rows.append(("diffusers plain loop (eager)", peer(args)))
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"\ndevice: {dev}; torch {torch.__version__}")
-    print(f"{args.model}, {args.input_size}x{args.input_size}x4 latents, batch {args.batch}, precision {args.precision}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
+    print(
+        f"{args.model}, {args.input_size}x{args.input_size}x4 latents, batch {args.batch}, precision {args.precision}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print("| loop | s / step | steps/s | images/s | MFU | peak GiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:

@@ -22,12 +22,18 @@ from safetensors.torch import load_file, save_file
 
 from dit.models import DiT
 
-__all__ = ["save_export", "load_model", "load_state_dict_checked", "atomic_dir", "atomic_file", "FASHION_MNIST_CLASSES", "imagenet_class_names"]
+__all__ = [
+    "save_export",
+    "load_model",
+    "load_state_dict_checked",
+    "atomic_dir",
+    "atomic_file",
+    "FASHION_MNIST_CLASSES",
+    "imagenet_class_names",
+]
 
 FORMAT = "dit"
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DEFAULT_LATENT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of the released DiT checkpoints
 
 
@@ -84,7 +90,11 @@ class atomic_dir:
 
 
 def save_export(
-    path: str | Path, model: DiT, ema: DiT | None = None, data: dict | None = None, extra_files: dict | None = None,
+    path: str | Path,
+    model: DiT,
+    ema: DiT | None = None,
+    data: dict | None = None,
+    extra_files: dict | None = None,
     state_dict: dict | None = None,
 ) -> Path:
     """Write model (and EMA) weights with their config as one atomic directory; returns the path.
@@ -105,9 +115,13 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: st
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 

@@ -44,11 +44,15 @@ def summarize(run: dict) -> dict:
     evals = [r for r in recs if "fid" in r]
     speeds = [r["images_per_s"] for r in recs if "images_per_s" in r][1:]  # the first window holds start-up
     return dict(
-        block=m["block"], model=m["name"], params=size["params"], gflops=size["gflops"],
+        block=m["block"],
+        model=m["name"],
+        params=size["params"],
+        gflops=size["gflops"],
         final_loss=statistics.mean(losses[-3:]) if losses else None,
-        fid=evals[-1]["fid"] if evals else None, class_consistency=evals[-1].get("class_consistency") if evals else None,
+        fid=evals[-1]["fid"] if evals else None,
+        class_consistency=evals[-1].get("class_consistency") if evals else None,
         images_per_s=statistics.median(speeds) if speeds else None,
-    )  # fmt: skip
+    )
 
 
 def plot_curves(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> bool:
@@ -116,12 +120,13 @@ def write_report(multirun: Path, out: Path) -> str:
         "fid": plot_curves(runs, "fid", "FID", out.with_name(f"{stem}_fid.png")),
         "grids": plot_grids(ok, out.with_name(f"{stem}_samples.png")),
     }
-    lines = ["| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
         s = summarize(r)
-        lines.append(f"| {s['block']} | {s['params'] / 1e6:.2f} | {fmt(s['gflops'], '.3f')} | {fmt(s['final_loss'], '.4f')} | "
-                     f"{fmt(s['fid'], '.1f')} | {fmt(s['class_consistency'], '.1%')} | {fmt(s['images_per_s'], '.1f')} |")  # fmt: skip
+        lines.append(
+            f"| {s['block']} | {s['params'] / 1e6:.2f} | {fmt(s['gflops'], '.3f')} | {fmt(s['final_loss'], '.4f')} | "
+            f"{fmt(s['fid'], '.1f')} | {fmt(s['class_consistency'], '.1%')} | {fmt(s['images_per_s'], '.1f')} |"
+        )
     model = ok[0]["config"]["model"]["name"] if ok else "?"
     text = [f"Runs in `{multirun}` ({model}, {len(ok)} of {len(runs)} finished).", "", *lines, ""]
     bad = [r for r in runs if r["status"] != "ok"]

@@ -7,8 +7,8 @@ the same images whatever the number of processes.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

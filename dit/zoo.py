@@ -19,15 +19,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dit.models import BLOCKS, DIT_MODELS, create_model
 
-
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
 # column, Table 4 for the other adaLN-Zero entries. Shown beside our counts in --markdown.
 PAPER_GFLOPS = {
-    ("DiT-XL/2", "in_context"): 119.4, ("DiT-XL/2", "cross_attn"): 137.6, ("DiT-XL/2", "adaln"): 118.6,
-    ("DiT-XL/2", "adaln_zero"): 118.6, ("DiT-S/4", "adaln_zero"): 1.4, ("DiT-B/4", "adaln_zero"): 5.6,
-    ("DiT-L/4", "adaln_zero"): 19.7, ("DiT-XL/4", "adaln_zero"): 29.1, ("DiT-S/2", "adaln_zero"): 6.06,
-    ("DiT-S/8", "adaln_zero"): 0.36, ("DiT-B/2", "adaln_zero"): 23.01, ("DiT-B/8", "adaln_zero"): 1.42,
-}  # fmt: skip
+    ("DiT-XL/2", "in_context"): 119.4,
+    ("DiT-XL/2", "cross_attn"): 137.6,
+    ("DiT-XL/2", "adaln"): 118.6,
+    ("DiT-XL/2", "adaln_zero"): 118.6,
+    ("DiT-S/4", "adaln_zero"): 1.4,
+    ("DiT-B/4", "adaln_zero"): 5.6,
+    ("DiT-L/4", "adaln_zero"): 19.7,
+    ("DiT-XL/4", "adaln_zero"): 29.1,
+    ("DiT-S/2", "adaln_zero"): 6.06,
+    ("DiT-S/8", "adaln_zero"): 0.36,
+    ("DiT-B/2", "adaln_zero"): 23.01,
+    ("DiT-B/8", "adaln_zero"): 1.42,
+}
 PAPER_PARAMS_M = {("DiT-XL/2", "adaln_zero"): 675}
 
 

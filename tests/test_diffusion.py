@@ -96,8 +96,7 @@ def test_respaced_betas_equal_diffusers_steps():
 def test_ddim_equals_diffusers_eta0():
     ours = create_diffusion("ddim50", variance_type="fixed_small")
     theirs = float64_tables(
-        DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True),
-        get_betas("linear", 1000),
+        DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True), get_betas("linear", 1000)
     )
     theirs.set_timesteps(50)
     assert theirs.timesteps.tolist() == space_timesteps(1000, "ddim50")[::-1]

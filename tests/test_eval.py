@@ -132,9 +132,14 @@ def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
     assert (logits.argmax(1) == test.labels).mean() >= 0.88  # class consistency of real images
     train = ImageSource("fashion_mnist:train")
     train.array = train.array[:2000]
-    real = fid(stats_from_features(feats, extractor.name), stats_from_features(extract_features(train, extractor, 500, progress=False)[0], extractor.name))
+    real = fid(
+        stats_from_features(feats, extractor.name),
+        stats_from_features(extract_features(train, extractor, 500, progress=False)[0], extractor.name),
+    )
     noise = ImageSource("fashion_mnist:test")
     noise.array = np.random.default_rng(0).integers(0, 256, (2000, 28, 28, 1), dtype=np.uint8)
-    fake = fid(stats_from_features(extract_features(noise, extractor, 500, progress=False)[0], extractor.name),
-               stats_from_features(feats, extractor.name))  # fmt: skip
+    fake = fid(
+        stats_from_features(extract_features(noise, extractor, 500, progress=False)[0], extractor.name),
+        stats_from_features(feats, extractor.name),
+    )
     assert real < 0.05 * fake  # train vs test images are close; noise is far

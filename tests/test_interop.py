@@ -50,15 +50,22 @@ def test_state_dict_layout_is_the_official_one():
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == official_xl2_shapes()
     assert infer_official_config(model.state_dict()) | {"name": "DiT-XL/2"} == dict(
-        input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-        num_classes=1000, class_dropout_prob=0.1, learn_sigma=True, block="adaln_zero", name="DiT-XL/2",
-    )  # fmt: skip
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        num_classes=1000,
+        class_dropout_prob=0.1,
+        learn_sigma=True,
+        block="adaln_zero",
+        name="DiT-XL/2",
+    )
 
 
 def random_model(freq_shift=0, num_classes=10):
-    model = create_model(
-        "DiT-Debug/2", input_size=16, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift
-    )
+    model = create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift)
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     return model.eval()
@@ -96,9 +103,17 @@ def test_to_diffusers_gives_the_same_outputs(freq_shift):
 
 def test_from_diffusers_gives_the_same_outputs():
     dmodel = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero", norm_eps=1e-6,
-    )  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
+        norm_eps=1e-6,
+    )
     for p in dmodel.parameters():
         p.data.normal_(0, 0.2)
     emb = dmodel.transformer_blocks[0].norm1.emb.state_dict()
@@ -117,9 +132,16 @@ def test_from_diffusers_gives_the_same_outputs():
 
 def test_from_diffusers_refuses_unshared_embedders():
     dmodel = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6,
-    )  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    )
     with pytest.raises(ValueError, match="transformer_blocks.1 has timestep/label embedders"):
         from_diffusers(dmodel)
 
@@ -139,11 +161,14 @@ def test_saved_diffusers_model_runs_in_dit_pipeline(tmp_path):
     with torch.no_grad():
         assert (transformer(x, t, y).sample - model(x, t, y)).abs().max().item() <= 1e-5
     vae = AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-        norm_num_groups=32, sample_size=32,
-    )  # fmt: skip
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000))
-    out = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=4.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=4.0, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 32, 32, 3)

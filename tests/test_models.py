@@ -11,9 +11,7 @@ from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 
 
 def tiny(block, patch_size=2, learn_sigma=True, **kw):
-    return create_model(
-        f"DiT-Debug/{patch_size}", block=block, input_size=16, in_channels=3, num_classes=10, learn_sigma=learn_sigma, **kw
-    )
+    return create_model(f"DiT-Debug/{patch_size}", block=block, input_size=16, in_channels=3, num_classes=10, learn_sigma=learn_sigma, **kw)
 
 
 def randomize(model, std=0.1):

@@ -2,10 +2,10 @@
 
 import pytest
 from omegaconf import OmegaConf
+from test_train import cfg_for, needs_fmnist
 
 import train
 from dit.report import main as report_main
-from test_train import cfg_for, needs_fmnist
 
 
 @needs_fmnist

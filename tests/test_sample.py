@@ -44,10 +44,14 @@ def pixel_export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     vae = AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-        norm_num_groups=32, sample_size=32,
-    )  # fmt: skip
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
     return path
@@ -91,9 +95,21 @@ def test_deterministic_by_seed(pixel_export, tmp_path):
 def test_two_processes_give_exactly_n_and_the_same_images(pixel_export, tmp_path):
     one = run(checkpoint=pixel_export, out_dir=tmp_path / "one", num_images=9)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "sample.py"), f"checkpoint={pixel_export}", f"out_dir={tmp_path / 'two'}",
-           "num_images=9", "steps=4", "batch_size=4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "sample.py"),
+        f"checkpoint={pixel_export}",
+        f"out_dir={tmp_path / 'two'}",
+        "num_images=9",
+        "steps=4",
+        "batch_size=4",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 processes)" in proc.stdout
@@ -115,15 +131,17 @@ def test_latent_model_decodes_through_the_vae(tiny_vae_dir, tmp_path):
 def test_official_checkpoint_with_imagenet_names(tiny_vae_dir, tmp_path):
     model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000))
     torch.save(model.state_dict(), tmp_path / "DiT-Debug-2.pt")
-    out = run(checkpoint=tmp_path / "DiT-Debug-2.pt", vae=tiny_vae_dir, out_dir=tmp_path / "s",
-              classes='["golden retriever",otter]', per_class=2)  # fmt: skip
+    out = run(
+        checkpoint=tmp_path / "DiT-Debug-2.pt", vae=tiny_vae_dir, out_dir=tmp_path / "s", classes='["golden retriever",otter]', per_class=2
+    )
     assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
 
 
 def test_diffusers_pipeline_directory(tiny_vae_dir, tmp_path):
     model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000, timestep_freq_shift=1))
-    pipe = DiTPipeline(transformer=to_diffusers(model), vae=AutoencoderKL.from_pretrained(tiny_vae_dir),
-                       scheduler=DDPMScheduler(num_train_timesteps=1000))  # fmt: skip
+    pipe = DiTPipeline(
+        transformer=to_diffusers(model), vae=AutoencoderKL.from_pretrained(tiny_vae_dir), scheduler=DDPMScheduler(num_train_timesteps=1000)
+    )
     pipe.save_pretrained(tmp_path / "pipe")
     out = run(checkpoint=tmp_path / "pipe", out_dir=tmp_path / "s", classes="[1,2]", per_class=1, num_images=2)
     assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
@@ -178,6 +196,9 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_cli_error_exits_nonzero(pixel_export, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={pixel_export}",
-                           f"out_dir={tmp_path}", "classes=[jacket]"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"checkpoint={pixel_export}", f"out_dir={tmp_path}", "classes=[jacket]"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "unknown class name 'jacket'" in proc.stderr

@@ -85,7 +85,9 @@ def test_compiled_training_matches_eager_and_resumes_without_compile(tmp_path):
     compiled = train.run(cfg_for("training.total_steps=3", "training.compile=true"), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] > 0  # the forward really went through torch.compile
     eager = train.run(cfg_for("training.total_steps=3"), tmp_path / "eager")
-    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "compiled")], [r["loss"] for r in records(tmp_path / "eager")], rtol=1e-4)
+    np.testing.assert_allclose(
+        [r["loss"] for r in records(tmp_path / "compiled")], [r["loss"] for r in records(tmp_path / "eager")], rtol=1e-4
+    )
     for k, v in eager["model"].state_dict().items():
         torch.testing.assert_close(compiled["model"].state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
     load_model(tmp_path / "compiled" / "model", use_ema=False)  # plain DiT names in the export and checkpoints
@@ -126,12 +128,21 @@ SHORT = [*SMOKE, "training.total_steps=3", "training.ckpt_every=0"]
 
 def accelerate_launch(config: str, *args: str) -> list[str]:
     """`accelerate launch --config_file configs/accelerate/<config>.yaml <args>` as a command line."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / f"{config}.yaml"),
+        *args,
+    ]
 
 
 def run_all(*commands: list[str]) -> None:
     """Start the commands together (the processes of one job) and check every one succeeded."""
-    procs = [subprocess.Popen(c, env={**os.environ, **CPU_RANKS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    procs = [
+        subprocess.Popen(c, env={**os.environ, **CPU_RANKS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-4000:]
@@ -174,14 +185,32 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
     nodes = []
     for node in ("0", "1"):
         if launcher == "accelerate":
-            cmd = accelerate_launch("multinode", "--num_processes", "2", "--machine_rank", node, "--main_process_ip", "127.0.0.1", "--main_process_port", port)
+            cmd = accelerate_launch(
+                "multinode", "--num_processes", "2", "--machine_rank", node, "--main_process_ip", "127.0.0.1", "--main_process_port", port
+            )
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node,
-                   "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                node,
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+            ]
         nodes.append([*cmd, HELPER, str(tmp_path / "two"), *SHORT])
     run_all(*nodes)
     launched = [json.loads((tmp_path / "two" / f"launch_rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(x["RANK"], x["LOCAL_RANK"], x["GROUP_RANK"], x["WORLD_SIZE"]) for x in launched] == [("0", "0", "0", "2"), ("1", "0", "1", "2")]
+    assert [(x["RANK"], x["LOCAL_RANK"], x["GROUP_RANK"], x["WORLD_SIZE"]) for x in launched] == [
+        ("0", "0", "0", "2"),
+        ("1", "0", "1", "2"),
+    ]
     assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
 
 
@@ -274,8 +303,9 @@ def test_every_experiment_composes(experiment):
 
 
 def test_cfg_job_prints_the_composed_config():
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=dit_b2", "model.block=cross_attn"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=dit_b2", "model.block=cross_attn"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "block: cross_attn" in proc.stdout and "hidden_size: 768" in proc.stdout
 
 
@@ -284,8 +314,14 @@ def test_cfg_job_prints_the_composed_config():
 
 def test_image_folder_training_and_class_names(tmp_path):
     root = image_folder(tmp_path / "data")
-    cfg = cfg_for("data=imagefolder", f"data.dataset.root={root}", "data.dataset.image_size=16", "data.limit=null",
-                  "training.global_batch_size=4", "training.total_steps=2")  # fmt: skip
+    cfg = cfg_for(
+        "data=imagefolder",
+        f"data.dataset.root={root}",
+        "data.dataset.image_size=16",
+        "data.limit=null",
+        "training.global_batch_size=4",
+        "training.total_steps=2",
+    )
     train.run(cfg, tmp_path / "run")
     model, meta = load_model(tmp_path / "run" / "model")
     assert meta["class_names"] == ["cats", "dogs"] and model.num_classes == 2 and model.in_channels == 3
@@ -296,13 +332,33 @@ def test_latent_extraction_and_training(tmp_path):
 
     from dit.data.extract import main as extract
 
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32, sample_size=32)  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
     vae.save_pretrained(tmp_path / "vae")
     root = image_folder(tmp_path / "data", size=16)
-    extract(["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat"),
-             "--batch-size", "5", "--shard-size", "4"])  # fmt: skip
+    extract(
+        [
+            "--root",
+            str(root),
+            "--image-size",
+            "16",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--out",
+            str(tmp_path / "lat"),
+            "--batch-size",
+            "5",
+            "--shard-size",
+            "4",
+        ]
+    )
     meta = json.loads((tmp_path / "lat" / "meta.json").read_text())
     assert meta["count"] == 12 and meta["num_classes"] == 2 and len(list((tmp_path / "lat").glob("shard_*"))) == 3
     with pytest.raises(SystemExit, match="already holds latents"):
@@ -312,8 +368,15 @@ def test_latent_extraction_and_training(tmp_path):
     ds = LatentShards(tmp_path / "lat")
     x, y = ds[11]
     assert x.shape == (2, 2, 4, 8, 8) and ds.input_size == 8 and ds.channels == 4
-    cfg = cfg_for("data=latents", f"data.dataset.root={tmp_path / 'lat'}", "data.limit=null", "model=dit_debug2",
-                  "training.global_batch_size=4", "training.total_steps=2", "training.sample_every=0")  # fmt: skip
+    cfg = cfg_for(
+        "data=latents",
+        f"data.dataset.root={tmp_path / 'lat'}",
+        "data.limit=null",
+        "model=dit_debug2",
+        "training.global_batch_size=4",
+        "training.total_steps=2",
+        "training.sample_every=0",
+    )
     train.run(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "samples" / "latest.png").exists()  # decoded through the VAE: 16x16 RGB
     assert Image.open(tmp_path / "run" / "samples" / "latest.png").size == (2 * 18 + 2, 2 * 18 + 2)
@@ -342,9 +405,17 @@ def test_missing_dataset_path(tmp_path):
 def test_corrupt_image_named_or_skipped(tmp_path):
     root = image_folder(tmp_path / "data")
     (root / "dogs" / "broken.png").write_bytes(b"\x89PNG not really")
-    common = ["data=imagefolder", f"data.dataset.root={root}", "data.dataset.image_size=16", "data.limit=null",
-              "training.global_batch_size=4", "training.total_steps=1"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError"):
+    common = [
+        "data=imagefolder",
+        f"data.dataset.root={root}",
+        "data.dataset.image_size=16",
+        "data.limit=null",
+        "training.global_batch_size=4",
+        "training.total_steps=1",
+    ]
+    with pytest.raises(
+        ValueError, match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError"
+    ):
         train.run(cfg_for(*common), tmp_path / "run")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
         train.run(cfg_for(*common, "data.dataset.skip_corrupt=true"), tmp_path / "run")
@@ -401,9 +472,18 @@ def test_nan_loss(tmp_path, monkeypatch, policy):
 
 
 def test_cli_bad_input_exits_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "data=imagefolder",
-                           f"data.dataset.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=smoke",
+            "data=imagefolder",
+            f"data.dataset.root={tmp_path / 'missing'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and f"dataset folder not found: {tmp_path / 'missing'}" in proc.stderr
 
 
@@ -413,8 +493,14 @@ def test_fid_during_training(tmp_path, monkeypatch):
     import dit.eval.domain as domain
 
     monkeypatch.setattr(domain, "EPOCHS", 1)  # the metric's quality is tested in test_eval; here the wiring
-    cfg = cfg_for("training.fid_every=2", "training.fid_samples=20", "training.fid_steps=2", "training.total_steps=4",
-                  "training.fid_metric=fashion_mnist", "training.fid_ref=fashion_mnist:test")  # fmt: skip
+    cfg = cfg_for(
+        "training.fid_every=2",
+        "training.fid_samples=20",
+        "training.fid_steps=2",
+        "training.total_steps=4",
+        "training.fid_metric=fashion_mnist",
+        "training.fid_ref=fashion_mnist:test",
+    )
     with pytest.warns(UserWarning, match="unreliable"):  # 20 samples < 128 dims
         train.run(cfg, tmp_path / "run")
     evals = [r for r in records(tmp_path / "run") if "fid" in r]

@@ -67,8 +67,10 @@ def main(argv=None) -> None:
     def flush():
         nonlocal means, stds, labels, shard
         if labels:
-            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.cat(labels)},
-                      tmp / f"shard_{accelerator.process_index:03d}_{shard:05d}.safetensors")  # fmt: skip
+            save_file(
+                {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.cat(labels)},
+                tmp / f"shard_{accelerator.process_index:03d}_{shard:05d}.safetensors",
+            )
             means, stds, labels, shard = [], [], [], shard + 1
 
     bar = tqdm(total=len(mine), unit="img", desc="encoding", disable=not accelerator.is_main_process)
@@ -92,10 +94,15 @@ def main(argv=None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = dict(
-            count=len(dataset), num_classes=dataset.num_classes, class_names=list(dataset.class_names),
-            image_size=args.image_size, vae=args.vae, scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
-            source=args.source, root=args.root,
-        )  # fmt: skip
+            count=len(dataset),
+            num_classes=dataset.num_classes,
+            class_names=list(dataset.class_names),
+            image_size=args.image_size,
+            vae=args.vae,
+            scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
+            source=args.source,
+            root=args.root,
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             shutil.rmtree(out)

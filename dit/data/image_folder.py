@@ -61,7 +61,9 @@ class ImageFolder(Dataset):
                     bad.append((path, f"{type(e).__name__}: {e}"))
             if bad and not skip_corrupt:
                 listing = "\n".join(f"  {p}: {why}" for p, why in bad[:10])
-                raise ValueError(f"{len(bad)} unreadable image(s) in {self.root} (to skip them: data.dataset.skip_corrupt=true for train.py, --skip-corrupt for dit.data.extract):\n{listing}")
+                raise ValueError(
+                    f"{len(bad)} unreadable image(s) in {self.root} (to skip them: data.dataset.skip_corrupt=true for train.py, --skip-corrupt for dit.data.extract):\n{listing}"
+                )
             if bad:
                 self.skipped = [p for p, _ in bad]
                 skip = set(self.skipped)

@@ -4,7 +4,7 @@ epoch, and a run with more processes visits the same samples in the same global 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

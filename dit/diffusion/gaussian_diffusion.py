@@ -10,7 +10,7 @@ All schedule tables are float64; they are cast to the input's dtype only when us
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

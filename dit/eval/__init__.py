@@ -20,5 +20,14 @@ def make_extractor(metric: str, inception_weights=None, device="cpu"):
     raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
 
 
-__all__ = ["METRICS", "ImageSource", "Stats", "extract_features", "fid", "frechet_distance", "inception_score",
-           "make_extractor", "stats_from_features"]  # fmt: skip
+__all__ = [
+    "METRICS",
+    "ImageSource",
+    "Stats",
+    "extract_features",
+    "fid",
+    "frechet_distance",
+    "inception_score",
+    "make_extractor",
+    "stats_from_features",
+]

@@ -70,10 +70,12 @@ class Stats:
     def save(self, path: str | Path) -> None:
         from dit.checkpoints import atomic_file
 
-        atomic_file(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor), suffix=".npz")
+        atomic_file(
+            path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor), suffix=".npz"
+        )
 
     @staticmethod
-    def load(path: str | Path, default_extractor: str) -> "Stats":
+    def load(path: str | Path, default_extractor: str) -> Stats:
         """Our files carry their extractor; ADM reference files (mu, sigma only) are Inception pool3."""
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
@@ -99,9 +101,11 @@ def extract_features(source: ImageSource, extractor, batch_size: int = 100, devi
     state = PartialState()
     starts = list(range(0, len(source), batch_size))[state.process_index :: state.num_processes]
     feats = []
-    for start in tqdm(starts, desc=f"features ({extractor.name.split('/')[0]})", unit="batch", disable=not (progress and state.is_main_process)):
-        f, l = extractor(source.batch(start, start + batch_size).to(device))
-        feats.append((start, f.cpu().numpy(), l.cpu().numpy()))
+    for start in tqdm(
+        starts, desc=f"features ({extractor.name.split('/')[0]})", unit="batch", disable=not (progress and state.is_main_process)
+    ):
+        f, lg = extractor(source.batch(start, start + batch_size).to(device))
+        feats.append((start, f.cpu().numpy(), lg.cpu().numpy()))
     if state.num_processes > 1:
         feats = gather_object(feats)
     feats.sort(key=lambda item: item[0])

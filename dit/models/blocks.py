@@ -27,7 +27,7 @@ from dit.ops import layernorm_modulate
 
 __all__ = ["BLOCKS", "register_block", "get_block", "DiTBlock", "Attention", "CrossAttention"]
 
-BLOCKS: dict[str, type["DiTBlock"]] = {}
+BLOCKS: dict[str, type[DiTBlock]] = {}
 
 
 def register_block(name: str):
@@ -43,7 +43,7 @@ def register_block(name: str):
     return wrap
 
 
-def get_block(name: str) -> type["DiTBlock"]:
+def get_block(name: str) -> type[DiTBlock]:
     """The block class registered as ``name``; a clear error listing the valid names otherwise."""
     try:
         return BLOCKS[name]

@@ -12,8 +12,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from dit.models.blocks import get_block
-from dit.ops import MODES
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dit.ops import MODES
 
 __all__ = ["DiT"]
 
@@ -42,11 +42,22 @@ class DiT(nn.Module):
         super().__init__()
         # Constructor arguments, saved with exports so a model can be rebuilt without its Hydra config.
         self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, block=block,
-            timestep_freq_shift=timestep_freq_shift, norm_eps=norm_eps, fused_adaln=fused_adaln, name=name,
-        )  # fmt: skip
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            block=block,
+            timestep_freq_shift=timestep_freq_shift,
+            norm_eps=norm_eps,
+            fused_adaln=fused_adaln,
+            name=name,
+        )
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.block_cls = get_block(block)
@@ -120,9 +131,7 @@ class DiT(nn.Module):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null)."""
         self.check_input(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)

@@ -41,11 +41,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.frequency_embedding_size = frequency_embedding_size
         self.freq_shift = freq_shift
 

@@ -97,9 +97,7 @@ class SPADE(nn.Module):
     computed from the mask m, resized (nearest) to the feature map, by a shared conv + ReLU and one
     conv each. x_hat is parameter-free batch norm (or instance norm)."""
 
-    def __init__(
-        self, num_features: int, label_nc: int, hidden: int = 128, kernel_size: int = 3, norm: str = "batch"
-    ):
+    def __init__(self, num_features: int, label_nc: int, hidden: int = 128, kernel_size: int = 3, norm: str = "batch"):
         super().__init__()
         norms = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}
         if norm not in norms:

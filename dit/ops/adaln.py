@@ -23,9 +23,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def layernorm_modulate_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
+def layernorm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Eager PyTorch reference: three passes over the activations (norm, scale, shift)."""
     return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
@@ -79,7 +77,9 @@ _fused_fwd.register_autograd(_backward, setup_context=_setup_context)
 def layernorm_modulate_fused(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The Triton path (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)."""
     if x.dim() != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
-        raise ValueError(f"layernorm_modulate: x (B, T, D) and shift/scale (B, D), got {tuple(x.shape)}, {tuple(shift.shape)}, {tuple(scale.shape)}")
+        raise ValueError(
+            f"layernorm_modulate: x (B, T, D) and shift/scale (B, D), got {tuple(x.shape)}, {tuple(shift.shape)}, {tuple(scale.shape)}"
+        )
     return _fused_fwd(x, shift, scale, eps)[0]
 
 
@@ -96,18 +96,22 @@ def _triton_usable(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
 
 
-def layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto"
-) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto") -> torch.Tensor:
     """fused="auto": Triton on CUDA tensors, the eager reference elsewhere; "true": always Triton
     (an error where it cannot run); "false": always the reference."""
     fused = str(fused).lower()
     if fused == "false" or x.device.type == "meta":
         return layernorm_modulate_reference(x, shift, scale, eps)
     if fused == "auto":
-        return layernorm_modulate_fused(x, shift, scale, eps) if x.is_cuda and _triton_usable(x) else layernorm_modulate_reference(x, shift, scale, eps)
+        return (
+            layernorm_modulate_fused(x, shift, scale, eps)
+            if x.is_cuda and _triton_usable(x)
+            else layernorm_modulate_reference(x, shift, scale, eps)
+        )
     if fused == "true":
         if not _triton_usable(x):
-            raise ValueError(f"fused_adaln=true needs a CUDA tensor with Triton (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor")
+            raise ValueError(
+                f"fused_adaln=true needs a CUDA tensor with Triton (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
+            )
         return layernorm_modulate_fused(x, shift, scale, eps)
     raise ValueError(f"fused_adaln={fused!r}; valid: {', '.join(MODES)}")

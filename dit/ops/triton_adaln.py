@@ -62,8 +62,7 @@ def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK_T"])
 @triton.jit
-def _bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSHIFT_PART, DSCALE_PART, T, D, n_tiles,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSHIFT_PART, DSCALE_PART, T, D, n_tiles, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     tile, b, rows, cols, row_ok, col_ok, mask, offs = _tile(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,7 +115,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch
     dx = torch.empty_like(x)
     dshift_part = torch.empty(B, n_tiles, D, device=x.device, dtype=torch.float32)
     dscale_part = torch.empty_like(dshift_part)
-    _bwd_kernel[(n_tiles, B)](dy, x, scale, mean, rstd, dx, dshift_part, dscale_part, T, D, n_tiles,
-                              BLOCK_T=block_t, BLOCK_D=block_d)  # fmt: skip
+    _bwd_kernel[(n_tiles, B)](dy, x, scale, mean, rstd, dx, dshift_part, dscale_part, T, D, n_tiles, BLOCK_T=block_t, BLOCK_D=block_d)
     # Second, deterministic reduction over the per-program partial sums.
     return dx, dshift_part.sum(1).to(scale.dtype), dscale_part.sum(1).to(scale.dtype)

@@ -48,7 +48,9 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"resume={resume}: no complete checkpoint there (expected {path}/{STATE_FILE} or {path}/checkpoints/step_*)")
+        raise FileNotFoundError(
+            f"resume={resume}: no complete checkpoint there (expected {path}/{STATE_FILE} or {path}/checkpoints/step_*)"
+        )
     return found[-1]
 
 

@@ -29,9 +29,15 @@ class MetricsLogger:
             run_id = id_file.read_text().strip() if id_file.exists() and resume_step is not None else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(
-                project=wandb_cfg.get("project", "dit"), entity=wandb_cfg.get("entity"), name=wandb_cfg.get("name"),
-                mode=wandb_cfg["mode"], dir=str(self.run_dir), config=config, id=run_id, resume="allow",
-            )  # fmt: skip
+                project=wandb_cfg.get("project", "dit"),
+                entity=wandb_cfg.get("entity"),
+                name=wandb_cfg.get("name"),
+                mode=wandb_cfg["mode"],
+                dir=str(self.run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

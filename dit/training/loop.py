@@ -101,9 +101,17 @@ def check_settings(t: TrainConfig, o: OptimConfig, world_size: int) -> int:
 
 
 def train(
-    model: DiT, dataset, diffusion: GaussianDiffusion, run_dir: str | Path, t: TrainConfig, o: OptimConfig,
-    resume: str | None = None, config: dict | None = None, data_meta: dict | None = None, vae=None,
-) -> dict:  # fmt: skip
+    model: DiT,
+    dataset,
+    diffusion: GaussianDiffusion,
+    run_dir: str | Path,
+    t: TrainConfig,
+    o: OptimConfig,
+    resume: str | None = None,
+    config: dict | None = None,
+    data_meta: dict | None = None,
+    vae=None,
+) -> dict:
     """Train; returns {"step", "checkpoint", "export"}. Every process calls it."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -123,8 +131,9 @@ def train(
 
     # --- data ------------------------------------------------------------------------------
     sampler = GlobalBatchSampler(len(dataset), batch_size, world, rank, t.grad_accum, t.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=t.num_workers > 0)  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda", persistent_workers=t.num_workers > 0
+    )
 
     # --- model, EMA, optimiser -------------------------------------------------------------
     model.gradient_checkpointing = t.gradient_checkpointing
@@ -156,10 +165,22 @@ def train(
         """EMA sample grid (one row per class) -> run_dir/samples/step_*.png and latest.png."""
         ema.sync()
         if accelerator.is_main_process:
-            images = torch.cat([imgs for _, imgs in generate(
-                ema.model, sample_diffusion, sample_labels, batch_size=len(sample_labels), seed=t.seed,
-                cfg_scale=t.sample_cfg_scale if null_drop > 0 else 1.0, sampler=t.sample_sampler, vae=vae, device=device,
-            )])  # fmt: skip
+            images = torch.cat(
+                [
+                    imgs
+                    for _, imgs in generate(
+                        ema.model,
+                        sample_diffusion,
+                        sample_labels,
+                        batch_size=len(sample_labels),
+                        seed=t.seed,
+                        cfg_scale=t.sample_cfg_scale if null_drop > 0 else 1.0,
+                        sampler=t.sample_sampler,
+                        vae=vae,
+                        device=device,
+                    )
+                ]
+            )
             path = run_dir / "samples" / f"step_{at_step:07d}.png"
             save_grid(images, nrow=t.sample_per_class, path=path)
             save_grid(images, nrow=t.sample_per_class, path=run_dir / "samples" / "latest.png")
@@ -193,10 +214,22 @@ def train(
             from dit.eval import fid, stats_from_features
 
             labels = torch.arange(t.fid_samples) % raw.num_classes
-            images = torch.cat([imgs for _, imgs in generate(
-                ema.model, fid_diffusion, labels, batch_size=250, seed=t.seed + 1, sampler="ddim",
-                cfg_scale=t.fid_cfg_scale if null_drop > 0 else 1.0, vae=vae, device=device,
-            )])  # fmt: skip
+            images = torch.cat(
+                [
+                    imgs
+                    for _, imgs in generate(
+                        ema.model,
+                        fid_diffusion,
+                        labels,
+                        batch_size=250,
+                        seed=t.seed + 1,
+                        sampler="ddim",
+                        cfg_scale=t.fid_cfg_scale if null_drop > 0 else 1.0,
+                        vae=vae,
+                        device=device,
+                    )
+                ]
+            )
             x = images.permute(0, 3, 1, 2)
             feats, logits = zip(*(fid_extractor(x[i : i + 250].to(device)) for i in range(0, len(x), 250)))
             feats, logits = torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu()
@@ -238,8 +271,14 @@ def train(
                     terms = diffusion.training_losses(model, x, timesteps, kwargs, noise=noise)
                 loss = terms["loss"].mean()
                 accelerator.backward(loss / t.grad_accum)
-            step_terms += torch.stack([loss.detach(), terms["mse"].mean().detach(),
-                                       terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach(), torch.ones((), device=device)])  # fmt: skip
+            step_terms += torch.stack(
+                [
+                    loss.detach(),
+                    terms["mse"].mean().detach(),
+                    terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach(),
+                    torch.ones((), device=device),
+                ]
+            )
         # One decision per step, alike on every rank, taken after the backward passes: the host waits for
         # the device once per step, never between a forward and its backward.
         if not all_processes(accelerator, torch.isfinite(step_terms).all()):
@@ -267,9 +306,16 @@ def train(
             count = max(totals[3].item(), 1.0)
             elapsed = time.perf_counter() - tic
             steps_per_s = (step - tic_step) / max(elapsed, 1e-9)
-            metrics = {"loss": totals[0].item() / count, "mse": totals[1].item() / count, "vb": totals[2].item() / count,
-                       "lr": lr, "steps_per_s": steps_per_s, "images_per_s": steps_per_s * t.global_batch_size,
-                       "epoch": state["epoch"], "skipped_steps": skipped}  # fmt: skip
+            metrics = {
+                "loss": totals[0].item() / count,
+                "mse": totals[1].item() / count,
+                "vb": totals[2].item() / count,
+                "lr": lr,
+                "steps_per_s": steps_per_s,
+                "images_per_s": steps_per_s * t.global_batch_size,
+                "epoch": state["epoch"],
+                "skipped_steps": skipped,
+            }
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             logger.log(step, metrics)
@@ -306,4 +352,3 @@ def _advance(state: dict, sampler: GlobalBatchSampler) -> None:
     state["batch"] += 1
     if state["batch"] == sampler.batches_per_epoch:
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
-
