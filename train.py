@@ -74,7 +74,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         vae=getattr(dataset, "vae", None),
         image_size=getattr(dataset, "image_size", None),
     )
-    t = TrainConfig(**OmegaConf.to_container(cfg.training), seed=cfg.seed, wandb=OmegaConf.to_container(cfg.logger.wandb))
+    t = TrainConfig(**OmegaConf.to_container(cfg.training), seed=cfg.seed, logger=OmegaConf.to_container(cfg.logger))
     o = OptimConfig(**OmegaConf.to_container(cfg.optim))
     config = OmegaConf.to_container(cfg, resolve=True)
     return train(model, dataset, diffusion, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae)

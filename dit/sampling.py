@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from dit.checkpoints import atomic_file
+from dit.atomic import atomic_file
 from dit.diffusion import GaussianDiffusion, guided_model, sample_loop
 
 __all__ = ["resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic"]

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import sample
-from dit.checkpoints import FASHION_MNIST_CLASSES, save_export
+from dit.checkpoints import save_export
+from dit.data.class_names import FASHION_MNIST_CLASSES
 from dit.models import create_model
 from dit.models.convert import to_diffusers
 

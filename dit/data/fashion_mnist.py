@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dit.checkpoints import FASHION_MNIST_CLASSES
+from dit.data.class_names import FASHION_MNIST_CLASSES
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

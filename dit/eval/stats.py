@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit.atomic import atomic_file
 from dit.eval.frechet import frechet_distance
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -68,8 +69,6 @@ class Stats:
     extractor: str
 
     def save(self, path: str | Path) -> None:
-        from dit.checkpoints import atomic_file
-
         atomic_file(
             path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor), suffix=".npz"
         )

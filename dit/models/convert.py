@@ -18,6 +18,7 @@ import torch
 
 from dit.models.dit import DiT
 from dit.models.sizes import DIT_MODELS
+from dit.models.state_dict import load_state_dict_checked
 
 __all__ = ["infer_official_config", "load_official_checkpoint", "to_diffusers", "from_diffusers"]
 
@@ -66,8 +67,6 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = True, **overrides
     Loaded with weights_only=True: no pickled code from the file is executed. Mismatched keys or
     shapes raise an error naming them.
     """
-    from dit.checkpoints import load_state_dict_checked
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

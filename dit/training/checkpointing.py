@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit.checkpoints import FORMAT, load_state_dict_checked
+from dit.checkpoints import export_config
+from dit.models.state_dict import load_state_dict_checked
 
 STATE_FILE = "trainer_state.json"
 
@@ -66,8 +67,11 @@ def _all_finite(accelerator, model: torch.nn.Module) -> bool:
     return all_processes(accelerator, all(bool(torch.isfinite(p).all()) for p in local))
 
 
-def save_checkpoint(accelerator, model, ema, run_dir: Path, step: int, trainer_state: dict, data_meta: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights."""
+def save_checkpoint(
+    accelerator, model, ema, run_dir: Path, step: int, trainer_state: dict, data_meta: dict, keep_last: int, objective: dict | None = None
+) -> Path:
+    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights.
+    objective: the objective's settings, saved in config.json beside the architecture."""
     ema.sync()
     unwrapped = accelerator.unwrap_model(model)
     if not _all_finite(accelerator, unwrapped) or not all(torch.isfinite(p).all() for p in ema.model.parameters()):
@@ -82,7 +86,7 @@ def save_checkpoint(accelerator, model, ema, run_dir: Path, step: int, trainer_s
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": unwrapped.config, "data": data_meta}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(export_config(unwrapped, objective, data_meta), indent=1))
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))  # last: marks it complete
         if final.exists():  # the same step saved again (e.g. the final save): replace it whole
             old = final.with_name(f".{final.name}.old")
@@ -97,14 +101,22 @@ def save_checkpoint(accelerator, model, ema, run_dir: Path, step: int, trainer_s
     return final
 
 
-def load_checkpoint(accelerator, model, ema, path: Path) -> dict:
-    """Restore model, optimiser, RNG states and EMA in place; returns the trainer state."""
+def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None = None) -> dict:
+    """Restore model, optimiser, RNG states and EMA in place; returns the trainer state.
+
+    The architecture (model.config) and the objective's settings must match the checkpoint's;
+    runtime choices (fused kernel, compile, gradient checkpointing) are not part of either and may
+    change between runs."""
     meta = json.loads((path / "config.json").read_text())
     own = accelerator.unwrap_model(model).config
     diff = {k: (meta["model"].get(k), v) for k, v in own.items() if meta["model"].get(k) != v}
+    saved_objective = meta.get("objective") or {}
+    if objective is not None and saved_objective and saved_objective != objective:
+        keys = sorted(set(saved_objective) | set(objective))
+        diff.update({f"objective.{k}": (saved_objective.get(k), objective.get(k)) for k in keys if saved_objective.get(k) != objective.get(k)})
     if diff:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume from {path}: its model differs from the config ({listing})")
+        raise ValueError(f"cannot resume from {path}: it differs from the config ({listing})")
     accelerator.load_state(str(path))
     load_state_dict_checked(ema.model, load_file(path / "ema.safetensors"), path / "ema.safetensors")
     state = json.loads((path / STATE_FILE).read_text())

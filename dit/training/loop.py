@@ -67,7 +67,7 @@ class TrainConfig:
     inception_weights: str | None = None
     num_workers: int = 2
     seed: int = 0
-    wandb: dict = field(default_factory=lambda: {"mode": "disabled"})
+    logger: dict = field(default_factory=lambda: {"wandb": {"mode": "disabled"}})  # the composed logger/ group
 
 
 def lr_at(step: int, total_steps: int, o: OptimConfig) -> float:
@@ -156,7 +156,7 @@ def train(
     ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, t.wandb, config or {}, step if resume_from else None)
+    logger = MetricsLogger(run_dir, accelerator.is_main_process, t.logger.get("wandb"), config or {}, step if resume_from else None)
     sample_diffusion = create_diffusion(str(t.sample_steps), variance_type=diffusion.variance_type)
     n_classes = min(raw.num_classes, t.sample_max_classes)
     sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
