@@ -138,7 +138,7 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_unknown_block_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown block 'film'.*adaln, adaln_zero, cross_attn, in_context"):
+    with pytest.raises(ValueError, match=r"unknown block 'film'.*adain, adaln, adaln_single, adaln_zero, cross_attn, diffit, in_context"):
         create_model("DiT-Debug/2", block="film")
 
 

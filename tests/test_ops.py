@@ -119,10 +119,10 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict():
 
 
 def test_torch_compile_of_a_block_with_the_fused_op():
-    from dit.models.blocks import AdaLNZeroBlock
+    from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
 
     block = AdaLNZeroBlock(64, 2)
-    block.fused_adaln = "true"
+    set_fused_adaln(block, "true")
     for p in block.parameters():
         p.data.normal_(0, 0.1)
     device = DEVICES[0]

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from dit.models.blocks import BLOCKS, get_block, register_block
+from dit.models.blocks import BLOCKS, MLPS, NORMS, POS_EMBEDS, BlockOptions, get_block, register_block, set_fused_adaln
 from dit.models.dit import DiT
 from dit.models.sizes import DIT_MODELS, PATCH_SIZES, SIZES, config_name, model_config
 
-__all__ = ["BLOCKS", "DIT_MODELS", "DiT", "PATCH_SIZES", "SIZES", "config_name", "create_model", "get_block", "register_block"]
+__all__ = [
+    "BLOCKS",
+    "DIT_MODELS",
+    "MLPS",
+    "NORMS",
+    "PATCH_SIZES",
+    "POS_EMBEDS",
+    "SIZES",
+    "BlockOptions",
+    "DiT",
+    "config_name",
+    "create_model",
+    "get_block",
+    "register_block",
+    "set_fused_adaln",
+]
 
 
 def create_model(name: str, block: str = "adaln_zero", **kwargs) -> DiT:

@@ -1,33 +1,56 @@
-"""The four conditioning variants of the DiT paper (section 3.2, Figure 3), one class each, one registry.
+"""Conditioning blocks, one class each, one registry: the four variants of the DiT paper (section 3.2,
+Figure 3) and three from later work (DiffiT's TMSA, PixArt-alpha's adaLN-single, AdaIN).
 
 Every block has the same signature, ``forward(x, c) -> x`` with x: (N, T, D). What ``c`` is, whether
-extra tokens ride along in x, and which final layer decodes the tokens are decided by small static
-hooks on the class, so the backbone is one loop with no branching on the variant:
+extra tokens ride along in x, which final layer decodes the tokens, and whether one module shared by
+all blocks turns c into what the blocks read, are decided by small static hooks on the class, so the
+backbone is one loop with no branching on the variant:
 
     c = Block.condition(t_emb, y_emb)
+    c_blocks = shared(c)                      # shared = Block.shared_conditioning(D); identity by default
     x = Block.add_tokens(x, c)
-    for block in blocks: x = block(x, c)
+    for block in blocks: x = block(x, c_blocks)
     x = Block.remove_tokens(x)
-    x = final_layer(x, c)
+    x = final_layer(x, c)                     # final_layer = Block.final_layer(D, p, C_out, options)
 
-Adding a variant = one class here with ``@register_block``, nothing else.
+Adding a variant = one class here with ``@register_block``, nothing else. Backbone options that are
+orthogonal to the variant (the norm, q/k RMSNorm, the MLP, RoPE) reach every block as ``BlockOptions``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
+from timm.layers import Mlp, SwiGLU
 
-from dit.ops import layernorm_modulate
+from dit.ops import NORMS, check_mode, resolve_modulate
 
-__all__ = ["BLOCKS", "register_block", "get_block", "DiTBlock", "Attention", "CrossAttention"]
+__all__ = [
+    "BLOCKS",
+    "MLPS",
+    "NORMS",
+    "POS_EMBEDS",
+    "Attention",
+    "BlockOptions",
+    "CrossAttention",
+    "DiTBlock",
+    "RoPE2d",
+    "TimeDependentAttention",
+    "get_block",
+    "register_block",
+    "set_fused_adaln",
+    "swiglu_hidden_size",
+]
 
 BLOCKS: dict[str, type[DiTBlock]] = {}
+MLPS = ("gelu", "swiglu")
+POS_EMBEDS = ("sincos", "rope")
 
 
 def register_block(name: str):
@@ -51,30 +74,199 @@ def get_block(name: str) -> type[DiTBlock]:
         raise ValueError(f"unknown block {name!r}; valid blocks: {', '.join(sorted(BLOCKS))}") from None
 
 
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """Backbone choices orthogonal to the conditioning variant (Hydra keys ``model.<field>``)."""
+
+    norm: str = "layernorm"  # layernorm | rmsnorm: every norm of the blocks and the final layer
+    qk_norm: bool = False  # RMSNorm of q and k per head in self-attention (LightningDiT)
+    mlp: str = "gelu"  # gelu (DiT) | swiglu (hidden 2/3 * mlp_ratio * D, see swiglu_hidden_size)
+    pos_embed: str = "sincos"  # sincos: absolute, added once (DiT) | rope: 2-D axial RoPE on q/k
+    grid_size: int = 0  # tokens per side of the image grid (RoPE and relative position bias need it)
+
+    def __post_init__(self):
+        _choice("norm", self.norm, NORMS)
+        _choice("mlp", self.mlp, MLPS)
+        _choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; valid: true, false")
+
+
 #################################################################################
-#                          Attention and MLP sub-layers                         #
+#                     Norms, attention and MLP sub-layers                       #
 #################################################################################
+
+
+def make_norm(kind: str, dim: int, eps: float, affine: bool = True) -> nn.Module:
+    """LayerNorm or RMSNorm over the channels (affine: a learned weight, and a bias for LayerNorm)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=affine)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+class ModulatedNorm(nn.Module):
+    """norm(x) * (1 + scale) + shift, shift/scale (N, D) per sample; no parameters, no state-dict keys.
+
+    The fused-kernel choice is resolved to a plain function here, once (``set_fused``), not per call.
+    """
+
+    def __init__(self, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.set_fused("auto")
+
+    def set_fused(self, mode: str) -> None:
+        self.fn = resolve_modulate(self.kind, mode)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, shift, scale, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, eps={self.eps}"
+
+
+class InstanceNormModulate(nn.Module):
+    """AdaIN on tokens: each channel normalised over the T tokens of its own sample (instance
+    statistics, Huang & Belongie 2017 eq. 8, with the image's spatial axis = the token axis), then
+    x_hat * (1 + scale) + shift. Not LayerNorm: statistics are per (sample, channel), not per token."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)  # (N, 1, D)
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + self.eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def set_fused_adaln(module: nn.Module, mode: str | bool) -> str:
+    """Route every modulated LayerNorm/RMSNorm under ``module`` through the fused kernel or not:
+    "auto" | "true" | "false". Returns the normalised mode. The state dict does not change."""
+    mode = check_mode(mode)
+    for m in module.modules():
+        if isinstance(m, ModulatedNorm):
+            m.set_fused(mode)
+    return mode
+
+
+def swiglu_hidden_size(dim: int, mlp_ratio: float) -> int:
+    """SwiGLU width with the parameters of a GELU MLP of width mlp_ratio * D: three D x h matrices
+    instead of two D x 4D, so h = 2/3 * mlp_ratio * D, rounded half-up to a multiple of 8 (tensor-core
+    friendly; exact for D = 384, 768, 1152 at ratio 4: 1024, 2048, 3072)."""
+    return max(8, 8 * int(2 * mlp_ratio * dim / 3 / 8 + 0.5))
+
+
+def make_mlp(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
+    """gelu: fc1 -> GELU (tanh approximation, as the DiT code) -> fc2, timm names fc1/fc2.
+    swiglu: fc2(SiLU(fc1_g(x)) * fc1_x(x)) (Shazeer 2020), timm's SwiGLU."""
+    if kind == "swiglu":
+        return SwiGLU(in_features=dim, hidden_features=swiglu_hidden_size(dim, mlp_ratio))
+    return Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+
+
+class RoPE2d(nn.Module):
+    """2-D axial rotary position embedding (Su et al. 2021, axial form as in EVA-02 / LightningDiT).
+
+    The first half of each head's channels rotates with the token's row, the second half with its
+    column; within each half, channel pairs (2j, 2j+1) rotate by pos * theta^(-2j / (head_dim / 2)).
+    ``num_prefix_tokens`` leading tokens that are not on the grid (in-context t/y tokens) are left
+    unrotated. cos/sin are non-persistent buffers: no state-dict keys, moved with the model.
+    """
+
+    def __init__(self, head_dim: int, grid_size: int, num_prefix_tokens: int = 0, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"pos_embed=rope needs a head dim divisible by 4, got {head_dim}")
+        if grid_size < 1:
+            raise ValueError("pos_embed=rope needs the grid size (BlockOptions.grid_size)")
+        half = head_dim // 2
+        freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # (head_dim/4,)
+        rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+        angles = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)  # (T, head_dim/2)
+        angles = angles.repeat_interleave(2, dim=1)  # (T, head_dim): one angle per channel pair
+        angles = torch.cat([angles.new_zeros(num_prefix_tokens, head_dim), angles])  # prefix: angle 0
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, H, T, head_dim) -> rotated, same shape and dtype."""
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
+        return (x * self.cos + rotated * self.sin).to(x.dtype)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention.
 
     Parameter names and the qkv layout (3, heads, head_dim) are timm's, which the released DiT
-    checkpoints use.
+    checkpoints use. Options: RMSNorm of q and k per head (``qk_norm``, learned weight, applied
+    before RoPE as in LightningDiT) and a rotary embedding ``rope``.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rope: RoPE2d | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        if qk_norm:  # only created when asked: the default state dict stays the official one
+            self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+            self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
+    def attend(self, qkv: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, 3D) projections -> (N, T, D): q/k norm, RoPE, softmax(q k^T / sqrt(d) + bias) v, proj."""
+        q, k, v = rearrange(qkv, "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # (N, H, T, D/H)
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.qkv(x))
+
+
+class TimeDependentAttention(Attention):
+    """DiffiT's time-dependent multi-head self-attention (TMSA, DiffiT section 3.1, eqs. 3-6):
+
+        q = x W_qs + c W_qt,  k = x W_ks + c W_kt,  v = x W_vs + c W_vt
+        TMSA = softmax(q k^T / sqrt(d) + B) v
+
+    with c (N, D) the conditioning token (one per sample, broadcast over the tokens) and B a learned
+    relative position bias (Swin-style table of (2G-1)^2 entries per head, G = grid side, indexed by
+    the 2-D offset between query and key token). Names follow NVlabs/DiffiT: ``qkv_temb``,
+    ``relative_position_bias_table``. The bias covers the whole grid (DiffiT's latent model uses one
+    window = the full 16x16 grid at 256px).
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: int, qk_norm: bool = False, rope: RoPE2d | None = None):
+        super().__init__(dim, num_heads, qk_norm, rope)
+        if grid_size < 1:
+            raise ValueError("block diffit needs the grid size (BlockOptions.grid_size) for its relative position bias")
+        self.qkv_temb = nn.Linear(dim, 3 * dim)  # W_qt, W_kt, W_vt (with bias, as NVlabs/DiffiT)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
+        rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()  # token k = row * G + col
+        d_row = rows[:, None] - rows[None, :] + grid_size - 1  # (T, T) in [0, 2G-2]
+        d_col = cols[:, None] - cols[None, :] + grid_size - 1
+        # A fixed function of the grid: a buffer, left out of the state dict.
+        self.register_buffer("relative_position_index", d_row * (2 * grid_size - 1) + d_col, persistent=False)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x) + self.qkv_temb(c).unsqueeze(1)  # (N, T, 3D): the time term is per sample
+        bias = self.relative_position_bias_table[self.relative_position_index]  # (T, T, H)
+        return self.attend(qkv, bias.permute(2, 0, 1).unsqueeze(0).to(qkv.dtype))  # bias (1, H, T, T)
 
 
 class CrossAttention(nn.Module):
@@ -96,9 +288,15 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
 
 
-def mlp(dim: int, mlp_ratio: float) -> Mlp:
-    """Pointwise feed-forward, GELU (tanh approximation) as in the DiT code; names fc1/fc2 as timm's."""
-    return Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+def self_attention(hidden_size: int, num_heads: int, options: BlockOptions, num_prefix_tokens: int = 0) -> Attention:
+    """The blocks' self-attention with the backbone options applied."""
+    return Attention(hidden_size, num_heads, options.qk_norm, _rope(hidden_size, num_heads, options, num_prefix_tokens))
+
+
+def _rope(hidden_size: int, num_heads: int, options: BlockOptions, num_prefix_tokens: int = 0) -> RoPE2d | None:
+    if options.pos_embed != "rope":
+        return None
+    return RoPE2d(hidden_size // num_heads, options.grid_size, num_prefix_tokens)
 
 
 #################################################################################
@@ -107,11 +305,11 @@ def mlp(dim: int, mlp_ratio: float) -> Mlp:
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm + linear decoder of each token into a p x p x C_out patch (token-conditioned variants)."""
+    """Norm (LayerNorm or RMSNorm, affine) + linear decoder of each token into a p x p x C_out patch."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -122,20 +320,19 @@ class FinalLayer(nn.Module):
 
 
 class AdaLNFinalLayer(nn.Module):
-    """Adaptive LayerNorm (shift, scale regressed from c) + linear decoder; zero_init for adaLN-Zero."""
+    """Adaptive norm (shift, scale regressed from c) + linear decoder; zero_init for adaLN-Zero.
+    ``norm_final`` is parameter-free (a ModulatedNorm, or AdaIN's instance norm)."""
 
-    fused_adaln: str = "auto"  # set by DiT.set_fused_adaln; the fused kernel does not change the state dict
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, zero_init: bool):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, zero_init: bool, norm_final: nn.Module):
         super().__init__()
-        self.norm_eps = 1e-6
         self.zero_init = zero_init
+        self.norm_final = norm_final
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
-        return self.linear(layernorm_modulate(x, shift, scale, self.norm_eps, self.fused_adaln))  # (N, T, p*p*C_out)
+        return self.linear(self.norm_final(x, shift, scale))  # (N, T, p*p*C_out)
 
     def initialize_conditioning(self) -> None:
         """adaLN-Zero: the modulation and the output projection start at zero, so the model outputs 0."""
@@ -150,16 +347,29 @@ class AdaLNFinalLayer(nn.Module):
 #################################################################################
 
 
+class NoSharedConditioning(nn.Identity):
+    """The blocks read c as it is (every variant but adaLN-single)."""
+
+    def initialize_conditioning(self) -> None:
+        """Nothing to initialise."""
+
+
 class DiTBlock(nn.Module):
     """Base class: a transformer block conditioned on the timestep and class embeddings."""
 
     name: ClassVar[str]
-    fused_adaln: str = "auto"  # LayerNorm + modulate through the Triton kernel: auto | true | false
+    num_extra_tokens: ClassVar[int] = 0  # tokens add_tokens prepends (not on the grid: RoPE skips them)
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
         """What every block receives as c. Default: the two embeddings as a (N, 2, D) token sequence."""
         return torch.stack([t_emb, y_emb], dim=1)
+
+    @staticmethod
+    def shared_conditioning(hidden_size: int) -> nn.Module:
+        """A module the DiT owns once and applies to c before the blocks (adaLN-single's shared MLP).
+        Default: the identity, no parameters, no state-dict keys."""
+        return NoSharedConditioning()
 
     @staticmethod
     def add_tokens(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -172,9 +382,9 @@ class DiTBlock(nn.Module):
         return x
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int) -> nn.Module:
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
         """The decoder that matches this variant (paper: 'adaptive if using adaLN')."""
-        return FinalLayer(hidden_size, patch_size, out_channels)
+        return FinalLayer(hidden_size, patch_size, out_channels, options.norm)
 
     def initialize_conditioning(self) -> None:
         """Variant-specific initialisation, run by DiT.initialize_weights after the generic one."""
@@ -187,13 +397,16 @@ class InContextBlock(DiTBlock):
 
     num_extra_tokens: ClassVar[int] = 2
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
         super().__init__()
+        options = options or BlockOptions()
         self.norm_eps = norm_eps
-        self.norm1 = nn.LayerNorm(hidden_size, eps=norm_eps)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=norm_eps)
-        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.norm1 = make_norm(options.norm, hidden_size, norm_eps)
+        self.attn = self_attention(hidden_size, num_heads, options, self.num_extra_tokens)
+        self.norm2 = make_norm(options.norm, hidden_size, norm_eps)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
 
     @staticmethod
     def add_tokens(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -213,15 +426,18 @@ class CrossAttentionBlock(DiTBlock):
     """Cross-attention conditioning: t and c form a length-2 sequence apart from the image tokens; a
     multi-head cross-attention layer after self-attention reads it (the most Gflops, ~15% more)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
         super().__init__()
+        options = options or BlockOptions()
         self.norm_eps = norm_eps
-        self.norm1 = nn.LayerNorm(hidden_size, eps=norm_eps)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.norm1 = make_norm(options.norm, hidden_size, norm_eps)
+        self.attn = self_attention(hidden_size, num_heads, options)
+        self.norm2 = make_norm(options.norm, hidden_size, norm_eps)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm3 = nn.LayerNorm(hidden_size, eps=norm_eps)
-        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.norm3 = make_norm(options.norm, hidden_size, norm_eps)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -234,25 +450,30 @@ class AdaLNBlock(DiTBlock):
     """Adaptive layer norm: the LayerNorms' scale and shift (gamma, beta) are regressed from t + c,
     the same for every token (the fewest Gflops)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
         super().__init__()
+        options = options or BlockOptions()
         self.norm_eps = norm_eps
-        self.attn = Attention(hidden_size, num_heads)
-        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.attn = self_attention(hidden_size, num_heads, options)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
+        self.norm1 = ModulatedNorm(options.norm, norm_eps)  # parameter-free: the official state dict
+        self.norm2 = ModulatedNorm(options.norm, norm_eps)
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
         return t_emb + y_emb  # (N, D)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int) -> nn.Module:
-        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, zero_init=False)
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, False, ModulatedNorm(options.norm, 1e-6))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # (N, D) each
-        x = x + self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps, self.fused_adaln))
-        return x + self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps, self.fused_adaln))
+        x = x + self.attn(self.norm1(x, shift_msa, scale_msa))
+        return x + self.mlp(self.norm2(x, shift_mlp, scale_mlp))
 
 
 @register_block("adaln_zero")
@@ -261,24 +482,216 @@ class AdaLNZeroBlock(DiTBlock):
     modulation MLP is zero-initialised so alpha = 0 and the block starts as the identity.
     Parameter names, shapes and chunk order are those of the released DiT checkpoints."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
         super().__init__()
+        options = options or BlockOptions()
         self.norm_eps = norm_eps
-        self.attn = Attention(hidden_size, num_heads)
-        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.attn = self_attention(hidden_size, num_heads, options)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.norm1 = ModulatedNorm(options.norm, norm_eps)
+        self.norm2 = ModulatedNorm(options.norm, norm_eps)
 
     condition = staticmethod(AdaLNBlock.condition)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int) -> nn.Module:
-        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, zero_init=True)
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, True, ModulatedNorm(options.norm, 1e-6))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(layernorm_modulate(x, shift_msa, scale_msa, self.norm_eps, self.fused_adaln))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(layernorm_modulate(x, shift_mlp, scale_mlp, self.norm_eps, self.fused_adaln))
+        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1(x, shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x, shift_mlp, scale_mlp))
 
     def initialize_conditioning(self) -> None:
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+
+#################################################################################
+#                        Variants from later work                               #
+#################################################################################
+
+
+@register_block("diffit")
+class DiffiTBlock(DiTBlock):
+    """DiffiT (Hatamizadeh et al. 2024, section 3.1, eqs. 7-8): conditioning inside self-attention
+    (TMSA, see TimeDependentAttention), no adaLN:
+
+        x = x + TMSA(LN(x), c);   x = x + MLP(LN(x))
+
+    Choices where the paper is silent, following the NVlabs/DiffiT code: c = t_emb + y_emb (its
+    latent model adds the class embedding to the time embedding: "time token"); the LayerNorms have
+    no affine parameters; the relative position bias table is truncated-normal (std 0.02, as Swin);
+    every Linear, W_qt/W_kt/W_vt included, is xavier-uniform like the rest of the DiT; the final layer
+    is LN -> SiLU -> Linear with the Linear zero-initialised (the paper: "a simple linear layer")."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
+        super().__init__()
+        options = options or BlockOptions()
+        self.norm_eps = norm_eps
+        self.norm1 = make_norm(options.norm, hidden_size, norm_eps, affine=False)
+        rope = _rope(hidden_size, num_heads, options)
+        self.attn = TimeDependentAttention(hidden_size, num_heads, options.grid_size, options.qk_norm, rope)
+        self.norm2 = make_norm(options.norm, hidden_size, norm_eps, affine=False)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+
+    condition = staticmethod(AdaLNBlock.condition)
+
+    @staticmethod
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+        return DiffiTFinalLayer(hidden_size, patch_size, out_channels, options.norm)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), c)  # c: (N, D)
+        return x + self.mlp(self.norm2(x))
+
+    def initialize_conditioning(self) -> None:
+        nn.init.trunc_normal_(self.attn.relative_position_bias_table, std=0.02)
+
+
+class DiffiTFinalLayer(nn.Module):
+    """NVlabs/DiffiT's decoder: norm (no affine) -> SiLU -> Linear, the Linear zero-initialised."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+        super().__init__()
+        self.norm_final = make_norm(norm, hidden_size, eps=1e-6, affine=False)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(self.norm_final(x)))
+
+    def initialize_conditioning(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+
+class SharedModulation(nn.Module):
+    """adaLN-single's one MLP for all blocks (PixArt-alpha section 2.3, their ``t_block``):
+    c (N, D) -> SiLU -> Linear -> the six (N, D) shift/scale/gate vectors, computed once per forward.
+
+    Init: PixArt's normal(0, 0.02) weight and zero bias, except the two gate rows, which start at zero
+    (PixArt does not zero them; we do so that every block starts as the identity, as adaLN-Zero)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.t_block(c).unflatten(1, (6, self.hidden_size))  # (N, 6, D)
+
+    def initialize_conditioning(self) -> None:
+        linear = self.t_block[-1]
+        nn.init.normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+        for gate in AdaLNSingleBlock.GATES:
+            nn.init.zeros_(linear.weight[gate * self.hidden_size : (gate + 1) * self.hidden_size])
+
+
+@register_block("adaln_single")
+class AdaLNSingleBlock(DiTBlock):
+    """adaLN-single (PixArt-alpha, Chen et al. 2023, section 2.3): the six modulation vectors
+    S = [shift1, scale1, gate1, shift2, scale2, gate2] come from ONE MLP shared by all blocks
+    (``shared_conditioning``); block i adds its own learned table E_i (6, D) (their
+    ``scale_shift_table``, init randn / sqrt(D)): S_i = S + E_i. Gate rows of E_i and of the shared
+    MLP start at zero, so every block starts as the identity.
+
+    Class conditioning: PixArt is text-to-image (text through cross-attention, only t into
+    adaLN-single); with class labels and no cross-attention we feed t_emb + y_emb, as adaLN does.
+    The final layer is PixArt's: LN, then shift/scale = E_final (2, D) + c (no MLP), zero Linear."""
+
+    GATES: ClassVar[tuple[int, int]] = (2, 5)  # rows of S that are gates
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
+        super().__init__()
+        options = options or BlockOptions()
+        self.norm_eps = norm_eps
+        self.attn = self_attention(hidden_size, num_heads, options)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
+        self.norm1 = ModulatedNorm(options.norm, norm_eps)
+        self.norm2 = ModulatedNorm(options.norm, norm_eps)
+
+    condition = staticmethod(AdaLNBlock.condition)
+
+    @staticmethod
+    def shared_conditioning(hidden_size: int) -> nn.Module:
+        return SharedModulation(hidden_size)
+
+    @staticmethod
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+        return AdaLNSingleFinalLayer(hidden_size, patch_size, out_channels, options.norm)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s = c + self.scale_shift_table  # (N, 6, D): c is the shared MLP's output
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = s.unbind(1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1(x, shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x, shift_mlp, scale_mlp))
+
+    def initialize_conditioning(self) -> None:
+        d = self.scale_shift_table.shape[1]
+        with torch.no_grad():
+            self.scale_shift_table.normal_().div_(math.sqrt(d))
+            self.scale_shift_table[list(self.GATES)] = 0
+
+
+class AdaLNSingleFinalLayer(nn.Module):
+    """PixArt's T2IFinalLayer: norm, shift/scale = scale_shift_table (2, D) + c, Linear (zero-init)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+        super().__init__()
+        self.norm_final = ModulatedNorm(norm, 1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table + c.unsqueeze(1)).unbind(1)  # (N, D) each
+        return self.linear(self.norm_final(x, shift, scale))
+
+    def initialize_conditioning(self) -> None:
+        with torch.no_grad():
+            self.scale_shift_table.normal_().div_(math.sqrt(self.scale_shift_table.shape[1]))
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+
+@register_block("adain")
+class AdaINBlock(DiTBlock):
+    """AdaIN (Huang & Belongie 2017) carried into the transformer: each channel is normalised over the
+    tokens of its own sample (instance statistics over T, not LayerNorm over D), then shifted and
+    scaled from c, and gated, as adaLN-Zero (6D modulation, zero-initialised: identity at init).
+    The final layer normalises the same way. There is no fused kernel for it (fused_adaln ignores it).
+    Only norm=layernorm (the default) is accepted: the block's norm is the instance norm itself."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
+    ):
+        super().__init__()
+        options = options or BlockOptions()
+        if options.norm != "layernorm":
+            raise ValueError(
+                f"block adain normalises with instance statistics over the tokens; norm={options.norm!r} does not apply "
+                "(leave norm=layernorm, the default)"
+            )
+        self.norm_eps = norm_eps
+        self.attn = self_attention(hidden_size, num_heads, options)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.norm1 = InstanceNormModulate(norm_eps)
+        self.norm2 = InstanceNormModulate(norm_eps)
+
+    condition = staticmethod(AdaLNBlock.condition)
+
+    @staticmethod
+    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, True, InstanceNormModulate(1e-6))
+
+    forward = AdaLNZeroBlock.forward
+    initialize_conditioning = AdaLNZeroBlock.initialize_conditioning

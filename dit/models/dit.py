@@ -11,9 +11,9 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from dit.models.blocks import get_block
+from dit.models.blocks import BlockOptions, get_block, set_fused_adaln
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from dit.ops import MODES
+from dit.ops import check_mode
 
 __all__ = ["DiT"]
 
@@ -35,12 +35,18 @@ class DiT(nn.Module):
         learn_sigma: bool = True,  # output 2C channels: epsilon and the variance interpolation v
         block: str = "adaln_zero",  # conditioning variant, a key of dit.models.BLOCKS
         timestep_freq_shift: int = 0,  # 0: official DiT embedding; 1: diffusers' (see TimestepEmbedder)
-        norm_eps: float = 1e-6,  # eps of the blocks' LayerNorms (official: 1e-6)
-        fused_adaln: str = "auto",  # fused LayerNorm+modulate kernel: auto (on CUDA) | true | false
+        norm_eps: float = 1e-6,  # eps of the blocks' norms (official: 1e-6)
+        norm: str = "layernorm",  # layernorm | rmsnorm: every norm in the blocks and the final layer
+        qk_norm: bool = False,  # RMSNorm on q and k per head in self-attention (LightningDiT)
+        mlp: str = "gelu",  # gelu | swiglu (hidden 2/3 * mlp_ratio * D, rounded to a multiple of 8)
+        pos_embed: str = "sincos",  # sincos: fixed absolute embedding added once | rope: 2-D axial RoPE on q/k
         name: str | None = None,  # zoo name, e.g. "DiT-XL/2", kept for exports
+        fused_adaln: str = "auto",  # runtime, not architecture: fused norm+modulate kernel auto (CUDA) | true | false
     ):
         super().__init__()
-        # Constructor arguments, saved with exports so a model can be rebuilt without its Hydra config.
+        # The architecture: everything that defines the state dict and the outputs, and nothing else.
+        # Saved with exports and checkpoints (config.json "model"), so DiT(**config) rebuilds the model;
+        # JSON-serialisable. Runtime choices (fused_adaln) live in self.runtime instead.
         self.config = dict(
             input_size=input_size,
             patch_size=patch_size,
@@ -55,12 +61,18 @@ class DiT(nn.Module):
             block=block,
             timestep_freq_shift=timestep_freq_shift,
             norm_eps=norm_eps,
-            fused_adaln=fused_adaln,
+            norm=norm,
+            qk_norm=qk_norm,
+            mlp=mlp,
+            pos_embed=pos_embed,
             name=name,
         )
+        self.runtime = {"fused_adaln": check_mode(fused_adaln)}
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.block_cls = get_block(block)
+        grid_size = input_size // patch_size
+        options = BlockOptions(norm=norm, qk_norm=qk_norm, mlp=mlp, pos_embed=pos_embed, grid_size=grid_size)
         self.block = block
         self.name = name
         self.input_size = input_size
@@ -75,25 +87,25 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.num_tokens = self.x_embedder.num_patches  # T = (input_size / patch_size)^2
-        # Fixed sin-cos position embedding: a buffer, so optimisers and EMA leave it alone.
-        pos = sincos_pos_embed_2d(hidden_size, input_size // patch_size).float().unsqueeze(0)
-        self.register_buffer("pos_embed", pos, persistent=True)  # (1, T, D)
-        self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
+        if pos_embed == "sincos":
+            # Fixed sin-cos position embedding: a buffer, so optimisers and EMA leave it alone.
+            pos = sincos_pos_embed_2d(hidden_size, grid_size).float().unsqueeze(0)
+            self.register_buffer("pos_embed", pos, persistent=True)  # (1, T, D)
+        else:
+            self.pos_embed = None  # RoPE: positions enter through q and k in every self-attention
+        # One module for all blocks, when the variant has one (adaLN-single's MLP); identity otherwise.
+        self.shared_conditioning = self.block_cls.shared_conditioning(hidden_size)
+        self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio, norm_eps, options) for _ in range(depth)])
         # FSDP wraps (shards) each block as a unit: Accelerate reads this when the config names no class.
         self._no_split_modules = [self.block_cls.__name__]
-        self.final_layer = self.block_cls.final_layer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = self.block_cls.final_layer(hidden_size, patch_size, self.out_channels, options)
         self.set_fused_adaln(fused_adaln)
         self.initialize_weights()
 
     def set_fused_adaln(self, mode: str | bool) -> None:
-        """Route every adaptive LayerNorm through the fused kernel: "auto" | "true" | "false"."""
-        mode = str(mode).lower()
-        if mode not in MODES:
-            raise ValueError(f"fused_adaln={mode!r}; valid: {', '.join(MODES)}")
-        self.config["fused_adaln"] = mode
-        for module in self.modules():
-            if hasattr(module, "fused_adaln"):
-                module.fused_adaln = mode
+        """Route every adaptive LayerNorm/RMSNorm through the fused kernel: "auto" | "true" | "false".
+        Resolved here, once, to the function each norm calls (not parsed per forward)."""
+        self.runtime["fused_adaln"] = set_fused_adaln(self, mode)
 
     def initialize_weights(self) -> None:
         """All initialisation in one place (the official DiT scheme, plus each variant's own)."""
@@ -113,9 +125,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # Variant-specific: adaLN-Zero zeroes its modulations and the output layer (identity blocks).
-        for block in self.blocks:
-            block.initialize_conditioning()
-        self.final_layer.initialize_conditioning()
+        for module in (*self.blocks, self.final_layer, self.shared_conditioning):
+            module.initialize_conditioning()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -134,16 +145,19 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null)."""
         self.check_input(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        if self.pos_embed is not None:  # backbone option (sincos | rope), not the block variant
+            x = x + self.pos_embed
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN variants, (N, 2, D) otherwise
+        c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN-like variants, (N, 2, D) otherwise
+        c_blocks = self.shared_conditioning(c)  # c itself, or adaLN-single's (N, 6, D)
         x = self.block_cls.add_tokens(x, c)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c_blocks, use_reentrant=False)
             else:
-                x = block(x, c)  # (N, T, D)
+                x = block(x, c_blocks)  # (N, T, D)
         x = self.block_cls.remove_tokens(x)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
