@@ -22,10 +22,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dit.atomic import atomic_dir
 from dit.data.class_names import imagenet_class_names
+from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
 from dit.models import DiT
 from dit.models.convert import from_diffusers, load_official_checkpoint
 from dit.models.state_dict import load_state_dict_checked
@@ -68,7 +69,9 @@ FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FU
 
 
 def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_json(path / "config.json")
+    if not isinstance(meta.get("model"), dict):
+        raise DamagedFileError(path / "config.json", 'no "model" architecture in it')
     config = {**meta["model"], **overrides}
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
     if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
@@ -76,14 +79,33 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     if not weights.exists():
         raise FileNotFoundError(f"{path} has no ema.safetensors, model.safetensors or {FSDP_WEIGHTS}")
     model = DiT(**config)
-    state = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
     load_state_dict_checked(model, state, weights)
     data = meta.get("data", {})
     return model, dict(format="dit", weights=str(weights), objective=meta.get("objective") or {}, **data)
 
 
+def _load_torch(path: Path) -> dict:
+    """A torch.save'd state dict of tensors (weights_only: no pickled code runs)."""
+    if problem := zip_problem(path):
+        raise DamagedFileError(path, problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the zip directory looked whole but a record does not load
+        raise DamagedFileError(path, f"unreadable torch file ({type(e).__name__}: {e})") from None
+
+
 def _load_official(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
-    model = load_official_checkpoint(path, use_ema, **overrides)
+    if path.stat().st_size == 0:
+        raise DamagedFileError(path, "empty file (0 bytes)")
+    with path.open("rb") as f:
+        is_zip = f.read(2) == b"PK"  # torch >= 1.6 saves zips; older files are plain pickles
+    if is_zip and (problem := zip_problem(path)):
+        raise DamagedFileError(path, problem)
+    try:
+        model = load_official_checkpoint(path, use_ema, **overrides)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:  # loaded, but not the structure of a DiT state dict
+        raise ValueError(f"{path}: not an official DiT checkpoint ({type(e).__name__}: {e})") from None
     names = imagenet_class_names() if model.num_classes == 1000 else None
     return model, dict(format="official", class_names=names, latent=True, vae=DEFAULT_LATENT_VAE, objective={})
 
@@ -92,11 +114,20 @@ def _load_diffusers(path: Path) -> tuple[DiT, dict]:
     from diffusers import DiTTransformer2DModel  # imported when used: diffusers takes seconds to import
 
     pipeline = (path / "model_index.json").exists()
-    transformer = DiTTransformer2DModel.from_pretrained(path / "transformer" if pipeline else path)
+    index = read_json(path / "model_index.json") if pipeline else {}
+    folder = path / "transformer" if pipeline else path
+    read_json(folder / "config.json")
+    for weights in sorted(folder.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise DamagedFileError(weights, problem)
+    try:
+        transformer = DiTTransformer2DModel.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{folder}: cannot load the diffusers DiT ({type(e).__name__}: {first_line})") from None
     model = from_diffusers(transformer)
     names = None
-    if pipeline and (path / "model_index.json").exists():
-        index = json.loads((path / "model_index.json").read_text())
+    if pipeline:
         if index.get("id2label"):
             names = [index["id2label"][str(i)] for i in range(model.num_classes)]
     if names is None and model.num_classes == 1000:
@@ -116,13 +147,15 @@ def load_model(path: str | Path, use_ema: bool = True, **overrides) -> tuple[DiT
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        config = path / "config.json"
-        if config.exists() and json.loads(config.read_text()).get("format") == FORMAT:
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        if not isinstance(config, dict):
+            raise DamagedFileError(path / "config.json", f"a JSON {type(config).__name__}, not an object")
+        if config.get("format") == FORMAT:
             return _load_ours(path, use_ema, overrides)
-        if (path / "model_index.json").exists() or (
-            config.exists() and json.loads(config.read_text()).get("_class_name") == "DiTTransformer2DModel"
-        ):
+        if (path / "model_index.json").exists() or config.get("_class_name") == "DiTTransformer2DModel":
             return _load_diffusers(path)
+        if not config and any((path / name).exists() for name in ("ema.safetensors", "model.safetensors", FSDP_WEIGHTS)):
+            raise FileNotFoundError(f"{path / 'config.json'} is missing (an export or checkpoint keeps its architecture there)")
         raise ValueError(f"{path}: not a dit export, training checkpoint or diffusers DiT directory")
     if path.suffix in (".pt", ".pth", ".bin"):
         return _load_official(path, use_ema, overrides)

@@ -6,22 +6,29 @@ VAE's posterior is sampled anew each epoch, as when encoding online.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from dit.integrity import DamagedFileError, read_json, safetensors_problem
+
 
 def _read(path: Path, key: str) -> torch.Tensor:
-    with safe_open(path, framework="pt") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+    except Exception as e:  # SafetensorError: the shard was checked whole, so a missing key or bad record
+        raise DamagedFileError(path, f"cannot read {key!r} ({type(e).__name__}: {e})") from None
 
 
 def _shape(path: Path, key: str) -> list[int]:
-    with safe_open(path, framework="pt") as f:
-        return f.get_slice(key).get_shape()
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice(key).get_shape()
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot read {key!r} ({type(e).__name__}: {e})") from None
 
 
 class LatentShards(Dataset):
@@ -34,10 +41,18 @@ class LatentShards(Dataset):
         meta_file = self.root / "meta.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file} not found: extract latents first (python -m dit.data.extract ...)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_json(meta_file)
         self.shards = sorted(self.root.glob("shard_*.safetensors"))
         if not self.shards:
             raise ValueError(f"{self.root}: meta.json but no shard_*.safetensors")
+        for shard in self.shards:  # header and size: a truncated shard fails here, not mid-epoch
+            if problem := safetensors_problem(shard):
+                raise DamagedFileError(shard, problem)
+        if not isinstance(self.meta, dict):
+            raise DamagedFileError(meta_file, f"a JSON {type(self.meta).__name__}, not an object")
+        missing = [k for k in ("count", "num_classes", "image_size", "vae", "scaling_factor") if k not in self.meta]
+        if missing:
+            raise DamagedFileError(meta_file, f"no {', '.join(missing)} in it")
         # Labels are small: read them all (for checks); means and stds are read lazily per item.
         self.labels = torch.cat([_read(s, "labels") for s in self.shards]).long()
         sizes = [_shape(s, "labels")[0] for s in self.shards]

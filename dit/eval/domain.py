@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from dit.atomic import atomic_file
+from dit.integrity import DamagedFileError, load_safetensors, read_json
+from dit.models.state_dict import load_state_dict_checked
 
 EXTRACTOR = "fashion-mnist-cnn-v1/fc1-128"
 EPOCHS, BATCH, SEED = 2, 128, 0
@@ -77,19 +82,25 @@ def train_classifier(root: str | None = None, log=print) -> tuple[FashionCNN, fl
 
 
 def load_classifier(root: str | None = None, log=print) -> tuple[FashionCNN, float]:
-    """The cached classifier (trained on first use, ~1 min on 2 CPU cores) and its test accuracy."""
+    """The cached classifier (trained on first use, ~1 min on 2 CPU cores) and its test accuracy.
+    A damaged cache is only a cache: it is retrained (and rewritten) with a warning."""
     weights, info = cache_dir() / "fashion_mnist_cnn_v1.safetensors", cache_dir() / "fashion_mnist_cnn_v1.json"
     if weights.exists() and info.exists():
-        model = FashionCNN()
-        model.load_state_dict(load_file(weights))
-        return model.eval(), json.loads(info.read_text())["test_accuracy"]
+        try:
+            model = FashionCNN()
+            load_state_dict_checked(model, load_safetensors(weights), weights)
+            accuracy = read_json(info)
+            if not isinstance(accuracy, dict) or not isinstance(accuracy.get("test_accuracy"), float):
+                raise DamagedFileError(info, "no test_accuracy in it")
+            return model.eval(), accuracy["test_accuracy"]
+        except (DamagedFileError, ValueError) as e:
+            warnings.warn(f"the cached Fashion-MNIST classifier cannot be used ({e}); training it again", stacklevel=2)
     log(f"training the Fashion-MNIST feature classifier once (cached in {cache_dir()})")
     model, accuracy = train_classifier(root, log)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file(model.state_dict(), tmp)
-    os.replace(tmp, weights)
-    info.write_text(json.dumps({"test_accuracy": accuracy, "epochs": EPOCHS, "seed": SEED}))
+    # The weights first, the info file last: both present means both complete (each written atomically).
+    atomic_file(weights, lambda tmp: save_file(model.state_dict(), tmp), suffix=".safetensors")
+    info_text = json.dumps({"test_accuracy": accuracy, "epochs": EPOCHS, "seed": SEED})
+    atomic_file(info, lambda tmp: Path(tmp).write_text(info_text), suffix=".json")
     return model, accuracy
 
 

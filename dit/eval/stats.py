@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dit.atomic import atomic_file
 from dit.eval.frechet import frechet_distance
+from dit.integrity import DamagedFileError, load_npz, npz_keys
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -34,11 +35,11 @@ class ImageSource:
         elif path.suffix == ".npz":
             if not path.exists():
                 raise FileNotFoundError(f"no such npz: {path}")
-            with np.load(path) as f:
-                if "arr_0" not in f:
-                    raise ValueError(f"{path}: no images (arr_0); keys: {', '.join(f.files)}")
-                arr = f["arr_0"]
-                self.labels = f["arr_1"] if "arr_1" in f else None
+            keys = npz_keys(path)
+            if "arr_0" not in keys:
+                raise ValueError(f"{path}: no images (arr_0); keys: {', '.join(keys)}")
+            found = load_npz(path, ["arr_0", "arr_1"])
+            arr, self.labels = found["arr_0"], found.get("arr_1")
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
                 raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3) images, got {arr.dtype} {arr.shape}")
             self.array = arr
@@ -54,7 +55,7 @@ class ImageSource:
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         if self.files is not None:
-            arr = np.stack([np.array(Image.open(f).convert("RGB")) for f in self.files[start:stop]])
+            arr = np.stack([_read_image(f) for f in self.files[start:stop]])
         else:
             arr = self.array[start:stop]
         x = torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2)  # a writable copy
@@ -76,19 +77,31 @@ class Stats:
     @staticmethod
     def load(path: str | Path, default_extractor: str) -> Stats:
         """Our files carry their extractor; ADM reference files (mu, sigma only) are Inception pool3."""
-        with np.load(path) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{path}: no mu/sigma statistics")
-            extractor = str(f["extractor"]) if "extractor" in f else default_extractor
-            count = int(f["count"]) if "count" in f else -1
-            return Stats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), count, extractor)
+        f = load_npz(path)
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path}: no mu/sigma statistics")
+        mu, sigma = f["mu"], f["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise DamagedFileError(path, f"mu {mu.shape} and sigma {sigma.shape} are not a (D,) mean and (D, D) covariance")
+        extractor = str(f["extractor"]) if "extractor" in f else default_extractor
+        count = int(f["count"]) if "count" in f else -1
+        return Stats(mu.astype(np.float64), sigma.astype(np.float64), count, extractor)
 
 
 def is_stats_file(spec: str) -> bool:
-    if not spec.endswith(".npz") or not Path(spec).exists():
+    """A statistics npz (mu, sigma) rather than images; a damaged npz raises DamagedFileError."""
+    if not str(spec).endswith(".npz") or not Path(spec).exists():
         return False
-    with np.load(spec) as f:
-        return "mu" in f and "sigma" in f
+    keys = npz_keys(spec)
+    return "mu" in keys and "sigma" in keys
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or not an image
+        raise DamagedFileError(path, f"unreadable image ({type(e).__name__}: {e})") from None
 
 
 def extract_features(source: ImageSource, extractor, batch_size: int = 100, device="cpu", progress: bool = True):

@@ -1,26 +1,34 @@
-"""Training checkpoints: run_dir/checkpoints/step_0001000/, written atomically, the last K kept.
+"""Training checkpoints: run_dir/checkpoints/step_0001000/, written atomically and durably, the last K kept.
 
 A checkpoint directory holds Accelerate's state (model.safetensors, optimizer.bin, random_states_*,
 scaler), ema.safetensors, config.json (so sample.py loads it directly, EMA weights by default) and
-trainer_state.json (step and data position), written last. It is assembled in a hidden temporary
-directory and renamed into place, so a crash leaves the previous checkpoints untouched and no
-half-written directory under a real name.
+trainer_state.json (step, data position and the size of every other file), written last. It is
+assembled in a hidden temporary directory, fsynced, renamed into place and the parent directory
+fsynced, so a crash or power loss leaves the previous checkpoints untouched and no half-written
+directory under a real name. A save that fails (disk full) removes its temporary directory and says so.
+
+Resuming checks a checkpoint before loading it (every file present with its saved size, headers of
+safetensors / zip / JSON files readable): resume=auto skips a damaged one with a warning and takes
+the newest one that is whole; damaged checkpoints are never deleted, nor counted by keep_last.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from dit.atomic import fsync_dir, fsync_tree, replace_dir
 from dit.checkpoints import export_config
+from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
 from dit.models.state_dict import load_state_dict_checked
 
 STATE_FILE = "trainer_state.json"
+ZIP_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # torch.save files (zip archives)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -28,7 +36,9 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories start with '.' and are skipped)."""
+    """Complete checkpoints, oldest first (temporary directories start with '.' and are skipped).
+    Complete means renamed into place with its trainer_state.json; whether its files are whole is
+    checkpoint_problem's question."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
@@ -36,23 +46,75 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at path cannot be resumed from (None: it looks whole). Reads sizes and headers,
+    not every byte: finds missing, empty, truncated and foreign files."""
+    path = Path(path)
+    try:
+        state = read_json(path / STATE_FILE)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{path / STATE_FILE} has no step"
+        for name, size in (state.get("files") or {}).items():  # checkpoints written before the manifest lack it
+            if not (path / name).is_file():
+                return f"{path / name} is missing"
+            if (path / name).stat().st_size != size:
+                return f"{path / name} is damaged: {(path / name).stat().st_size} bytes, {size} when it was saved"
+        for required in ("config.json", "ema.safetensors"):
+            if not (path / required).is_file():
+                return f"{path / required} is missing"
+        for file in sorted(path.rglob("*")):
+            if file.suffix == ".json":
+                read_json(file)
+            elif file.suffix == ".safetensors" and (problem := safetensors_problem(file)):
+                return f"{file} is damaged: {problem}"
+            elif file.suffix in ZIP_SUFFIXES and (problem := zip_problem(file)):
+                return f"{file} is damaged: {problem}"
+    except (DamagedFileError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _latest_intact(found: list[Path], where: Path) -> Path:
+    """The newest checkpoint of `found` that is whole; warns about each newer damaged one (left in place)."""
+    problems = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems and _is_main_process():
+                skipped = "; ".join(f"{p.name}: {why}" for p, why in problems)
+                warnings.warn(f"resume: skipping damaged checkpoint(s) ({skipped}); resuming from {path} (nothing deleted)", stacklevel=3)
+            return path
+        problems.append((path, problem))
+    listing = "; ".join(f"{p.name}: {why}" for p, why in problems)
+    raise ValueError(f"no usable checkpoint in {checkpoint_root(where)}: every one is damaged ({listing})")
+
+
 def find_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """resume=None: start fresh; "auto": the latest complete checkpoint of run_dir, if any; else a path
-    to a checkpoint directory or to a run directory (its latest checkpoint)."""
+    """resume=None: start fresh; "auto": the latest whole checkpoint of run_dir, if any (damaged newer ones
+    are skipped with a warning); else a path to a checkpoint directory or to a run directory (its latest
+    whole checkpoint)."""
     if resume in (None, "", "none", False):
         return None
     if resume == "auto":
         found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return _latest_intact(found, Path(run_dir)) if found else None
     path = Path(resume)
     if (path / STATE_FILE).exists():
+        if problem := checkpoint_problem(path):
+            raise ValueError(f"cannot resume from {path}: {problem}")
         return path
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(
             f"resume={resume}: no complete checkpoint there (expected {path}/{STATE_FILE} or {path}/checkpoints/step_*)"
         )
-    return found[-1]
+    return _latest_intact(found, path)
 
 
 def all_processes(accelerator, flag: bool | torch.Tensor) -> bool:
@@ -82,23 +144,43 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
+            (tmp / "config.json").write_text(json.dumps(export_config(unwrapped, objective, data_meta), indent=1))
+            # Last, with every other file's size: marks the checkpoint complete and lets resume check it.
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "files": files}, indent=1))
+            fsync_tree(tmp)  # contents on disk before the rename makes them "complete"
+            replace_dir(tmp, final)  # renames (replacing the same step saved again) and fsyncs checkpoints/
+            fsync_dir(final.parent.parent)  # the checkpoints/ entry itself, new on the first save
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = f"cannot write checkpoint {final}: {e.strerror or e}; the earlier checkpoints are untouched"
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
     if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / "config.json").write_text(json.dumps(export_config(unwrapped, objective, data_meta), indent=1))
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))  # last: marks it complete
-        if final.exists():  # the same step saved again (e.g. the final save): replace it whole
-            old = final.with_name(f".{final.name}.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(stale)
+        _prune(run_dir, keep_last, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _prune(run_dir: Path, keep_last: int, saved: Path) -> None:
+    """Keep the newest keep_last whole checkpoints (and the one just saved); damaged ones are neither
+    counted nor deleted, so a damaged newer checkpoint never costs the last good one. Also removes the
+    hidden temporary directories of saves that were killed."""
+    root = checkpoint_root(run_dir)
+    for stale in root.glob(".step_*.tmp"):
+        if stale != saved.with_name(f".{saved.name}.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    whole = [p for p in list_checkpoints(run_dir) if p == saved or checkpoint_problem(p) is None]
+    for stale in whole[:-keep_last]:
+        if stale != saved:
+            shutil.rmtree(stale)
 
 
 def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None = None) -> dict:
@@ -107,18 +189,26 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     The architecture (model.config) and the objective's settings must match the checkpoint's;
     runtime choices (fused kernel, compile, gradient checkpointing) are not part of either and may
     change between runs."""
-    meta = json.loads((path / "config.json").read_text())
+    path = Path(path)
+    if problem := checkpoint_problem(path):
+        raise ValueError(f"cannot resume from {path}: {problem}")
+    meta = read_json(path / "config.json")
     own = accelerator.unwrap_model(model).config
     diff = {k: (meta["model"].get(k), v) for k, v in own.items() if meta["model"].get(k) != v}
     saved_objective = meta.get("objective") or {}
     if objective is not None and saved_objective and saved_objective != objective:
         keys = sorted(set(saved_objective) | set(objective))
-        diff.update({f"objective.{k}": (saved_objective.get(k), objective.get(k)) for k in keys if saved_objective.get(k) != objective.get(k)})
+        diff.update(
+            {f"objective.{k}": (saved_objective.get(k), objective.get(k)) for k in keys if saved_objective.get(k) != objective.get(k)}
+        )
     if diff:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume from {path}: it differs from the config ({listing})")
-    accelerator.load_state(str(path))
-    load_state_dict_checked(ema.model, load_file(path / "ema.safetensors"), path / "ema.safetensors")
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # the checks above read headers only; a record inside can still be bad
+        raise ValueError(f"cannot resume from {path}: Accelerate cannot load its state ({type(e).__name__}: {e})") from e
+    load_state_dict_checked(ema.model, load_safetensors(path / "ema.safetensors"), path / "ema.safetensors")
+    state = read_json(path / STATE_FILE)
     ema.num_updates = state.get("ema_num_updates", state["step"])
     return state

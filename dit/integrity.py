@@ -1,0 +1,128 @@
+"""Reading files that may be damaged (truncated by a crash or a full disk, overwritten, empty).
+
+Every reader of our files goes through these, so a damaged file ends in one line that names it and
+says what is wrong (DamagedFileError, a ValueError: the entry points print it and exit 1) instead of
+a library's traceback. The checks read headers and sizes, not every byte: a truncated, empty or
+foreign file is caught; flipped bits inside tensor data are not (no format here has checksums,
+except zip members, whose CRC is checked when they are read).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DamagedFileError", "load_npz", "load_safetensors", "npz_keys", "read_json", "safetensors_problem", "zip_problem"]
+
+
+class DamagedFileError(ValueError):
+    """A file exists but cannot be read: `path` names it, `problem` says what is wrong."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path} is damaged: {problem}")
+
+
+def _size_problem(path: Path) -> str | None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return "empty file (0 bytes)" if path.stat().st_size == 0 else None
+
+
+def read_json(path: str | Path):
+    """The parsed contents of a JSON file."""
+    path = Path(path)
+    if problem := _size_problem(path):
+        raise DamagedFileError(path, problem)
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(path, f"not valid JSON ({e})") from None
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a safetensors file, from its header and size alone (None: it looks whole)."""
+    path = Path(path)
+    if problem := _size_problem(path):
+        return problem
+    size = path.stat().st_size
+    if size < 8:
+        return f"truncated ({size} bytes, less than the 8-byte header length)"
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            return f"truncated or not a safetensors file (the header claims {header_len} bytes, the file has {size - 8} after the length)"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (unreadable header)"
+    expected = 8 + header_len + end
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"{size - expected} bytes more than its header describes ({size} instead of {expected})"
+    return None
+
+
+def load_safetensors(path: str | Path) -> dict:
+    """All tensors of a safetensors file, on the CPU."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if problem := safetensors_problem(path):
+        raise DamagedFileError(path, problem)
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError and friends: the header looked whole but the contents do not load
+        raise DamagedFileError(path, f"unreadable safetensors ({type(e).__name__}: {e})") from None
+
+
+def zip_problem(path: str | Path) -> str | None:
+    """What is wrong with a zip archive (torch.save files are zips), from its directory (None: it looks whole)."""
+    path = Path(path)
+    if problem := _size_problem(path):
+        return problem
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete zip archive ({e})"
+    return None
+
+
+_NPZ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error, KeyError)
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """The array names in an npz archive (reads only its directory)."""
+    path = Path(path)
+    if problem := _size_problem(path):
+        raise DamagedFileError(path, problem)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DamagedFileError(path, "not an npz archive (a single .npy array)")
+            return list(f.files)
+    except TypeError:  # np.load returned a plain array, which is no context manager
+        raise DamagedFileError(path, "not an npz archive (a single .npy array)") from None
+    except _NPZ_ERRORS as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DamagedFileError(path, f"not a readable npz archive ({type(e).__name__}: {e})") from None
+
+
+def load_npz(path: str | Path, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an npz archive (all, or those of `keys` it holds), read completely (zip CRCs checked)."""
+    path = Path(path)
+    present = npz_keys(path)
+    wanted = present if keys is None else [k for k in keys if k in present]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in wanted}
+    except _NPZ_ERRORS as e:
+        raise DamagedFileError(path, f"not a readable npz archive ({type(e).__name__}: {e})") from None
