@@ -113,7 +113,7 @@ def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         train.run(cfg_for(), tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003"]
-    assert (tmp_path / "checkpoints" / ".step_0000006.tmp").exists()  # the half-written one, hidden
+    assert not (tmp_path / "checkpoints" / ".step_0000006.tmp").exists()  # the failed save cleans up after itself
     load_model(tmp_path / "checkpoints" / "step_0000003")
     monkeypatch.setattr(ckpt, "save_file", real)
     result = train.run(cfg_for(), tmp_path)  # resume=auto continues from step 3

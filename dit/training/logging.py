@@ -1,5 +1,14 @@
-"""Metrics: always a local JSONL file (run_dir/metrics.jsonl) and a loss-curve PNG; wandb when asked
-(imported only then). Only the main process writes."""
+"""Metrics: always run_dir/metrics.jsonl and loss.png / fid.png; experiment trackers through Accelerate.
+
+The logger/ config group selects the trackers (one key per tracker; `logger=[tensorboard,wandb]`
+composes several): the Accelerator is built with `log_with=trackers(cfg)` and this class starts them
+with `accelerator.init_trackers` and logs with `accelerator.log`. Images (sample grids, the FID
+curve) go to the trackers that show images: TensorBoard and wandb. Only the main process writes.
+
+Resuming continues the same tracker run: TensorBoard writes to the same directory and hides the
+steps after the checkpoint (SummaryWriter's purge_step), wandb continues the run whose id is in
+run_dir/wandb_id.txt (wandb ignores steps it has already seen); metrics.jsonl drops them.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,57 @@ import json
 import uuid
 from pathlib import Path
 
+# Accelerate's tracker names and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml"}
+TRACKING_DIR = "tracking"  # run_dir/tracking/<project>/: TensorBoard's event files (and Aim's repository)
+
+
+def trackers(logger_cfg: dict | None) -> list[str]:
+    """The tracker names the logger group selects, for Accelerator(log_with=...). wandb with
+    mode=disabled is none. Unknown or uninstalled trackers are errors (Accelerate skips those silently)."""
+    import importlib.util
+
+    names = []
+    for name, settings in (logger_cfg or {}).items():
+        if name == "project":
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"logger: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}")
+        if name == "wandb" and (settings or {}).get("mode") == "disabled":
+            continue
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ValueError(f"logger={name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+        names.append(name)
+    return names
+
+
+def tracking_config(run_dir: str | Path):
+    """Accelerate's ProjectConfiguration: where the trackers that keep local files write."""
+    from accelerate.utils import ProjectConfiguration
+
+    return ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / TRACKING_DIR))
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """{"model": {"depth": 12}} -> {"model.depth": 12}; lists as text (TensorBoard's hparams take scalars only)."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{key}."))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v, default=str)
+    return out
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: dict | None, config: dict, resume_step: int | None):
-        self.run_dir, self.enabled = Path(run_dir), enabled
+    def __init__(self, accelerator, run_dir: Path, logger_cfg: dict | None, config: dict, resume_step: int | None):
+        self.accelerator, self.run_dir, self.enabled = accelerator, Path(run_dir), accelerator.is_main_process
         self.file = self.run_dir / "metrics.jsonl"
-        self.wandb = None
-        if not enabled:
+        self._curve_step = None
+        if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.file.exists():
@@ -22,36 +75,41 @@ class MetricsLogger:
             self.file.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.file.exists():
             self.file.unlink()
-        if wandb_cfg and wandb_cfg.get("mode", "disabled") != "disabled":
-            import wandb  # only when used
-
+        logger_cfg = logger_cfg or {}
+        init_kwargs = {name: dict(logger_cfg.get(name) or {}) for name in trackers(logger_cfg)}
+        if "tensorboard" in init_kwargs and resume_step is not None:
+            init_kwargs["tensorboard"].setdefault("purge_step", resume_step + 1)  # hide the steps after the checkpoint
+        if "wandb" in init_kwargs:
             id_file = self.run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() and resume_step is not None else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.wandb = wandb.init(
-                project=wandb_cfg.get("project", "dit"),
-                entity=wandb_cfg.get("entity"),
-                name=wandb_cfg.get("name"),
-                mode=wandb_cfg["mode"],
-                dir=str(self.run_dir),
-                config=config,
-                id=run_id,
-                resume="allow",
-            )
+            init_kwargs["wandb"].update(dir=str(self.run_dir), id=run_id, resume="allow")
+        # One project name for every tracker (wandb project, TensorBoard subdirectory); logger.wandb.project as before.
+        project = (init_kwargs.get("wandb") or {}).pop("project", None) or logger_cfg.get("project") or "dit"
+        accelerator.init_trackers(project, config=flat_config(config), init_kwargs=init_kwargs)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+        self.accelerator.log(metrics, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
-        if self.enabled and self.wandb is not None:
-            import wandb
+        """An image file (a sample grid, a curve) to the trackers that show images."""
+        if not self.enabled or not self.accelerator.trackers:
+            return
+        import numpy as np
+        from PIL import Image
 
-            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+        with Image.open(path) as img:
+            image = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(key, image, global_step=step, dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                tracker.log_images({key: [image]}, step=step)
 
     def records(self) -> list[dict]:
         if not self.file.exists():
@@ -59,7 +117,8 @@ class MetricsLogger:
         return [json.loads(line) for line in self.file.read_text().splitlines() if line]
 
     def plot(self) -> Path | None:
-        """run_dir/loss.png: training loss against step (and any eval metric logged as fid*)."""
+        """run_dir/loss.png: training loss against step; run_dir/fid.png: FID (and class consistency) against
+        step, also logged to the trackers as an image when a new evaluation is in it."""
         records = [r for r in self.records() if "loss" in r]
         if not self.enabled or not records:
             return None
@@ -82,7 +141,7 @@ class MetricsLogger:
         fig.savefig(path)
         plt.close(fig)
         evals = [r for r in self.records() if "fid" in r]
-        if evals:  # run_dir/fid.png: FID (and class consistency) against step
+        if evals:
             fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
             ax.plot([r["step"] for r in evals], [r["fid"] for r in evals], "o-", label="FID")
             ax.set_xlabel("step")
@@ -95,8 +154,7 @@ class MetricsLogger:
             fig.tight_layout()
             fig.savefig(self.run_dir / "fid.png")
             plt.close(fig)
+            if evals[-1]["step"] != self._curve_step:
+                self._curve_step = evals[-1]["step"]
+                self.log_image(self._curve_step, "fid_curve", self.run_dir / "fid.png")
         return path
-
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
