@@ -9,7 +9,14 @@ import os
 import pytest
 import torch
 
-from dit.ops import layernorm_modulate, layernorm_modulate_fused, layernorm_modulate_reference
+from dit.ops import (
+    layernorm_modulate,
+    layernorm_modulate_fused,
+    layernorm_modulate_reference,
+    rmsnorm_modulate,
+    rmsnorm_modulate_fused,
+    rmsnorm_modulate_reference,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 assert INTERPRET or torch.cuda.is_available()  # conftest sets it before triton loads
@@ -145,3 +152,95 @@ def test_torch_compile_fused_block_on_cuda():
         eager = block(x, c)
         compiled = torch.compile(block, fullgraph=True)(x, c)
     assert rel(compiled, eager) < 1e-2
+
+
+# --- the RMSNorm branch of the same kernels ---------------------------------------------------
+
+
+def rms_reference64(x, shift, scale, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) * (1 + scale) + shift in float64, written out (not F.rms_norm)."""
+    x, shift, scale = x.double(), shift.double(), scale.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_forward_matches_float64(device, shape):
+    for dtype in dtypes_for(device):
+        x, shift, scale = inputs(shape, dtype, device)
+        out = rmsnorm_modulate_fused(x, shift, scale)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert rel(out, rms_reference64(x, shift, scale)) < TOL[dtype], dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_backward_matches_float64(device, shape):
+    for dtype in dtypes_for(device):
+        x, shift, scale = inputs(shape, dtype, device, requires_grad=True)
+        dy = torch.randn(x.shape, device=device).to(dtype)
+        grads = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+        x64, s64, c64 = (v.detach().double().requires_grad_() for v in (x, shift, scale))
+        ref = torch.autograd.grad(rms_reference64(x64, s64, c64), (x64, s64, c64), dy.double())
+        for name, g, r, v in zip(("dx", "dshift", "dscale"), grads, ref, (x, shift, scale)):
+            assert g.dtype == v.dtype and g.shape == v.shape
+            assert rel(g, r) < TOL[dtype], (name, dtype)
+
+
+def test_rmsnorm_reference_matches_formula():
+    x, shift, scale = inputs((2, 7, 64), torch.float64, "cpu")
+    torch.testing.assert_close(rmsnorm_modulate_reference(x, shift, scale), rms_reference64(x, shift, scale))
+
+
+def test_rmsnorm_gradients_are_deterministic():
+    x, shift, scale = inputs((2, 50, 96), torch.float32, DEVICES[0], requires_grad=True)
+    dy = torch.randn_like(x)
+    first = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+    second = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_rmsnorm_dispatch_modes():
+    x, shift, scale = inputs((1, 4, 32), torch.float32, "cpu")
+    ref = rmsnorm_modulate_reference(x, shift, scale)
+    assert torch.equal(rmsnorm_modulate(x, shift, scale, fused="false"), ref)
+    assert torch.equal(rmsnorm_modulate(x, shift, scale, fused="auto"), ref)
+    x, shift, scale = (v.to(DEVICES[0]) for v in (x, shift, scale))
+    torch.testing.assert_close(rmsnorm_modulate(x, shift, scale, fused="true").cpu(), ref)
+
+
+@pytest.mark.parametrize("block", ["adaln_zero", "adaln_single"])
+def test_fused_rmsnorm_model_equals_unfused(block):
+    from dit.models import create_model
+
+    kw = dict(block=block, input_size=16, in_channels=3, num_classes=5, norm="rmsnorm", qk_norm=True, pos_embed="rope")
+    model = create_model("DiT-Debug/4", fused_adaln="false", **kw)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    fused = create_model("DiT-Debug/4", fused_adaln="true", **kw)
+    fused.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), fused.eval()
+    model, fused = model.to(DEVICES[0]), fused.to(DEVICES[0])
+    x, t, y = (v.to(DEVICES[0]) for v in (torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])))
+    out_ref, out_fused = model(x, t, y), fused(x, t, y)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torch_compile_of_an_rmsnorm_block_with_the_fused_op():
+    from dit.models.blocks import AdaLNZeroBlock, BlockOptions, set_fused_adaln
+
+    block = AdaLNZeroBlock(64, 2, options=BlockOptions(norm="rmsnorm"))
+    set_fused_adaln(block, "true")
+    for p in block.parameters():
+        p.data.normal_(0, 0.1)
+    device = DEVICES[0]
+    block = block.to(device)
+    x, c = torch.randn(2, 9, 64, device=device), torch.randn(2, 64, device=device)
+    eager = block(x, c)
+    compiled = torch.compile(block, fullgraph=True)(x, c)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
