@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.checkpoints import load_model
-from dit.diffusion import create_diffusion
+from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
 
 OUTPUTS = ("grid.png", "samples.npz", "images")
@@ -38,6 +38,15 @@ def load_vae(spec: str, device):
         raise SystemExit(f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>") from None
 
 
+def sampling_settings(cfg: DictConfig) -> SamplingSettings:
+    """The sampling keys of configs/sample.yaml as the settings every sampler is built from."""
+    interval = OmegaConf.to_object(cfg.cfg_interval) if cfg.cfg_interval is not None else None
+    return SamplingSettings(
+        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
+        cfg_interval=interval, options=OmegaConf.to_object(cfg.sampler_options) if cfg.sampler_options else {},
+    )  # fmt: skip
+
+
 def run(cfg: DictConfig) -> Path:
     from accelerate import Accelerator
 
@@ -50,13 +59,14 @@ def run(cfg: DictConfig) -> Path:
 
     model, meta = load_model(cfg.checkpoint, use_ema=cfg.use_ema)
     model = model.to(accelerator.device).eval()
+    # The objective the model was trained with (its schedule, ...), as its checkpoint records it.
+    objective = build_objective(**(meta.get("objective") or {}))
+    sampler = build_sampler(objective, sampling_settings(cfg))
+    sampler.check_model(model)
     class_names = meta.get("class_names")
     classes = resolve_classes(OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes)
-    if cfg.cfg_scale != 1.0 and not model.y_embedder.has_null_class:
-        raise SystemExit("error: cfg_scale != 1 needs a null class; this model was trained without label dropout")
     labels = make_labels(classes, cfg.per_class, cfg.num_images, cfg.seed)
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
-    diffusion = create_diffusion(str(cfg.steps), variance_type=cfg.variance_type)
     write_images = cfg.num_images is not None if cfg.write_images is None else cfg.write_images
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,21 +77,10 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
     index, chunks = [], []
     bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not accelerator.is_main_process)
-    for start, images in generate(
-        model,
-        diffusion,
-        labels,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        cfg_scale=cfg.cfg_scale,
-        guidance_channels=cfg.guidance_channels,
-        sampler=cfg.sampler,
-        eta=cfg.eta,
-        vae=vae,
-        rank=rank,
-        world_size=world,
-        device=accelerator.device,
-    ):
+    batches = generate(
+        model, sampler, labels, batch_size=cfg.batch_size, seed=cfg.seed, vae=vae, rank=rank, world_size=world, device=accelerator.device
+    )
+    for start, images in batches:
         index.append(torch.arange(start, start + len(images)))
         chunks.append(images)
         if write_images:

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dit.data import Subset
-from dit.training import OptimConfig, TrainConfig, train
+from dit.training import OptimConfig, TrainConfig, train  # also registers the training/optim config schemas
 from dit.training.checkpointing import list_checkpoints
 
 
@@ -61,7 +61,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = build_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build(cfg.model)
-    diffusion = build(cfg.diffusion)
+    objective = build(cfg.diffusion)  # the training objective (configs/diffusion/)
     vae = None
     if dataset.latent:
         from diffusers import AutoencoderKL
@@ -74,10 +74,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         vae=getattr(dataset, "vae", None),
         image_size=getattr(dataset, "image_size", None),
     )
-    t = TrainConfig(**OmegaConf.to_container(cfg.training), seed=cfg.seed, logger=OmegaConf.to_container(cfg.logger))
-    o = OptimConfig(**OmegaConf.to_container(cfg.optim))
+    t: TrainConfig = OmegaConf.to_object(cfg.training)  # typed by the schema (dit/training/config.py)
+    o: OptimConfig = OmegaConf.to_object(cfg.optim)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return train(model, dataset, diffusion, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae)
+    return train(
+        model, dataset, objective, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae, seed=cfg.seed,
+        logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
+    )  # fmt: skip
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from dit.atomic import atomic_file
-from dit.diffusion import GaussianDiffusion, guided_model, sample_loop
+from dit.diffusion import Sampler
 
 __all__ = ["resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic"]
 
@@ -70,30 +70,26 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def generate(
     model: torch.nn.Module,
-    diffusion: GaussianDiffusion,
+    sampler: Sampler,
     labels: torch.Tensor,
     *,
     batch_size: int,
     seed: int,
-    cfg_scale: float = 1.0,
-    guidance_channels: int | None = None,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
     vae=None,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first global index, uint8 NHWC images) for this rank's batches: b = rank, rank + world, ..."""
-    model_fn = model
-    if cfg_scale != 1.0:
-        model_fn = guided_model(model, cfg_scale, null_class=model.num_classes, guidance_channels=guidance_channels)
+    """Yield (first global index, uint8 NHWC images) for this rank's batches: b = rank, rank + world, ...
+
+    sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings)."""
+    sampler.check_model(model)
     C, S = model.in_channels, model.input_size
     for b in range(rank, (len(labels) + batch_size - 1) // batch_size, world_size):
         y = labels[b * batch_size : (b + 1) * batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(y), C, S, S, generator=g, device=device)
-        x = sample_loop(diffusion, model_fn, noise, y, sampler=sampler, eta=eta, generator=g)
+        x = sampler.sample(model, noise, y, generator=g)
         yield b * batch_size, to_uint8(decode(x, vae))
 
 

@@ -12,6 +12,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+import dit.training.config  # noqa: E402,F401  registers the training/optim schemas that compose() needs
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -496,7 +496,7 @@ def test_fid_during_training(tmp_path, monkeypatch):
     cfg = cfg_for(
         "training.fid_every=2",
         "training.fid_samples=20",
-        "training.fid_steps=2",
+        "training.fid_sampling.steps=2",
         "training.total_steps=4",
         "training.fid_metric=fashion_mnist",
         "training.fid_ref=fashion_mnist:test",

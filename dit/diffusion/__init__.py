@@ -1,7 +1,16 @@
-"""Gaussian diffusion (ADM/DiT), respacing, DDPM and DDIM samplers with classifier-free guidance."""
+"""Training objectives and samplers, each in one registry, chosen by config.
+
+Objectives (``diffusion=``): "ddpm" (GaussianDiffusion: ADM/DiT, linear or cosine schedule, learned
+sigma). Samplers (``sampler=``): "ddpm" (ancestral) and "ddim", with classifier-free guidance.
+"""
 
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
-from dit.diffusion.sampler import guided_model, sample_loop
+from dit.diffusion.objective import OBJECTIVES, Objective, build_objective, register_objective
+from dit.diffusion.sampler import SAMPLERS, Sampler, SamplingSettings, build_sampler, guided_model, register_sampler, sample_loop
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 
-__all__ = ["GaussianDiffusion", "create_diffusion", "get_betas", "guided_model", "respace_betas", "sample_loop", "space_timesteps"]
+__all__ = [
+    "OBJECTIVES", "SAMPLERS", "GaussianDiffusion", "Objective", "Sampler", "SamplingSettings", "build_objective", "build_sampler",
+    "create_diffusion", "get_betas", "guided_model", "register_objective", "register_sampler", "respace_betas", "sample_loop",
+    "space_timesteps",
+]  # fmt: skip

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dit.diffusion.objective import Objective, register_objective
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "normal_kl", "discretized_gaussian_log_likelihood"]
@@ -49,14 +50,19 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-class GaussianDiffusion:
+@register_objective("ddpm")
+class GaussianDiffusion(Objective):
     """Forward noising, posterior, model mean/variance, loss, and the DDPM / DDIM steps.
 
     ``timestep_map`` maps this chain's indices 0..T'-1 to the timesteps the model was trained on
     (identity unless respaced), so a respaced chain calls the model with original timesteps.
+    As an Objective ("ddpm", DiT's): uniform integer timesteps, epsilon MSE (+ VB with learned sigma).
+    ``config`` holds the settings it was built from (create_diffusion), what checkpoints record.
     """
 
-    def __init__(self, betas: np.ndarray, variance_type: str = "learned_range", timestep_map: list[int] | None = None):
+    def __init__(
+        self, betas: np.ndarray, variance_type: str = "learned_range", timestep_map: list[int] | None = None, config: dict | None = None
+    ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; valid: {', '.join(VARIANCE_TYPES)}")
         betas = np.asarray(betas, dtype=np.float64)
@@ -65,6 +71,9 @@ class GaussianDiffusion:
         self.variance_type = variance_type
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)))
+        self.config = config
+        # The length of the chain the model was trained on (timestep_map's range).
+        self.num_train_timesteps = config["diffusion_steps"] if config else len(betas)
 
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -88,6 +97,43 @@ class GaussianDiffusion:
         )
         for name, value in tables.items():
             setattr(self, name, torch.from_numpy(value))
+
+    # --- as an Objective ---------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000, variance_type: str = "learned_range"):
+        return create_diffusion(None, noise_schedule, diffusion_steps, variance_type)
+
+    def settings(self) -> dict:
+        if self.config is None:
+            raise ValueError("this GaussianDiffusion was built from raw betas; build it with create_diffusion to save its settings")
+        return {"name": self.name, **self.config}
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        return ("loss", "mse", "vb") if self.variance_type == "learned_range" else ("loss", "mse")
+
+    def check_model(self, model) -> None:
+        if self.variance_type == "learned_range" and not model.learn_sigma:
+            raise ValueError("diffusion.variance_type=learned_range needs model.learn_sigma=true")
+
+    def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Uniform timesteps of this chain and Gaussian noise (in this order: resumes draw the same)."""
+        t = rng.randint(self.num_timesteps, len(x))
+        return {"t": t, "noise": rng.randn(x.shape)}
+
+    def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
+        return self.training_losses(model, x, draw["t"], model_kwargs, noise=draw["noise"])
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """Model timestep t in 0..T-1 -> t / (T - 1): 1 at pure noise, 0 at the last denoising step."""
+        return t.double() / max(self.num_train_timesteps - 1, 1)
+
+    def respaced(self, spacing: str | int | None, variance_type: str | None = None) -> GaussianDiffusion:
+        """The same schedule visiting fewer steps (ADM respacing), e.g. "250" or "ddim50", for samplers."""
+        if self.config is None:
+            raise ValueError("cannot respace a GaussianDiffusion built from raw betas")
+        return create_diffusion(spacing, **{**self.config, "variance_type": variance_type or self.config["variance_type"]})
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -206,7 +252,8 @@ def create_diffusion(
 ) -> GaussianDiffusion:
     """DiT's diffusion: 1000 linear steps; respaced (e.g. "250", "ddim50") for sampling."""
     betas = get_betas(noise_schedule, diffusion_steps)
+    config = dict(noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, variance_type=variance_type)
     if timestep_respacing in (None, "", diffusion_steps, str(diffusion_steps)):
-        return GaussianDiffusion(betas, variance_type)
+        return GaussianDiffusion(betas, variance_type, config=config)
     kept = space_timesteps(diffusion_steps, timestep_respacing)
-    return GaussianDiffusion(respace_betas(betas, kept), variance_type, timestep_map=kept)
+    return GaussianDiffusion(respace_betas(betas, kept), variance_type, timestep_map=kept, config=config)

@@ -16,19 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
-from dit.eval import METRICS, ImageSource, Stats, extract_features, fid, inception_score, make_extractor, stats_from_features
-from dit.eval.stats import is_stats_file
-
-
-def source_stats(spec: str, extractor, args) -> tuple[Stats, np.ndarray | None, ImageSource | None]:
-    if is_stats_file(spec):
-        return Stats.load(spec, default_extractor=extractor.name), None, None
-    source = ImageSource(spec)
-    features, logits = extract_features(source, extractor, args.batch_size, args.device)
-    return stats_from_features(features, extractor.name), logits, source
+from dit.eval import METRICS
+from dit.eval.evaluator import Evaluator
 
 
 def main(argv=None) -> None:
@@ -47,19 +38,14 @@ def main(argv=None) -> None:
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        extractor = make_extractor(args.metric, args.inception_weights, args.device)
+        evaluator = Evaluator(args.metric, getattr(args, "ref", None), args.inception_weights, args.device, args.batch_size)
         if args.command == "ref":
-            stats, _, _ = source_stats(args.source, extractor, args)
+            stats, _, _ = evaluator.stats(args.source)
             stats.save(args.out)
             print(f"wrote {args.out}: {stats.count} images, {stats.extractor}")
             return
-        samples, logits, source = source_stats(args.samples, extractor, args)
-        reference, _, _ = source_stats(args.ref, extractor, args)
-        result = {"fid": fid(samples, reference)}
-        if logits is not None and args.metric == "inception":
-            result["inception_score"], result["inception_score_std"] = inception_score(logits)
-        if logits is not None and args.metric == "fashion_mnist" and source.labels is not None:
-            result["class_consistency"] = float((logits.argmax(1) == source.labels).mean())
+        samples, logits, labels = evaluator.stats(args.samples)
+        result = evaluator.metrics(samples, logits, labels)
         print(" ".join(f"{k}={v:.4f}" for k, v in result.items()) + f" ({samples.count} samples, {samples.extractor})")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

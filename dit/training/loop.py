@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,58 +15,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dit.data import GlobalBatchSampler
-from dit.diffusion import GaussianDiffusion, create_diffusion
+from dit.diffusion import Objective, build_sampler
 from dit.models import DiT
 from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, save_checkpoint
+from dit.training.config import OptimConfig, TrainConfig
 from dit.training.ema import EMA
-from dit.training.logging import MetricsLogger
+from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.randomness import SlicedRandom
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4  # DiT: constant 1e-4, no weight decay
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up from 0
-    decay: str = "constant"  # constant | cosine | linear, after warm-up, to min_lr_ratio * lr at total_steps
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
-class TrainConfig:
-    total_steps: int = 400_000
-    global_batch_size: int = 256  # = per-device batch x processes x grad_accum
-    grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    max_grad_norm: float = 0.0  # 0: no clipping
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    tf32: bool = True  # on GPU
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
-    log_every: int = 100
-    ckpt_every: int = 50_000
-    keep_last: int = 3
-    sample_every: int = 10_000  # EMA sample grid; 0: only at the end
-    sample_steps: int = 100
-    sample_sampler: str = "ddpm"  # ddpm | ddim (eta 0)
-    sample_cfg_scale: float = 1.5
-    sample_per_class: int = 8
-    sample_max_classes: int = 10
-    fid_every: int = 0  # FID of EMA samples every N steps (0: never), logged and plotted like the loss
-    fid_samples: int = 500
-    fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
-    fid_ref: str | None = None  # reference: stats npz, image folder/npz or dataset name (e.g. fashion_mnist)
-    fid_steps: int = 25  # DDIM steps for the FID samples
-    fid_cfg_scale: float = 1.0
-    inception_weights: str | None = None
-    num_workers: int = 2
-    seed: int = 0
-    logger: dict = field(default_factory=lambda: {"wandb": {"mode": "disabled"}})  # the composed logger/ group
 
 
 def lr_at(step: int, total_steps: int, o: OptimConfig) -> float:
@@ -103,7 +58,7 @@ def check_settings(t: TrainConfig, o: OptimConfig, world_size: int) -> int:
 def train(
     model: DiT,
     dataset,
-    diffusion: GaussianDiffusion,
+    objective: Objective,
     run_dir: str | Path,
     t: TrainConfig,
     o: OptimConfig,
@@ -111,26 +66,36 @@ def train(
     config: dict | None = None,
     data_meta: dict | None = None,
     vae=None,
+    seed: int = 0,
+    logger_config: dict | None = None,
 ) -> dict:
-    """Train; returns {"step", "checkpoint", "export"}. Every process calls it."""
+    """Train; returns {"step", "checkpoint", "export"}. Every process calls it.
+
+    objective: what is optimised (dit.diffusion.build_objective); the loop never looks inside it.
+    logger_config: the composed logger/ config group (trackers)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # --- setup -----------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers(logger_config), project_config=tracking_config(run_dir))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     batch_size = check_settings(t, o, world)
     run_dir = Path(run_dir)
     if device.type == "cuda" and t.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    set_seed(t.seed + rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
-    if diffusion.variance_type == "learned_range" and not model.learn_sigma:
-        raise ValueError("diffusion.variance_type=learned_range needs model.learn_sigma=true")
+    set_seed(seed + rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
+    objective.check_model(model)
+    objective_settings = objective.settings()
+    # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
+    grid_sampler, fid_sampler = build_sampler(objective, t.grid_sampling), build_sampler(objective, t.fid_sampling)
+    grid_sampler.check_model(model)
+    if t.fid_every:
+        fid_sampler.check_model(model)
     resume_from = find_resume(resume, run_dir)  # before anything is written
 
     # --- data ------------------------------------------------------------------------------
-    sampler = GlobalBatchSampler(len(dataset), batch_size, world, rank, t.grad_accum, t.seed)
+    sampler = GlobalBatchSampler(len(dataset), batch_size, world, rank, t.grad_accum, seed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda", persistent_workers=t.num_workers > 0
     )
@@ -151,13 +116,12 @@ def train(
     # --- resume ----------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "batch": 0}
     if resume_from is not None:
-        state = load_checkpoint(accelerator, model, ema, resume_from)
+        state = load_checkpoint(accelerator, model, ema, resume_from, objective_settings)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, t.logger.get("wandb"), config or {}, step if resume_from else None)
-    sample_diffusion = create_diffusion(str(t.sample_steps), variance_type=diffusion.variance_type)
+    logger = MetricsLogger(accelerator, run_dir, logger_config, config or {}, step if resume_from else None)
     n_classes = min(raw.num_classes, t.sample_max_classes)
     sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
 
@@ -165,22 +129,8 @@ def train(
         """EMA sample grid (one row per class) -> run_dir/samples/step_*.png and latest.png."""
         ema.sync()
         if accelerator.is_main_process:
-            images = torch.cat(
-                [
-                    imgs
-                    for _, imgs in generate(
-                        ema.model,
-                        sample_diffusion,
-                        sample_labels,
-                        batch_size=len(sample_labels),
-                        seed=t.seed,
-                        cfg_scale=t.sample_cfg_scale if null_drop > 0 else 1.0,
-                        sampler=t.sample_sampler,
-                        vae=vae,
-                        device=device,
-                    )
-                ]
-            )
+            batches = generate(ema.model, grid_sampler, sample_labels, batch_size=len(sample_labels), seed=seed, vae=vae, device=device)
+            images = torch.cat([imgs for _, imgs in batches])
             path = run_dir / "samples" / f"step_{at_step:07d}.png"
             save_grid(images, nrow=t.sample_per_class, path=path)
             save_grid(images, nrow=t.sample_per_class, path=run_dir / "samples" / "latest.png")
@@ -188,65 +138,34 @@ def train(
             logger.plot()
         accelerator.wait_for_everyone()
 
-    fid_extractor = fid_reference = None
+    evaluator = None
     if t.fid_every and accelerator.is_main_process:
-        from dit.eval import ImageSource, Stats, extract_features, make_extractor, stats_from_features
-        from dit.eval.stats import is_stats_file
+        from dit.eval.evaluator import Evaluator
 
         if not t.fid_ref:
             raise ValueError("training.fid_every > 0 needs training.fid_ref (a stats npz, images, or a dataset name)")
-        fid_extractor = make_extractor(t.fid_metric, t.inception_weights, device)
-        cached = run_dir / f"fid_ref_{t.fid_metric}.npz"
-        if cached.exists():
-            fid_reference = Stats.load(cached, fid_extractor.name)
-        elif is_stats_file(t.fid_ref):
-            fid_reference = Stats.load(t.fid_ref, fid_extractor.name)
-        else:
-            fid_reference = stats_from_features(extract_features(ImageSource(t.fid_ref), fid_extractor, 250, device)[0], fid_extractor.name)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fid_reference.save(cached)
-    fid_diffusion = create_diffusion(str(t.fid_steps), variance_type=diffusion.variance_type)
+        cache = run_dir / f"fid_ref_{t.fid_metric}.npz"
+        evaluator = Evaluator(t.fid_metric, t.fid_ref, t.inception_weights, device, batch_size=250, cache=cache, distributed=False)
+        evaluator.reference()  # computed (or read from the run's cache) once, before training
 
     def evaluate(at_step: int) -> None:
-        """FID (and class consistency for the domain metric) of fid_samples EMA samples."""
+        """FID (and what else the metric reports) of fid_samples EMA samples."""
         ema.sync()
         if accelerator.is_main_process:
-            from dit.eval import fid, stats_from_features
-
             labels = torch.arange(t.fid_samples) % raw.num_classes
-            images = torch.cat(
-                [
-                    imgs
-                    for _, imgs in generate(
-                        ema.model,
-                        fid_diffusion,
-                        labels,
-                        batch_size=250,
-                        seed=t.seed + 1,
-                        sampler="ddim",
-                        cfg_scale=t.fid_cfg_scale if null_drop > 0 else 1.0,
-                        vae=vae,
-                        device=device,
-                    )
-                ]
-            )
-            x = images.permute(0, 3, 1, 2)
-            feats, logits = zip(*(fid_extractor(x[i : i + 250].to(device)) for i in range(0, len(x), 250)))
-            feats, logits = torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu()
-            metrics = {"fid": fid(stats_from_features(feats, fid_extractor.name), fid_reference)}
-            if t.fid_metric == "fashion_mnist":
-                metrics["class_consistency"] = (logits.argmax(1) == labels).float().mean().item()
-            logger.log(at_step, metrics)
+            batches = generate(ema.model, fid_sampler, labels, batch_size=250, seed=seed + 1, vae=vae, device=device)
+            logger.log(at_step, evaluator.evaluate(torch.cat([imgs for _, imgs in batches]), labels))
             logger.plot()
         accelerator.wait_for_everyone()
 
     def checkpoint(at_step: int) -> Path:
         pos = {"epoch": state["epoch"], "batch": state["batch"], "ema_num_updates": ema.num_updates}
-        return save_checkpoint(accelerator, model, ema, run_dir, at_step, pos, data_meta or {}, t.keep_last)
+        return save_checkpoint(accelerator, model, ema, run_dir, at_step, pos, data_meta or {}, t.keep_last, objective_settings)
 
     # --- loop ------------------------------------------------------------------------------
     batches = iter(loader)
-    window = torch.zeros(4, device=device)  # loss, mse, vb sums and count over the log window
+    terms_logged = objective.loss_terms  # e.g. ("loss", "mse", "vb"): what the objective reports per sample
+    window = torch.zeros(len(terms_logged) + 1, device=device)  # sums of each term and the count over the log window
     skipped, tic, tic_step = 0, time.perf_counter(), step
     bar = tqdm(total=t.total_steps, initial=step, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     last_ckpt = None
@@ -254,31 +173,23 @@ def train(
         lr = lr_at(step, t.total_steps, o)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_terms = torch.zeros(4, device=device)  # this step's loss, mse, vb sums and micro-batch count
+        step_terms = torch.zeros_like(window)  # this step's term sums and micro-batch count
         for micro in range(t.grad_accum):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            rng = SlicedRandom(t.seed, step, micro, world, rank, device)
+            rng = SlicedRandom(seed, step, micro, world, rank, device)
             x = dataset.batch_transform(x, rng)
-            timesteps = rng.randint(diffusion.num_timesteps, len(x))
-            noise = rng.randn(x.shape)
+            draw = objective.draw(rng, x)  # timesteps, noise: before the label drops, in this order
             kwargs = {"y": y}
             if null_drop > 0:
                 kwargs["force_drop_ids"] = (rng.rand(len(x)) < null_drop).long()
             sync = micro == t.grad_accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext():
                 with accelerator.autocast():
-                    terms = diffusion.training_losses(model, x, timesteps, kwargs, noise=noise)
+                    terms = objective.losses(model, x, draw, kwargs)
                 loss = terms["loss"].mean()
                 accelerator.backward(loss / t.grad_accum)
-            step_terms += torch.stack(
-                [
-                    loss.detach(),
-                    terms["mse"].mean().detach(),
-                    terms.get("vb", torch.zeros_like(terms["mse"])).mean().detach(),
-                    torch.ones((), device=device),
-                ]
-            )
+            step_terms += torch.stack([terms[k].mean().detach() for k in terms_logged] + [torch.ones((), device=device)])
         # One decision per step, alike on every rank, taken after the backward passes: the host waits for
         # the device once per step, never between a forward and its backward.
         if not all_processes(accelerator, torch.isfinite(step_terms).all()):
@@ -303,13 +214,11 @@ def train(
 
         if step % t.log_every == 0 or step == t.total_steps:
             totals = accelerator.reduce(window, "sum")  # averaged over processes and the window
-            count = max(totals[3].item(), 1.0)
+            count = max(totals[-1].item(), 1.0)
             elapsed = time.perf_counter() - tic
             steps_per_s = (step - tic_step) / max(elapsed, 1e-9)
-            metrics = {
-                "loss": totals[0].item() / count,
-                "mse": totals[1].item() / count,
-                "vb": totals[2].item() / count,
+            metrics = {k: totals[i].item() / count for i, k in enumerate(terms_logged)}
+            metrics |= {
                 "lr": lr,
                 "steps_per_s": steps_per_s,
                 "images_per_s": steps_per_s * t.global_batch_size,
@@ -338,9 +247,8 @@ def train(
     if accelerator.is_main_process:
         from dit.checkpoints import save_export
 
-        save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights)
-        logger.plot()
-        logger.finish()
+        save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights, objective=objective_settings)
+        logger.plot()  # accelerator.end_training() below closes the trackers
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
