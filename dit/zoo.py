@@ -35,7 +35,10 @@ PAPER_GFLOPS = {
     ("DiT-B/2", "adaln_zero"): 23.01,
     ("DiT-B/8", "adaln_zero"): 1.42,
 }
-PAPER_PARAMS_M = {("DiT-XL/2", "adaln_zero"): 675}
+# Parameters (M): DiT paper (675M); DiffiT abstract: latent DiffiT (DiT-XL/2-sized: depth 28, width
+# 1152, patch 2) has 16.88% fewer than DiT-XL/2, i.e. 561M. PixArt-alpha's 611M (adaLN-single, from
+# 833M with adaLN) includes text cross-attention: not the same model, compared in docs/zoo.md.
+PAPER_PARAMS_M = {("DiT-XL/2", "adaln_zero"): 675, ("DiT-XL/2", "diffit"): 561}
 
 
 def count(name: str, block: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:

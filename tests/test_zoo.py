@@ -47,3 +47,27 @@ def test_json_output(capsys):
     assert set(rows[0]) == {"model", "block", "params", "gflops", "tokens"}
     xl2 = next(r for r in rows if r["model"] == "DiT-XL/2" and r["block"] == "adaln_zero")
     assert xl2["gflops"] == pytest.approx(118.6, abs=0.05)
+
+
+# --- beyond the paper (docs/zoo.md) ---------------------------------------------------------
+
+
+def test_diffit_xl2_parameters_match_the_diffit_paper():
+    # DiffiT abstract: latent DiffiT has 16.88% fewer parameters than DiT-XL/2 (675M) -> 561M.
+    diffit, dit = count("DiT-XL/2", "diffit"), count("DiT-XL/2", "adaln_zero")
+    assert diffit["params"] / 1e6 == pytest.approx(561, abs=0.5)
+    assert 1 - diffit["params"] / dit["params"] == pytest.approx(0.1688, abs=0.001)
+
+
+def test_adaln_single_saves_the_per_block_modulation():
+    # PixArt-alpha section 2.3: one shared MLP instead of one per block (their 833M -> 611M).
+    single, zero = count("DiT-XL/2", "adaln_single"), count("DiT-XL/2", "adaln_zero")
+    D, depth = 1152, 28
+    per_block_mlp = 6 * D * D + 6 * D
+    # -27 MLPs (28 per-block, +1 shared) + 28 tables (6, D) - the final layer's MLP (2D^2 + 2D) + its (2, D) table
+    assert zero["params"] - single["params"] == (depth - 1) * per_block_mlp - depth * 6 * D + 2 * D * D + 2 * D - 2 * D
+    assert single["gflops"] < zero["gflops"]
+
+
+def test_adain_has_adaln_zero_size():
+    assert count("DiT-B/4", "adain")["params"] == count("DiT-B/4", "adaln_zero")["params"]
