@@ -77,7 +77,7 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
         weights = path / FSDP_WEIGHTS
     if not weights.exists():
-        raise FileNotFoundError(f"{path} has no ema.safetensors, model.safetensors or {FSDP_WEIGHTS}")
+        raise FileNotFoundError(f"{weights} is missing (the weights: ema.safetensors, model.safetensors or {FSDP_WEIGHTS})")
     model = DiT(**config)
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
     load_state_dict_checked(model, state, weights)
@@ -95,13 +95,20 @@ def _load_torch(path: Path) -> dict:
         raise DamagedFileError(path, f"unreadable torch file ({type(e).__name__}: {e})") from None
 
 
+# What torch.save wrote before zip archives (torch < 1.6): pickle protocol 2, then the magic number 0x1950a86a20f9469cfc6c.
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _load_official(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     if path.stat().st_size == 0:
         raise DamagedFileError(path, "empty file (0 bytes)")
     with path.open("rb") as f:
-        is_zip = f.read(2) == b"PK"  # torch >= 1.6 saves zips; older files are plain pickles
-    if is_zip and (problem := zip_problem(path)):
-        raise DamagedFileError(path, problem)
+        start = f.read(len(LEGACY_TORCH_MAGIC))
+    if start[:2] == b"PK":  # torch >= 1.6 saves zip archives
+        if problem := zip_problem(path):
+            raise DamagedFileError(path, problem)
+    elif start != LEGACY_TORCH_MAGIC:
+        raise DamagedFileError(path, "neither a torch zip archive nor a legacy torch file (unknown first bytes)")
     try:
         model = load_official_checkpoint(path, use_ema, **overrides)
     except (TypeError, AttributeError, KeyError, IndexError) as e:  # loaded, but not the structure of a DiT state dict

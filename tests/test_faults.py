@@ -1,0 +1,392 @@
+"""Fault injection: every loader turns a damaged file into one line naming it; checkpoints survive a
+full disk and a SIGKILL mid-save; resume=auto steps back over a damaged checkpoint.
+
+Damage: truncation at several offsets, random bytes of the same size, an empty file, a missing file.
+"""
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+
+import train
+from dit.checkpoints import load_model
+from dit.data.latents import LatentShards
+from dit.eval.stats import ImageSource, Stats, is_stats_file
+from dit.integrity import DamagedFileError
+from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
+# A checkpoint every step (more moments to kill), the last two kept.
+RUN = ["experiment=smoke", "training.log_every=1", "training.ckpt_every=1", "training.keep_last=2"]
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[*RUN, *overrides])
+
+
+# --- damage ----------------------------------------------------------------------------------------
+
+DAMAGE = ["empty", "cut_7", "cut_half", "cut_last_byte", "random"]
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage a file in place: truncate it (to 0 bytes, 7 bytes, half, all but the last byte), or overwrite
+    it with random bytes of the same size; "missing" removes it."""
+    data = path.read_bytes()
+    if how == "missing":
+        path.unlink()
+        return
+    rng = np.random.default_rng(len(data))
+    damaged = {
+        "empty": b"",
+        "cut_7": data[:7],
+        "cut_half": data[: len(data) // 2],
+        "cut_last_byte": data[:-1],
+        "random": rng.integers(0, 256, len(data), dtype=np.uint8).tobytes(),
+    }[how]
+    path.write_bytes(damaged)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its size and modification time (to check that nothing else was touched)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_names(error: BaseException, path: Path) -> None:
+    """One line, naming the file."""
+    message = str(error)
+    assert str(path) in message and "\n" not in message, message
+
+
+# --- a trained run, shared --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 6-step smoke run with a checkpoint every step (steps 5 and 6 kept) and its final weights."""
+    if not FMNIST.exists():
+        pytest.skip("dataset-fashion-mnist not installed (make setup)")
+    run = tmp_path_factory.mktemp("trained")
+    result = train.run(cfg_for(), run)
+    weights = {k: v.clone() for k, v in result["model"].state_dict().items()}
+    return run, weights
+
+
+def copy_run(trained, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    return run
+
+
+def assert_same_weights(model: torch.nn.Module, weights: dict) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+# --- our exports and checkpoints ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "missing"])
+@pytest.mark.parametrize("name", ["config.json", "ema.safetensors", "model.safetensors"])
+def test_damaged_export(trained, tmp_path, name, how):
+    export = tmp_path / "model"
+    shutil.copytree(trained[0] / "model", export)
+    damage(export / name, how)
+    before = snapshot(export)
+    use_ema = name != "model.safetensors"
+    if how == "missing" and name == "ema.safetensors":  # the EMA is optional: the raw weights load instead
+        assert load_model(export)[1]["weights"] == str(export / "model.safetensors")
+        return
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        load_model(export, use_ema=use_ema)
+    assert_names(e.value, export / name)
+    assert snapshot(export) == before
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_official_pt(tmp_path, how):
+    path = tmp_path / "DiT-XL-2-256x256.pt"
+    torch.save({"x_embedder.proj.weight": torch.randn(8, 4, 2, 2), "pos_embed": torch.randn(1, 4, 8)}, path)
+    damage(path, how)
+    with pytest.raises(ValueError) as e:
+        load_model(path)
+    assert_names(e.value, path)
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from diffusers import DiTTransformer2DModel
+
+    path = tmp_path_factory.mktemp("diffusers") / "transformer"
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["empty", "cut_7", "cut_half", "random"])  # not cut_last_byte: config.json ends in a newline
+@pytest.mark.parametrize("name", ["config.json", "diffusion_pytorch_model.safetensors"])
+def test_damaged_diffusers_dir(diffusers_dir, tmp_path, name, how):
+    path = tmp_path / "transformer"
+    shutil.copytree(diffusers_dir, path)
+    damage(path / name, how)
+    with pytest.raises(ValueError) as e:
+        load_model(path)
+    assert_names(e.value, path / name)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,how",
+    [
+        ("trainer_state.json", "empty"),
+        ("trainer_state.json", "cut_half"),
+        ("config.json", "random"),
+        ("ema.safetensors", "cut_last_byte"),
+        ("model.safetensors", "cut_7"),
+        ("optimizer.bin", "cut_half"),
+        ("optimizer.bin", "random"),
+        ("random_states_0.pkl", "empty"),
+        ("optimizer.bin", "missing"),
+        ("ema.safetensors", "missing"),
+    ],
+)
+def test_resume_auto_skips_a_damaged_checkpoint(trained, tmp_path, name, how):
+    run = copy_run(trained, tmp_path)
+    latest = run / "checkpoints" / "step_0000006"
+    damage(latest / name, how)
+    before = snapshot(run)
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint.*{re.escape(str(latest / name))}") as caught:
+        assert find_resume("auto", run) == run / "checkpoints" / "step_0000005"
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    with pytest.raises(ValueError) as e:  # named explicitly, it is an error
+        find_resume(str(latest), run)
+    assert_names(e.value, latest / name)
+    assert snapshot(run) == before  # nothing deleted or rewritten
+
+
+def test_every_checkpoint_damaged_is_an_error(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    for ckpt in list_checkpoints(run):
+        damage(ckpt / "ema.safetensors", "cut_half")
+    with pytest.raises(ValueError, match="every one is damaged"):
+        find_resume("auto", run)
+
+
+def test_pruning_never_counts_a_damaged_checkpoint(trained, tmp_path):
+    """keep_last=1 after saving step 6 with a damaged step 9 beside it: step 5 goes, 6 and the damaged 9 stay."""
+    run = copy_run(trained, tmp_path)
+    root = run / "checkpoints"
+    shutil.copytree(root / "step_0000006", root / "step_0000009")
+    damage(root / "step_0000009" / "optimizer.bin", "cut_half")
+    _prune(run, keep_last=1, saved=root / "step_0000006")
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000006", "step_0000009"]
+
+
+@needs_fmnist
+def test_resume_after_a_damaged_checkpoint_gives_the_same_weights(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    damage(run / "checkpoints" / "step_0000006" / "model.safetensors", "cut_half")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        result = train.run(cfg_for(), run)  # resume=auto: from step 5, not the damaged step 6
+    assert_same_weights(result["model"], trained[1])
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(run))  # step 6 saved again, whole
+
+
+@needs_fmnist
+def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
+    """torch.save (optimizer.bin) hits ENOSPC half-way through the second save: a clear error, step 1 intact,
+    no half directory under a real name and no temporary directory left behind."""
+    real, calls = torch.save, {"n": 0}
+
+    def save_then_disk_full(obj, f, *args, **kwargs):
+        calls["n"] += str(f).endswith("optimizer.bin")
+        if calls["n"] == 2:  # the second checkpoint's optimizer.bin
+            Path(f).write_bytes(b"PK\x03\x04partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_disk_full)
+    with pytest.raises(OSError, match="cannot write checkpoint .*step_0000002: No space left on device") as e:
+        train.run(cfg_for("training.total_steps=3"), tmp_path)
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert checkpoint_problem(tmp_path / "checkpoints" / "step_0000001") is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001"]
+
+
+@needs_fmnist
+def test_sigkill_during_a_checkpoint_write_then_resume(trained, tmp_path):
+    """A real training process is killed while a checkpoint directory is half written; resume=auto ends
+    with the weights of the uninterrupted run."""
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    killed_in = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        # The moment: a save under way (a hidden tmp directory holding some files) after a complete one.
+        try:
+            names = os.listdir(root)
+            tmp = [n for n in names if n.startswith(".step_") and n.endswith(".tmp")]
+            if tmp and any(n.startswith("step_") for n in names) and os.listdir(root / tmp[0]):
+                proc.send_signal(signal.SIGKILL)
+                killed_in = tmp[0]
+                break
+        except FileNotFoundError:  # not created yet, or renamed between the two looks
+            pass
+        time.sleep(0.001)
+    proc.wait(timeout=60)
+    assert killed_in is not None, f"the run ended before a checkpoint write was seen: {proc.stderr.read()[-2000:]!r}"
+    assert proc.returncode == -signal.SIGKILL
+    assert (root / killed_in).exists()  # hidden and half written, never under a real name
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(run))
+    result = train.run(cfg_for(), run)  # resume=auto
+    assert result["step"] == 6
+    assert_same_weights(result["model"], trained[1])
+    assert not list(root.glob(".step_*.tmp"))  # the killed save's leftovers are cleaned by the next save
+
+
+# --- samples, statistics, latents, caches ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "missing"])
+def test_damaged_npz_samples_and_statistics(tmp_path, how):
+    samples, stats = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8), arr_1=np.arange(4))
+    Stats(np.zeros(3), np.eye(3), 4, "test").save(stats)
+    damage(samples, how)
+    damage(stats, how)
+    before = snapshot(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        ImageSource(str(samples))
+    assert_names(e.value, samples)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        Stats.load(stats, "test")
+    assert_names(e.value, stats)
+    if how == "missing":
+        assert not is_stats_file(str(stats))
+    else:
+        with pytest.raises(DamagedFileError) as e:
+            is_stats_file(str(stats))
+        assert_names(e.value, stats)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("name", ["meta.json", "shard_00000.safetensors"])
+def test_damaged_latent_shards(tmp_path, name, how):
+    n = 3
+    save_file(
+        {
+            "mean": torch.zeros(n, 2, 4, 2, 2, dtype=torch.float16),
+            "std": torch.ones(n, 2, 4, 2, 2, dtype=torch.float16),
+            "labels": torch.arange(n),
+        },
+        tmp_path / "shard_00000.safetensors",
+    )
+    meta = {"count": n, "num_classes": 3, "image_size": 16, "vae": "x", "scaling_factor": 0.18215}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert len(LatentShards(str(tmp_path))) == n
+    damage(tmp_path / name, how)
+    with pytest.raises(ValueError) as e:
+        LatentShards(str(tmp_path))
+    assert_names(e.value, tmp_path / name)
+
+
+@pytest.mark.parametrize("how", ["empty", "cut_half", "random"])
+@pytest.mark.parametrize("name", ["fashion_mnist_cnn_v1.safetensors", "fashion_mnist_cnn_v1.json"])
+def test_damaged_domain_classifier_cache_is_rebuilt(tmp_path, monkeypatch, name, how):
+    import dit.eval.domain as domain
+
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path))
+    trainings = []
+
+    def quick_train(root=None, log=print):  # the real one takes a minute; the cache logic is under test
+        trainings.append(1)
+        return domain.FashionCNN().eval(), 0.5
+
+    monkeypatch.setattr(domain, "train_classifier", quick_train)
+    domain.load_classifier(log=lambda *_: None)  # builds the cache
+    damage(tmp_path / name, how)
+    with pytest.warns(UserWarning, match=f"{re.escape(str(tmp_path / name))}.*training it again"):
+        _, accuracy = domain.load_classifier(log=lambda *_: None)
+    assert accuracy == 0.5 and len(trainings) == 2
+    domain.load_classifier(log=lambda *_: None)  # the rebuilt cache loads without training
+    assert len(trainings) == 2
+
+
+# --- command lines: one line on stderr, exit code 1 --------------------------------------------------
+
+
+def run_cli(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sample_cli_with_a_truncated_export(trained, tmp_path):
+    export = tmp_path / "model"
+    shutil.copytree(trained[0] / "model", export)
+    damage(export / "ema.safetensors", "cut_half")
+    before = snapshot(export)
+    out = tmp_path / "samples"
+    proc = run_cli([str(ROOT / "sample.py"), f"checkpoint={export}", f"out_dir={out}", "steps=2"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {export / 'ema.safetensors'} is damaged: truncated"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(export) == before and not (out / "grid.png").exists()
+
+
+def test_eval_cli_with_a_truncated_npz(tmp_path):
+    import dit.eval.domain as domain
+
+    cache = tmp_path / "cache"  # a (random) domain classifier, so the command needs no training
+    cache.mkdir()
+    save_file(domain.FashionCNN().state_dict(), cache / "fashion_mnist_cnn_v1.safetensors")
+    (cache / "fashion_mnist_cnn_v1.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    samples, stats = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=np.zeros((4, 28, 28, 1), np.uint8), arr_1=np.arange(4))
+    Stats(np.zeros(128), np.eye(128), 4, domain.EXTRACTOR).save(stats)
+    damage(samples, "cut_half")
+    before = snapshot(tmp_path)
+    args = ["-m", "dit.eval", "fid", str(samples), str(stats), "--metric", "fashion_mnist", "--device", "cpu"]
+    proc = run_cli(args, ROOT, DIT_CACHE=str(cache))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {samples} is damaged: not a readable npz archive"), proc.stderr
+    assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before
