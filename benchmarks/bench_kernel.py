@@ -11,35 +11,34 @@ effect on a whole DiT-XL/2 training step and on a sampling forward (fused_adaln 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from common import header, median_time, setup_tf32
 
 from dit.ops import layernorm_modulate_fused, layernorm_modulate_reference
 
 SIZES = {"DiT-S": 384, "DiT-B": 768, "DiT-L": 1024, "DiT-XL": 1152}
 
 
-def bench(fn, n_sets: int, reps: int = 50) -> float:
-    """Median ms of fn(i) over reps runs, cycling over n_sets input sets, timed with CUDA events."""
-    for i in range(3):
-        fn(i % n_sets)
-    times = []
-    for r in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(r % n_sets)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def bench(fn, n_sets: int, reps: int = 50, device: str = "cuda") -> float:
+    """Median ms of fn(i) over reps runs after 3 warm-up runs, cycling over n_sets input sets
+    (timed with CUDA events on a GPU; see common.time_calls)."""
+    return 1e3 * median_time(lambda i: fn(i % n_sets), reps, warmup=3, device=device)
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a large device-to-device copy (bytes read + written)."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+def op_bytes(B: int, T: int, D: int, elem_bytes: int = 2) -> tuple[int, int]:
+    """Fewest bytes LayerNorm + modulate must move for x (B, T, D), shift and scale (B, D):
+    forward, and forward + backward."""
+    fwd = (2 * B * T * D + 2 * B * D) * elem_bytes  # read x, shift, scale; write y
+    fwd_bwd = fwd + (3 * B * T * D + 3 * B * D) * elem_bytes  # + read dy, x; write dx, dshift, dscale
+    return fwd, fwd_bwd
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 28) -> float:
+    """GB/s of a large device-to-device copy (bytes read + written); 256 MiB by default."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda i: dst.copy_(src), 1, reps=30)
+    ms = bench(lambda i: dst.copy_(src), 1, reps=30, device=device)
     return 2 * src.numel() / ms / 1e6
 
 
@@ -52,7 +51,8 @@ def main() -> None:
     args = p.parse_args()
     assert torch.cuda.is_available(), "bench-kernel needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    header(dev)
+    setup_tf32(dev)  # as the other benchmarks and the training loop (the op itself runs in bf16)
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s\n")
     eager = layernorm_modulate_reference
@@ -68,9 +68,7 @@ def main() -> None:
             shift = torch.randn(B, D, device=dev, dtype=dt, requires_grad=True)
             scale = (0.1 * torch.randn(B, D, device=dev, dtype=dt)).requires_grad_()
             sets.append((x, shift, scale, torch.randn(B, T, D, device=dev, dtype=dt)))
-        e = 2  # bytes per bf16 element
-        bytes_fwd = (2 * B * T * D + 2 * B * D) * e  # read x, shift, scale; write y
-        bytes_fb = bytes_fwd + (3 * B * T * D + 3 * B * D) * e  # + read dy, x; write dx, dshift, dscale
+        bytes_fwd, bytes_fb = op_bytes(B, T, D, elem_bytes=2)  # bf16
         results = {}
         for name, fn in impls.items():
             fwd = bench(lambda i, fn=fn, sets=sets: fn(*sets[i][:3]), args.sets)
@@ -87,20 +85,22 @@ def main() -> None:
     if args.skip_model:
         return
 
-    from dit.diffusion import create_diffusion
+    from dit.diffusion import build_objective
     from dit.models import create_model
+    from dit.training.randomness import SlicedRandom
 
     print("\n| DiT-XL/2, bf16 autocast | fused_adaln=false ms | true ms | speed-up |")
     print("|---|---:|---:|---:|")
     model = create_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    diffusion = create_diffusion()
+    objective = build_objective()  # DiT's DDPM objective (hybrid loss)
     x, y = torch.randn(32, 4, 32, 32, device=dev), torch.randint(1000, (32,), device=dev)
-    t = torch.randint(1000, (32,), device=dev)
+    draw = objective.draw(SlicedRandom(0, 0, 0, 1, 0, torch.device(dev)), x)  # timesteps and noise, fixed across reps
+    t = draw["t"]
 
     def train_step(_):
         with torch.autocast("cuda", dtype=dt):
-            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
+            loss = objective.losses(model, x, draw, {"y": y})["loss"].mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import header, median, median_time, setup_tf32
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-from dit.diffusion import create_diffusion
+from dit.diffusion import SamplingSettings, build_objective
 from dit.models import create_model
 from dit.training import OptimConfig, TrainConfig, train
 from dit.zoo import count
@@ -59,8 +57,8 @@ def ours(args, variant: str) -> dict:
         mixed_precision=args.precision,
         log_every=1,
         ckpt_every=0,
-        sample_every=0,
-        sample_steps=2,
+        sample_every=0,  # one grid at the end, as small as possible
+        grid_sampling=SamplingSettings(steps=2),
         sample_per_class=1,
         sample_max_classes=1,
         num_workers=0,
@@ -70,11 +68,11 @@ def ours(args, variant: str) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
-        train(model, data, create_diffusion(), run_dir, t, OptimConfig())
+        train(model, data, build_objective(), run_dir, t, OptimConfig(), seed=0)
         recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     per_step = [1 / r["steps_per_s"] for r in recs[args.warmup :]]
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-    return {"s_per_step": statistics.median(per_step), "peak_gib": peak}
+    return {"s_per_step": median(per_step), "peak_gib": peak}
 
 
 def peer(args) -> dict:
@@ -98,12 +96,11 @@ def peer(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     data = SyntheticLatents(args.batch * 4, 4, args.input_size)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        i = (step % 4) * args.batch
+
+    def step(n: int) -> None:
+        i = (n % 4) * args.batch
         x, y = data.x[i : i + args.batch].to(device), data.y[i : i + args.batch].to(device)
         noise = torch.randn_like(x)
         t = torch.randint(0, 1000, (len(x),), device=device)
@@ -115,9 +112,10 @@ def peer(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # logged every step, like ours
-        times.append(time.perf_counter() - start)
+
+    s_per_step = median_time(step, args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"s_per_step": statistics.median(times[args.warmup :]), "peak_gib": peak}
+    return {"s_per_step": s_per_step, "peak_gib": peak}
 
 
 def main() -> None:
@@ -132,17 +130,13 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_tf32(args.device)
     train_flops = 3 * 2 * count(args.model, "adaln_zero", input_size=args.input_size)["gflops"] * 1e9  # per image
 
     rows = [(f"dit ({v})", ours(args, v)) for v in args.variants.split(",")]
     rows.append(("diffusers plain loop (eager)", peer(args)))
-    dev = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    print(f"\ndevice: {dev}; torch {torch.__version__}")
+    print()
+    header(args.device)
     print(
         f"{args.model}, {args.input_size}x{args.input_size}x4 latents, batch {args.batch}, precision {args.precision}, "
         f"median of {args.steps} steps after {args.warmup} warm-up"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement the issues name, in parts that each fit one device call (< 10 min).
 #
-#   bash ../shared/tools/gpu-wheels.sh              # on the dev machine, once: .whl/ (hydra, omegaconf, diffusers)
+#   bash benchmarks/gpu_wheels.sh                   # on the dev machine, once: .whl/ (hydra, omegaconf, diffusers)
 #   device run, carry [".whl"]:  bash benchmarks/gpu_all.sh tests     # GPU tests: compiled kernels, compile, models
 #                                bash benchmarks/gpu_all.sh kernel    # make bench-kernel: op table + DiT-XL/2 fused vs not
 #                                bash benchmarks/gpu_all.sh train     # DiT-XL/2 bf16 images/s, MFU, peak memory
@@ -14,7 +14,7 @@ part=${1:?"usage: benchmarks/gpu_all.sh tests|kernel|train|sample|launch"}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then  # the GPU image lacks these pure-Python packages (../shared/ENVIRONMENT.md)
+if [ -d .whl ]; then  # the GPU image lacks these pure-Python packages (benchmarks/gpu_wheels.sh)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
