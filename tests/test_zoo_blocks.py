@@ -482,3 +482,51 @@ def test_unknown_values_list_the_valid_ones(kw, message):
     kw = {"block": "adaln_zero", **kw}
     with pytest.raises(ValueError, match=message):
         tiny(**kw)
+
+
+# --- end to end: train, checkpoint, resume, sample -----------------------------------------------
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
+def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    model = ["model.block=diffit", "model.norm=rmsnorm", "model.qk_norm=true", "model.pos_embed=rope", "model.mlp=swiglu"]
+
+    def train(total_steps):
+        cmd = [sys.executable, str(root / "train.py"), "experiment=smoke", *model, "data.limit=32", "training.global_batch_size=8"]
+        cmd += [f"training.total_steps={total_steps}", "training.ckpt_every=2", "training.log_every=1", f"hydra.run.dir={run}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train(2)
+    train(4)  # resume=auto continues from step 2
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [1, 2, 3, 4]
+    config = json.loads((run / "model" / "config.json").read_text())["model"]
+    assert (config["block"], config["norm"], config["qk_norm"], config["pos_embed"], config["mlp"]) == (
+        "diffit",
+        "rmsnorm",
+        True,
+        "rope",
+        "swiglu",
+    )
+    assert "fused_adaln" not in config
+    out = tmp_path / "samples"
+    cmd = [
+        sys.executable,
+        str(root / "sample.py"),
+        f"checkpoint={run / 'model'}",
+        f"out_dir={out}",
+        "classes=[0,1]",
+        "per_class=1",
+        "steps=2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(out.glob("*.png"))
