@@ -38,7 +38,9 @@ Samplers (``steps`` = SamplingSettings.steps):
   sample_eps > 0 here), diffusion_norm = 1.0, last_step = "Mean" (x + drift * last_step_size), last_step_size
   = 0.04, sample_eps = 0. Its noise comes from the generator passed to ``sample`` (one draw per step,
   before the model call, as SiT), so it is deterministic per seed. SiT evaluates the model twice per
-  step (drift and score); once is enough for the same result.
+  step (drift and score); once is enough for the same result. Two SiT forms fail in SiT itself and work
+  here: "constant" (th.sqrt of a Python float in the Euler-Maruyama step) and "increasing-decreasing"
+  (path.py spells its key "inccreasing-decreasing").
 """
 
 from __future__ import annotations
