@@ -77,7 +77,9 @@ def train(
     from accelerate.utils import set_seed
 
     # --- setup -----------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=trackers(logger_config), project_config=tracking_config(run_dir))
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, log_with=trackers(logger_config) or None, project_config=tracking_config(run_dir)
+    )
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     batch_size = check_settings(t, o, world)
     run_dir = Path(run_dir)
