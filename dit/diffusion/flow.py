@@ -74,6 +74,7 @@ class FlowMatching(Objective):
     """SiT's Linear interpolant with velocity prediction (see the module docstring for the conventions)."""
 
     loss_terms = ("loss",)
+    default_sampler = "euler"  # SiT's ODE with Euler steps
 
     def __init__(self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
         if time_sampling not in TIME_SAMPLINGS:

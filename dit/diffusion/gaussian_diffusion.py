@@ -100,6 +100,8 @@ class GaussianDiffusion(Objective):
 
     # --- as an Objective ---------------------------------------------------------------------
 
+    default_sampler = "ddpm"  # DiT's: ancestral sampling
+
     @classmethod
     def from_settings(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000, variance_type: str = "learned_range"):
         return create_diffusion(None, noise_schedule, diffusion_steps, variance_type)

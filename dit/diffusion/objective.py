@@ -54,6 +54,7 @@ class Objective:
 
     name: ClassVar[str]
     loss_terms: tuple[str, ...] = ("loss",)
+    default_sampler: ClassVar[str]  # what `sampler: null` means for its models
 
     @classmethod
     def from_settings(cls, **settings: Any) -> Objective:

@@ -44,7 +44,7 @@ def register_sampler(name: str):
 class SamplingSettings:
     """How to sample: the same keys in sample.py, the training grids and the in-training FID."""
 
-    sampler: str = "ddpm"  # a key of SAMPLERS
+    sampler: str | None = None  # a key of SAMPLERS; null = the objective's default (ddpm: ddpm, flow: euler)
     steps: int = 250  # model evaluations per image (x2 with guidance)
     cfg_scale: float = 1.0  # classifier-free guidance; 1 = unguided
     guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
@@ -55,15 +55,15 @@ class SamplingSettings:
 def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
     """The sampler named by settings.sampler for a model trained with ``objective``; clear errors for
     unknown names, objectives it cannot sample, bad step counts, intervals and options."""
+    name = settings.sampler or objective.default_sampler
     try:
-        cls = SAMPLERS[settings.sampler]
+        cls = SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {settings.sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}") from None
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}") from None
     if objective.name not in cls.objectives:
         fits = sorted(n for n, c in SAMPLERS.items() if objective.name in c.objectives)
         raise ValueError(
-            f"sampler {settings.sampler!r} cannot sample a model trained with the {objective.name!r} objective; "
-            f"valid for it: {', '.join(fits)}"
+            f"sampler {name!r} cannot sample a model trained with the {objective.name!r} objective; valid for it: {', '.join(fits)}"
         )
     if int(settings.steps) < 1:
         raise ValueError(f"steps={settings.steps}: need at least 1 sampling step")
@@ -74,7 +74,7 @@ def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "objective", "settings")]
     unknown = sorted(set(settings.options or {}) - set(accepted))
     if unknown:
-        raise ValueError(f"sampler {settings.sampler!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
+        raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
     return cls(objective, settings, **(settings.options or {}))
 
 

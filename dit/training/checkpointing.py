@@ -183,6 +183,15 @@ def _prune(run_dir: Path, keep_last: int, saved: Path) -> None:
             shutil.rmtree(stale)
 
 
+def architecture_defaults() -> dict:
+    """DiT's constructor defaults: what a key missing from an older checkpoint's config means."""
+    import inspect
+
+    from dit.models import DiT
+
+    return {k: p.default for k, p in inspect.signature(DiT.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
 def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None = None) -> dict:
     """Restore model, optimiser, RNG states and EMA in place; returns the trainer state.
 
@@ -194,7 +203,9 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
         raise ValueError(f"cannot resume from {path}: {problem}")
     meta = read_json(path / "config.json")
     own = accelerator.unwrap_model(model).config
-    diff = {k: (meta["model"].get(k), v) for k, v in own.items() if meta["model"].get(k) != v}
+    # Keys a checkpoint predates (e.g. backbone options added later) mean their constructor default.
+    saved = {**architecture_defaults(), **meta["model"]}
+    diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}
     saved_objective = meta.get("objective") or {}
     if objective is not None and saved_objective and saved_objective != objective:
         keys = sorted(set(saved_objective) | set(objective))

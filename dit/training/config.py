@@ -49,13 +49,14 @@ class TrainConfig:
     sample_every: int = 10_000
     sample_per_class: int = 8
     sample_max_classes: int = 10
-    grid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddpm", steps=100, cfg_scale=1.5))
+    # sampler null: the objective's default (ddpm for DDPM models, euler for flow models)
+    grid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler=None, steps=100, cfg_scale=1.5))
     # FID of EMA samples every fid_every steps (0: never), logged and plotted (fid.png).
     fid_every: int = 0
     fid_samples: int = 500
     fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
-    fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0))
+    fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0))  # flow: euler
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     num_workers: int = 4
 

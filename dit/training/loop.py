@@ -90,9 +90,10 @@ def train(
     objective.check_model(model)
     objective_settings = objective.settings()
     # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
-    grid_sampler, fid_sampler = build_sampler(objective, t.grid_sampling), build_sampler(objective, t.fid_sampling)
+    grid_sampler = build_sampler(objective, t.grid_sampling)
     grid_sampler.check_model(model)
-    if t.fid_every:
+    fid_sampler = build_sampler(objective, t.fid_sampling) if t.fid_every else None
+    if fid_sampler is not None:
         fid_sampler.check_model(model)
     resume_from = find_resume(resume, run_dir)  # before anything is written
 
