@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from dit.atomic import fsync_tree, replace_dir
 from dit.checkpoints import load_model
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
@@ -107,11 +108,11 @@ def run(cfg: DictConfig) -> Path:
         if write_images:
             rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
             save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
-            shutil.rmtree(out / "images", ignore_errors=True)
             (parts / "images").mkdir()
             for png in parts.glob("*.png"):
                 png.rename(parts / "images" / png.name)
-            (parts / "images").rename(out / "images")
+            fsync_tree(parts / "images")  # durable before it replaces an older images/ folder
+            replace_dir(parts / "images", out / "images")
         shutil.rmtree(parts, ignore_errors=True)
         names = [class_names[c] if class_names else str(c) for c in classes]
         print(

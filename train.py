@@ -87,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: e.g. disk full while saving a checkpoint
         sys.exit(f"error: {e}")
 
 

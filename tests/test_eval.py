@@ -143,3 +143,30 @@ def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
         stats_from_features(feats, extractor.name),
     )
     assert real < 0.05 * fake  # train vs test images are close; noise is far
+
+
+@needs_fmnist
+def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
+    """The Evaluator the loop uses (in-memory images, one process) gives the numbers `python -m dit.eval
+    fid` prints for the same images as an npz; a damaged reference cache is rebuilt with a warning."""
+    from dit.eval.evaluator import Evaluator
+    from dit.sampling import save_npz_atomic
+
+    test = ImageSource("fashion_mnist:test")
+    images = torch.from_numpy(test.array[:300].copy())  # (N, 28, 28, 1) uint8, NHWC as generate() yields
+    labels = torch.from_numpy(test.labels[:300].copy())
+    labels[:30] = (labels[:30] + 1) % 10  # 10% wrong labels: class consistency 0.9
+    cache = tmp_path / "fid_ref_fashion_mnist.npz"
+    cache.write_bytes(b"not an npz")
+    ev = Evaluator("fashion_mnist", "fashion_mnist:train", batch_size=128, cache=cache, distributed=False)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        reference = ev.reference()
+    assert reference.count == 60000 and Stats.load(cache, ev.extractor.name).count == 60000  # rebuilt and cached
+    ours = ev.evaluate(images, labels)
+    assert ours["class_consistency"] <= 0.9 and ours["class_consistency"] > 0.8
+
+    save_npz_atomic(tmp_path / "s.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
+    eval_main(["fid", str(tmp_path / "s.npz"), str(cache), "--metric", "fashion_mnist", "--device", "cpu"])
+    printed = dict(kv.split("=") for kv in capsys.readouterr().out.split(" (")[0].split())
+    assert float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)  # printed to 4 decimals
+    assert float(printed["class_consistency"]) == pytest.approx(ours["class_consistency"], abs=1e-4)

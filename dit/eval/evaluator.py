@@ -91,7 +91,7 @@ class Evaluator:
             try:
                 self._reference = Stats.load(self.cache, self.extractor.name)
                 return self._reference
-            except Exception as e:  # a damaged cache is only a cache
+            except (ValueError, OSError) as e:  # damaged (dit.integrity.DamagedFileError) or unreadable: only a cache
                 warnings.warn(f"cached reference statistics {self.cache} cannot be read ({e}); recomputing them", stacklevel=2)
         self._reference, _, _ = self.stats(self.ref)
         if self.cache is not None and not is_stats_file(self.ref):
