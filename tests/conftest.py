@@ -12,7 +12,22 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
 import dit.training.config  # noqa: E402,F401  registers the training/optim schemas that compose() needs
+
+# Shared by the test modules (``from conftest import ...``): the repository, the dataset, composing configs.
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
+
+
+def compose_config(name: str, overrides=(), **kwargs):
+    """configs/<name>.yaml composed with overrides, as train.py / sample.py would see it."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(name, overrides=list(overrides), **kwargs)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.utils import instantiate
 
 from dit.models import BLOCKS, DIT_MODELS, MLPS, NORMS, POS_EMBEDS, config_name
@@ -13,8 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def compose_train(overrides=()):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_config("train", overrides)
 
 
 def test_every_registry_entry_has_a_config_and_back():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import FMNIST, ROOT, compose_config, needs_fmnist
 from safetensors.torch import save_file
 
 import train
@@ -28,16 +28,12 @@ from dit.eval.stats import ImageSource, Stats, is_stats_file
 from dit.integrity import DamagedFileError
 from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 # A checkpoint every step (more moments to kill), the last two kept.
 RUN = ["experiment=smoke", "training.log_every=1", "training.ckpt_every=1", "training.keep_last=2"]
 
 
 def cfg_for(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=[*RUN, *overrides])
+    return compose_config("train", [*RUN, *overrides])
 
 
 # --- damage ----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, needs_fmnist
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -34,16 +34,12 @@ from dit.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, SamplingSettings, 
 from dit.models import DiT
 from dit.training.randomness import SlicedRandom
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 CPU = torch.device("cpu")
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 def compose_cfg(name, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_config(name, overrides)
 
 
 class RandomVelocity(torch.nn.Module):

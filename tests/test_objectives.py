@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, needs_fmnist
 from PIL import Image
 
 import sample
@@ -32,14 +32,9 @@ from dit.diffusion import (
 )
 from dit.models import DiT
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
-
 
 def compose_cfg(name, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_config(name, overrides)
 
 
 def tiny_model(**kw):

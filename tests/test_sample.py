@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import sample
@@ -19,12 +18,9 @@ from dit.data.class_names import FASHION_MNIST_CLASSES
 from dit.models import create_model
 from dit.models.convert import to_diffusers
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def sample_cfg(**overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("sample", overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return compose_config("sample", [f"{k}={v}" for k, v in overrides.items()])
 
 
 def randomize(model):

@@ -5,21 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, needs_fmnist
 from omegaconf import OmegaConf
 
 import train
 from dit.training.logging import TRACKING_DIR, flat_config, trackers
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 SMOKE = ["experiment=smoke", "training.log_every=1"]
 
 
 def cfg_for(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=[*SMOKE, *overrides])
+    return compose_config("train", [*SMOKE, *overrides])
 
 
 def logger_cfg(*overrides) -> dict:

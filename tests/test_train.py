@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, needs_fmnist
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,15 +20,11 @@ from dit.training import OptimConfig, lr_at
 from dit.training.checkpointing import list_checkpoints
 from dit.training.ema import EMA
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 SMOKE = ["experiment=smoke", "training.log_every=1"]
 
 
 def cfg_for(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=[*SMOKE, *overrides])
+    return compose_config("train", [*SMOKE, *overrides])
 
 
 def records(run_dir):
@@ -297,8 +293,7 @@ def test_ema_update_formula_and_frozen_buffers():
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(experiment):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    cfg = compose_config("train", [f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.model._target_ == "dit.models.DiT" and cfg.training.total_steps > 0
 
 
