@@ -12,6 +12,7 @@ the latest checkpoint there.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # a job of hydra/launcher=slurm|local: one process per task
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for Accelerate
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # task k: cuda:k
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: e.g. disk full while saving a checkpoint

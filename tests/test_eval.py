@@ -170,3 +170,115 @@ def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     printed = dict(kv.split("=") for kv in capsys.readouterr().out.split(" (")[0].split())
     assert float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)  # printed to 4 decimals
     assert float(printed["class_consistency"]) == pytest.approx(ours["class_consistency"], abs=1e-4)
+
+
+# --- KID, precision/recall and Inception Score beside FID (torch-fidelity's functions on our features) ---
+
+
+def kid_float64(x, y):
+    """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1) ** 3
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))  # i != j
+    return within - 2 * kxy.mean()
+
+
+class StubFeatures(torch.nn.Module):
+    """A cheap feature extractor: a fixed random projection of the pixels to 16 dims; logits = first 10."""
+
+    name = "stub/16"
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def forward(self, images):
+        f = (images.double() / 255).flatten(1) @ self.proj
+        return f, f[:, :10]
+
+
+@pytest.fixture
+def stub_evaluator():
+    """Evaluator(..., extra_metrics=...) with StubFeatures in place of a real network."""
+    from dit.eval.evaluator import Evaluator
+
+    def make(ref=None, **kwargs):
+        with mock.patch("dit.eval.make_extractor", return_value=StubFeatures()):
+            return Evaluator("stub", ref, distributed=False, **kwargs)
+
+    return make
+
+
+def test_kid_formula_without_subsets_and_with_torch_fidelity_subsets(stub_evaluator):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 16)), rng.normal(size=(40, 16)) * 1.2 + 0.3
+    ev = stub_evaluator(extra_metrics=True)
+    # Equal sets of fewer than 1000: every subset is the whole set (permuted), so KID is the formula itself.
+    ours = ev.kid_precision_recall(x, y)
+    assert ours["kid"] == pytest.approx(kid_float64(x, y), rel=1e-9) and ours["kid_std"] == pytest.approx(0, abs=1e-9)
+    assert ours["kid"] > 0.01 and ev.kid_precision_recall(x, x)["kid"] == pytest.approx(kid_float64(x, x), abs=1e-12)
+    # Unequal sets: torch-fidelity draws 100 subsets of the smaller size with RandomState(2020), in this order.
+    y = rng.normal(size=(70, 16)) * 1.2 + 0.3
+    pick = np.random.RandomState(2020)
+    subsets = [kid_float64(x[pick.choice(40, 40, replace=False)], y[pick.choice(70, 40, replace=False)]) for _ in range(100)]
+    ours = ev.kid_precision_recall(x, y)
+    assert ours["kid"] == pytest.approx(np.mean(subsets), rel=1e-9) and ours["kid_std"] == pytest.approx(np.std(subsets), rel=1e-9)
+
+
+def test_precision_recall_see_fidelity_and_mode_collapse(stub_evaluator):
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 16))
+    ev = stub_evaluator(extra_metrics=True)
+    same = ev.kid_precision_recall(real, real)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0  # every point lies in its own k-NN ball
+    collapsed = real[:5].repeat(40, 0) + 0.01 * rng.normal(size=(200, 16))  # 5 modes of the reference
+    pr = ev.kid_precision_recall(collapsed, real)
+    assert pr["precision"] > 0.9 and pr["recall"] < 0.2  # realistic samples, little of the reference covered
+    assert pr["kid"] > same["kid"] + 0.1
+
+
+def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evaluator, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 200, (50, 8, 8, 3), dtype=np.uint8), arr_1=np.arange(50) % 10)
+    ref_images = torch.from_numpy(np.load(tmp_path / "ref.npz")["arr_0"]).permute(0, 3, 1, 2)
+    stats_from_features(StubFeatures()(ref_images)[0].numpy(), StubFeatures.name).save(tmp_path / "ref_stats.npz")
+    images = torch.from_numpy(np.load(tmp_path / "samples.npz")["arr_0"])
+    extra = stub_evaluator(str(tmp_path / "ref.npz"), extra_metrics=True).evaluate(images)
+    assert set(extra) == {"fid", "kid", "kid_std", "precision", "recall"}
+    training = stub_evaluator(str(tmp_path / "ref.npz")).evaluate(images)  # the loop's Evaluator: extra_metrics=False
+    assert set(training) == {"fid"} and training["fid"] == pytest.approx(extra["fid"])
+    stats_only = stub_evaluator(str(tmp_path / "ref_stats.npz"), extra_metrics=True)
+    assert set(stats_only.evaluate(images)) == {"fid"}
+    assert "is statistics only (mu, sigma)" in stats_only.extra_unavailable(np.zeros((50, 16)))
+    with mock.patch("dit.eval.make_extractor", return_value=StubFeatures()), mock.patch("dit.eval.__main__.METRICS", ("stub",)):
+        eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"])
+        eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "--metric", "stub", "--device", "cpu"])
+    with_images, with_stats = capsys.readouterr().out.strip().split("\n", 1)
+    printed = dict(kv.split("=") for kv in with_images.split(" (")[0].split())
+    assert float(printed["kid"]) == pytest.approx(extra["kid"], abs=1e-6) and float(printed["recall"]) == pytest.approx(extra["recall"])
+    assert "kid=" not in with_stats and "KID, precision and recall not computed: the reference" in with_stats
+
+
+def test_inception_is_kid_precision_recall_against_reference_images(random_inception_home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    from dit.eval.evaluator import Evaluator
+
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "a.npz", arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "b.npz", arr_0=rng.integers(0, 128, (8, 32, 32, 3), dtype=np.uint8))
+    with pytest.warns(UserWarning, match="unreliable"):  # 8 images of 2048-d features: only the path is tested
+        ev = Evaluator("inception", str(tmp_path / "b.npz"), distributed=False, extra_metrics=True)
+        features, logits, _ = ev.extract(str(tmp_path / "a.npz"))
+        ours = ev.metrics(stats_from_features(features, ev.extractor.name), logits, None, features)
+        eval_main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--batch-size", "8", "--device", "cpu"])
+    assert ours["kid"] == pytest.approx(kid_float64(features, ev._reference_features), rel=1e-6)  # 8 vs 8: no subsets
+    assert ours["inception_score"] == isc_features_to_metric(torch.from_numpy(logits), splits=8)["inception_score_mean"]
+    assert 0 <= ours["precision"] <= 1 and 0 <= ours["recall"] <= 1
+    printed = dict(kv.split("=") for kv in capsys.readouterr().out.split(" (")[0].split())
+    assert set(printed) == {"fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"}
+    assert float(printed["kid"]) == pytest.approx(ours["kid"], abs=1e-6) and float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)

@@ -1,6 +1,8 @@
 """One evaluator for FID during training and ``python -m dit.eval fid``: reference statistics
 (resolved from a stats npz, images or a dataset name, and cached), chunked feature extraction, and
-the metrics beside FID (class consistency for the domain metric, Inception Score for Inception)."""
+the metrics beside FID: class consistency for the domain metric, Inception Score for Inception, and
+(opt-in, ``extra_metrics``) KID and precision/recall, which need the reference's features, not only
+its statistics. IS, KID and precision/recall are torch-fidelity's own functions on our features."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit.eval.stats import ImageSource, Stats, extract_features, fid, inception_score, is_stats_file, stats_from_features
+from dit.eval.stats import ImageSource, Stats, extract_features, fid, is_stats_file, stats_from_features
 
 __all__ = ["Evaluator", "TensorSource"]
 
 # Metrics whose classifier head predicts the dataset's own classes: class consistency is meaningful.
 CLASS_CONSISTENCY = ("fashion_mnist",)
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults; the subset shrinks to the smaller set
+PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkaenniemi et al. 2019; ADM's evaluator and torch-fidelity)
+EXTRA_METRICS = ("kid", "kid_std", "precision", "recall")
 
 
 class TensorSource:
@@ -41,6 +46,9 @@ class Evaluator:
     cache: where reference statistics computed from images are kept (reused while it loads; a damaged
     cache is rebuilt with a warning). distributed: split extraction over the processes of an
     accelerate / torchrun launch (every process must call); False when one process evaluates alone.
+    extra_metrics: also KID and precision/recall (the CLI's default; off in training, where they would
+    cost the reference's features in memory and k-NN distances at every evaluation). They need the
+    reference's images: a stats npz reference cannot give them (``extra_unavailable`` says why).
     """
 
     def __init__(
@@ -52,13 +60,15 @@ class Evaluator:
         batch_size: int = 250,
         cache: str | Path | None = None,
         distributed: bool = True,
+        extra_metrics: bool = False,
     ):
         from dit.eval import make_extractor
 
         self.metric, self.ref, self.device, self.batch_size = metric, ref, device, batch_size
-        self.cache, self.distributed = Path(cache) if cache else None, distributed
+        self.cache, self.distributed, self.extra_metrics = Path(cache) if cache else None, distributed, extra_metrics
         self.extractor = make_extractor(metric, inception_weights, device)
         self._reference: Stats | None = None
+        self._reference_features: np.ndarray | None = None  # (N, D), kept only for the extra metrics
 
     # --- features and statistics -----------------------------------------------------------------
 
@@ -73,13 +83,18 @@ class Evaluator:
             logits.append(lg.cpu().numpy())
         return np.concatenate(feats), np.concatenate(logits)
 
+    def extract(self, spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(features (N, D), logits (N, K), labels or None) of images or a dataset name."""
+        source = ImageSource(spec)
+        features, logits = self.features(source)
+        return features, logits, source.labels
+
     def stats(self, spec: str) -> tuple[Stats, np.ndarray | None, np.ndarray | None]:
         """(statistics, logits, labels) of a stats npz (no logits) or of images / a dataset name."""
         if is_stats_file(spec):
             return Stats.load(spec, default_extractor=self.extractor.name), None, None
-        source = ImageSource(spec)
-        features, logits = self.features(source)
-        return stats_from_features(features, self.extractor.name), logits, source.labels
+        features, logits, labels = self.extract(spec)
+        return stats_from_features(features, self.extractor.name), logits, labels
 
     def reference(self) -> Stats:
         """The reference statistics: from the cache when it loads, else computed (and cached)."""
@@ -87,6 +102,12 @@ class Evaluator:
             return self._reference
         if not self.ref:
             raise ValueError("FID needs a reference: a stats npz, an image folder / npz, or a dataset name (e.g. fashion_mnist)")
+        if self.extra_metrics and not is_stats_file(self.ref):  # features wanted: the cache holds statistics only
+            self._reference_features, _, _ = self.extract(self.ref)
+            self._reference = stats_from_features(self._reference_features, self.extractor.name)
+            if self.cache is not None:
+                self._reference.save(self.cache)
+            return self._reference
         if self.cache is not None and self.cache.exists():
             try:
                 self._reference = Stats.load(self.cache, self.extractor.name)
@@ -100,21 +121,70 @@ class Evaluator:
 
     # --- metrics ---------------------------------------------------------------------------------
 
-    def metrics(self, stats: Stats, logits: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict[str, float]:
-        """FID against the reference, plus what the metric's classifier says about the images."""
+    def extra_unavailable(self, features: np.ndarray | None) -> str | None:
+        """Why KID and precision/recall cannot be computed for these sample features (None: they can)."""
+        if not self.extra_metrics:
+            return "not asked for (extra_metrics=False)"
+        if features is None:
+            return "the samples are statistics only (mu, sigma); they need the images"
+        self.reference()
+        if self._reference_features is None:
+            return f"the reference {self.ref} is statistics only (mu, sigma); they need its images (a folder, an npz with arr_0, a dataset name)"
+        if min(len(features), len(self._reference_features)) <= PRC_NEIGHBORHOOD:
+            return f"they need more than {PRC_NEIGHBORHOOD} images in each set"
+        return None
+
+    def metrics(
+        self, stats: Stats, logits: np.ndarray | None = None, labels: np.ndarray | None = None, features: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """FID against the reference, plus what the metric's classifier says about the images, plus KID
+        and precision/recall of the sample ``features`` (N, D) when extra_metrics is on and they can be had."""
+        from torch_fidelity.metric_isc import isc_features_to_metric
+
         result = {"fid": fid(stats, self.reference())}
         if logits is not None and self.metric == "inception":
-            result["inception_score"], result["inception_score_std"] = inception_score(logits)
+            logits = torch.from_numpy(np.asarray(logits))
+            isc = isc_features_to_metric(logits, splits=min(10, len(logits)))  # torch-fidelity's 10 splits (and shuffle)
+            result["inception_score"], result["inception_score_std"] = isc["inception_score_mean"], isc["inception_score_std"]
         if logits is not None and labels is not None and self.metric in CLASS_CONSISTENCY:
             result["class_consistency"] = float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+        if self.extra_metrics and self.extra_unavailable(features) is None:
+            result.update(self.kid_precision_recall(features, self._reference_features))
         return result
+
+    def kid_precision_recall(self, samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        """KID (unbiased MMD^2, cubic polynomial kernel, mean and std over subsets) and k-NN precision / recall
+        of sample features against reference features, by torch-fidelity's functions.
+
+        Precision/recall depend on the set sizes (the k-NN radii shrink as a set grows), so the larger set
+        is cut to a seeded random subset as large as the other, as in Kynkaenniemi et al. (2019)."""
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        fake, real = torch.from_numpy(np.asarray(samples)), torch.from_numpy(np.asarray(reference))
+        size = min(KID_SUBSET_SIZE, len(fake), len(real))
+        kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=size, verbose=False)
+        n, rng = min(len(fake), len(real)), np.random.default_rng(0)
+        fake, real = (x if len(x) == n else x[rng.choice(len(x), n, replace=False)] for x in (fake, real))
+        # save_cpu_ram: k-NN distances in (10,000 x N) blocks instead of one (N x N) matrix
+        prc = prc_features_to_metric(
+            fake.to(self.device), real.to(self.device), prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True, verbose=False
+        )
+        return {
+            "kid": kid["kernel_inception_distance_mean"],
+            "kid_std": kid["kernel_inception_distance_std"],
+            "precision": prc["precision"],
+            "recall": prc["recall"],
+        }
 
     def evaluate(self, source, labels=None) -> dict[str, float]:
         """Metrics of a spec (stats npz, images, dataset name) or of in-memory uint8 images with labels."""
+        if isinstance(source, str) and is_stats_file(source):
+            return self.metrics(self.stats(source)[0])
         if isinstance(source, str):
-            stats, logits, found_labels = self.stats(source)
-            return self.metrics(stats, logits, found_labels if labels is None else labels)
-        if not isinstance(source, (ImageSource, TensorSource)):
+            source = ImageSource(source)
+        elif not isinstance(source, (ImageSource, TensorSource)):
             source = TensorSource(source, labels)
         features, logits = self.features(source)
-        return self.metrics(stats_from_features(features, self.extractor.name), logits, source.labels if labels is None else labels)
+        labels = source.labels if labels is None else labels
+        return self.metrics(stats_from_features(features, self.extractor.name), logits, labels, features)
