@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: e.g. a full disk while writing samples
         sys.exit(f"error: {e}")
 
 

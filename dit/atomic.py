@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "fsync_dir", "fsync_tree"]
+__all__ = ["atomic_dir", "atomic_file", "fsync_dir", "fsync_tree", "replace_dir"]
 
 
 def fsync_file(path: str | Path) -> None:

@@ -32,6 +32,10 @@ from dit.models.convert import from_diffusers, load_official_checkpoint
 from dit.models.state_dict import load_state_dict_checked
 
 __all__ = ["FORMAT", "export_config", "load_model", "save_export"]
+# Still importable from here (their homes moved): atomic_dir, atomic_file, load_state_dict_checked,
+# FASHION_MNIST_CLASSES, imagenet_class_names.
+from dit.atomic import atomic_file  # noqa: E402,F401
+from dit.data.class_names import FASHION_MNIST_CLASSES  # noqa: E402,F401
 
 FORMAT = "dit"
 DEFAULT_LATENT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of the released DiT checkpoints

@@ -83,6 +83,10 @@ def generate(
     """Yield (first global index, uint8 NHWC images) for this rank's batches: b = rank, rank + world, ...
 
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings)."""
+    if not isinstance(sampler, Sampler):
+        raise TypeError(
+            f"generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), not {type(sampler).__name__}"
+        )
     sampler.check_model(model)
     C, S = model.in_channels, model.input_size
     for b in range(rank, (len(labels) + batch_size - 1) // batch_size, world_size):

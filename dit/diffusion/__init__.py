@@ -2,7 +2,8 @@
 
 Objectives (``diffusion=``): "ddpm" (GaussianDiffusion: ADM/DiT, linear or cosine schedule, learned
 sigma). Samplers (``sampler=``): "ddpm" (ancestral), "ddim", and diffusers' "dpmpp" (DPM-Solver++)
-and "unipc" for DDPM models, with classifier-free guidance (optionally in a noise-level interval).
+and "unipc" for DDPM models; "flow" (SiT's flow matching) with "euler", "heun" and "euler_maruyama";
+classifier-free guidance (optionally in a noise-level interval) for all of them.
 """
 
 from dit.diffusion.flow import FlowMatching  # registers the flow objective and the euler, heun, euler_maruyama samplers
@@ -14,9 +15,7 @@ from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC  # registers the dpmp
 
 __all__ = [
     "FlowMatching",
-    "DPMSolverPlusPlus",
     "OBJECTIVES", "SAMPLERS", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective", "Sampler", "SamplingSettings", "build_objective", "build_sampler",
     "create_diffusion", "get_betas", "guided_model", "register_objective", "register_sampler", "respace_betas", "sample_loop",
     "space_timesteps",
-    "UniPC",
 ]  # fmt: skip

@@ -11,7 +11,7 @@ An objective owns everything that differs between ways of training the same netw
 - ``noise_level(t)``: the model timestep mapped to [0, 1] (1 = pure noise), what guidance intervals
   are expressed in, so one guidance implementation serves every objective and sampler.
 
-Samplers say which objectives they can sample (dit/diffusion/samplers.py). Adding an objective =
+Samplers say which objectives they can sample (dit/diffusion/sampler.py). Adding an objective =
 one class with ``@register_objective``, one config file in configs/diffusion/.
 """
 

@@ -87,6 +87,11 @@ def to_diffusers(model: DiT):
 
     if model.block != "adaln_zero":
         raise ValueError(f"diffusers' DiTTransformer2DModel only has adaLN-Zero blocks, not {model.block!r}")
+    plain = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos"}
+    other = {k: model.config.get(k, v) for k, v in plain.items() if model.config.get(k, v) != v}
+    if other:
+        listing = ", ".join(f"{k}={v}" for k, v in other.items())
+        raise ValueError(f"diffusers' DiT has only layernorm, gelu, sincos and no qk_norm; this model has {listing}")
     if not model.y_embedder.has_null_class:
         raise ValueError("diffusers' DiT always has a null class; build the model with class_dropout_prob > 0")
     if model.t_embedder.freq_shift != 1:

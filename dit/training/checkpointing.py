@@ -183,6 +183,13 @@ def _prune(run_dir: Path, keep_last: int, saved: Path) -> None:
             shutil.rmtree(stale)
 
 
+def default_objective_settings() -> dict:
+    """What an objective-less (older) checkpoint was trained with: DiT's DDPM (sample.py reads it so too)."""
+    from dit.diffusion import build_objective
+
+    return build_objective().settings()
+
+
 def architecture_defaults() -> dict:
     """DiT's constructor defaults: what a key missing from an older checkpoint's config means."""
     import inspect
@@ -206,8 +213,9 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     # Keys a checkpoint predates (e.g. backbone options added later) mean their constructor default.
     saved = {**architecture_defaults(), **meta["model"]}
     diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}
-    saved_objective = meta.get("objective") or {}
-    if objective is not None and saved_objective and saved_objective != objective:
+    # Checkpoints written before objectives were recorded were all trained with DiT's default DDPM.
+    saved_objective = meta.get("objective") or default_objective_settings()
+    if objective is not None and saved_objective != objective:
         keys = sorted(set(saved_objective) | set(objective))
         diff.update(
             {f"objective.{k}": (saved_objective.get(k), objective.get(k)) for k in keys if saved_objective.get(k) != objective.get(k)}

@@ -90,11 +90,8 @@ def train(
     objective.check_model(model)
     objective_settings = objective.settings()
     # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
-    grid_sampler = build_sampler(objective, t.grid_sampling)
-    grid_sampler.check_model(model)
-    fid_sampler = build_sampler(objective, t.fid_sampling) if t.fid_every else None
-    if fid_sampler is not None:
-        fid_sampler.check_model(model)
+    grid_sampler = _training_sampler(objective, t.grid_sampling, model, "training.grid_sampling")
+    fid_sampler = _training_sampler(objective, t.fid_sampling, model, "training.fid_sampling") if t.fid_every else None
     resume_from = find_resume(resume, run_dir)  # before anything is written
 
     # --- data ------------------------------------------------------------------------------
@@ -256,6 +253,16 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "checkpoint": last_ckpt, "export": export, "ema": ema.model, "model": raw}
+
+
+def _training_sampler(objective: Objective, settings, model, key: str):
+    """build_sampler + the model check, with errors that name the config key they come from."""
+    try:
+        sampler = build_sampler(objective, settings)
+        sampler.check_model(model)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    return sampler
 
 
 def _advance(state: dict, sampler: GlobalBatchSampler) -> None:
