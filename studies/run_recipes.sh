@@ -18,7 +18,7 @@ case "${1:-all}" in
   eval)
     for name in ddpm flow_uniform flow_logit_normal; do
       [ -f studies/recipes/$name/model/config.json ] || continue
-      samplers=ddim:25; [ $name = ddpm ] || samplers=euler:25,heun:13
+      samplers=ddim:25; [ $name = ddpm ] || samplers=euler:25
       $PY benchmarks/sampler_study.py --checkpoint studies/recipes/$name/model --samplers $samplers --num-images 500 \
         --cfg-scale 2 --out studies/recipes/$name/eval
     done ;;

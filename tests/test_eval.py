@@ -119,6 +119,7 @@ def test_inception_path_end_to_end(random_inception_home, tmp_path, monkeypatch,
     assert ref.count == 6 and ref.mu.shape == (2048,) and ref.extractor.startswith("inception-v3-compat")
 
 
+@pytest.mark.slow  # retrains the domain CNN from scratch: ~2 min alone, ~5 min on a busy 2-core machine
 @needs_fmnist
 def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DIT_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -158,10 +159,10 @@ def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     labels[:30] = (labels[:30] + 1) % 10  # 10% wrong labels: class consistency 0.9
     cache = tmp_path / "fid_ref_fashion_mnist.npz"
     cache.write_bytes(b"not an npz")
-    ev = Evaluator("fashion_mnist", "fashion_mnist:train", batch_size=128, cache=cache, distributed=False)
+    ev = Evaluator("fashion_mnist", "fashion_mnist:test", batch_size=500, cache=cache, distributed=False)
     with pytest.warns(UserWarning, match="cannot be read"):
         reference = ev.reference()
-    assert reference.count == 60000 and Stats.load(cache, ev.extractor.name).count == 60000  # rebuilt and cached
+    assert reference.count == 10000 and Stats.load(cache, ev.extractor.name).count == 10000  # rebuilt and cached
     ours = ev.evaluate(images, labels)
     assert ours["class_consistency"] <= 0.9 and ours["class_consistency"] > 0.8
 
@@ -262,6 +263,7 @@ def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evalu
     assert "kid=" not in with_stats and "KID, precision and recall not computed: the reference" in with_stats
 
 
+@pytest.mark.slow  # Inception on CPU for both image sets (~25 s alone); the Inception path itself stays in make test
 def test_inception_is_kid_precision_recall_against_reference_images(random_inception_home, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     from torch_fidelity.metric_isc import isc_features_to_metric
