@@ -20,12 +20,18 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dit.data import Subset
 from dit.training import OptimConfig, TrainConfig, train  # also registers the training/optim config schemas
 from dit.training.checkpointing import list_checkpoints
+from dit.training.logging import FAILURE_NOTE, note_failure
+
+
+class RunFailed(RuntimeError):
+    """A job of a multirun stopped by bad input or a failed save; its message is the one-line reason."""
 
 
 def build(node: DictConfig):
@@ -91,10 +97,20 @@ def main(cfg: DictConfig) -> None:
 
         if submitit.JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for Accelerate
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # task k: cuda:k
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run(cfg, run_dir)
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: e.g. disk full while saving a checkpoint
+        note_failure(run_dir, f"{type(e).__name__}: {e}")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # An exception, not an exit: Hydra marks this job failed and the sweep's other jobs go on
+            # (SystemExit would end a multirun, the pool launcher's workers included, at the first error).
+            raise RunFailed(f"{run_dir}: {e}") from None
         sys.exit(f"error: {e}")
+    except BaseException as e:  # a bug, Ctrl-C, a launcher's timeout signal: recorded for dit.report, then raised
+        note_failure(run_dir, f"{type(e).__name__}: {e}".rstrip(": "))
+        raise
+    (run_dir / FAILURE_NOTE).unlink(missing_ok=True)  # an earlier attempt's note no longer applies
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
-"""A Markdown report of a Hydra multirun (e.g. the conditioning ablation): table and PNG plots.
+"""A Markdown report of a Hydra multirun (e.g. the conditioning study): tables with confidence
+intervals over seeds, significance tests, PNG curves with seed bands and the sample grids.
 
     python -m dit.report multirun/ablate_conditioning -o docs/ablation.md
 
-Table: block, parameters, GFLOPs (of the run's own input size), final training loss, FID and class
-consistency (the last evaluation), training images/s. Plots: loss against step and FID against step
-for every run on one axis each, and the runs' final sample grids side by side. Failed or unfinished
-runs are listed with the reason and the rest is reported.
+Runs are grouped into arms by what differs between their configs apart from the seed (for the
+conditioning study: ``model.block``); the seeds of an arm are its replicates. For every figure
+(final FID, class consistency and its worst class, final loss, images/s) the table gives the mean
+over seeds and a 95% confidence interval (Student's t with n - 1 degrees of freedom). Arms are
+compared pairwise on the final FID by Welch's t-test, with Holm's correction for the number of pairs
+at a familywise level of 5%; the report says which differences are significant and which are not.
+Failed or unfinished runs are listed with the reason and the rest is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 
 import yaml
+
+from dit.training.logging import FAILURE_NOTE
+
+ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 
 
 def load_run(job_dir: Path) -> dict:
@@ -25,16 +35,49 @@ def load_run(job_dir: Path) -> dict:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
     total = config["training"]["total_steps"]
     last = max((r["step"] for r in records), default=0)
-    if not records:
-        status = "failed: no metrics were written"
-    elif not (job_dir / "model" / "config.json").exists():
-        status = f"unfinished: stopped at step {last} of {total}"
-    else:
+    note = job_dir / FAILURE_NOTE
+    reason = note.read_text().strip() if note.exists() else None
+    if (job_dir / "model" / "config.json").exists() and last >= total:
         status = "ok"
+    elif reason:
+        status = f"failed at step {last} of {total}: {reason}"
+    elif not records:
+        status = "failed: no metrics were written"
+    else:
+        status = f"unfinished: stopped at step {last} of {total}"
     return dict(name=job_dir.name, dir=job_dir, config=config, records=records, status=status, last_step=last)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)  # lists and None compare as text
+    return out
+
+
+def arm_keys(runs: list[dict], by: list[str] | None = None) -> list[str]:
+    """The config keys that tell the arms apart: ``by``, or those that vary between runs except the seed."""
+    if by:
+        return by
+    flat = [flatten(r["config"]) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    varying = [k for k in keys if k != "seed" and len({f.get(k) for f in flat}) > 1]
+    return varying or ["model.block"]
+
+
+def arm_label(run: dict, keys: list[str]) -> str:
+    flat = flatten(run["config"])
+    values = [json.loads(flat[k]) if k in flat else None for k in keys]
+    if len(keys) == 1:
+        return str(values[0])
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, values))
+
+
 def summarize(run: dict) -> dict:
+    """The figures of one finished run. The final FID is the last record with the most samples."""
     from dit.zoo import count
 
     cfg, recs = run["config"], run["records"]
@@ -42,61 +85,128 @@ def summarize(run: dict) -> dict:
     size = count(m["name"], m["block"], input_size=d["input_size"], in_channels=d["in_channels"], num_classes=d["num_classes"])
     losses = [r["loss"] for r in recs if "loss" in r]
     evals = [r for r in recs if "fid" in r]
+    final = max(evals, key=lambda r: (r["step"], r.get("fid_n", 0))) if evals else {}
     speeds = [r["images_per_s"] for r in recs if "images_per_s" in r][1:]  # the first window holds start-up
     return dict(
+        seed=cfg.get("seed"),
         block=m["block"],
         model=m["name"],
         params=size["params"],
         gflops=size["gflops"],
         final_loss=statistics.mean(losses[-3:]) if losses else None,
-        fid=evals[-1]["fid"] if evals else None,
-        class_consistency=evals[-1].get("class_consistency") if evals else None,
+        fid=final.get("fid"),
+        fid_n=final.get("fid_n"),
+        class_consistency=final.get("class_consistency"),
+        class_consistency_min=final.get("class_consistency_min"),
         images_per_s=statistics.median(speeds) if speeds else None,
     )
 
 
-def plot_curves(runs: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> bool:
+def mean_ci(values: list[float], level: float = 1 - ALPHA) -> tuple[float, float | None]:
+    """Mean and the half-width of its Student-t confidence interval (None from a single value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, None
+    return mean, stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+
+
+def welch(a: list[float], b: list[float], level: float = 1 - ALPHA) -> dict:
+    """Welch's unequal-variance t-test of mean(a) - mean(b): difference, its CI, p (two-sided)."""
+    from scipy import stats
+
+    na, nb = len(a), len(b)
+    va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return dict(diff=diff, ci=0.0, p=0.0 if diff else 1.0, df=float(na + nb - 2))
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch-Satterthwaite
+    t = diff / se
+    return dict(diff=diff, ci=stats.t.ppf(0.5 + level / 2, df) * se, p=float(2 * stats.t.sf(abs(t), df)), df=df)
+
+
+def holm(pvalues: list[float], alpha: float = ALPHA) -> tuple[list[float], list[bool]]:
+    """Holm's step-down adjusted p-values and rejections, in the input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted, [p <= alpha for p in adjusted]
+
+
+def curve(run: dict, key: str) -> dict[int, float]:
+    """step -> value of one run; for FID only the records with the curve's sample count."""
+    recs = [r for r in run["records"] if key in r]
+    if key == "fid" and recs:
+        n = min(r.get("fid_n", 0) for r in recs)
+        recs = [r for r in recs if r.get("fid_n", 0) == n]
+    return {r["step"]: r[key] for r in recs}
+
+
+def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, log: bool = False) -> bool:
+    """Mean over the seeds of each arm, with a band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
     drawn = False
-    for run in runs:
-        pts = [(r["step"], r[key]) for r in run["records"] if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key == "fid" else None, ms=4, label=run["config"]["model"]["block"])
-            drawn = True
+    for label, runs in arms.items():
+        curves = [c for c in (curve(r, key) for r in runs) if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        values = [[c[s] for c in curves] for s in steps]
+        mean = [statistics.fmean(v) for v in values]
+        (line,) = ax.plot(steps, mean, marker="o" if key == "fid" else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.18, lw=0)
+        drawn = True
     if drawn:
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path)
     plt.close(fig)
     return drawn
 
 
-def plot_grids(runs: list[dict], path: Path) -> bool:
+def plot_grids(arms: dict[str, list[dict]], path: Path) -> bool:
+    """The final sample grid of each arm's first seed, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    grids = [(r["config"]["model"]["block"], r["dir"] / "samples" / "latest.png") for r in runs]
-    grids = [(b, p) for b, p in grids if p.exists()]
+    grids = []
+    for label, runs in arms.items():
+        for run in sorted(runs, key=lambda r: r["config"].get("seed", 0)):
+            png = run["dir"] / "samples" / "latest.png"
+            if png.exists():
+                grids.append((f"{label} (seed {run['config'].get('seed')})", png))
+                break
     if not grids:
         return False
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 4.2), dpi=120, squeeze=False)
-    for ax, (block, png) in zip(axes[0], grids):
-        ax.imshow(Image.open(png))
-        ax.set_title(block)
+    cols = min(len(grids), 4)
+    rows = math.ceil(len(grids) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.9 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, (title, png) in zip(axes.flat, grids):
+        ax.imshow(Image.open(png), cmap="gray")
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -107,32 +217,122 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def write_report(multirun: Path, out: Path) -> str:
+def fmt_ci(values: list, spec: str, scale: float = 1.0) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    mean, half = mean_ci(values)
+    return format(mean, spec) if half is None else f"{format(mean, spec)} ± {format(half, spec)}"
+
+
+def comparisons(arms: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
+    """Pairwise Welch tests on the final FID (arms with >= 2 seeds), Holm-corrected: table and pairs."""
+    fids = {label: [s["fid"] for s in summaries if s["fid"] is not None] for label, summaries in arms.items()}
+    fids = {k: v for k, v in fids.items() if len(v) >= 2}
+    pairs = []
+    for a, b in itertools.combinations(sorted(fids, key=lambda k: statistics.fmean(fids[k])), 2):
+        pairs.append(dict(a=a, b=b, **welch(fids[a], fids[b])))
+    if not pairs:
+        return [], []
+    adjusted, reject = holm([p["p"] for p in pairs])
+    for p, adj, rej in zip(pairs, adjusted, reject):
+        p["p_holm"], p["significant"] = adj, rej
+    lines = [
+        "| lower FID | higher FID | difference (95% CI) | p (Welch) | p (Holm) | significant |",
+        "|---|---|---|---:|---:|---|",
+        *[
+            f"| {p['a']} | {p['b']} | {p['diff']:.1f} ({p['diff'] - p['ci']:.1f} to {p['diff'] + p['ci']:.1f}) | "
+            f"{p['p']:.3g} | {p['p_holm']:.3g} | {'**yes**' if p['significant'] else 'no'} |"
+            for p in pairs
+        ],
+    ]
+    return lines, pairs
+
+
+def verdict(order: list[str], pairs: list[dict]) -> list[str]:
+    """Plain sentences: which arms are significantly apart, and which are not."""
+    if not pairs:
+        return ["Fewer than two seeds per arm: no significance test."]
+    m = len(pairs)
+    sig = [p for p in pairs if p["significant"]]
+    text = [
+        f"Test: Welch's t-test on the final FID of each pair of arms (seeds as replicates), Holm's correction over "
+        f"the {m} pairs, familywise level {ALPHA:.0%}."
+    ]
+    if not sig:
+        text.append("No difference in final FID between any two arms is significant at this level.")
+        return text
+    for a in order:
+        worse = [p["b"] for p in sig if p["a"] == a]
+        if worse:
+            text.append(f"- `{a}` has a significantly lower FID than " + ", ".join(f"`{b}`" for b in worse) + ".")
+    tied = [f"`{p['a']}` vs `{p['b']}`" for p in pairs if not p["significant"]]
+    if tied:
+        text.append(f"- Not significant ({len(tied)} of {m} pairs): " + ", ".join(tied) + ".")
+    return text
+
+
+def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     jobs = sorted(p.parent.parent for p in multirun.glob("*/.hydra/config.yaml"))
     if not jobs:
         raise FileNotFoundError(f"{multirun}: no Hydra job directories (*/.hydra/config.yaml)")
     runs = [load_run(j) for j in jobs]
+    keys = arm_keys(runs, by)
+    for r in runs:
+        r["arm"] = arm_label(r, keys)
     ok = [r for r in runs if r["status"] == "ok"]
+    summaries: dict[str, list[dict]] = {}
+    for r in ok:
+        summaries.setdefault(r["arm"], []).append(summarize(r))
+    order = sorted(summaries, key=lambda a: statistics.fmean([s["fid"] for s in summaries[a] if s["fid"] is not None] or [math.inf]))
+    ok_arms = {a: [r for r in ok if r["arm"] == a] for a in order}
+    all_arms = {a: [r for r in runs if r["arm"] == a] for a in dict.fromkeys([*order, *(r["arm"] for r in runs)])}
+
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
     images = {
-        "loss": plot_curves(runs, "loss", "training loss", out.with_name(f"{stem}_loss.png"), log=True),
-        "fid": plot_curves(runs, "fid", "FID", out.with_name(f"{stem}_fid.png")),
-        "grids": plot_grids(ok, out.with_name(f"{stem}_samples.png")),
+        "loss": plot_curves(
+            all_arms, "loss", "training loss (mean over seeds, band: min-max)", out.with_name(f"{stem}_loss.png"), log=True
+        ),
+        "fid": plot_curves(all_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png")),
+        "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
-    lines = ["| block | params (M) | GFLOPs | final loss | FID | class consistency | images/s |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in ok:
-        s = summarize(r)
+    fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
+    header = " | ".join(k.rsplit(".", 1)[-1] for k in keys)
+    lines = [
+        f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss | images/s |",
+        "|---|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for a in order:
+        ss = summaries[a]
         lines.append(
-            f"| {s['block']} | {s['params'] / 1e6:.2f} | {fmt(s['gflops'], '.3f')} | {fmt(s['final_loss'], '.4f')} | "
-            f"{fmt(s['fid'], '.1f')} | {fmt(s['class_consistency'], '.1%')} | {fmt(s['images_per_s'], '.1f')} |"
+            f"| {a} | {len(ss)} | {ss[0]['params'] / 1e6:.2f} | {fmt(ss[0]['gflops'], '.3f')} | "
+            f"{fmt_ci([s['fid'] for s in ss], '.1f')} | {fmt_ci([s['class_consistency'] for s in ss], '.1f', 100)}% | "
+            f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100)}% | {fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
+            f"{fmt_ci([s['images_per_s'] for s in ss], '.1f')} |"
         )
     model = ok[0]["config"]["model"]["name"] if ok else "?"
-    text = [f"Runs in `{multirun}` ({model}, {len(ok)} of {len(runs)} finished).", "", *lines, ""]
+    seeds = sorted({r["config"].get("seed") for r in runs}, key=str)
+    text = [
+        f"Runs in `{multirun}` ({model}; arms differ in {', '.join(f'`{k}`' for k in keys)}; seeds {', '.join(map(str, seeds))}; "
+        f"{len(ok)} of {len(runs)} runs finished).",
+        "",
+        f"Mean ± 95% confidence interval over seeds (Student's t); final FID on {'/'.join(map(str, fid_n)) or '?'} samples. "
+        "Class consistency: share of class-k samples the domain classifier calls k (chance: 1/classes); worst class: "
+        "the lowest share over the classes. Sorted by mean final FID.",
+        "",
+        *lines,
+        "",
+    ]
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]
-    for key, title in (("loss", "Training loss"), ("fid", "FID during training"), ("grids", "Final EMA samples (one row per class)")):
+    test_lines, pairs = comparisons(summaries)
+    text += ["**Which differences are significant**", "", *verdict(order, pairs), ""]
+    if test_lines:
+        text += [*test_lines, ""]
+    titles = {"loss": "Training loss", "fid": "FID during training", "grids": "Final EMA samples (one row per class)"}
+    for key, title in titles.items():
         if images[key]:
             name = {"loss": f"{stem}_loss.png", "fid": f"{stem}_fid.png", "grids": f"{stem}_samples.png"}[key]
             text += [f"**{title}**", "", f"![{title}]({name})", ""]
@@ -143,10 +343,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.report", description=__doc__.split("\n\n")[0])
     p.add_argument("multirun", type=Path)
     p.add_argument("-o", "--out", type=Path, default=None, help="Markdown file (default: <multirun>/report.md)")
+    p.add_argument("--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)")
     args = p.parse_args(argv)
     out = args.out or args.multirun / "report.md"
     try:
-        body = write_report(args.multirun, out)
+        body = write_report(args.multirun, out, args.by)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     if out.exists() and "<!-- report -->" in out.read_text():

@@ -34,7 +34,7 @@ def test_local_launcher_runs_jobs_as_processes_and_report_collects_them(tmp_path
     out = tmp_path / "report.md"
     subprocess.run([sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True)
     text = out.read_text()
-    assert "2 of 2 finished" in text and "| adaln |" in text and "| adaln_zero |" in text
+    assert "2 of 2 runs finished" in text and "| adaln |" in text and "| adaln_zero |" in text
 
 
 @pytest.mark.slow  # a second multirun of ~25 s on the 2-core machine; the only check of train.py's submitit hook
@@ -67,3 +67,26 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
     for line in ("--partition=gpu", "--gpus-per-node=8", "--ntasks-per-node=8", "--nodes=1", "--cpus-per-task=8", "--time=1440"):
         assert f"#SBATCH {line}\n" in sbatch
+
+
+@needs_fmnist
+def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished_ones(tmp_path):
+    """hydra/launcher=pool (make ablation): a job with bad input fails alone, says why in error.txt, the
+    report lists it; the same command again trains nothing that is finished."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "training.total_steps=4", "logger=none", "hydra/launcher=pool"]
+    cmd += [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${model.block}", "model.block=bogus,adaln"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode != 0 and "unknown block 'bogus'" in first.stderr
+    assert (sweep / "adaln" / "model" / "config.json").exists()  # the other job finished
+    assert (sweep / "bogus" / "error.txt").read_text().startswith("ValueError: unknown block 'bogus'; valid blocks: ")
+    weights = (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns
+    again = subprocess.run([*cmd[:-1], "model.block=adaln"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already finished at step 4" in again.stdout + again.stderr
+    assert (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns == weights
+    out = tmp_path / "report.md"
+    subprocess.run([sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True)
+    text = out.read_text()
+    assert "1 of 2 runs finished" in text and "`bogus`: failed" in text and "unknown block 'bogus'" in text

@@ -1,10 +1,18 @@
-"""python -m dit.report on a small multirun: a finished run per block, an unfinished and a failed one."""
+"""python -m dit.report: a real multirun (finished, unfinished and failed runs), and the statistics of a
+study (means and t intervals over seeds, Welch's test, Holm's correction) against scipy and hand-worked
+numbers."""
 
+import json
+import math
+
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 from test_train import cfg_for, needs_fmnist
 
 import train
+from dit.report import holm, mean_ci, welch
 from dit.report import main as report_main
 
 
@@ -16,21 +24,26 @@ def test_report_of_a_multirun(tmp_path):
         (multirun / block / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg, multirun / block / ".hydra" / "config.yaml", resolve=True)
         train.run(cfg, multirun / block)
-    # An interrupted run (metrics but no final export) and one that failed before logging anything.
-    for name, lines in (("adaln", '{"step": 2, "loss": 0.9}\n'), ("in_context", None)):
+    # An interrupted run (metrics but no final export), one that failed before logging anything, and one
+    # that stopped with an error train.py noted.
+    for name, lines in (("adaln", '{"step": 2, "loss": 0.9}\n'), ("in_context", None), ("diffit", '{"step": 1, "loss": 1.0}\n')):
         (multirun / name / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg_for(f"model.block={name}"), multirun / name / ".hydra" / "config.yaml", resolve=True)
         if lines:
             (multirun / name / "metrics.jsonl").write_text(lines)
+    train.note_failure(multirun / "diffit", "FloatingPointError: non-finite loss at step 1;\nstopping")
     out = tmp_path / "docs" / "ablation.md"
     out.parent.mkdir()
     out.write_text("# Ablation\n\nintro\n\n<!-- report -->\nold\n<!-- /report -->\n\nconclusion\n")
-    report_main([str(multirun), "-o", str(out)])
+    report_main([str(multirun), "-o", str(out), "--by", "model.block"])
     text = out.read_text()
     assert text.startswith("# Ablation\n\nintro") and text.rstrip().endswith("conclusion") and "old" not in text
     rows = [line for line in text.splitlines() if line.startswith("| adaln_zero") or line.startswith("| cross_attn")]
-    assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)
+    assert len(rows) == 2 and all(len(r.split("|")) == 11 for r in rows)
+    assert "2 of 5 runs finished" in text
     assert "`adaln`: unfinished: stopped at step 2 of 6" in text and "`in_context`: failed: no metrics" in text
+    assert "`diffit`: failed at step 1 of 6: FloatingPointError: non-finite loss at step 1; stopping" in text
+    assert "Fewer than two seeds per arm: no significance test." in text
     for png in ("ablation_loss.png", "ablation_samples.png"):
         assert (out.parent / png).exists() and f"]({png})" in text
 
@@ -38,3 +51,75 @@ def test_report_of_a_multirun(tmp_path):
 def test_report_of_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no Hydra job directories"):
         report_main([str(tmp_path)])
+
+
+def test_mean_ci_and_welch_match_scipy():
+    a, b = [20.1, 22.4, 19.7], [25.0, 31.2, 27.9, 26.5]
+    mean, half = mean_ci(a)
+    lo, hi = stats.t.interval(0.95, len(a) - 1, loc=np.mean(a), scale=stats.sem(a))
+    assert mean == pytest.approx(np.mean(a)) and (mean - half, mean + half) == pytest.approx((lo, hi))
+    assert mean_ci([3.0]) == (3.0, None)
+    w = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["p"] == pytest.approx(ref.pvalue) and w["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    ci = ref.confidence_interval(0.95)
+    assert (w["diff"] - w["ci"], w["diff"] + w["ci"]) == pytest.approx((ci.low, ci.high))
+
+
+def test_holm_step_down():
+    # Worked by hand: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max.
+    adjusted, reject = holm([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02]) and reject == [True, False, False, True]
+    assert holm([0.5, 0.9])[0] == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8):
+    """A run directory as train.py leaves it: config, metrics (cheap FIDs, then the final one), export."""
+    run = root / f"{block}_seed{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = cfg_for(f"model.block={block}", f"seed={seed}", "training.total_steps=20")
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    recs = [{"step": s, "loss": loss + 0.1 * (20 - s) / 20, "images_per_s": 100.0 + seed} for s in (5, 10, 15, 20)]
+    recs += [{"step": s, "fid": fid + 50 * (20 - s) / 20 + 5, "fid_n": 250, "class_consistency": consistency} for s in (10, 20)]
+    recs.append({"step": 20, "fid": fid, "fid_n": 1000, "class_consistency": consistency, "class_consistency_min": consistency - 0.2})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if finished or r["step"] <= 10))
+    if finished:
+        (run / "model").mkdir()
+        (run / "model" / "config.json").write_text("{}")
+    return run
+
+
+def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
+    multirun = tmp_path / "multirun"
+    fids = {"adaln_zero": [20.0, 21.0, 20.5], "adaln": [60.0, 61.5, 59.0], "in_context": [19.0, 25.0, 22.0]}
+    for block, values in fids.items():
+        for seed, f in enumerate(values):
+            fake_run(multirun, block, seed, f)
+    fake_run(multirun, "cross_attn", 0, 40.0, finished=False)
+    out = tmp_path / "report.md"
+    report_main([str(multirun), "-o", str(out)])  # arms found by themselves: only model.block and seed vary
+    text = out.read_text()
+    assert "arms differ in `model.block`" in text and "9 of 10 runs finished" in text and "final FID on 1000 samples" in text
+    table = [line.split("|") for line in text.splitlines() if line.startswith("| ") and len(line.split("|")) == 11][1:]  # the main table
+    rows = {r[1].strip(): r for r in table}
+    for block, values in fids.items():
+        half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+        assert rows[block][2].strip() == "3" and rows[block][5].strip() == f"{np.mean(values):.1f} ± {half:.1f}"
+        assert rows[block][6].strip() == "80.0 ± 0.0%" and rows[block][7].strip() == "60.0 ± 0.0%"
+    order = [r[1].strip() for r in table]
+    assert order == ["adaln_zero", "in_context", "adaln"]  # by mean final FID
+    assert "`cross_attn_seed0`: unfinished: stopped at step 10 of 20" in text
+    # Three pairs, Holm-corrected: adaln_zero and in_context both far below adaln; the two of them not apart.
+    p = {
+        (a, b): stats.ttest_ind(fids[a], fids[b], equal_var=False).pvalue
+        for a, b in [("adaln_zero", "in_context"), ("adaln_zero", "adaln"), ("in_context", "adaln")]
+    }
+    adjusted, reject = holm(list(p.values()))
+    assert reject == [False, True, True]
+    assert "- `adaln_zero` has a significantly lower FID than `adaln`." in text
+    assert "- `in_context` has a significantly lower FID than `adaln`." in text
+    assert "- Not significant (1 of 3 pairs): `adaln_zero` vs `in_context`." in text
+    assert "| adaln_zero | in_context | -1.5 " in text and f"{adjusted[0]:.3g} | no |" in text
+    for png in ("report_loss.png", "report_fid.png"):
+        assert (tmp_path / png).exists() and f"]({png})" in text
+    assert "report_samples.png" not in text  # fake runs have no sample grids

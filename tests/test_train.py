@@ -482,12 +482,19 @@ def test_cli_bad_input_exits_nonzero(tmp_path):
     assert proc.returncode != 0 and f"dataset folder not found: {tmp_path / 'missing'}" in proc.stderr
 
 
-@needs_fmnist
-def test_fid_during_training(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def domain_cache(tmp_path_factory):
+    """A fresh domain-classifier cache shared by this module's FID tests (the classifier trains once)."""
     import dit.eval.domain as domain
 
-    monkeypatch.setattr(domain, "EPOCHS", 1)  # the metric's quality is tested in test_eval; here the wiring
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(domain, "EPOCHS", 1)  # the metric's quality is tested in test_eval; here the wiring
+        yield
+
+
+@needs_fmnist
+def test_fid_during_training(tmp_path, domain_cache):
     cfg = cfg_for(
         "training.fid_every=2",
         "training.fid_samples=20",
@@ -501,3 +508,41 @@ def test_fid_during_training(tmp_path, monkeypatch):
     evals = [r for r in records(tmp_path / "run") if "fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["fid"] > 0 and 0 <= r["class_consistency"] <= 1 for r in evals)
     assert (tmp_path / "run" / "fid.png").exists() and (tmp_path / "run" / "fid_ref_fashion_mnist.npz").exists()
+
+
+@needs_fmnist
+def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path, domain_cache):
+    """fid_final_samples: the last step is evaluated on more samples (and, for the curve, on fid_samples of
+    them), also when total_steps is not a multiple of fid_every; running a finished run again changes nothing."""
+    cfg = cfg_for(
+        "training.fid_every=2",
+        "training.fid_samples=20",
+        "training.fid_final_samples=30",
+        "training.fid_sampling.steps=2",
+        "training.total_steps=5",
+        "training.fid_metric=fashion_mnist",
+        "training.fid_ref=fashion_mnist:test",
+    )
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="unreliable"):
+        train.run(cfg, run)
+    evals = [r for r in records(run) if "fid" in r]
+    assert [(r["step"], r["fid_n"]) for r in evals] == [(2, 20), (4, 20), (5, 20), (5, 30)]
+    assert all(0 <= r["class_consistency_min"] <= r["class_consistency"] <= 1 for r in evals)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    out = train.run(cfg, run)
+    assert out["step"] == 5 and {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+@needs_fmnist
+def test_a_failed_run_notes_why_and_a_later_success_clears_it(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *SMOKE, "logger=none", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([*cmd, "training.nan_policy=sometimes"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    note = (run_dir / "error.txt").read_text()
+    assert note.startswith("ValueError: ") and note.count("\n") == 1 and note.strip().split(": ", 1)[1] in bad.stderr
+    good = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert not (run_dir / "error.txt").exists() and (run_dir / "model" / "config.json").exists()

@@ -147,7 +147,11 @@ class Evaluator:
             isc = isc_features_to_metric(logits, splits=min(10, len(logits)))  # torch-fidelity's 10 splits (and shuffle)
             result["inception_score"], result["inception_score_std"] = isc["inception_score_mean"], isc["inception_score_std"]
         if logits is not None and labels is not None and self.metric in CLASS_CONSISTENCY:
-            result["class_consistency"] = float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+            labels = np.asarray(labels)
+            hit = np.asarray(logits).argmax(1) == labels
+            result["class_consistency"] = float(hit.mean())
+            # the worst class: "every class recognisable" is a statement about this one, not about the mean
+            result["class_consistency_min"] = float(min(hit[labels == k].mean() for k in np.unique(labels)))
         if self.extra_metrics and self.extra_unavailable(features) is None:
             result.update(self.kid_precision_recall(features, self._reference_features))
         return result

@@ -51,9 +51,12 @@ class TrainConfig:
     sample_max_classes: int = 10
     # sampler null: the objective's default (ddpm for DDPM models, euler for flow models)
     grid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler=None, steps=100, cfg_scale=1.5))
-    # FID of EMA samples every fid_every steps (0: never), logged and plotted (fid.png).
+    # FID of EMA samples every fid_every steps and at the last step (fid_every 0: never), logged and
+    # plotted (fid.png); fid_final_samples (null: fid_samples) samples at the last step, e.g. a cheap FID
+    # for the curves and a larger one for the result. Each record says how many samples it used (fid_n).
     fid_every: int = 0
     fid_samples: int = 500
+    fid_final_samples: int | None = None
     fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
     fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0))  # flow: euler
@@ -62,10 +65,18 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``)."""
+    """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``),
+    and ``${dit.blocks:}``: every registered conditioning block, comma-separated, as a sweep over all of
+    them (configs/experiment/ablate_conditioning.yaml), so a block added to the registry joins the study."""
+    from omegaconf import OmegaConf
+
+    from dit.models import BLOCKS
+
     cs = ConfigStore.instance()
     cs.store(group="training", name="schema", node=TrainConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
+    if not OmegaConf.has_resolver("dit.blocks"):
+        OmegaConf.register_new_resolver("dit.blocks", lambda: ",".join(BLOCKS))
 
 
 register_configs()

@@ -19,6 +19,16 @@ from pathlib import Path
 # Accelerate's tracker names and the package each needs.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml"}
 TRACKING_DIR = "tracking"  # run_dir/tracking/<project>/: TensorBoard's event files (and Aim's repository)
+FAILURE_NOTE = "error.txt"  # run_dir/error.txt: why the last attempt stopped (train.py writes it, dit.report lists it)
+
+
+def note_failure(run_dir: Path, reason: str) -> None:
+    """One line saying why a run stopped, for the study report (best effort: the run is failing anyway)."""
+    try:
+        if run_dir.is_dir():
+            (run_dir / FAILURE_NOTE).write_text(" ".join(reason.split())[:500] + "\n")
+    except OSError:
+        pass
 
 
 def trackers(logger_cfg: dict | None) -> list[str]:
@@ -141,6 +151,8 @@ class MetricsLogger:
         fig.savefig(path)
         plt.close(fig)
         evals = [r for r in self.records() if "fid" in r]
+        # one sample count per curve (FID falls as the count grows): a larger final FID is left out
+        evals = [r for r in evals if r.get("fid_n") == evals[0].get("fid_n")]
         if evals:
             fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
             ax.plot([r["step"] for r in evals], [r["fid"] for r in evals], "o-", label="FID")

@@ -121,6 +121,13 @@ def train(
     ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
+    export = run_dir / "model"
+    if step >= t.total_steps and (export / "config.json").exists():
+        # A finished run met again (a study re-run resumes what is unfinished): nothing to train or rewrite.
+        accelerator.print(f"{run_dir}: already finished at step {step}; EMA export in {export}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {"step": step, "checkpoint": resume_from, "export": export, "ema": ema.model, "model": raw}
     logger = MetricsLogger(accelerator, run_dir, logger_config, config or {}, step if resume_from else None)
     n_classes = min(raw.num_classes, t.sample_max_classes)
     sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
@@ -149,12 +156,17 @@ def train(
         evaluator.reference()  # computed (or read from the run's cache) once, before training
 
     def evaluate(at_step: int) -> None:
-        """FID (and what else the metric reports) of fid_samples EMA samples."""
+        """FID (and what else the metric reports) of fid_samples EMA samples (fid_final_samples at the end)."""
         ema.sync()
         if accelerator.is_main_process:
-            labels = torch.arange(t.fid_samples) % raw.num_classes
+            n = t.fid_final_samples if at_step == t.total_steps and t.fid_final_samples else t.fid_samples
+            labels = torch.arange(n) % raw.num_classes
             batches = generate(ema.model, fid_sampler, labels, batch_size=250, seed=seed + 1, vae=vae, device=device)
-            logger.log(at_step, evaluator.evaluate(torch.cat([imgs for _, imgs in batches]), labels))
+            images = torch.cat([imgs for _, imgs in batches])
+            if n > t.fid_samples:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
+                m = t.fid_samples
+                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m})
+            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n})
             logger.plot()
         accelerator.wait_for_everyone()
 
@@ -233,7 +245,7 @@ def train(
             tic, tic_step = time.perf_counter(), step
         if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
             write_samples(step)
-        if t.fid_every and step % t.fid_every == 0:
+        if t.fid_every and (step % t.fid_every == 0 or step == t.total_steps):
             evaluate(step)
         if t.ckpt_every and step % t.ckpt_every == 0 and step < t.total_steps:
             last_ckpt = checkpoint(step)
@@ -242,7 +254,6 @@ def train(
     # --- end: checkpoint, samples, EMA export -------------------------------------------------
     last_ckpt = checkpoint(step)
     write_samples(step)
-    export = run_dir / "model"
     weights, ema_weights = accelerator.get_state_dict(model), ema.sync()  # collective: full weights under FSDP
     if accelerator.is_main_process:
         from dit.checkpoints import save_export
