@@ -73,9 +73,11 @@ train: setup
 # too when its weights are in the torch hub cache.
 RUN ?= outputs/fashion_mnist-dit_ti4-adaln_zero
 FID_N ?= 500
+# null: the objective's default sampler (flow: euler); for a DDPM model e.g. SAMPLER=ddim
+SAMPLER ?= null
 INCEPTION := $(or $(TORCH_HOME),$(HOME)/.cache/torch)/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth
 fid: setup
-	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) steps=25 cfg_scale=2 out_dir=$(RUN)/fid_samples overwrite=true
+	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) sampler=$(SAMPLER) steps=25 cfg_scale=2 out_dir=$(RUN)/fid_samples overwrite=true
 	$(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist --metric fashion_mnist
 	@if [ -f $(INCEPTION) ]; then $(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist; \
 	else echo "(Inception FID skipped: $(INCEPTION) not found; see README)"; fi

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dit.training.logging import FAILURE_NOTE
+from dit.training.logging import FAILURE_NOTE, fid_curve
 
 ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 
@@ -84,8 +84,9 @@ def summarize(run: dict) -> dict:
     m, d = cfg["model"], cfg["data"]
     size = count(m["name"], m["block"], input_size=d["input_size"], in_channels=d["in_channels"], num_classes=d["num_classes"])
     losses = [r["loss"] for r in recs if "loss" in r]
-    evals = [r for r in recs if "fid" in r]
-    final = max(evals, key=lambda r: (r["step"], r.get("fid_n", 0))) if evals else {}
+    # the final FID: taken at the last step, on the most samples evaluated there
+    evals = [r for r in recs if "fid" in r and r["step"] == cfg["training"]["total_steps"]]
+    final = max(evals, key=lambda r: r.get("fid_n", 0)) if evals else {}
     speeds = [r["images_per_s"] for r in recs if "images_per_s" in r][1:]  # the first window holds start-up
     return dict(
         seed=cfg.get("seed"),
@@ -121,8 +122,8 @@ def welch(a: list[float], b: list[float], level: float = 1 - ALPHA) -> dict:
     va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
     diff = statistics.fmean(a) - statistics.fmean(b)
     se = math.sqrt(va + vb)
-    if se == 0:
-        return dict(diff=diff, ci=0.0, p=0.0 if diff else 1.0, df=float(na + nb - 2))
+    if se == 0:  # no spread in either arm: nothing to test against
+        return dict(diff=diff, ci=math.nan, p=math.nan, df=math.nan)
     df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch-Satterthwaite
     t = diff / se
     return dict(diff=diff, ci=stats.t.ppf(0.5 + level / 2, df) * se, p=float(2 * stats.t.sf(abs(t), df)), df=df)
@@ -141,9 +142,8 @@ def holm(pvalues: list[float], alpha: float = ALPHA) -> tuple[list[float], list[
 def curve(run: dict, key: str) -> dict[int, float]:
     """step -> value of one run; for FID only the records with the curve's sample count."""
     recs = [r for r in run["records"] if key in r]
-    if key == "fid" and recs:
-        n = min(r.get("fid_n", 0) for r in recs)
-        recs = [r for r in recs if r.get("fid_n", 0) == n]
+    if key == "fid":
+        recs = fid_curve(recs)
     return {r["step"]: r[key] for r in recs}
 
 
@@ -217,12 +217,12 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def fmt_ci(values: list, spec: str, scale: float = 1.0) -> str:
+def fmt_ci(values: list, spec: str, scale: float = 1.0, unit: str = "") -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
         return "-"
     mean, half = mean_ci(values)
-    return format(mean, spec) if half is None else f"{format(mean, spec)} ± {format(half, spec)}"
+    return f"{format(mean, spec)}{unit}" if half is None else f"{format(mean, spec)} ± {format(half, spec)}{unit}"
 
 
 def comparisons(arms: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
@@ -232,13 +232,16 @@ def comparisons(arms: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
     pairs = []
     for a, b in itertools.combinations(sorted(fids, key=lambda k: statistics.fmean(fids[k])), 2):
         pairs.append(dict(a=a, b=b, **welch(fids[a], fids[b])))
+    testable = [p for p in pairs if not math.isnan(p["p"])]
+    adjusted, reject = holm([p["p"] for p in testable])
+    for p in pairs:
+        p["p_holm"], p["significant"] = math.nan, False
+    for p, adj, rej in zip(testable, adjusted, reject):
+        p["p_holm"], p["significant"] = adj, rej
     if not pairs:
         return [], []
-    adjusted, reject = holm([p["p"] for p in pairs])
-    for p, adj, rej in zip(pairs, adjusted, reject):
-        p["p_holm"], p["significant"] = adj, rej
     lines = [
-        "| lower FID | higher FID | difference (95% CI) | p (Welch) | p (Holm) | significant |",
+        "| lower FID | higher FID | difference (unadjusted 95% CI) | p (Welch) | p (Holm) | significant |",
         "|---|---|---|---:|---:|---|",
         *[
             f"| {p['a']} | {p['b']} | {p['diff']:.1f} ({p['diff'] - p['ci']:.1f} to {p['diff'] + p['ci']:.1f}) | "
@@ -251,14 +254,21 @@ def comparisons(arms: dict[str, list[dict]]) -> tuple[list[str], list[dict]]:
 
 def verdict(order: list[str], pairs: list[dict]) -> list[str]:
     """Plain sentences: which arms are significantly apart, and which are not."""
+    tested = {a for p in pairs for a in (p["a"], p["b"])}
+    left_out = [a for a in order if a not in tested]
+    note = [f"Not tested (fewer than two seeds with a final FID): {', '.join(f'`{a}`' for a in left_out)}."] if left_out else []
     if not pairs:
-        return ["Fewer than two seeds per arm: no significance test."]
-    m = len(pairs)
+        return ["Fewer than two arms with two or more seeds: no significance test.", *note]
+    untestable = [p for p in pairs if math.isnan(p["p"])]
+    m = len(pairs) - len(untestable)
     sig = [p for p in pairs if p["significant"]]
     text = [
         f"Test: Welch's t-test on the final FID of each pair of arms (seeds as replicates), Holm's correction over "
-        f"the {m} pairs, familywise level {ALPHA:.0%}."
+        f"the {m} pairs, familywise level {ALPHA:.0%}; the differences' intervals in the table are unadjusted.",
+        *note,
     ]
+    if untestable:
+        text.append("- No spread in either arm, not tested: " + ", ".join(f"`{p['a']}` vs `{p['b']}`" for p in untestable) + ".")
     if not sig:
         text.append("No difference in final FID between any two arms is significant at this level.")
         return text
@@ -266,7 +276,7 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
         worse = [p["b"] for p in sig if p["a"] == a]
         if worse:
             text.append(f"- `{a}` has a significantly lower FID than " + ", ".join(f"`{b}`" for b in worse) + ".")
-    tied = [f"`{p['a']}` vs `{p['b']}`" for p in pairs if not p["significant"]]
+    tied = [f"`{p['a']}` vs `{p['b']}`" for p in pairs if not p["significant"] and not math.isnan(p["p"])]
     if tied:
         text.append(f"- Not significant ({len(tied)} of {m} pairs): " + ", ".join(tied) + ".")
     return text
@@ -282,19 +292,17 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         r["arm"] = arm_label(r, keys)
     ok = [r for r in runs if r["status"] == "ok"]
     summaries: dict[str, list[dict]] = {}
+    summarize_cache = {r["name"]: summarize(r) for r in ok}
     for r in ok:
-        summaries.setdefault(r["arm"], []).append(summarize(r))
+        summaries.setdefault(r["arm"], []).append(summarize_cache[r["name"]])
     order = sorted(summaries, key=lambda a: statistics.fmean([s["fid"] for s in summaries[a] if s["fid"] is not None] or [math.inf]))
-    ok_arms = {a: [r for r in ok if r["arm"] == a] for a in order}
-    all_arms = {a: [r for r in runs if r["arm"] == a] for a in dict.fromkeys([*order, *(r["arm"] for r in runs)])}
+    ok_arms = {a: [r for r in ok if r["arm"] == a] for a in order}  # curves and grids: finished runs only
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
     images = {
-        "loss": plot_curves(
-            all_arms, "loss", "training loss (mean over seeds, band: min-max)", out.with_name(f"{stem}_loss.png"), log=True
-        ),
-        "fid": plot_curves(all_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png")),
+        "loss": plot_curves(ok_arms, "loss", "training loss (mean over seeds, band: min-max)", out.with_name(f"{stem}_loss.png"), log=True),
+        "fid": plot_curves(ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png")),
         "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
     fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
@@ -307,8 +315,8 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         ss = summaries[a]
         lines.append(
             f"| {a} | {len(ss)} | {ss[0]['params'] / 1e6:.2f} | {fmt(ss[0]['gflops'], '.3f')} | "
-            f"{fmt_ci([s['fid'] for s in ss], '.1f')} | {fmt_ci([s['class_consistency'] for s in ss], '.1f', 100)}% | "
-            f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100)}% | {fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
+            f"{fmt_ci([s['fid'] for s in ss], '.1f')} | {fmt_ci([s['class_consistency'] for s in ss], '.1f', 100, '%')} | "
+            f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100, '%')} | {fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
             f"{fmt_ci([s['images_per_s'] for s in ss], '.1f')} |"
         )
     model = ok[0]["config"]["model"]["name"] if ok else "?"
@@ -324,6 +332,11 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         *lines,
         "",
     ]
+    if len(fid_n) > 1:
+        text += [f"**Warning:** the final FIDs use different sample counts ({', '.join(map(str, fid_n))}): not comparable.", ""]
+    no_fid = [f"`{r['name']}`" for r in ok if summarize_cache[r["name"]]["fid"] is None]
+    if no_fid:
+        text += [f"Finished without a FID at the last step: {', '.join(no_fid)}.", ""]
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]

@@ -43,7 +43,8 @@ def test_report_of_a_multirun(tmp_path):
     assert "2 of 5 runs finished" in text
     assert "`adaln`: unfinished: stopped at step 2 of 6" in text and "`in_context`: failed: no metrics" in text
     assert "`diffit`: failed at step 1 of 6: FloatingPointError: non-finite loss at step 1; stopping" in text
-    assert "Fewer than two seeds per arm: no significance test." in text
+    assert "Fewer than two arms with two or more seeds: no significance test." in text
+    assert "Not tested (fewer than two seeds with a final FID): `adaln_zero`, `cross_attn`." in text
     for png in ("ablation_loss.png", "ablation_samples.png"):
         assert (out.parent / png).exists() and f"]({png})" in text
 
@@ -64,6 +65,28 @@ def test_mean_ci_and_welch_match_scipy():
     assert w["p"] == pytest.approx(ref.pvalue) and w["diff"] == pytest.approx(np.mean(a) - np.mean(b))
     ci = ref.confidence_interval(0.95)
     assert (w["diff"] - w["ci"], w["diff"] + w["ci"]) == pytest.approx((ci.low, ci.high))
+
+
+def test_welch_without_spread_is_not_a_test():
+    assert math.isnan(welch([1.0, 1.0], [2.0, 2.0])["p"])
+
+
+def test_fid_curve_leaves_out_the_final_fid_on_more_samples():
+    from dit.training.logging import fid_curve
+
+    old = [{"step": 1, "fid": 9.0}]  # written before records carried their sample count
+    new = [{"step": 2, "fid": 8.0, "fid_n": 250}, {"step": 4, "fid": 7.0, "fid_n": 250}, {"step": 4, "fid": 6.0, "fid_n": 1000}]
+    assert [r["fid"] for r in fid_curve(old + new)] == [9.0, 8.0, 7.0] and fid_curve(old) == old
+
+
+def test_the_study_sweeps_every_registered_block_seeds_outermost():
+    from conftest import compose_config
+
+    from dit.models import BLOCKS
+
+    params = compose_config("train", ["experiment=ablate_conditioning"], return_hydra_config=True).hydra.sweeper.params
+    assert list(params) == ["seed", "model.block"] and params["seed"] == "0,1,2"
+    assert params["model.block"].split(",") == list(BLOCKS) and len(BLOCKS) >= 7
 
 
 def test_holm_step_down():

@@ -543,6 +543,10 @@ def test_a_failed_run_notes_why_and_a_later_success_clears_it(tmp_path):
     assert bad.returncode != 0
     note = (run_dir / "error.txt").read_text()
     assert note.startswith("ValueError: ") and note.count("\n") == 1 and note.strip().split(": ", 1)[1] in bad.stderr
+    fewer = subprocess.run(
+        [*cmd, "training.fid_samples=100", "training.fid_final_samples=50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert fewer.returncode != 0 and "training.fid_final_samples=50 < training.fid_samples=100" in fewer.stderr
     good = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stderr
     assert not (run_dir / "error.txt").exists() and (run_dir / "model" / "config.json").exists()

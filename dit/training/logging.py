@@ -31,6 +31,14 @@ def note_failure(run_dir: Path, reason: str) -> None:
         pass
 
 
+def fid_curve(evals: list[dict]) -> list[dict]:
+    """The FID records of one curve: those on the smallest sample count (FID falls as the count grows, so
+    a final FID on more samples, training.fid_final_samples, is left out). Records older than the
+    count (no fid_n) belong to the curve."""
+    n = min((r["fid_n"] for r in evals if "fid_n" in r), default=None)
+    return [r for r in evals if r.get("fid_n", n) == n]
+
+
 def trackers(logger_cfg: dict | None) -> list[str]:
     """The tracker names the logger group selects, for Accelerator(log_with=...). wandb with
     mode=disabled is none. Unknown or uninstalled trackers are errors (Accelerate skips those silently)."""
@@ -98,12 +106,14 @@ class MetricsLogger:
         project = (init_kwargs.get("wandb") or {}).pop("project", None) or logger_cfg.get("project") or "dit"
         accelerator.init_trackers(project, config=flat_config(config), init_kwargs=init_kwargs)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, tracker_prefix: str = "") -> None:
+        """One record in metrics.jsonl, and the same to the trackers (keys prefixed with tracker_prefix,
+        e.g. "final/" for the last FID on more samples, which must not join the curve of the others)."""
         if not self.enabled:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.accelerator.log(metrics, step=step)
+        self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in metrics.items() if k != "fid_n"}, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
         """An image file (a sample grid, a curve) to the trackers that show images."""
@@ -151,8 +161,7 @@ class MetricsLogger:
         fig.savefig(path)
         plt.close(fig)
         evals = [r for r in self.records() if "fid" in r]
-        # one sample count per curve (FID falls as the count grows): a larger final FID is left out
-        evals = [r for r in evals if r.get("fid_n") == evals[0].get("fid_n")]
+        evals = fid_curve(evals)
         if evals:
             fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
             ax.plot([r["step"] for r in evals], [r["fid"] for r in evals], "o-", label="FID")

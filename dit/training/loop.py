@@ -44,6 +44,8 @@ def check_settings(t: TrainConfig, o: OptimConfig, world_size: int) -> int:
         raise ValueError(f"training.nan_policy={t.nan_policy!r}; valid: stop, skip")
     if o.decay not in ("constant", "cosine", "linear"):
         raise ValueError(f"optim.decay={o.decay!r}; valid: constant, cosine, linear")
+    if t.fid_final_samples is not None and t.fid_final_samples < t.fid_samples:
+        raise ValueError(f"training.fid_final_samples={t.fid_final_samples} < training.fid_samples={t.fid_samples}; use more or null")
     if t.grad_accum < 1 or t.global_batch_size < 1:
         raise ValueError("training.global_batch_size and training.grad_accum must be >= 1")
     per_step = world_size * t.grad_accum
@@ -122,7 +124,8 @@ def train(
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
     export = run_dir / "model"
-    if step >= t.total_steps and (export / "config.json").exists():
+    # Decided alike on every process (only the main one writes the export; the disks may differ).
+    if all_processes(accelerator, step == t.total_steps and (export / "config.json").exists()):
         # A finished run met again (a study re-run resumes what is unfinished): nothing to train or rewrite.
         accelerator.print(f"{run_dir}: already finished at step {step}; EMA export in {export}")
         accelerator.wait_for_everyone()
@@ -163,10 +166,11 @@ def train(
             labels = torch.arange(n) % raw.num_classes
             batches = generate(ema.model, fid_sampler, labels, batch_size=250, seed=seed + 1, vae=vae, device=device)
             images = torch.cat([imgs for _, imgs in batches])
-            if n > t.fid_samples:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
+            final = n > t.fid_samples
+            if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
                 m = t.fid_samples
                 logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m})
-            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n})
+            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n}, tracker_prefix="final/" if final else "")
             logger.plot()
         accelerator.wait_for_everyone()
 
