@@ -244,7 +244,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume(trained, tmp_path):
     with the weights of the uninterrupted run."""
     run = tmp_path / "run"
     root = run / "checkpoints"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    # the thread count of this process: the resumed steps run here, and matmul sums depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run}"],
         cwd=tmp_path,
