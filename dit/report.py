@@ -99,6 +99,7 @@ def summarize(run: dict) -> dict:
         fid_n=final.get("fid_n"),
         class_consistency=final.get("class_consistency"),
         class_consistency_min=final.get("class_consistency_min"),
+        per_class=final.get("class_consistency_per_class"),
         images_per_s=statistics.median(speeds) if speeds else None,
     )
 
@@ -282,6 +283,29 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
     return text
 
 
+def class_names(run: dict) -> list[str] | None:
+    """The class names the run's export recorded (data.class_names in model/config.json), if any."""
+    export = run["dir"] / "model" / "config.json"
+    return (json.loads(export.read_text()).get("data") or {}).get("class_names") if export.exists() else None
+
+
+def per_class_table(order: list[str], summaries: dict[str, list[dict]], names: list[str] | None) -> list[str]:
+    """Class consistency per class (mean over seeds), one row per arm; [] when no run logged it."""
+    width = max((len(s["per_class"]) for ss in summaries.values() for s in ss if s["per_class"]), default=0)
+    if not width:
+        return []
+    names = names if names and len(names) >= width else [str(k) for k in range(width)]
+    rows = [f"| arm | {' | '.join(names[:width])} |", "|---|" + "---:|" * width]
+    for a in order:
+        cells = []
+        for k in range(width):
+            values = [s["per_class"][k] for s in summaries[a] if s["per_class"] and k < len(s["per_class"])]
+            values = [v for v in values if v is not None]
+            cells.append(f"{100 * statistics.fmean(values):.0f}%" if values else "-")
+        rows.append(f"| {a} | {' | '.join(cells)} |")
+    return rows
+
+
 def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     jobs = sorted(p.parent.parent for p in multirun.glob("*/.hydra/config.yaml"))
     if not jobs:
@@ -340,6 +364,15 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]
+    per_class = per_class_table(order, summaries, class_names(ok[0]) if ok else None)
+    if per_class:
+        text += [
+            "**Class consistency per class** (mean over seeds; the share of class-k samples of the final evaluation "
+            "that the classifier calls k; chance: 1/classes)",
+            "",
+            *per_class,
+            "",
+        ]
     test_lines, pairs = comparisons(summaries)
     text += ["**Which differences are significant**", "", *verdict(order, pairs), ""]
     if test_lines:

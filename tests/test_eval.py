@@ -150,7 +150,7 @@ def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
 def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     """The Evaluator the loop uses (in-memory images, one process) gives the numbers `python -m dit.eval
     fid` prints for the same images as an npz; a damaged reference cache is rebuilt with a warning."""
-    from dit.eval.evaluator import Evaluator
+    from dit.eval.evaluator import Evaluator, TensorSource
     from dit.sampling import save_npz_atomic
 
     test = ImageSource("fashion_mnist:test")
@@ -165,12 +165,22 @@ def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     assert reference.count == 10000 and Stats.load(cache, ev.extractor.name).count == 10000  # rebuilt and cached
     ours = ev.evaluate(images, labels)
     assert ours["class_consistency"] <= 0.9 and ours["class_consistency"] > 0.8
+    # per class: the share of class-k images the classifier calls k, from its own predictions
+    _, logits = ev.features(TensorSource(images, labels))
+    predicted, y = np.asarray(logits).argmax(1), labels.numpy()
+    expected = [float((predicted[y == k] == k).mean()) for k in range(10)]
+    assert ours["class_consistency_per_class"] == pytest.approx(expected, abs=1e-12)
+    assert ours["class_consistency_min"] == min(expected) and min(expected) < max(expected)
 
     save_npz_atomic(tmp_path / "s.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
     eval_main(["fid", str(tmp_path / "s.npz"), str(cache), "--metric", "fashion_mnist", "--device", "cpu"])
-    printed = dict(kv.split("=") for kv in capsys.readouterr().out.split(" (")[0].split())
+    out = capsys.readouterr().out
+    printed = dict(kv.split("=") for kv in out.split(" (")[0].split())
     assert float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)  # printed to 4 decimals
     assert float(printed["class_consistency"]) == pytest.approx(ours["class_consistency"], abs=1e-4)
+    per_class_line = next(line for line in out.splitlines() if line.startswith("class consistency per class: "))
+    printed_per_class = [float(kv.split("=")[1]) for kv in per_class_line.split(": ", 1)[1].split()]
+    assert printed_per_class == pytest.approx(expected, abs=5e-4)  # printed to 3 decimals
 
 
 # --- KID, precision/recall and Inception Score beside FID (torch-fidelity's functions on our features) ---

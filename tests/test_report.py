@@ -104,11 +104,13 @@ def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8):
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     recs = [{"step": s, "loss": loss + 0.1 * (20 - s) / 20, "images_per_s": 100.0 + seed} for s in (5, 10, 15, 20)]
     recs += [{"step": s, "fid": fid + 50 * (20 - s) / 20 + 5, "fid_n": 250, "class_consistency": consistency} for s in (10, 20)]
-    recs.append({"step": 20, "fid": fid, "fid_n": 1000, "class_consistency": consistency, "class_consistency_min": consistency - 0.2})
+    per_class = [0.5 + 0.1 * seed, 0.9, 1.0]  # three classes; the first one's share grows with the seed
+    final = {"class_consistency": consistency, "class_consistency_min": consistency - 0.2, "class_consistency_per_class": per_class}
+    recs.append({"step": 20, "fid": fid, "fid_n": 1000, **final})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if finished or r["step"] <= 10))
     if finished:
         (run / "model").mkdir()
-        (run / "model" / "config.json").write_text("{}")
+        (run / "model" / "config.json").write_text(json.dumps({"data": {"class_names": ["shirt", "shoe", "bag"]}}))
     return run
 
 
@@ -132,6 +134,11 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     order = [r[1].strip() for r in table]
     assert order == ["adaln_zero", "in_context", "adaln"]  # by mean final FID
     assert "`cross_attn_seed0`: unfinished: stopped at step 10 of 20" in text
+    # per class, mean over the seeds 0, 1, 2, headed by the class names the exports recorded; finished runs only
+    assert "| arm | shirt | shoe | bag |" in text
+    for block in fids:
+        assert f"| {block} | 60% | 90% | 100% |" in text
+    assert "| cross_attn | " not in text.split("**Class consistency per class**")[1].split("**Which")[0]
     # Three pairs, Holm-corrected: adaln_zero and in_context both far below adaln; the two of them not apart.
     p = {
         (a, b): stats.ttest_ind(fids[a], fids[b], equal_var=False).pvalue

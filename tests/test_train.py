@@ -529,6 +529,19 @@ def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path, domai
     evals = [r for r in records(run) if "fid" in r]
     assert [(r["step"], r["fid_n"]) for r in evals] == [(2, 20), (4, 20), (5, 20), (5, 30)]
     assert all(0 <= r["class_consistency_min"] <= r["class_consistency"] <= 1 for r in evals)
+    for r in evals:  # per class (labels arange(n) % 10: equal counts, so the overall share is their mean)
+        per_class = r["class_consistency_per_class"]
+        assert len(per_class) == 10 and min(per_class) == r["class_consistency_min"]
+        assert sum(per_class) / 10 == pytest.approx(r["class_consistency"], abs=1e-12)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dit.training.logging import TRACKING_DIR
+
+    events = EventAccumulator(str(run / TRACKING_DIR / "dit"))
+    events.Reload()
+    tags = events.Tags()["scalars"]  # the trackers: the curve, the final figures apart, scalars only
+    assert {"fid", "class_consistency_min", "final/fid", "final/class_consistency_min"} <= set(tags)
+    assert not [tag for tag in tags if "per_class" in tag]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     out = train.run(cfg, run)
     assert out["step"] == 5 and {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before

@@ -58,8 +58,11 @@ def main(argv=None) -> None:
             features, logits, labels = evaluator.extract(args.samples)
             samples = stats_from_features(features, evaluator.extractor.name)
         result = evaluator.metrics(samples, logits, labels, features)
+        per_class = result.pop("class_consistency_per_class", None)
         print(" ".join(f"{k}={v:.6f}" if k.startswith("kid") else f"{k}={v:.4f}" for k, v in result.items()), end="")
         print(f" ({samples.count} samples, {samples.extractor})")
+        if per_class:
+            print("class consistency per class: " + " ".join(f"{k}={v:.3f}" for k, v in enumerate(per_class) if v is not None))
         if extra and (why := evaluator.extra_unavailable(features)):
             print(f"KID, precision and recall not computed: {why}")
     except (FileNotFoundError, ValueError) as e:

@@ -136,9 +136,10 @@ class Evaluator:
 
     def metrics(
         self, stats: Stats, logits: np.ndarray | None = None, labels: np.ndarray | None = None, features: np.ndarray | None = None
-    ) -> dict[str, float]:
-        """FID against the reference, plus what the metric's classifier says about the images, plus KID
-        and precision/recall of the sample ``features`` (N, D) when extra_metrics is on and they can be had."""
+    ) -> dict[str, float | list]:
+        """FID against the reference, plus what the metric's classifier says about the images (class
+        consistency: overall, worst class, and per class as a list by class id), plus KID and
+        precision/recall of the sample ``features`` (N, D) when extra_metrics is on and they can be had."""
         from torch_fidelity.metric_isc import isc_features_to_metric
 
         result = {"fid": fid(stats, self.reference())}
@@ -151,7 +152,10 @@ class Evaluator:
             hit = np.asarray(logits).argmax(1) == labels
             result["class_consistency"] = float(hit.mean())
             # the worst class: "every class recognisable" is a statement about this one, not about the mean
-            result["class_consistency_min"] = float(min(hit[labels == k].mean() for k in np.unique(labels)))
+            per_class = {int(k): float(hit[labels == k].mean()) for k in np.unique(labels)}
+            result["class_consistency_min"] = min(per_class.values())
+            # indexed by class id (None: no sample of that class); a list, so metrics.jsonl only: trackers take scalars
+            result["class_consistency_per_class"] = [per_class.get(k) for k in range(max(per_class) + 1)]
         if self.extra_metrics and self.extra_unavailable(features) is None:
             result.update(self.kid_precision_recall(features, self._reference_features))
         return result
@@ -181,7 +185,7 @@ class Evaluator:
             "recall": prc["recall"],
         }
 
-    def evaluate(self, source, labels=None) -> dict[str, float]:
+    def evaluate(self, source, labels=None) -> dict[str, float | list]:
         """Metrics of a spec (stats npz, images, dataset name) or of in-memory uint8 images with labels."""
         if isinstance(source, str) and is_stats_file(source):
             return self.metrics(self.stats(source)[0])

@@ -113,7 +113,8 @@ class MetricsLogger:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in metrics.items() if k != "fid_n"}, step=step)
+        scalars = {k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (list, tuple, dict))}  # lists: the file only
+        self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in scalars.items()}, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
         """An image file (a sample grid, a curve) to the trackers that show images."""
