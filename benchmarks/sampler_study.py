@@ -69,6 +69,7 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
         "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),
         "seconds_per_image": seconds / len(labels), "fid": metrics["fid"], "fid_ci95": fid_ci,
         "class_consistency": metrics["class_consistency"], "class_consistency_ci95": cc_ci,
+        "class_consistency_per_class": metrics["class_consistency_per_class"],
     }  # fmt: skip
     result_file.write_text(json.dumps(result, indent=1))
     return result
