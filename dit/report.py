@@ -289,13 +289,13 @@ def class_names(run: dict) -> list[str] | None:
     return (json.loads(export.read_text()).get("data") or {}).get("class_names") if export.exists() else None
 
 
-def per_class_table(order: list[str], summaries: dict[str, list[dict]], names: list[str] | None) -> list[str]:
+def per_class_table(order: list[str], summaries: dict[str, list[dict]], names: list[str] | None, header: str = "arm") -> list[str]:
     """Class consistency per class (mean over seeds), one row per arm; [] when no run logged it."""
     width = max((len(s["per_class"]) for ss in summaries.values() for s in ss if s["per_class"]), default=0)
     if not width:
         return []
     names = names if names and len(names) >= width else [str(k) for k in range(width)]
-    rows = [f"| arm | {' | '.join(names[:width])} |", "|---|" + "---:|" * width]
+    rows = [f"| {header} | {' | '.join(names[:width])} |", "|---|" + "---:|" * width]
     for a in order:
         cells = []
         for k in range(width):
@@ -364,7 +364,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]
-    per_class = per_class_table(order, summaries, class_names(ok[0]) if ok else None)
+    per_class = per_class_table(order, summaries, class_names(ok[0]) if ok else None, header)
     if per_class:
         text += [
             "**Class consistency per class** (mean over seeds; the share of class-k samples of the final evaluation "

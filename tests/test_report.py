@@ -135,7 +135,7 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     assert order == ["adaln_zero", "in_context", "adaln"]  # by mean final FID
     assert "`cross_attn_seed0`: unfinished: stopped at step 10 of 20" in text
     # per class, mean over the seeds 0, 1, 2, headed by the class names the exports recorded; finished runs only
-    assert "| arm | shirt | shoe | bag |" in text
+    assert "| block | shirt | shoe | bag |" in text
     for block in fids:
         assert f"| {block} | 60% | 90% | 100% |" in text
     assert "| cross_attn | " not in text.split("**Class consistency per class**")[1].split("**Which")[0]
