@@ -7,7 +7,12 @@ class consistency. Every sampler gets the same labels and the same initial noise
 Each sampler's images (ADM npz) and result (JSON) are written under --out as soon as it finishes, so
 re-running the command skips what is done; the table (results.md) is rewritten at the end. FID is the
 Fashion-MNIST domain metric against the test split (dit.eval, --metric fashion_mnist); the interval is
-a percentile bootstrap over the generated images (the reference statistics held fixed).
+a bootstrap over the generated images (the reference statistics held fixed).
+
+When the costliest sampler (DDPM-250) can only be afforded on fewer images, run it with
+--num-images N into its own --out, and compare the others on the same N images without sampling
+again: --images-from <the directory of the larger run> takes the first N of each sampler's npz there
+(the same labels and initial noise as an N-image run: tests/test_sample.py checks it).
 """
 
 from __future__ import annotations
@@ -47,26 +52,48 @@ def bootstrap(point: float, features: np.ndarray, logits: np.ndarray, labels: np
     return [2 * point - hi, 2 * point - lo], np.percentile(consistencies, [2.5, 97.5]).tolist()
 
 
+def reuse(npz: Path, labels: torch.Tensor, args) -> tuple[torch.Tensor, float]:
+    """The first len(labels) images of an earlier run of this script with the same seed and batch size and
+    more images (labels are drawn in sequence and each batch's noise is seeded by its index, so they are
+    the images this run would draw), and the time they took (seconds_per_image of that run's result)."""
+    with np.load(npz) as f:
+        images, earlier_labels = f["arr_0"], f["arr_1"]
+    n = len(labels)
+    if len(images) < n or not np.array_equal(earlier_labels[:n], labels.numpy()):
+        raise SystemExit(f"error: {npz}: not the same labels as this run's first {n} (other seed or fewer images)")
+    result = json.loads(npz.with_suffix(".json").read_text())
+    same = {"cfg_scale": args.cfg_scale, "seed": args.seed, "batch_size": args.batch_size}  # (older results lack the last two)
+    if any(result.get(k, v) != v for k, v in same.items()) or n % args.batch_size:
+        raise SystemExit(f"error: {npz}: drawn with other settings than {same}, or {n} is not a multiple of the batch size")
+    return torch.from_numpy(images[:n, ..., :1].copy()), result["seconds_per_image"] * n
+
+
 def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out: Path) -> dict:
     name, _, steps = spec.partition(":")
     result_file = out / f"{name}-{steps}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    settings = SamplingSettings(sampler=name, steps=int(steps), cfg_scale=args.cfg_scale)
-    sampler = build_sampler(objective, settings)
-    start = time.perf_counter()
-    chunks = []
-    for first, images in generate(model, sampler, labels, batch_size=args.batch_size, seed=args.seed):
-        chunks.append(images)
-        print(f"  {spec}: {first + len(images)}/{len(labels)} images, {time.perf_counter() - start:.0f} s", flush=True)
-    seconds = time.perf_counter() - start
-    images = torch.cat(chunks)
+    earlier = Path(args.images_from) / f"{name}-{steps}.npz" if args.images_from else None
+    if earlier is not None and earlier.exists():
+        images, seconds = reuse(earlier, labels, args)
+        print(f"  {spec}: the first {len(labels)} images of {earlier}", flush=True)
+    else:
+        settings = SamplingSettings(sampler=name, steps=int(steps), cfg_scale=args.cfg_scale)
+        sampler = build_sampler(objective, settings)
+        start = time.perf_counter()
+        chunks = []
+        for first, images in generate(model, sampler, labels, batch_size=args.batch_size, seed=args.seed):
+            chunks.append(images)
+            print(f"  {spec}: {first + len(images)}/{len(labels)} images, {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        images = torch.cat(chunks)
     save_npz_atomic(out / f"{name}-{steps}.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
     features, logits = evaluator.features(TensorSource(images, labels))
     metrics = evaluator.metrics(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy())
     fid_ci, cc_ci = bootstrap(metrics["fid"], features, logits, labels.numpy(), evaluator, args.bootstrap)
     result = {
         "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),
+        "seed": args.seed, "batch_size": args.batch_size, "images_from": str(earlier) if earlier and earlier.exists() else None,
         "seconds_per_image": seconds / len(labels), "fid": metrics["fid"], "fid_ci95": fid_ci,
         "class_consistency": metrics["class_consistency"], "class_consistency_ci95": cc_ci,
         "class_consistency_per_class": metrics["class_consistency_per_class"],
@@ -101,6 +128,11 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--ref", default="fashion_mnist:test")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--images-from", default=None,
+        help="a directory of an earlier run with more images (same seed, batch size, cfg): take the first --num-images "
+        "of each sampler's npz there instead of sampling again (a comparison at the size of the costliest row)",
+    )  # fmt: skip
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

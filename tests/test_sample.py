@@ -89,6 +89,16 @@ def test_deterministic_by_seed(pixel_export, tmp_path):
     assert (images(3, "a2") != images(4, "c")).any()
 
 
+def test_fewer_images_are_the_first_of_more(pixel_export, tmp_path):
+    """With the same seed and batch size, N images are the first N of a larger run (labels drawn in
+    sequence, each batch's noise seeded by its index): benchmarks/sampler_study.py --images-from relies on it."""
+    small = np.load(run(checkpoint=pixel_export, out_dir=tmp_path / "small", num_images=4, seed=5) / "samples.npz")
+    large = np.load(run(checkpoint=pixel_export, out_dir=tmp_path / "large", num_images=12, seed=5) / "samples.npz")
+    np.testing.assert_array_equal(small["arr_1"], large["arr_1"][:4])
+    np.testing.assert_array_equal(small["arr_0"], large["arr_0"][:4])
+    assert (large["arr_0"][4:8] != large["arr_0"][:4]).any()  # the other batches are other images
+
+
 def test_two_processes_give_exactly_n_and_the_same_images(pixel_export, tmp_path):
     one = run(checkpoint=pixel_export, out_dir=tmp_path / "one", num_images=9)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
