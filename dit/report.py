@@ -330,7 +330,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
     fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
-    header = " | ".join(k.rsplit(".", 1)[-1] for k in keys)
+    header = keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "arm"  # one column: the label says "k=v, k=v" itself
     lines = [
         f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss | images/s |",
         "|---|---:|---:|---:|---|---|---|---|---|",

@@ -153,3 +153,25 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     for png in ("report_loss.png", "report_fid.png"):
         assert (tmp_path / png).exists() and f"]({png})" in text
     assert "report_samples.png" not in text  # fake runs have no sample grids
+
+
+def test_arms_of_two_keys_fill_one_column(tmp_path):
+    """Arms that differ in two keys: each table's header has as many cells as its rows."""
+    multirun = tmp_path / "multirun"
+    for seed in (0, 1):
+        fake_run(multirun, "adaln_zero", seed, 20.0 + seed)
+        run = fake_run(multirun / "x", "adaln", seed, 40.0 + seed)  # other block and, below, other steps
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        cfg.optim.lr = 1e-3
+        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+        run.rename(multirun / f"adaln_lr_seed{seed}")
+    out = tmp_path / "report.md"
+    report_main([str(multirun), "-o", str(out)])
+    text = out.read_text()
+    assert "arms differ in `model.block`, `optim.lr`" in text
+    for table in ("| arm | seeds |", "| arm | shirt |"):
+        lines = text.split(table)[1].splitlines()
+        header, separator, *rows = [table + lines[0], *lines[1:4]]
+        assert len(rows) == 2 and all(r.count("|") == header.count("|") == separator.count("|") for r in rows), text
+    assert "| block=adaln, lr=0.001 |" in text
+
