@@ -174,4 +174,3 @@ def test_arms_of_two_keys_fill_one_column(tmp_path):
         header, separator, *rows = [table + lines[0], *lines[1:4]]
         assert len(rows) == 2 and all(r.count("|") == header.count("|") == separator.count("|") for r in rows), text
     assert "| block=adaln, lr=0.001 |" in text
-
