@@ -102,13 +102,30 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
     return result
 
 
-def table(results: list[dict], reference: dict | None) -> str:
+def paired_relative(features: list[np.ndarray], evaluator: Evaluator, rounds: int, seed: int = 0) -> list[list[float] | None]:
+    """95% percentile-bootstrap intervals of FID_i / FID_0 - 1 for every row i > 0. The images of all rows
+    share labels and initial noise, so each resample takes the same indices in every row (a paired
+    bootstrap: what the rows have in common cancels, which the separate intervals cannot show)."""
+    rng = np.random.default_rng(seed)
+    reference, name = evaluator.reference(), evaluator.extractor.name
+    ratios = [[] for _ in features[1:]]
+    for _ in range(rounds):
+        idx = rng.integers(len(features[0]), size=len(features[0]))
+        first = fid(stats_from_features(features[0][idx], name), reference)
+        for i, f in enumerate(features[1:]):
+            ratios[i].append(fid(stats_from_features(f[idx], name), reference) / first - 1)
+    return [None] + [np.percentile(r, [2.5, 97.5]).tolist() for r in ratios]
+
+
+def table(results: list[dict], relative_ci: list[list[float] | None]) -> str:
     lines = [
-        "| sampler | steps | s / image | domain FID (95% CI) | vs first row | class consistency (95% CI) |",
+        "| sampler | steps | s / image | domain FID (95% CI) | vs first row (paired 95% CI) | class consistency (95% CI) |",
         "|---|---:|---:|---|---:|---|",
     ]
-    for r in results:
-        rel = f"{100 * (r['fid'] / reference['fid'] - 1):+.1f}%" if reference else ""
+    reference = results[0]
+    for r, ci in zip(results, relative_ci):
+        rel = f"{100 * (r['fid'] / reference['fid'] - 1):+.1f}%"
+        rel += f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}%)" if ci else ""
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {r['seconds_per_image']:.3f} | {r['fid']:.2f} "
             f"({r['fid_ci95'][0]:.2f}-{r['fid_ci95'][1]:.2f}) | {rel} | {100 * r['class_consistency']:.1f}% "
@@ -143,11 +160,19 @@ def main() -> None:
     objective = build_objective(**(meta.get("objective") or {}))
     labels = make_labels(list(range(model.num_classes)), None, args.num_images, args.seed)
     evaluator = Evaluator("fashion_mnist", args.ref, batch_size=500, distributed=False)
-    results = [run_one(spec, model, objective, labels, args, evaluator, out) for spec in args.samplers.split(",")]
+    specs = args.samplers.split(",")
+    results = [run_one(spec, model, objective, labels, args, evaluator, out) for spec in specs]
+    features = []
+    for spec in specs:  # each row's images again (seconds), for the paired comparison with the first row
+        with np.load(out / f"{spec.replace(':', '-')}.npz") as f:
+            images = torch.from_numpy(f["arr_0"][..., :1].copy())
+        features.append(evaluator.features(TensorSource(images, labels))[0])
+    relative_ci = paired_relative(features, evaluator, args.bootstrap)
     text = "\n".join(
         [f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, cfg {args.cfg_scale}, "
          f"seed {args.seed}, same labels and initial noise for every sampler; FID: Fashion-MNIST domain metric vs {args.ref}; "
-         f"intervals: {args.bootstrap}-round bootstrap over the generated images (basic for FID, percentile for consistency).", "", *lines, "", table(results, results[0]), ""]
+         f"intervals: {args.bootstrap}-round bootstrap over the generated images (basic for FID, percentile for consistency; "
+         "the difference to the first row: paired, percentile).", "", *lines, "", table(results, relative_ci), ""]
     )  # fmt: skip
     (out / "results.md").write_text(text)
     print(text)
