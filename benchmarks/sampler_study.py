@@ -61,6 +61,8 @@ def reuse(npz: Path, labels: torch.Tensor, args) -> tuple[torch.Tensor, float]:
     n = len(labels)
     if len(images) < n or not np.array_equal(earlier_labels[:n], labels.numpy()):
         raise SystemExit(f"error: {npz}: not the same labels as this run's first {n} (other seed or fewer images)")
+    if not npz.with_suffix(".json").exists():
+        raise SystemExit(f"error: {npz.with_suffix('.json')} is missing (the earlier run's result, with its timing)")
     result = json.loads(npz.with_suffix(".json").read_text())
     same = {"cfg_scale": args.cfg_scale, "seed": args.seed, "batch_size": args.batch_size}  # (older results lack the last two)
     if any(result.get(k, v) != v for k, v in same.items()) or n % args.batch_size:
@@ -162,12 +164,17 @@ def main() -> None:
     evaluator = Evaluator("fashion_mnist", args.ref, batch_size=500, distributed=False)
     specs = args.samplers.split(",")
     results = [run_one(spec, model, objective, labels, args, evaluator, out) for spec in specs]
-    features = []
-    for spec in specs:  # each row's images again (seconds), for the paired comparison with the first row
-        with np.load(out / f"{spec.replace(':', '-')}.npz") as f:
-            images = torch.from_numpy(f["arr_0"][..., :1].copy())
-        features.append(evaluator.features(TensorSource(images, labels))[0])
-    relative_ci = paired_relative(features, evaluator, args.bootstrap)
+    npzs = [out / f"{spec.replace(':', '-')}.npz" for spec in specs]
+    if missing := [str(f) for f in npzs if not f.exists()]:  # results kept (JSON), images not (npz is not committed)
+        print(f"no paired intervals: the images of {', '.join(missing)} are not here (delete its JSON to sample again)")
+        relative_ci = [None] * len(specs)
+    else:
+        features = []
+        for npz in npzs:  # each row's images again (seconds), for the paired comparison with the first row
+            with np.load(npz) as f:
+                images = torch.from_numpy(f["arr_0"][..., :1].copy())
+            features.append(evaluator.features(TensorSource(images, labels))[0])
+        relative_ci = paired_relative(features, evaluator, args.bootstrap)
     text = "\n".join(
         [f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, cfg {args.cfg_scale}, "
          f"seed {args.seed}, same labels and initial noise for every sampler; FID: Fashion-MNIST domain metric vs {args.ref}; "
