@@ -26,7 +26,7 @@ help:
 	@echo "make format    ruff: fix imports and format the tree"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
-	@echo "make ablation  the conditioning study: every block x 3 seeds (~1 h 45 min on 2 cores), report in docs/ablation.md"
+	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 45 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
@@ -86,7 +86,7 @@ fid: setup
 # at a time with one thread each, then the report. Re-running resumes unfinished runs and skips finished
 # ones; the report is written even when some runs failed (it lists them), and make then exits non-zero.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-ABLATION_DIR ?= multirun/ablate_conditioning
+ABLATION_DIR ?= studies/ablation_conditioning
 ablation: setup
 	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=ablate_conditioning hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(ABLATION_DIR) $(ARGS) || status=$$?; \

@@ -1,7 +1,7 @@
 """A Markdown report of a Hydra multirun (e.g. the conditioning study): tables with confidence
 intervals over seeds, significance tests, PNG curves with seed bands and the sample grids.
 
-    python -m dit.report multirun/ablate_conditioning -o docs/ablation.md
+    python -m dit.report studies/ablation_conditioning -o docs/ablation.md
 
 Runs are grouped into arms by what differs between their configs apart from the seed (for the
 conditioning study: ``model.block``); the seeds of an arm are its replicates. For every figure
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dit.training.logging import FAILURE_NOTE, fid_curve
+from dit.training.logging import FAILURE_NOTE, fid_curve, finished_info
 
 ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 
@@ -37,7 +37,9 @@ def load_run(job_dir: Path) -> dict:
     last = max((r["step"] for r in records), default=0)
     note = job_dir / FAILURE_NOTE
     reason = note.read_text().strip() if note.exists() else None
-    if (job_dir / "model" / "config.json").exists() and last >= total:
+    # finished: its export (weights) is there, or its finished.json (results kept without the weights)
+    done = finished_info(job_dir)
+    if ((job_dir / "model" / "config.json").exists() or (done and done["step"] >= total)) and last >= total:
         status = "ok"
     elif reason:
         status = f"failed at step {last} of {total}: {reason}"
@@ -284,7 +286,10 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
 
 
 def class_names(run: dict) -> list[str] | None:
-    """The class names the run's export recorded (data.class_names in model/config.json), if any."""
+    """The class names the run recorded (finished.json, or data.class_names in the export's config.json), if any."""
+    done = finished_info(run["dir"])
+    if done and done.get("class_names"):
+        return done["class_names"]
     export = run["dir"] / "model" / "config.json"
     return (json.loads(export.read_text()).get("data") or {}).get("class_names") if export.exists() else None
 

@@ -1,6 +1,6 @@
 """Per-class consistency of the conditioning study's final EMA models (docs/ablation.md).
 
-    python studies/ablation_per_class.py multirun/ablate_conditioning -o docs/ablation_per_class.md
+    python studies/ablation_per_class.py studies/ablation_conditioning -o docs/ablation_per_class.md
 
 For every finished run it draws again the samples of the run's final FID evaluation (the same labels,
 sampler settings and seed as dit/training/loop.py: labels arange(n) % classes, seed + 1, batches of

@@ -548,6 +548,48 @@ def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path, domai
 
 
 @needs_fmnist
+def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, capsys):
+    """A study committed to git keeps metrics.jsonl and finished.json, not checkpoints/ or model/ (.gitignore):
+    running it again (resume=auto) leaves such a run alone and dit.report counts it as finished; a longer
+    budget trains it again; a damaged record is named and does not count."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from dit.report import class_names, load_run
+
+    run, cfg = tmp_path / "job", cfg_for()
+    train.run(cfg, run)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what Hydra writes beside it
+    info = json.loads((run / "finished.json").read_text())
+    assert info["step"] == 6 and info["class_names"][:2] == ["T-shirt/top", "Trouser"]
+    shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "model")  # a fresh clone of the study
+    metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert train.run(cfg_for(), run) == {"step": 6, "checkpoint": None, "export": None}
+    assert (
+        f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
+        in capsys.readouterr().out
+    )
+    assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / "checkpoints").exists()
+    found = load_run(run)
+    assert found["status"] == "ok" and class_names(found) == info["class_names"]
+
+    (run / "finished.json").write_text("{")  # damaged: warned about, not finished, so trained again
+    with pytest.warns(UserWarning, match="finished.json: unreadable"):
+        assert load_run(run)["status"] == "unfinished: stopped at step 6 of 6"
+    with pytest.warns(UserWarning, match="finished.json: unreadable"):
+        assert train.run(cfg_for(), run)["checkpoint"] is not None
+    assert json.loads((run / "finished.json").read_text())["step"] == 6
+
+    shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "model")
+    longer = train.run(cfg_for("training.total_steps=8"), run)  # another budget: the record of 6 steps does not hold
+    assert longer["step"] == 8 and json.loads((run / "finished.json").read_text())["step"] == 8
+    assert [r["step"] for r in records(run)][-1] == 8
+
+
+@needs_fmnist
 def test_a_failed_run_notes_why_and_a_later_success_clears_it(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", *SMOKE, "logger=none", f"hydra.run.dir={run_dir}"]

@@ -20,6 +20,10 @@ from pathlib import Path
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml"}
 TRACKING_DIR = "tracking"  # run_dir/tracking/<project>/: TensorBoard's event files (and Aim's repository)
 FAILURE_NOTE = "error.txt"  # run_dir/error.txt: why the last attempt stopped (train.py writes it, dit.report lists it)
+# run_dir/finished.json: the run reached its last step and wrote its export. Kept with the results
+# (metrics.jsonl, PNGs) where the weights are not, e.g. a study committed without its checkpoints, so that
+# a re-run of the study leaves the run alone and the report counts it.
+FINISHED = "finished.json"
 
 
 def note_failure(run_dir: Path, reason: str) -> None:
@@ -29,6 +33,31 @@ def note_failure(run_dir: Path, reason: str) -> None:
             (run_dir / FAILURE_NOTE).write_text(" ".join(reason.split())[:500] + "\n")
     except OSError:
         pass
+
+
+def mark_finished(run_dir: Path, step: int, data: dict | None = None) -> None:
+    """Record that the run finished at `step` (atomically). data: what the report shows of the data (class names)."""
+    from dit.atomic import atomic_file
+
+    info = {"step": step, "class_names": (data or {}).get("class_names")}
+    atomic_file(Path(run_dir) / FINISHED, lambda tmp: Path(tmp).write_text(json.dumps(info) + "\n"))
+
+
+def finished_info(run_dir: Path) -> dict | None:
+    """What mark_finished recorded, or None (never finished, or the record is damaged: a warning names it)."""
+    path = Path(run_dir) / FINISHED
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (ValueError, OSError) as e:
+        import warnings
+
+        warnings.warn(f"{path}: unreadable ({e}); the run is treated as not finished", stacklevel=2)
+        return None
+    return info
 
 
 def fid_curve(evals: list[dict]) -> list[dict]:

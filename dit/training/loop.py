@@ -21,7 +21,7 @@ from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, save_checkpoint
 from dit.training.config import OptimConfig, TrainConfig
 from dit.training.ema import EMA
-from dit.training.logging import MetricsLogger, trackers, tracking_config
+from dit.training.logging import FINISHED, MetricsLogger, finished_info, mark_finished, trackers, tracking_config
 from dit.training.randomness import SlicedRandom
 
 
@@ -127,10 +127,24 @@ def train(
     # Decided alike on every process (only the main one writes the export; the disks may differ).
     if all_processes(accelerator, step == t.total_steps and (export / "config.json").exists()):
         # A finished run met again (a study re-run resumes what is unfinished): nothing to train or rewrite.
+        if accelerator.is_main_process and finished_info(run_dir) is None:  # finished before the record existed
+            mark_finished(run_dir, step, data_meta)
         accelerator.print(f"{run_dir}: already finished at step {step}; EMA export in {export}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"step": step, "checkpoint": resume_from, "export": export, "ema": ema.model, "model": raw}
+    done = finished_info(run_dir)
+    if resume == "auto" and resume_from is None and all_processes(accelerator, done is not None and done["step"] == t.total_steps):
+        # Its results were kept without its checkpoints (e.g. a study committed to git): not trained again.
+        accelerator.print(
+            f"{run_dir}: already finished at step {t.total_steps} (results in metrics.jsonl; no checkpoint here); "
+            f"delete {run_dir / FINISHED} to train it again"
+        )
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {"step": t.total_steps, "checkpoint": None, "export": export if (export / "config.json").exists() else None}
+    if accelerator.is_main_process:
+        (run_dir / FINISHED).unlink(missing_ok=True)  # training again (longer, or afresh): the old record no longer holds
     logger = MetricsLogger(accelerator, run_dir, logger_config, config or {}, step if resume_from else None)
     n_classes = min(raw.num_classes, t.sample_max_classes)
     sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
@@ -263,6 +277,7 @@ def train(
         from dit.checkpoints import save_export
 
         save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights, objective=objective_settings)
+        mark_finished(run_dir, step, data_meta)
         logger.plot()  # accelerator.end_training() below closes the trackers
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
     accelerator.wait_for_everyone()
