@@ -155,6 +155,37 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     assert "report_samples.png" not in text  # fake runs have no sample grids
 
 
+def test_report_checks_the_published_order(tmp_path):
+    """DiT's three claims (adaLN-Zero below in-context, cross-attention and adaLN): each verdict from the pairs' tests."""
+    multirun = tmp_path / "multirun"
+    fids = {
+        "adaln_zero": [30.0, 31.0, 30.5],
+        "in_context": [60.0, 61.5, 59.0],  # far above: agrees, significant
+        "cross_attn": [29.0, 34.0, 31.0],  # about equal: not significant (mean 31.3 > 30.5: same direction)
+        "adaln": [10.0, 11.0, 10.4],  # far below: contradicts, significant
+    }
+    for block, values in fids.items():
+        for seed, f in enumerate(values):
+            fake_run(multirun, block, seed, f)
+    out = tmp_path / "report.md"
+    report_main([str(multirun), "-o", str(out)])
+    section = out.read_text().split("**Against the published order**")[1]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in section.splitlines() if line.startswith("| `")}
+    assert set(rows) == {"`adaln_zero` < `in_context`", "`adaln_zero` < `cross_attn`", "`adaln_zero` < `adaln`"}
+    assert rows["`adaln_zero` < `in_context`"][5].strip() == "**agrees** (significant)"
+    assert rows["`adaln_zero` < `in_context`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['in_context']):+.1f}"
+    assert rows["`adaln_zero` < `cross_attn`"][5].strip() == "same direction, not significant"
+    assert rows["`adaln_zero` < `adaln`"][5].strip() == "**contradicts** (significant)"
+    assert rows["`adaln_zero` < `adaln`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['adaln']):+.1f}"
+    assert "nearly half that of the in-context model" in rows["`adaln_zero` < `in_context`"][2]
+    # a study without the claims' arms (or arms told apart by other keys) has no such section
+    other = tmp_path / "other"
+    for seed in (0, 1):
+        fake_run(other, "diffit", seed, 20.0 + seed), fake_run(other, "adain", seed, 30.0 + seed)
+    report_main([str(other), "-o", str(tmp_path / "other.md")])
+    assert "published order" not in (tmp_path / "other.md").read_text()
+
+
 def test_arms_of_two_keys_fill_one_column(tmp_path):
     """Arms that differ in two keys: each table's header has as many cells as its rows."""
     multirun = tmp_path / "multirun"
