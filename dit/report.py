@@ -51,7 +51,7 @@ def load_run(job_dir: Path) -> dict:
     reason = note.read_text().strip() if note.exists() else None
     # finished: its export (weights) is there, or its finished.json (results kept without the weights)
     done = finished_info(job_dir)
-    if ((job_dir / "model" / "config.json").exists() or (done and done["step"] >= total)) and last >= total:
+    if ((job_dir / "model" / "config.json").exists() or (done and done["step"] == total)) and last >= total:
         status = "ok"
     elif reason:
         status = f"failed at step {last} of {total}: {reason}"
@@ -297,25 +297,30 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
     return text
 
 
-def published(keys: list[str], pairs: list[dict]) -> list[str]:
-    """A table: each published ordering of two arms of this study, and whether the study agrees with it."""
+def published(keys: list[str], arms: list[str], pairs: list[dict]) -> list[str]:
+    """A table: each published ordering of two arms of this study, and whether the study agrees with it
+    (the papers' settings are not this study's: a significant opposite order holds here, not there)."""
     if len(keys) != 1:
         return []
     found = {frozenset((p["a"], p["b"])): p for p in pairs}
     rows = []
     for better, worse, source in PUBLISHED.get(keys[0], []):
+        if better not in arms or worse not in arms:
+            continue  # the claim is about an arm this study does not have
         p = found.get(frozenset((better, worse)))
         if p is None:
-            continue  # an arm of the claim is not in this study (or has fewer than two seeds)
+            rows.append(f"| `{better}` < `{worse}` | {source} | - | - | not tested (an arm has fewer than two seeds) |")
+            continue
         diff = p["diff"] if p["a"] == better else -p["diff"]  # FID(better) - FID(worse) here
-        same = diff < 0
+        direction = "same" if diff < 0 else "opposite" if diff > 0 else "no"
         if math.isnan(p["p"]):
-            here = "not tested (no spread)"
+            here = "not tested (no spread in either arm)"
         elif p["significant"]:
-            here = "**agrees** (significant)" if same else "**contradicts** (significant)"
+            here = "**agrees** (significant)" if diff < 0 else "**opposite order here** (significant)"
         else:
-            here = f"{'same' if same else 'opposite'} direction, not significant"
-        rows.append(f"| `{better}` < `{worse}` | {source} | {diff:+.1f} | {p['p_holm']:.3g} | {here} |")
+            here = f"{direction} direction, not significant" if diff else "no difference"
+        p_holm = "-" if math.isnan(p["p_holm"]) else f"{p['p_holm']:.3g}"
+        rows.append(f"| `{better}` < `{worse}` | {source} | {diff:+.1f} | {p_holm} | {here} |")
     if not rows:
         return []
     return [
@@ -422,7 +427,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     text += ["**Which differences are significant**", "", *verdict(order, pairs), ""]
     if test_lines:
         text += [*test_lines, ""]
-    claims = published(keys, pairs)
+    claims = published(keys, order, pairs)
     if claims:
         text += [
             "**Against the published order** (each claim tested as the pairs above: Welch, Holm-corrected; "

@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("-o", "--out", type=Path, required=True)
     args = p.parse_args()
     runs = sorted(d.parent.parent for d in args.multirun.glob("*/model/config.json"))
+    if not runs:  # e.g. a fresh clone of a committed study: its weights are not in git
+        raise SystemExit(f"error: {args.multirun}: no run with its EMA export (*/model/config.json) to draw samples from")
     evaluator = Evaluator("fashion_mnist", "fashion_mnist:test", batch_size=500, distributed=False)
     results = []
     for run in runs:

@@ -175,10 +175,20 @@ def test_report_checks_the_published_order(tmp_path):
     assert rows["`adaln_zero` < `in_context`"][5].strip() == "**agrees** (significant)"
     assert rows["`adaln_zero` < `in_context`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['in_context']):+.1f}"
     assert rows["`adaln_zero` < `cross_attn`"][5].strip() == "same direction, not significant"
-    assert rows["`adaln_zero` < `adaln`"][5].strip() == "**contradicts** (significant)"
+    assert rows["`adaln_zero` < `adaln`"][5].strip() == "**opposite order here** (significant)"
     assert rows["`adaln_zero` < `adaln`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['adaln']):+.1f}"
     assert "nearly half that of the in-context model" in rows["`adaln_zero` < `in_context`"][2]
-    # a study without the claims' arms (or arms told apart by other keys) has no such section
+    # an arm with one seed, and arms without spread: said, not tested
+    few = tmp_path / "few"
+    fake_run(few, "adaln_zero", 0, 30.0), fake_run(few, "adaln_zero", 1, 30.0)
+    fake_run(few, "adaln", 0, 40.0), fake_run(few, "adaln", 1, 40.0), fake_run(few, "in_context", 0, 50.0)
+    report_main([str(few), "-o", str(tmp_path / "few.md")])
+    section = (tmp_path / "few.md").read_text().split("**Against the published order**")[1]
+    assert (
+        "| `adaln_zero` < `adaln` | DiT, sec. 4.1, Fig. 5" in section and "| -10.0 | - | not tested (no spread in either arm) |" in section
+    )
+    assert "| - | - | not tested (an arm has fewer than two seeds) |" in section and "cross_attn" not in section
+    # a study without the claims' arms has no such section
     other = tmp_path / "other"
     for seed in (0, 1):
         fake_run(other, "diffit", seed, 20.0 + seed), fake_run(other, "adain", seed, 30.0 + seed)

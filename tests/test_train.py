@@ -548,30 +548,35 @@ def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path, domai
 
 
 @needs_fmnist
-def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, capsys):
+def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, capsys, monkeypatch):
     """A study committed to git keeps metrics.jsonl and finished.json, not checkpoints/ or model/ (.gitignore):
-    running it again (resume=auto) leaves such a run alone and dit.report counts it as finished; a longer
-    budget trains it again; a damaged record is named and does not count."""
+    running it again (resume=auto) leaves such a run alone and dit.report counts it as finished. Other
+    settings, a longer budget, resume=null or a damaged record train it again; a finished run that predates
+    the record gets one."""
     import shutil
 
     from omegaconf import OmegaConf
 
     from dit.report import class_names, load_run
 
+    def fresh_clone():
+        shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "model")
+
+    def trained(result):
+        return result["checkpoint"] is not None
+
     run, cfg = tmp_path / "job", cfg_for()
     train.run(cfg, run)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what Hydra writes beside it
     info = json.loads((run / "finished.json").read_text())
-    assert info["step"] == 6 and info["class_names"][:2] == ["T-shirt/top", "Trouser"]
-    shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "model")  # a fresh clone of the study
+    assert info["step"] == 6 and info["class_names"][:2] == ["T-shirt/top", "Trouser"] and len(info["settings"]) == 64
+    fresh_clone()
     metrics = (run / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    assert train.run(cfg_for(), run) == {"step": 6, "checkpoint": None, "export": None}
-    assert (
-        f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
-        in capsys.readouterr().out
-    )
+    assert train.run(cfg_for("training.num_workers=1"), run) == {"step": 6, "checkpoint": None, "export": None}  # runtime key
+    message = f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
+    assert message in capsys.readouterr().out
     assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / "checkpoints").exists()
     found = load_run(run)
     assert found["status"] == "ok" and class_names(found) == info["class_names"]
@@ -580,13 +585,34 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     with pytest.warns(UserWarning, match="finished.json: unreadable"):
         assert load_run(run)["status"] == "unfinished: stopped at step 6 of 6"
     with pytest.warns(UserWarning, match="finished.json: unreadable"):
-        assert train.run(cfg_for(), run)["checkpoint"] is not None
-    assert json.loads((run / "finished.json").read_text())["step"] == 6
+        assert trained(train.run(cfg_for(), run))
+    assert json.loads((run / "finished.json").read_text()) == info
 
-    shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "model")
+    (run / "finished.json").unlink()  # finished (checkpoints there) before the record existed: it is written
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert train.run(cfg_for(), run)["step"] == 6 and json.loads((run / "finished.json").read_text()) == info
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "finished.json"} == before
+
+    fresh_clone()
+    assert trained(train.run(cfg_for("optim.lr=3e-4"), run))  # other settings, same budget: trained again
+    assert json.loads((run / "finished.json").read_text())["settings"] != info["settings"]
+    fresh_clone()
+    assert trained(train.run(cfg_for("optim.lr=3e-4", "resume=null"), run))  # resume=null: start afresh, always
+    fresh_clone()
     longer = train.run(cfg_for("training.total_steps=8"), run)  # another budget: the record of 6 steps does not hold
-    assert longer["step"] == 8 and json.loads((run / "finished.json").read_text())["step"] == 8
+    assert trained(longer) and longer["step"] == 8 and json.loads((run / "finished.json").read_text())["step"] == 8
     assert [r["step"] for r in records(run)][-1] == 8
+
+    fresh_clone()  # trained again and stopped half-way: the old record is gone, the run is not finished
+    import dit.training.loop as loop
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        train.run(cfg_for("training.total_steps=8", "optim.lr=2e-4", "training.ckpt_every=3"), run)
+    assert not (run / "finished.json").exists()
 
 
 @needs_fmnist

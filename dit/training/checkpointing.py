@@ -123,6 +123,12 @@ def all_processes(accelerator, flag: bool | torch.Tensor) -> bool:
     return bool(accelerator.reduce(ok, "sum").item() == accelerator.num_processes)
 
 
+def main_process_says(accelerator, flag: bool) -> bool:
+    """The main process's `flag`, on every process (what it alone can see, e.g. a file only it writes)."""
+    ok = torch.as_tensor(flag if accelerator.is_main_process else False, dtype=torch.float32, device=accelerator.device).reshape(())
+    return bool(accelerator.reduce(ok, "sum").item() > 0)
+
+
 def _all_finite(accelerator, model: torch.nn.Module) -> bool:
     """Every process checks its own parameters (its shards under FSDP)."""
     local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())

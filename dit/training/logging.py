@@ -35,12 +35,42 @@ def note_failure(run_dir: Path, reason: str) -> None:
         pass
 
 
-def mark_finished(run_dir: Path, step: int, data: dict | None = None) -> None:
-    """Record that the run finished at `step` (atomically). data: what the report shows of the data (class names)."""
+# Settings that change how a run computes, not what: a finished run is not trained again for them.
+RUNTIME_KEYS = {
+    "model": ("fused_adaln",),
+    "training": ("compile", "gradient_checkpointing", "num_workers", "log_every", "ckpt_every", "keep_last", "inception_weights"),
+}
+
+
+def settings_digest(config: dict) -> str:
+    """SHA-256 of what a run's results depend on: its seed and model, data, objective, optimiser and training
+    settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS."""
+    import hashlib
+
+    kept = {k: config.get(k) for k in ("seed", "model", "data", "diffusion", "optim", "training")}
+    for group, keys in RUNTIME_KEYS.items():
+        if isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mark_finished(run_dir: Path, step: int, settings: str, data: dict | None = None) -> None:
+    """Record (atomically) that the run finished at `step` with these settings (settings_digest).
+    data: what the report shows of the data (its class names)."""
     from dit.atomic import atomic_file
 
-    info = {"step": step, "class_names": (data or {}).get("class_names")}
+    info = {"step": step, "settings": settings, "class_names": (data or {}).get("class_names")}
     atomic_file(Path(run_dir) / FINISHED, lambda tmp: Path(tmp).write_text(json.dumps(info) + "\n"))
+
+
+def unmark_finished(run_dir: Path) -> None:
+    """Remove the record durably (a run trained again: the old record no longer holds)."""
+    from dit.atomic import fsync_dir
+
+    path = Path(run_dir) / FINISHED
+    if path.exists():
+        path.unlink()
+        fsync_dir(path.parent)
 
 
 def finished_info(run_dir: Path) -> dict | None:

@@ -18,10 +18,19 @@ from dit.data import GlobalBatchSampler
 from dit.diffusion import Objective, build_sampler
 from dit.models import DiT
 from dit.sampling import generate, save_grid
-from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, save_checkpoint
+from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
 from dit.training.config import OptimConfig, TrainConfig
 from dit.training.ema import EMA
-from dit.training.logging import FINISHED, MetricsLogger, finished_info, mark_finished, trackers, tracking_config
+from dit.training.logging import (
+    FINISHED,
+    MetricsLogger,
+    finished_info,
+    mark_finished,
+    settings_digest,
+    trackers,
+    tracking_config,
+    unmark_finished,
+)
 from dit.training.randomness import SlicedRandom
 
 
@@ -95,6 +104,29 @@ def train(
     grid_sampler = _training_sampler(objective, t.grid_sampling, model, "training.grid_sampling")
     fid_sampler = _training_sampler(objective, t.fid_sampling, model, "training.fid_sampling") if t.fid_every else None
     resume_from = find_resume(resume, run_dir)  # before anything is written
+    settings = settings_digest(config or {})
+
+    def leave(message: str, result: dict) -> dict:
+        """A finished run met again: nothing to train or rewrite."""
+        accelerator.print(message)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
+
+    if resume == "auto" and all_processes(accelerator, resume_from is None):
+        # Results kept without checkpoints (a study committed to git): finished.json, which only the main
+        # process writes, with the same total_steps and settings says the run is done.
+        done = finished_info(run_dir) if accelerator.is_main_process else None
+        if main_process_says(accelerator, done is not None and done["step"] == t.total_steps and done.get("settings") == settings):
+            return leave(
+                f"{run_dir}: already finished at step {t.total_steps} (results in metrics.jsonl; no checkpoint here); "
+                f"delete {run_dir / FINISHED} to train it again",
+                {
+                    "step": t.total_steps,
+                    "checkpoint": None,
+                    "export": run_dir / "model" if (run_dir / "model" / "config.json").exists() else None,
+                },
+            )
 
     # --- data ------------------------------------------------------------------------------
     sampler = GlobalBatchSampler(len(dataset), batch_size, world, rank, t.grad_accum, seed)
@@ -126,25 +158,12 @@ def train(
     export = run_dir / "model"
     # Decided alike on every process (only the main one writes the export; the disks may differ).
     if all_processes(accelerator, step == t.total_steps and (export / "config.json").exists()):
-        # A finished run met again (a study re-run resumes what is unfinished): nothing to train or rewrite.
         if accelerator.is_main_process and finished_info(run_dir) is None:  # finished before the record existed
-            mark_finished(run_dir, step, data_meta)
-        accelerator.print(f"{run_dir}: already finished at step {step}; EMA export in {export}")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return {"step": step, "checkpoint": resume_from, "export": export, "ema": ema.model, "model": raw}
-    done = finished_info(run_dir)
-    if resume == "auto" and resume_from is None and all_processes(accelerator, done is not None and done["step"] == t.total_steps):
-        # Its results were kept without its checkpoints (e.g. a study committed to git): not trained again.
-        accelerator.print(
-            f"{run_dir}: already finished at step {t.total_steps} (results in metrics.jsonl; no checkpoint here); "
-            f"delete {run_dir / FINISHED} to train it again"
-        )
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return {"step": t.total_steps, "checkpoint": None, "export": export if (export / "config.json").exists() else None}
+            mark_finished(run_dir, step, settings, data_meta)
+        message = f"{run_dir}: already finished at step {step}; EMA export in {export}"
+        return leave(message, {"step": step, "checkpoint": resume_from, "export": export, "ema": ema.model, "model": raw})
     if accelerator.is_main_process:
-        (run_dir / FINISHED).unlink(missing_ok=True)  # training again (longer, or afresh): the old record no longer holds
+        unmark_finished(run_dir)  # trained again (longer, afresh, other settings): the old record no longer holds
     logger = MetricsLogger(accelerator, run_dir, logger_config, config or {}, step if resume_from else None)
     n_classes = min(raw.num_classes, t.sample_max_classes)
     sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
@@ -277,7 +296,7 @@ def train(
         from dit.checkpoints import save_export
 
         save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights, objective=objective_settings)
-        mark_finished(run_dir, step, data_meta)
+        mark_finished(run_dir, step, settings, data_meta)
         logger.plot()  # accelerator.end_training() below closes the trackers
         print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
     accelerator.wait_for_everyone()
