@@ -26,7 +26,7 @@ help:
 	@echo "make format    ruff: fix imports and format the tree"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
-	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 45 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
+	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 50 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"

@@ -31,11 +31,11 @@ ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 # (the arm they find better, i.e. with the lower FID, the arm they find worse, the source and its words).
 PUBLISHED = {
     "model.block": [
-        ("adaln_zero", "in_context", "DiT (Peebles & Xie 2023), sec. 4.1, Fig. 5: at 400K steps adaLN-Zero's FID is "
+        ("adaln_zero", "in_context", "DiT (Peebles & Xie 2023), Fig. 5 and its text: at 400K steps adaLN-Zero's FID is "
          "'nearly half that of the in-context model'"),
-        ("adaln_zero", "cross_attn", "DiT, sec. 4.1, Fig. 5: adaLN-Zero 'yields lower FID than both cross-attention and "
-         "in-context conditioning'"),
-        ("adaln_zero", "adaln", "DiT, sec. 4.1, Fig. 5: adaLN-Zero 'significantly outperforms vanilla adaLN'"),
+        ("adaln_zero", "cross_attn", "DiT, Fig. 5: 'adaLN-Zero outperforms cross-attention and in-context conditioning "
+         "at all stages of training'"),
+        ("adaln_zero", "adaln", "DiT, Fig. 5 and its text: adaLN-Zero 'significantly outperforms vanilla adaLN'"),
     ],
 }  # fmt: skip
 

@@ -185,7 +185,8 @@ def test_report_checks_the_published_order(tmp_path):
     report_main([str(few), "-o", str(tmp_path / "few.md")])
     section = (tmp_path / "few.md").read_text().split("**Against the published order**")[1]
     assert (
-        "| `adaln_zero` < `adaln` | DiT, sec. 4.1, Fig. 5" in section and "| -10.0 | - | not tested (no spread in either arm) |" in section
+        "| `adaln_zero` < `adaln` | DiT, Fig. 5 and its text" in section
+        and "| -10.0 | - | not tested (no spread in either arm) |" in section
     )
     assert "| - | - | not tested (an arm has fewer than two seeds) |" in section and "cross_attn" not in section
     # a study without the claims' arms has no such section
