@@ -356,6 +356,24 @@ def per_class_table(order: list[str], summaries: dict[str, list[dict]], names: l
     return rows
 
 
+def worst_classes(order: list[str], summaries: dict[str, list[dict]], names: list[str] | None) -> list[str]:
+    """Each arm's lowest class share over all its seeds, against chance (1/classes), in words."""
+    lines = []
+    for a in order:
+        worst = [
+            (share, k, s["seed"]) for s in summaries[a] if s["per_class"] for k, share in enumerate(s["per_class"]) if share is not None
+        ]
+        if not worst:
+            continue
+        share, k, seed = min(worst)
+        chance = 1 / len(next(s["per_class"] for s in summaries[a] if s["per_class"]))
+        name = names[k] if names and k < len(names) else str(k)
+        lines.append(f"`{a}` {share / chance:.1f}x ({100 * share:.0f}%, {name}, seed {seed})")
+    if not lines:
+        return []
+    return ["Lowest share of any class in any seed, as a multiple of chance: " + "; ".join(lines) + "."]
+
+
 def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     jobs = sorted(p.parent.parent for p in multirun.glob("*/.hydra/config.yaml"))
     if not jobs:
@@ -414,13 +432,16 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]
-    per_class = per_class_table(order, summaries, class_names(ok[0]) if ok else None, header)
+    names = class_names(ok[0]) if ok else None
+    per_class = per_class_table(order, summaries, names, header)
     if per_class:
         text += [
             "**Class consistency per class** (mean over seeds; the share of class-k samples of the final evaluation "
             "that the classifier calls k; chance: 1/classes)",
             "",
             *per_class,
+            "",
+            *worst_classes(order, summaries, names),
             "",
         ]
     test_lines, pairs = comparisons(summaries)

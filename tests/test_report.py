@@ -139,6 +139,8 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     for block in fids:
         assert f"| {block} | 60% | 90% | 100% |" in text
     assert "| cross_attn | " not in text.split("**Class consistency per class**")[1].split("**Which")[0]
+    # the lowest class share of any seed (fake runs: the first class, 0.5 at seed 0; chance 1/3)
+    assert "Lowest share of any class in any seed, as a multiple of chance: `adaln_zero` 1.5x (50%, shirt, seed 0);" in text
     # Three pairs, Holm-corrected: adaln_zero and in_context both far below adaln; the two of them not apart.
     p = {
         (a, b): stats.ttest_ind(fids[a], fids[b], equal_var=False).pvalue
