@@ -394,7 +394,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     stem = out.stem
     images = {
         "loss": plot_curves(ok_arms, "loss", "training loss (mean over seeds, band: min-max)", out.with_name(f"{stem}_loss.png"), log=True),
-        "fid": plot_curves(ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png")),
+        "fid": plot_curves(ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png"), log=True),
         "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
     fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
