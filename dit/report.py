@@ -41,7 +41,8 @@ PUBLISHED = {
 
 
 def load_run(job_dir: Path) -> dict:
-    """One job directory -> {name, config, records, status} (status 'ok' or why not)."""
+    """One job directory -> {name, config, records, status, finished} (status 'ok' or why not; finished: its
+    finished.json record or None)."""
     config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
     metrics = job_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
@@ -59,7 +60,7 @@ def load_run(job_dir: Path) -> dict:
         status = "failed: no metrics were written"
     else:
         status = f"unfinished: stopped at step {last} of {total}"
-    return dict(name=job_dir.name, dir=job_dir, config=config, records=records, status=status, last_step=last)
+    return dict(name=job_dir.name, dir=job_dir, config=config, records=records, status=status, last_step=last, finished=done)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -332,7 +333,7 @@ def published(keys: list[str], arms: list[str], pairs: list[dict]) -> list[str]:
 
 def class_names(run: dict) -> list[str] | None:
     """The class names the run recorded (finished.json, or data.class_names in the export's config.json), if any."""
-    done = finished_info(run["dir"])
+    done = run.get("finished")
     if done and done.get("class_names"):
         return done["class_names"]
     export = run["dir"] / "model" / "config.json"
