@@ -5,7 +5,8 @@
 # 1,000 steps. The study's learning rate is constant after 100 warm-up steps, so a run continued from
 # the study's step-4,000 checkpoint follows the schedule of a 6,000-step run; where that checkpoint is
 # not on disk (a fresh clone: checkpoints are not committed) the run trains from step 0 instead.
-# Two runs at a time (JOBS), one thread each; the seeds may be given (run_adain_longer.sh 0 1). Results: studies/ablation_adain_6k/adain_seed{0,1,2}.
+# Two runs at a time (JOBS), one thread each; the seeds may be given (run_adain_longer.sh 0 1).
+# Results: studies/ablation_adain_6k/adain_seed{0,1,2}; a finished run is skipped (its finished.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
