@@ -119,8 +119,8 @@ def main() -> None:
     p.add_argument("--blocks", nargs="+", help="only these blocks (default: every block of the study)")
     p.add_argument("--cfg-scale", nargs="+", type=float, help="guidance scales to draw at (default: each run's own)")
     args = p.parse_args()
-    runs = sorted(d.parent for d in args.multirun.glob("*/.hydra/config.yaml"))
-    runs = [r.parent for r in runs if (r.parent / "finished.json").exists() or (r.parent / "model" / "config.json").exists()]
+    runs = sorted(d.parent.parent for d in args.multirun.glob("*/.hydra/config.yaml"))
+    runs = [r for r in runs if (r / "finished.json").exists() or (r / "model" / "config.json").exists()]
     if args.blocks:
         runs = [r for r in runs if yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["model"]["block"] in args.blocks]
     if not runs:
