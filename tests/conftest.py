@@ -10,7 +10,13 @@ if not torch.cuda.is_available():  # with CUDA the kernels are compiled and test
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download at test time
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist the cores are shared among the workers: one worker's torch (and the processes its tests
+# start) take their share, so two workers on two cores do not each run two threads.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+if _workers > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+torch.set_num_threads(_threads)
 
 from pathlib import Path  # noqa: E402
 

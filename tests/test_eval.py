@@ -1,6 +1,8 @@
 """FID: the Frechet distance against independent references, the Inception path end to end with a
 random weights file under the expected name (offline), reference files, the domain classifier."""
 
+import json
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -20,6 +22,11 @@ def scipy_fid(mu1, s1, mu2, s2):
     """The textbook computation (pytorch-fid's), float64, with scipy's sqrtm."""
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def parse_line(line: str) -> dict:
+    """The documented text output of python -m dit.eval: one line of key=value tokens."""
+    return dict(token.split("=", 1) for token in line.split())
 
 
 def random_stats(n, d, seed, shift=0.0):
@@ -113,37 +120,101 @@ def test_inception_path_end_to_end(random_inception_home, tmp_path, monkeypatch,
     with pytest.warns(UserWarning, match="unreliable"):
         eval_main(["ref", str(tmp_path / "b.npz"), "-o", str(tmp_path / "ref.npz"), "--batch-size", "4"])
         eval_main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "ref.npz"), "--batch-size", "4"])
-    out = capsys.readouterr().out
-    assert "wrote" in out and "fid=" in out and "inception_score=" in out
+    ref_line, fid_line = capsys.readouterr().out.splitlines()  # stdout: one result line per command, nothing else
+    assert parse_line(ref_line) == {"out": str(tmp_path / "ref.npz"), "samples": "6", "extractor": net.name}
+    assert {"fid", "inception_score", "inception_score_std", "samples", "extractor"} <= set(parse_line(fid_line))
     ref = Stats.load(tmp_path / "ref.npz", "unused")
     assert ref.count == 6 and ref.mu.shape == (2048,) and ref.extractor.startswith("inception-v3-compat")
 
 
-@pytest.mark.slow  # retrains the domain CNN from scratch: ~2 min alone, ~5 min on a busy 2-core machine
 @needs_fmnist
-def test_domain_classifier_accuracy_and_metric(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+def test_shipped_domain_classifier_accuracy_and_metric():
     from dit.eval import extract_features, make_extractor
+    from dit.eval.domain import EXTRACTOR, WEIGHTS_SHA256
 
     extractor = make_extractor("fashion_mnist")
-    assert extractor.test_accuracy >= 0.88  # stated in the README: 0.892 after 2 seeded epochs
+    assert extractor.sha256 == WEIGHTS_SHA256 and extractor.name == EXTRACTOR and WEIGHTS_SHA256[:12] in EXTRACTOR
     test = ImageSource("fashion_mnist:test")
-    test.array, test.labels = test.array[:2000], test.labels[:2000]
-    feats, logits = extract_features(test, extractor, 500, progress=False)
-    assert (logits.argmax(1) == test.labels).mean() >= 0.88  # class consistency of real images
+    feats, logits = extract_features(test, extractor, 1000, progress=False)
+    accuracy = (logits.argmax(1) == test.labels).mean()
+    assert accuracy == pytest.approx(extractor.test_accuracy, abs=1e-4)  # the accuracy its file records, measured again
+    assert accuracy >= 0.88  # stated in the README
     train = ImageSource("fashion_mnist:train")
     train.array = train.array[:2000]
     real = fid(
-        stats_from_features(feats, extractor.name),
-        stats_from_features(extract_features(train, extractor, 500, progress=False)[0], extractor.name),
+        stats_from_features(feats[:2000], extractor.name),
+        stats_from_features(extract_features(train, extractor, 1000, progress=False)[0], extractor.name),
     )
     noise = ImageSource("fashion_mnist:test")
     noise.array = np.random.default_rng(0).integers(0, 256, (2000, 28, 28, 1), dtype=np.uint8)
     fake = fid(
-        stats_from_features(extract_features(noise, extractor, 500, progress=False)[0], extractor.name),
-        stats_from_features(feats, extractor.name),
+        stats_from_features(extract_features(noise, extractor, 1000, progress=False)[0], extractor.name),
+        stats_from_features(feats[:2000], extractor.name),
     )
     assert real < 0.05 * fake  # train vs test images are close; noise is far
+
+
+DOMAIN_REFERENCE = Path(__file__).parent / "data" / "domain_features.npz"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("threads", [1, 2])
+def test_domain_metric_is_the_same_function_on_every_thread_count(threads):
+    """The shipped classifier's features and logits of fixed test images, and the domain FID of two fixed image
+    sets, against values stored when the weights were shipped (tests/data/domain_features.npz, written by
+    tests/helpers/domain_reference.py): with 1 and with 2 threads, the metric is one function."""
+    from dit.eval import extract_features, make_extractor
+
+    stored = np.load(DOMAIN_REFERENCE)
+    assert str(stored["extractor"]) == make_extractor("fashion_mnist").name  # the values belong to the shipped weights
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        extractor = make_extractor("fashion_mnist")
+        test = ImageSource("fashion_mnist:test")
+        few = ImageSource("fashion_mnist:test")
+        few.array = test.array[stored["index"]]
+        feats, logits = extract_features(few, extractor, 1000, progress=False)
+        test.array = test.array[:1000]
+        train = ImageSource("fashion_mnist:train")
+        train.array = train.array[:1000]
+        a = extract_features(test, extractor, 1000, progress=False)[0]
+        b = extract_features(train, extractor, 1000, progress=False)[0]
+    finally:
+        torch.set_num_threads(previous)
+    # float32 convolutions: the order of sums may differ with the thread count, at the 1e-6 level
+    np.testing.assert_allclose(feats, stored["features"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, stored["logits"], rtol=1e-4, atol=1e-4)
+    value = fid(stats_from_features(a, extractor.name), stats_from_features(b, extractor.name))
+    assert value == pytest.approx(float(stored["fid_test1000_train1000"]), rel=1e-5)
+
+
+def test_statistics_of_another_classifier_are_refused(tmp_path):
+    """A reference file records the classifier's hash (in its extractor name): one made with another
+    classifier, or with the earlier, locally trained and unhashed one, is refused with both names."""
+    from dit.eval.domain import EXTRACTOR, extractor_name
+
+    mu, sigma = random_stats(200, 128, 0)
+    Stats(mu, sigma, 200, extractor_name("0" * 64)).save(tmp_path / "other.npz")
+    Stats(mu, sigma, 200, "fashion-mnist-cnn-v1/fc1-128").save(tmp_path / "old.npz")  # before the classifier was shipped
+    ours = Stats(mu, sigma, 200, EXTRACTOR)
+    for name in ("other.npz", "old.npz"):
+        other = Stats.load(tmp_path / name, default_extractor=EXTRACTOR)
+        with pytest.raises(ValueError, match=f"different feature extractors: {re.escape(EXTRACTOR)} vs {re.escape(other.extractor)}"):
+            fid(ours, other)
+
+
+@needs_fmnist
+def test_a_reference_cache_of_another_classifier_is_recomputed(tmp_path):
+    from dit.eval.evaluator import Evaluator
+
+    cache = tmp_path / "fid_ref_fashion_mnist.npz"
+    mu, sigma = random_stats(200, 128, 0)
+    Stats(mu, sigma, 200, "fashion-mnist-cnn-v1/fc1-128").save(cache)  # a training run's cache from before
+    ev = Evaluator("fashion_mnist", "fashion_mnist:test", batch_size=1000, cache=cache, distributed=False)
+    with pytest.warns(UserWarning, match="from another feature extractor"):
+        reference = ev.reference()
+    assert reference.extractor == ev.extractor.name and Stats.load(cache, "unused").extractor == ev.extractor.name
 
 
 @needs_fmnist
@@ -173,14 +244,19 @@ def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     assert ours["class_consistency_min"] == min(expected) and min(expected) < max(expected)
 
     save_npz_atomic(tmp_path / "s.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
-    eval_main(["fid", str(tmp_path / "s.npz"), str(cache), "--metric", "fashion_mnist", "--device", "cpu"])
-    out = capsys.readouterr().out
-    printed = dict(kv.split("=") for kv in out.split(" (")[0].split())
+    args = ["fid", str(tmp_path / "s.npz"), str(cache), "--metric", "fashion_mnist", "--device", "cpu"]
+    eval_main(args)
+    (line,) = capsys.readouterr().out.splitlines()  # stdout: the result line and nothing else
+    printed = parse_line(line)
     assert float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)  # printed to 4 decimals
     assert float(printed["class_consistency"]) == pytest.approx(ours["class_consistency"], abs=1e-4)
-    per_class_line = next(line for line in out.splitlines() if line.startswith("class consistency per class: "))
-    printed_per_class = [float(kv.split("=")[1]) for kv in per_class_line.split(": ", 1)[1].split()]
+    printed_per_class = [float(v) for v in printed["class_consistency_per_class"].split(",")]
     assert printed_per_class == pytest.approx(expected, abs=5e-4)  # printed to 3 decimals
+    assert printed["samples"] == "300" and printed["extractor"] == ev.extractor.name
+    eval_main([*args, "--json"])
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["fid"] == pytest.approx(ours["fid"], rel=1e-12) and as_json["class_consistency_per_class"] == pytest.approx(expected)
+    assert as_json["samples"] == 300 and as_json["extractor"] == ev.extractor.name
 
 
 # --- KID, precision/recall and Inception Score beside FID (torch-fidelity's functions on our features) ---
@@ -267,10 +343,12 @@ def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evalu
     with mock.patch("dit.eval.make_extractor", return_value=StubFeatures()), mock.patch("dit.eval.__main__.METRICS", ("stub",)):
         eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"])
         eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "--metric", "stub", "--device", "cpu"])
-    with_images, with_stats = capsys.readouterr().out.strip().split("\n", 1)
-    printed = dict(kv.split("=") for kv in with_images.split(" (")[0].split())
-    assert float(printed["kid"]) == pytest.approx(extra["kid"], abs=1e-6) and float(printed["recall"]) == pytest.approx(extra["recall"])
-    assert "kid=" not in with_stats and "KID, precision and recall not computed: the reference" in with_stats
+    captured = capsys.readouterr()
+    with_images, with_stats = map(parse_line, captured.out.splitlines())  # one result line per command
+    assert float(with_images["kid"]) == pytest.approx(extra["kid"], abs=1e-6)
+    assert float(with_images["recall"]) == pytest.approx(extra["recall"])
+    assert "kid" not in with_stats and "fid" in with_stats
+    assert "KID, precision and recall not computed: the reference" in captured.err  # a note, not a result
 
 
 @pytest.mark.slow  # Inception on CPU for both image sets (~25 s alone); the Inception path itself stays in make test
@@ -291,6 +369,34 @@ def test_inception_is_kid_precision_recall_against_reference_images(random_incep
     assert ours["kid"] == pytest.approx(kid_float64(features, ev._reference_features), rel=1e-6)  # 8 vs 8: no subsets
     assert ours["inception_score"] == isc_features_to_metric(torch.from_numpy(logits), splits=8)["inception_score_mean"]
     assert 0 <= ours["precision"] <= 1 and 0 <= ours["recall"] <= 1
-    printed = dict(kv.split("=") for kv in capsys.readouterr().out.split(" (")[0].split())
-    assert set(printed) == {"fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"}
+    printed = parse_line(capsys.readouterr().out)
+    metrics = {"fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"}
+    assert set(printed) == metrics | {"samples", "extractor"}
     assert float(printed["kid"]) == pytest.approx(ours["kid"], abs=1e-6) and float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)
+
+
+@pytest.mark.slow  # trains the classifier from scratch: ~2 min on one core
+@needs_fmnist
+def test_the_documented_recipe_remakes_the_shipped_classifier(tmp_path):
+    """`python -m dit.eval train-domain-classifier` is how the shipped file was made: with the recipe's one
+    thread and the torch version its metadata records it gives the same file, byte for byte; with another
+    torch version, a classifier of the same quality (whose figures carry its own hash)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from dit.eval.domain import WEIGHTS, WEIGHTS_SHA256
+
+    out = tmp_path / "remade.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dit.eval", "train-domain-classifier", "-o", str(out), "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)  # stdout: the result only; the epochs' progress went to stderr
+    assert "epoch 2/2" in proc.stderr and result["test_accuracy"] >= 0.88
+    with safe_open(str(WEIGHTS), "pt") as f:
+        shipped_torch = f.metadata()["torch"]
+    if shipped_torch == torch.__version__:
+        assert result["sha256"] == WEIGHTS_SHA256

@@ -325,26 +325,39 @@ def test_damaged_latent_shards(tmp_path, name, how):
     assert_names(e.value, tmp_path / name)
 
 
-@pytest.mark.parametrize("how", ["empty", "cut_half", "random"])
-@pytest.mark.parametrize("name", ["fashion_mnist_cnn_v1.safetensors", "fashion_mnist_cnn_v1.json"])
-def test_damaged_domain_classifier_cache_is_rebuilt(tmp_path, monkeypatch, name, how):
+@pytest.mark.parametrize("how", ["empty", "cut_half", "cut_last_byte", "random", "one_byte_changed"])
+def test_damaged_or_changed_shipped_domain_classifier_is_refused(tmp_path, monkeypatch, how):
+    """The shipped classifier is checked against its SHA-256: any change (even one byte inside the tensors,
+    which no header check sees) is refused with one line naming the file; nothing is retrained or rewritten."""
     import dit.eval.domain as domain
 
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path))
-    trainings = []
+    copy = tmp_path / domain.WEIGHTS.name
+    shutil.copyfile(domain.WEIGHTS, copy)
+    monkeypatch.setattr(domain, "WEIGHTS", copy)
+    domain.load_classifier()  # the copy is the shipped file: it loads
+    if how == "one_byte_changed":
+        data = bytearray(copy.read_bytes())
+        data[-100] ^= 1  # inside fc2's weights: a valid safetensors file with other values
+        copy.write_bytes(bytes(data))
+    else:
+        damage(copy, how)
+    before = snapshot(tmp_path)
+    with pytest.raises(DamagedFileError) as e:
+        domain.load_classifier()
+    assert_names(e.value, copy)
+    assert f"expected {domain.WEIGHTS_SHA256}" in str(e.value) and snapshot(tmp_path) == before
 
-    def quick_train(root=None, log=print):  # the real one takes a minute; the cache logic is under test
-        trainings.append(1)
-        return domain.FashionCNN().eval(), 0.5
 
-    monkeypatch.setattr(domain, "train_classifier", quick_train)
-    domain.load_classifier(log=lambda *_: None)  # builds the cache
-    damage(tmp_path / name, how)
-    with pytest.warns(UserWarning, match=f"{re.escape(str(tmp_path / name))}.*training it again"):
-        _, accuracy = domain.load_classifier(log=lambda *_: None)
-    assert accuracy == 0.5 and len(trainings) == 2
-    domain.load_classifier(log=lambda *_: None)  # the rebuilt cache loads without training
-    assert len(trainings) == 2
+@pytest.mark.parametrize("how", ["empty", "cut_half", "random"])
+def test_damaged_explicit_domain_classifier_is_named(tmp_path, how):
+    import dit.eval.domain as domain
+
+    other = tmp_path / "mine.safetensors"
+    domain.save_classifier(domain.FashionCNN(), 0.5, other)
+    damage(other, how)
+    with pytest.raises(DamagedFileError) as e:
+        domain.load_classifier(other)
+    assert_names(e.value, other)
 
 
 # --- command lines: one line on stderr, exit code 1 --------------------------------------------------
@@ -373,17 +386,13 @@ def test_sample_cli_with_a_truncated_export(trained, tmp_path):
 def test_eval_cli_with_a_truncated_npz(tmp_path):
     import dit.eval.domain as domain
 
-    cache = tmp_path / "cache"  # a (random) domain classifier, so the command needs no training
-    cache.mkdir()
-    save_file(domain.FashionCNN().state_dict(), cache / "fashion_mnist_cnn_v1.safetensors")
-    (cache / "fashion_mnist_cnn_v1.json").write_text(json.dumps({"test_accuracy": 0.5}))
     samples, stats = tmp_path / "samples.npz", tmp_path / "ref.npz"
     np.savez(samples, arr_0=np.zeros((4, 28, 28, 1), np.uint8), arr_1=np.arange(4))
     Stats(np.zeros(128), np.eye(128), 4, domain.EXTRACTOR).save(stats)
     damage(samples, "cut_half")
     before = snapshot(tmp_path)
     args = ["-m", "dit.eval", "fid", str(samples), str(stats), "--metric", "fashion_mnist", "--device", "cpu"]
-    proc = run_cli(args, ROOT, DIT_CACHE=str(cache))
+    proc = run_cli(args, ROOT)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {samples} is damaged: not a readable npz archive"), proc.stderr
     assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before

@@ -482,19 +482,8 @@ def test_cli_bad_input_exits_nonzero(tmp_path):
     assert proc.returncode != 0 and f"dataset folder not found: {tmp_path / 'missing'}" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def domain_cache(tmp_path_factory):
-    """A fresh domain-classifier cache shared by this module's FID tests (the classifier trains once)."""
-    import dit.eval.domain as domain
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(domain, "EPOCHS", 1)  # the metric's quality is tested in test_eval; here the wiring
-        yield
-
-
 @needs_fmnist
-def test_fid_during_training(tmp_path, domain_cache):
+def test_fid_during_training(tmp_path):
     cfg = cfg_for(
         "training.fid_every=2",
         "training.fid_samples=20",
@@ -507,11 +496,14 @@ def test_fid_during_training(tmp_path, domain_cache):
         train.run(cfg, tmp_path / "run")
     evals = [r for r in records(tmp_path / "run") if "fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["fid"] > 0 and 0 <= r["class_consistency"] <= 1 for r in evals)
+    from dit.eval.domain import EXTRACTOR
+
+    assert all(r["fid_extractor"] == EXTRACTOR for r in evals)  # each record names what measured it: the shipped classifier
     assert (tmp_path / "run" / "fid.png").exists() and (tmp_path / "run" / "fid_ref_fashion_mnist.npz").exists()
 
 
 @needs_fmnist
-def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path, domain_cache):
+def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path):
     """fid_final_samples: the last step is evaluated on more samples (and, for the curve, on fid_samples of
     them), also when total_steps is not a multiple of fid_every; running a finished run again changes nothing."""
     cfg = cfg_for(

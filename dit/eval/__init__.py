@@ -7,8 +7,9 @@ from dit.eval.stats import ImageSource, Stats, extract_features, fid, inception_
 METRICS = ("inception", "fashion_mnist")
 
 
-def make_extractor(metric: str, inception_weights=None, device="cpu"):
-    """The feature network of a metric: "inception" (FID) or "fashion_mnist" (domain FID)."""
+def make_extractor(metric: str, inception_weights=None, device="cpu", domain_classifier=None):
+    """The feature network of a metric: "inception" (FID) or "fashion_mnist" (domain FID, the shipped
+    classifier unless domain_classifier names another file)."""
     if metric == "inception":
         from dit.eval.inception import InceptionFeatures
 
@@ -16,7 +17,7 @@ def make_extractor(metric: str, inception_weights=None, device="cpu"):
     if metric == "fashion_mnist":
         from dit.eval.domain import FashionFeatures
 
-        return FashionFeatures().to(device).eval()
+        return FashionFeatures(domain_classifier).to(device).eval()
     raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
 
 

@@ -5,6 +5,8 @@
     python -m dit.eval fid samples/fid/samples.npz refs/in256.npz              # FID (+ Inception Score)
     python -m dit.eval fid samples/fid/samples.npz /data/imagenet_val_pngs     # + KID, precision, recall
     python -m dit.eval fid samples/fid/samples.npz fashion_mnist --metric fashion_mnist
+    python -m dit.eval fid ... --json                                          # one JSON object instead
+    python -m dit.eval train-domain-classifier -o my_cnn.safetensors           # how the shipped one was made
     accelerate launch -m dit.eval fid ...                                      # several processes
 
 Sources: a folder of images, an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels), or a dataset name
@@ -12,11 +14,22 @@ Sources: a folder of images, an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels),
 VIRTUAL_imagenet256_labeled.npz) is used as it is; KID and precision/recall need the reference's
 images (its features, not only their mean and covariance), so against a stats npz they are skipped
 with a note (--no-extra skips them always).
+
+Output: stdout carries the results only, as ONE line of space-separated key=value tokens, e.g.
+
+    fid=22.7311 class_consistency=0.8160 class_consistency_min=0.5400 class_consistency_per_class=0.880,...,0.960 samples=500 extractor=fashion-mnist-cnn-v1@4a7b.../fc1-128
+
+(``dict(t.split("=", 1) for t in line.split())`` reads it; per-class values are comma-separated by class
+id, empty for a class without samples), or with --json one JSON object with the same keys at full
+precision. ``ref`` prints ``out=... samples=... extractor=...``; ``train-domain-classifier`` prints
+``out=... sha256=... test_accuracy=...``. Progress bars, warnings and notes (e.g. why KID was not
+computed) go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -26,7 +39,28 @@ from dit.eval.evaluator import Evaluator
 from dit.eval.stats import is_stats_file, stats_from_features
 
 
-def main(argv=None) -> None:
+def format_line(result: dict) -> str:
+    """The text form of a result: key=value tokens, floats to 4 decimals (KID: 6), lists comma-separated."""
+
+    def value(k, v):
+        if isinstance(v, float):
+            return f"{v:.6f}" if k.startswith("kid") else f"{v:.4f}"
+        if isinstance(v, (list, tuple)):
+            return ",".join("" if x is None else f"{x:.3f}" for x in v)
+        return str(v)
+
+    return " ".join(f"{k}={value(k, v)}" for k, v in result.items())
+
+
+def emit(result: dict, as_json: bool) -> None:
+    print(json.dumps(result) if as_json else format_line(result), flush=True)
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dit.eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ref = sub.add_parser("ref", help="compute and save reference statistics (mu, sigma, count)")
@@ -39,18 +73,55 @@ def main(argv=None) -> None:
     for sp in (ref, f):
         sp.add_argument("--metric", choices=METRICS, default="inception")
         sp.add_argument("--inception-weights", default=None, help="path of weights-inception-2015-12-05-6726825d.pth")
+        sp.add_argument("--domain-classifier", default=None, help="another Fashion-MNIST classifier file (default: the shipped one)")
         sp.add_argument("--batch-size", type=int, default=100)
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    tc = sub.add_parser("train-domain-classifier", help="train the Fashion-MNIST domain classifier (the shipped file's recipe)")
+    tc.add_argument("-o", "--out", required=True, help="a new .safetensors file (used only when passed as --domain-classifier)")
+    tc.add_argument("--threads", type=int, default=None, help="torch threads while training (default: the shipped recipe's)")
+    tc.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)")
+    tc.add_argument("--overwrite", action="store_true")
+    for sp in (ref, f, tc):
+        sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p.parse_args(argv)
+
+
+def train_domain_classifier(args) -> dict:
+    from pathlib import Path
+
+    from dit.eval import domain
+
+    out = Path(args.out)
+    if out.resolve() == domain.WEIGHTS:
+        raise ValueError(f"{out} is the shipped classifier; write a new file and pass it with --domain-classifier")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite or another -o")
+    threads = args.threads or domain.THREADS
+    model, accuracy = domain.train_classifier(args.data_root, threads=threads)
+    digest = domain.save_classifier(model, accuracy, out, threads=threads)
+    return {"out": str(out), "sha256": digest, "test_accuracy": accuracy, "extractor": domain.extractor_name(digest)}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     try:
+        if args.command == "train-domain-classifier":
+            emit(train_domain_classifier(args), args.json)
+            return
         extra = args.command == "fid" and not args.no_extra
         evaluator = Evaluator(
-            args.metric, getattr(args, "ref", None), args.inception_weights, args.device, args.batch_size, extra_metrics=extra
+            args.metric,
+            getattr(args, "ref", None),
+            args.inception_weights,
+            args.device,
+            args.batch_size,
+            extra_metrics=extra,
+            domain_classifier=args.domain_classifier,
         )
         if args.command == "ref":
             stats, _, _ = evaluator.stats(args.source)
             stats.save(args.out)
-            print(f"wrote {args.out}: {stats.count} images, {stats.extractor}")
+            emit({"out": args.out, "samples": stats.count, "extractor": stats.extractor}, args.json)
             return
         if is_stats_file(args.samples):
             (samples, logits, labels), features = evaluator.stats(args.samples), None
@@ -58,13 +129,9 @@ def main(argv=None) -> None:
             features, logits, labels = evaluator.extract(args.samples)
             samples = stats_from_features(features, evaluator.extractor.name)
         result = evaluator.metrics(samples, logits, labels, features)
-        per_class = result.pop("class_consistency_per_class", None)
-        print(" ".join(f"{k}={v:.6f}" if k.startswith("kid") else f"{k}={v:.4f}" for k, v in result.items()), end="")
-        print(f" ({samples.count} samples, {samples.extractor})")
-        if per_class:
-            print("class consistency per class: " + " ".join(f"{k}={v:.3f}" for k, v in enumerate(per_class) if v is not None))
         if extra and (why := evaluator.extra_unavailable(features)):
-            print(f"KID, precision and recall not computed: {why}")
+            note(f"KID, precision and recall not computed: {why}")
+        emit(result | {"samples": samples.count, "extractor": samples.extractor}, args.json)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

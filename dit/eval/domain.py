@@ -1,26 +1,46 @@
 """A domain metric for Fashion-MNIST, where Inception features say little about 28x28 grey clothes:
-a small CNN trained once on the train split (seeded, cached), whose 128-d penultimate features give a
-Frechet distance, and whose predictions give class consistency (share of class-k samples it calls k).
+a small CNN trained on the train split, whose 128-d penultimate features give a Frechet distance and
+whose predictions give class consistency (share of class-k samples it calls k).
+
+Like Inception FID, which everyone computes with one weights file of known hash, the classifier is
+shipped: ``dit/eval/weights/fashion_mnist_cnn_v1.safetensors``, checked against WEIGHTS_SHA256 on
+every load. Nothing is trained or cached on first use, so every machine, thread count and run measures
+with the same function. The extractor's name carries the weights' hash, so statistics computed with one
+classifier are refused against another's (``dit.eval.stats.fid``).
+
+How the shipped file was made (1 thread: the training is deterministic for a fixed thread count, not
+across thread counts)::
+
+    python -m dit.eval train-domain-classifier -o my_classifier.safetensors --threads 1
+
+A file written that way is used only when pointed to (``--domain-classifier`` of ``python -m
+dit.eval``, ``training.domain_classifier``); its figures carry its own hash.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
+import hashlib
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from dit.atomic import atomic_file
-from dit.integrity import DamagedFileError, load_safetensors, read_json
+from dit.integrity import DamagedFileError, load_safetensors
 from dit.models.state_dict import load_state_dict_checked
 
-EXTRACTOR = "fashion-mnist-cnn-v1/fc1-128"
-EPOCHS, BATCH, SEED = 2, 128, 0
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_cnn_v1.safetensors"
+WEIGHTS_SHA256 = "20767b53ac9927732fa06df7b83890ac9a80a32cf3e98564cb63a68a4a28c58a"
+EPOCHS, BATCH, SEED, THREADS = 2, 128, 0, 1  # the recipe of the shipped weights (THREADS: torch intra-op threads)
+
+
+def extractor_name(sha256: str) -> str:
+    """The feature space of a classifier file: architecture, layer, and the weights' hash (12 hex digits)."""
+    return f"fashion-mnist-cnn-v1@{sha256[:12]}/fc1-128"
+
+
+EXTRACTOR = extractor_name(WEIGHTS_SHA256)  # the shipped classifier's
 
 
 class FashionCNN(nn.Module):
@@ -39,10 +59,6 @@ class FashionCNN(nn.Module):
         return features, self.fc2(features)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIT_CACHE", Path.home() / ".cache" / "dit"))
-
-
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W), C in {1, 3}, H = W in {28, 32} -> (N, 1, 32, 32) float in [-1, 1]."""
     x = images.float()
@@ -56,63 +72,104 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def train_classifier(root: str | None = None, log=print) -> tuple[FashionCNN, float]:
-    """Train on the train split (deterministic: fixed seed, order and epochs); returns (model, test accuracy)."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_classifier(root: str | None = None, threads: int = THREADS, log=_stderr) -> tuple[FashionCNN, float]:
+    """Train on the train split with a fixed seed, order, epoch count and thread count; returns (model,
+    test accuracy). Progress goes to ``log`` (stderr by default), never to stdout."""
     from dit.data import FashionMNIST
 
     kw = {"root": root} if root else {}
     train, test = FashionMNIST(split="train", **kw), FashionMNIST(split="test", **kw)
-    g = torch.Generator().manual_seed(SEED)
-    torch.manual_seed(SEED)
-    model = FashionCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(EPOCHS):
-        perm = torch.randperm(len(train), generator=g)
-        for i in range(0, len(perm), BATCH):
-            idx = perm[i : i + BATCH]
-            loss = F.cross_entropy(model(train.images[idx])[1], train.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        log(f"fashion-mnist classifier: epoch {epoch + 1}/{EPOCHS}, last loss {loss.item():.3f}")
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(test.images[i : i + 1000])[1].argmax(1) for i in range(0, len(test), 1000)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(SEED)
+        torch.manual_seed(SEED)
+        model = FashionCNN()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for epoch in range(EPOCHS):
+            perm = torch.randperm(len(train), generator=g)
+            for i in range(0, len(perm), BATCH):
+                idx = perm[i : i + BATCH]
+                loss = F.cross_entropy(model(train.images[idx])[1], train.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            log(f"fashion-mnist classifier: epoch {epoch + 1}/{EPOCHS}, last loss {loss.item():.3f}")
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(test.images[i : i + 1000])[1].argmax(1) for i in range(0, len(test), 1000)])
+    finally:
+        torch.set_num_threads(previous)
     return model, (pred == test.labels).float().mean().item()
 
 
-def load_classifier(root: str | None = None, log=print) -> tuple[FashionCNN, float]:
-    """The cached classifier (trained on first use, ~1 min on 2 CPU cores) and its test accuracy.
-    A damaged cache is only a cache: it is retrained (and rewritten) with a warning."""
-    weights, info = cache_dir() / "fashion_mnist_cnn_v1.safetensors", cache_dir() / "fashion_mnist_cnn_v1.json"
-    if weights.exists() and info.exists():
-        try:
-            model = FashionCNN()
-            load_state_dict_checked(model, load_safetensors(weights), weights)
-            accuracy = read_json(info)
-            if not isinstance(accuracy, dict) or not isinstance(accuracy.get("test_accuracy"), float):
-                raise DamagedFileError(info, "no test_accuracy in it")
-            return model.eval(), accuracy["test_accuracy"]
-        except (DamagedFileError, ValueError) as e:
-            warnings.warn(f"the cached Fashion-MNIST classifier cannot be used ({e}); training it again", stacklevel=2)
-    log(f"training the Fashion-MNIST feature classifier once (cached in {cache_dir()})")
-    model, accuracy = train_classifier(root, log)
-    # The weights first, the info file last: both present means both complete (each written atomically).
-    atomic_file(weights, lambda tmp: save_file(model.state_dict(), tmp), suffix=".safetensors")
-    info_text = json.dumps({"test_accuracy": accuracy, "epochs": EPOCHS, "seed": SEED})
-    atomic_file(info, lambda tmp: Path(tmp).write_text(info_text), suffix=".json")
-    return model, accuracy
+def save_classifier(model: FashionCNN, test_accuracy: float, path: str | Path, threads: int = THREADS) -> str:
+    """Write the weights (atomically) with how they were made in the safetensors metadata; returns the SHA-256."""
+    from safetensors.torch import save_file
+
+    from dit.atomic import atomic_file
+
+    metadata = {
+        "test_accuracy": repr(float(test_accuracy)),
+        "recipe": f"adam lr 1e-3, {EPOCHS} epochs, batch {BATCH}, seed {SEED}, {threads} thread(s)",
+        "torch": torch.__version__,
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_file(path, lambda tmp: save_file(state, tmp, metadata=metadata), suffix=".safetensors")
+    return sha256_of(path)
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_classifier(path: str | Path | None = None) -> tuple[FashionCNN, float, str]:
+    """(model in eval mode, its test accuracy, the file's SHA-256). path None: the shipped weights, whose
+    hash must be WEIGHTS_SHA256; another file is taken as it is (its hash names its feature space)."""
+    from safetensors import safe_open
+
+    shipped = path is None
+    path = WEIGHTS if shipped else Path(path)
+    if not path.is_file():
+        hint = " (the shipped classifier: restore it with `git checkout -- dit/eval/weights`)" if shipped else ""
+        raise FileNotFoundError(f"domain classifier weights not found: {path}{hint}")
+    digest = sha256_of(path)
+    if shipped and digest != WEIGHTS_SHA256:
+        raise DamagedFileError(
+            path,
+            f"SHA-256 {digest}, expected {WEIGHTS_SHA256}: the shipped classifier was changed "
+            "(restore it with `git checkout -- dit/eval/weights`; a new classifier is a new file, passed explicitly)",
+        )
+    model = FashionCNN()
+    load_state_dict_checked(model, load_safetensors(path), path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        accuracy = float(metadata["test_accuracy"])
+    except (KeyError, ValueError):
+        raise DamagedFileError(path, "no test_accuracy in its metadata (write it with save_classifier)") from None
+    return model.eval(), accuracy, digest
 
 
 class FashionFeatures(nn.Module):
-    """uint8 (N, C, H, W) -> (features (N, 128), logits (N, 10)), like InceptionFeatures."""
+    """uint8 (N, C, H, W) -> (features (N, 128), logits (N, 10)), like InceptionFeatures.
 
-    name = EXTRACTOR
+    weights: a classifier file (None: the shipped one). ``name`` names the feature space, hash included."""
+
     dims = 128
 
-    def __init__(self, root: str | None = None):
+    def __init__(self, weights: str | Path | None = None):
         super().__init__()
-        self.net, self.test_accuracy = load_classifier(root)
+        self.net, self.test_accuracy, self.sha256 = load_classifier(weights)
+        self.name = extractor_name(self.sha256)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

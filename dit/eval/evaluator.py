@@ -46,6 +46,7 @@ class Evaluator:
     cache: where reference statistics computed from images are kept (reused while it loads; a damaged
     cache is rebuilt with a warning). distributed: split extraction over the processes of an
     accelerate / torchrun launch (every process must call); False when one process evaluates alone.
+    domain_classifier: the domain metric's classifier file (None: the shipped one, dit.eval.domain).
     extra_metrics: also KID and precision/recall (the CLI's default; off in training, where they would
     cost the reference's features in memory and k-NN distances at every evaluation). They need the
     reference's images: a stats npz reference cannot give them (``extra_unavailable`` says why).
@@ -61,12 +62,13 @@ class Evaluator:
         cache: str | Path | None = None,
         distributed: bool = True,
         extra_metrics: bool = False,
+        domain_classifier: str | None = None,
     ):
         from dit.eval import make_extractor
 
         self.metric, self.ref, self.device, self.batch_size = metric, ref, device, batch_size
         self.cache, self.distributed, self.extra_metrics = Path(cache) if cache else None, distributed, extra_metrics
-        self.extractor = make_extractor(metric, inception_weights, device)
+        self.extractor = make_extractor(metric, inception_weights, device, domain_classifier)
         self._reference: Stats | None = None
         self._reference_features: np.ndarray | None = None  # (N, D), kept only for the extra metrics
 
@@ -110,8 +112,15 @@ class Evaluator:
             return self._reference
         if self.cache is not None and self.cache.exists():
             try:
-                self._reference = Stats.load(self.cache, self.extractor.name)
-                return self._reference
+                cached = Stats.load(self.cache, self.extractor.name)
+                if cached.extractor == self.extractor.name:
+                    self._reference = cached
+                    return cached
+                warnings.warn(
+                    f"cached reference statistics {self.cache} are from another feature extractor ({cached.extractor}, "
+                    f"not {self.extractor.name}); recomputing them",
+                    stacklevel=2,
+                )
             except (ValueError, OSError) as e:  # damaged (dit.integrity.DamagedFileError) or unreadable: only a cache
                 warnings.warn(f"cached reference statistics {self.cache} cannot be read ({e}); recomputing them", stacklevel=2)
         self._reference, _, _ = self.stats(self.ref)

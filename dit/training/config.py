@@ -61,6 +61,7 @@ class TrainConfig:
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
     fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0))  # flow: euler
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
+    domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
     num_workers: int = 4
 
 

@@ -38,7 +38,16 @@ def note_failure(run_dir: Path, reason: str) -> None:
 # Settings that change how a run computes, not what: a finished run is not trained again for them.
 RUNTIME_KEYS = {
     "model": ("fused_adaln",),
-    "training": ("compile", "gradient_checkpointing", "num_workers", "log_every", "ckpt_every", "keep_last", "inception_weights"),
+    "training": (
+        "compile",
+        "gradient_checkpointing",
+        "num_workers",
+        "log_every",
+        "ckpt_every",
+        "keep_last",
+        "inception_weights",
+        "domain_classifier",
+    ),
 }
 
 
@@ -172,7 +181,7 @@ class MetricsLogger:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        scalars = {k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (list, tuple, dict))}  # lists: the file only
+        scalars = {k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (str, list, tuple, dict))}  # the file only
         self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in scalars.items()}, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:

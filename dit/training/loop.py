@@ -6,6 +6,7 @@ Called by train.py with built objects and plain settings; it never sees a Hydra 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -108,7 +109,7 @@ def train(
 
     def leave(message: str, result: dict) -> dict:
         """A finished run met again: nothing to train or rewrite."""
-        accelerator.print(message)
+        accelerator.print(message, file=sys.stderr)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return result
@@ -151,7 +152,7 @@ def train(
     state = {"step": 0, "epoch": 0, "batch": 0}
     if resume_from is not None:
         state = load_checkpoint(accelerator, model, ema, resume_from, objective_settings)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
     ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
     sampler.set_position(state["epoch"], state["batch"])
     step = state["step"]
@@ -188,7 +189,9 @@ def train(
         if not t.fid_ref:
             raise ValueError("training.fid_every > 0 needs training.fid_ref (a stats npz, images, or a dataset name)")
         cache = run_dir / f"fid_ref_{t.fid_metric}.npz"
-        evaluator = Evaluator(t.fid_metric, t.fid_ref, t.inception_weights, device, batch_size=250, cache=cache, distributed=False)
+        evaluator = Evaluator(
+            t.fid_metric, t.fid_ref, t.inception_weights, device, 250, cache, distributed=False, domain_classifier=t.domain_classifier
+        )
         evaluator.reference()  # computed (or read from the run's cache) once, before training
 
     def evaluate(at_step: int) -> None:
@@ -200,10 +203,11 @@ def train(
             batches = generate(ema.model, fid_sampler, labels, batch_size=250, seed=seed + 1, vae=vae, device=device)
             images = torch.cat([imgs for _, imgs in batches])
             final = n > t.fid_samples
+            measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
             if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
                 m = t.fid_samples
-                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m})
-            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n}, tracker_prefix="final/" if final else "")
+                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
+            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix="final/" if final else "")
             logger.plot()
         accelerator.wait_for_everyone()
 
