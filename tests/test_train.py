@@ -568,7 +568,7 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     capsys.readouterr()
     assert train.run(cfg_for("training.num_workers=1"), run) == {"step": 6, "checkpoint": None, "export": None}  # runtime key
     message = f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err  # a diagnostic: stderr (stdout carries results only)
     assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / "checkpoints").exists()
     found = load_run(run)
     assert found["status"] == "ok" and class_names(found) == info["class_names"]
