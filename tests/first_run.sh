@@ -23,7 +23,7 @@ export PYTHONPYCACHEPREFIX=$sandbox/pycache            # no __pycache__ written 
 export TMPDIR=$sandbox/tmp                             # pytest's tmp_path, torchelastic, tempfile
 
 # What is in the repository before (tracked changes, untracked and ignored files), to compare after.
-repo_state() { git -C "$repo" status --porcelain --ignored --untracked-files=all | grep -v -E '(^|/)(__pycache__|\.pytest_cache)/' | sort; }
+repo_state() { git -C "$repo" status --porcelain --ignored --untracked-files=all | grep -v -E '(^| |/)(__pycache__|\.pytest_cache)/' | sort; }
 before=$(repo_state)
 touch "$sandbox/started"
 
