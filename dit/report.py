@@ -25,6 +25,9 @@ import yaml
 
 from dit.training.logging import FAILURE_NOTE, fid_curve, finished_info
 
+# What runs from before the Fashion-MNIST classifier was shipped (issue 27) were measured with: they recorded no
+# extractor, and their classifier was trained on each machine (its weights are on none now).
+OLD_EXTRACTOR = "fashion-mnist-cnn-v1 (earlier, locally trained; no hash)"
 ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 
 # What the papers state about the order of arms, checked against this study's tests: per arm key, a list of
@@ -112,6 +115,8 @@ def summarize(run: dict) -> dict:
         final_loss=statistics.mean(losses[-3:]) if losses else None,
         fid=final.get("fid"),
         fid_n=final.get("fid_n"),
+        # runs from before the classifier was shipped did not record it
+        fid_extractor=final.get("fid_extractor", OLD_EXTRACTOR) if final else None,
         class_consistency=final.get("class_consistency"),
         class_consistency_min=final.get("class_consistency_min"),
         per_class=final.get("class_consistency_per_class"),
@@ -399,6 +404,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
     fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
+    extractors = sorted({s["fid_extractor"] for ss in summaries.values() for s in ss if s["fid_extractor"]})
     header = keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "arm"  # one column: the label says "k=v, k=v" itself
     lines = [
         f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss | images/s |",
@@ -421,12 +427,15 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         f"Mean ± 95% confidence interval over seeds (Student's t); final FID on {'/'.join(map(str, fid_n)) or '?'} samples. "
         "Class consistency: share of class-k samples the domain classifier calls k (chance: 1/classes); worst class: "
         "the lowest share over the classes. Sorted by mean final FID.",
+        f"Measured with: {', '.join(f'`{e}`' for e in extractors) or '?'}.",
         "",
         *lines,
         "",
     ]
     if len(fid_n) > 1:
         text += [f"**Warning:** the final FIDs use different sample counts ({', '.join(map(str, fid_n))}): not comparable.", ""]
+    if len(extractors) > 1:
+        text += [f"**Warning:** the final FIDs use different feature extractors ({', '.join(extractors)}): not comparable.", ""]
     no_fid = [f"`{r['name']}`" for r in ok if summarize_cache[r["name"]]["fid"] is None]
     if no_fid:
         text += [f"Finished without a FID at the last step: {', '.join(no_fid)}.", ""]

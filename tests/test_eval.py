@@ -163,29 +163,16 @@ def test_domain_metric_is_the_same_function_on_every_thread_count(threads):
     """The shipped classifier's features and logits of fixed test images, and the domain FID of two fixed image
     sets, against values stored when the weights were shipped (tests/data/domain_features.npz, written by
     tests/helpers/domain_reference.py): with 1 and with 2 threads, the metric is one function."""
-    from dit.eval import extract_features, make_extractor
+    from dit.eval import make_extractor
+    from helpers.domain_reference import compute
 
     stored = np.load(DOMAIN_REFERENCE)
     assert str(stored["extractor"]) == make_extractor("fashion_mnist").name  # the values belong to the shipped weights
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        extractor = make_extractor("fashion_mnist")
-        test = ImageSource("fashion_mnist:test")
-        few = ImageSource("fashion_mnist:test")
-        few.array = test.array[stored["index"]]
-        feats, logits = extract_features(few, extractor, 1000, progress=False)
-        test.array = test.array[:1000]
-        train = ImageSource("fashion_mnist:train")
-        train.array = train.array[:1000]
-        a = extract_features(test, extractor, 1000, progress=False)[0]
-        b = extract_features(train, extractor, 1000, progress=False)[0]
-    finally:
-        torch.set_num_threads(previous)
+    now = compute(threads, index=stored["index"])
     # float32 convolutions: the order of sums may differ with the thread count, at the 1e-6 level
-    np.testing.assert_allclose(feats, stored["features"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(logits, stored["logits"], rtol=1e-4, atol=1e-4)
-    value = fid(stats_from_features(a, extractor.name), stats_from_features(b, extractor.name))
+    np.testing.assert_allclose(now["features"], stored["features"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(now["logits"], stored["logits"], rtol=1e-4, atol=1e-4)
+    value = float(now["fid_test1000_train1000"])
     assert value == pytest.approx(float(stored["fid_test1000_train1000"]), rel=1e-5)
 
 

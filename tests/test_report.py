@@ -96,7 +96,7 @@ def test_holm_step_down():
     assert holm([0.5, 0.9])[0] == pytest.approx([1.0, 1.0])  # capped at 1
 
 
-def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8):
+def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8, extractor=None):
     """A run directory as train.py leaves it: config, metrics (cheap FIDs, then the final one), export."""
     run = root / f"{block}_seed{seed}"
     (run / ".hydra").mkdir(parents=True)
@@ -106,6 +106,8 @@ def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8):
     recs += [{"step": s, "fid": fid + 50 * (20 - s) / 20 + 5, "fid_n": 250, "class_consistency": consistency} for s in (10, 20)]
     per_class = [0.5 + 0.1 * seed, 0.9, 1.0]  # three classes; the first one's share grows with the seed
     final = {"class_consistency": consistency, "class_consistency_min": consistency - 0.2, "class_consistency_per_class": per_class}
+    if extractor:
+        final["fid_extractor"] = extractor
     recs.append({"step": 20, "fid": fid, "fid_n": 1000, **final})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if finished or r["step"] <= 10))
     if finished:
@@ -155,6 +157,25 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     for png in ("report_loss.png", "report_fid.png"):
         assert (tmp_path / png).exists() and f"]({png})" in text
     assert "report_samples.png" not in text  # fake runs have no sample grids
+
+
+def test_report_names_the_feature_extractor_and_warns_when_runs_differ(tmp_path):
+    """What measured the FIDs is in the report: the extractor (with the classifier's hash) the runs recorded;
+    runs from before the classifier was shipped recorded none and are named as such; a mix is flagged."""
+    from dit.report import OLD_EXTRACTOR
+
+    shipped = "fashion-mnist-cnn-v1@20767b53ac99/fc1-128"
+    for seed in range(2):
+        fake_run(tmp_path / "new", "adaln_zero", seed, 20.0 + seed, extractor=shipped)
+    report_main([str(tmp_path / "new"), "-o", str(tmp_path / "new.md")])
+    text = (tmp_path / "new.md").read_text()
+    assert f"Measured with: `{shipped}`." in text and "different feature extractors" not in text
+    fake_run(tmp_path / "mixed", "adaln_zero", 0, 20.0, extractor=shipped)
+    fake_run(tmp_path / "mixed", "adaln_zero", 1, 21.0)  # an old run: no fid_extractor in its records
+    report_main([str(tmp_path / "mixed"), "-o", str(tmp_path / "mixed.md")])
+    text = (tmp_path / "mixed.md").read_text()
+    assert f"`{OLD_EXTRACTOR}`" in text
+    assert f"**Warning:** the final FIDs use different feature extractors ({OLD_EXTRACTOR}, {shipped}): not comparable." in text
 
 
 def test_report_checks_the_published_order(tmp_path):
