@@ -21,7 +21,7 @@ from common import header, median, median_time, setup_tf32
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from dit.diffusion import SamplingSettings, build_objective
-from dit.models import create_model
+from dit.models import create_model, model_config
 from dit.training import OptimConfig, TrainConfig, train
 from dit.zoo import count
 
@@ -77,7 +77,7 @@ def ours(args, variant: str) -> dict:
 
 def peer(args) -> dict:
     device = torch.device(args.device)
-    cfg = create_model(args.model, input_size=args.input_size, in_channels=4, num_classes=1000).config  # same size
+    cfg = model_config(args.model)  # the same size
     model = (
         DiTTransformer2DModel(
             num_attention_heads=cfg["num_heads"],

@@ -18,6 +18,7 @@ and mean DiT's default (DDPM, 1000 linear steps, learned-range variance). Traini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 from dit.atomic import atomic_dir
 from dit.data.class_names import imagenet_class_names
 from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
-from dit.models import DiT
+from dit.models import DiT, DiTConfig
 from dit.models.convert import from_diffusers, load_official_checkpoint
 from dit.models.state_dict import load_state_dict_checked
 
@@ -66,7 +67,7 @@ def save_export(
 
 def export_config(model: DiT, objective: dict | None, data: dict | None) -> dict:
     """What config.json holds: the format tag, the architecture, the objective and the data."""
-    return {"format": FORMAT, "model": model.config, "objective": objective or {}, "data": data or {}}
+    return {"format": FORMAT, "model": model.config.architecture(), "objective": objective or {}, "data": data or {}}
 
 
 FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FULL_STATE_DICT), loaded weights_only
@@ -76,13 +77,17 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     meta = read_json(path / "config.json")
     if not isinstance(meta.get("model"), dict):
         raise DamagedFileError(path / "config.json", 'no "model" architecture in it')
-    config = {**meta["model"], **overrides}
+    try:
+        config = DiTConfig.from_dict(meta["model"], path / "config.json")
+    except (TypeError, ValueError) as e:
+        raise DamagedFileError(path / "config.json", f'its "model" is not a DiT architecture ({e})') from None
+    config = dataclasses.replace(config, **overrides)  # e.g. fused_adaln
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
     if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
         weights = path / FSDP_WEIGHTS
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing (the weights: ema.safetensors, model.safetensors or {FSDP_WEIGHTS})")
-    model = DiT(**config)
+    model = DiT(config)
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
     load_state_dict_checked(model, state, weights)
     data = meta.get("data", {})

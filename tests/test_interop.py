@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from dit.models import create_model
+from dit.models import DiTConfig, create_model
 from dit.models.convert import from_diffusers, infer_official_config, load_official_checkpoint, to_diffusers
 
 
@@ -49,7 +49,7 @@ def test_state_dict_layout_is_the_official_one():
         model = create_model("DiT-XL/2", block="adaln_zero", input_size=32, in_channels=4, num_classes=1000)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == official_xl2_shapes()
-    assert infer_official_config(model.state_dict()) | {"name": "DiT-XL/2"} == dict(
+    assert infer_official_config(model.state_dict()) == DiTConfig(
         input_size=32,
         patch_size=2,
         in_channels=4,

@@ -126,9 +126,10 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict():
 
 
 def test_torch_compile_of_a_block_with_the_fused_op():
+    from dit.models import DiTConfig
     from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
 
-    block = AdaLNZeroBlock(64, 2)
+    block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2))
     set_fused_adaln(block, "true")
     for p in block.parameters():
         p.data.normal_(0, 0.1)
@@ -142,9 +143,10 @@ def test_torch_compile_of_a_block_with_the_fused_op():
 
 @pytest.mark.gpu
 def test_torch_compile_fused_block_on_cuda():
+    from dit.models import DiTConfig
     from dit.models.blocks import AdaLNZeroBlock
 
-    block = AdaLNZeroBlock(1152, 16).cuda()
+    block = AdaLNZeroBlock(DiTConfig(size="XL/2")).cuda()
     for p in block.parameters():
         p.data.normal_(0, 0.02)
     x, c = torch.randn(4, 256, 1152, device="cuda"), torch.randn(4, 1152, device="cuda")
@@ -232,9 +234,10 @@ def test_fused_rmsnorm_model_equals_unfused(block):
 
 
 def test_torch_compile_of_an_rmsnorm_block_with_the_fused_op():
-    from dit.models.blocks import AdaLNZeroBlock, BlockOptions, set_fused_adaln
+    from dit.models import DiTConfig
+    from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
 
-    block = AdaLNZeroBlock(64, 2, options=BlockOptions(norm="rmsnorm"))
+    block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2, norm="rmsnorm"))
     set_fused_adaln(block, "true")
     for p in block.parameters():
         p.data.normal_(0, 0.1)

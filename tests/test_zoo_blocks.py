@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit.models import BLOCKS, BlockOptions, DiT, create_model, get_block
+from dit.models import BLOCKS, DiT, DiTConfig, create_model, get_block
 from dit.models.blocks import swiglu_hidden_size
 from dit.nn import AdaIN
 
@@ -129,8 +129,8 @@ def block_inputs(D=32, grid=3, n=2):
     return torch.randn(n, grid * grid, D, dtype=torch.float64), torch.randn(n, D, dtype=torch.float64)
 
 
-def build_block(name, options, D=32, heads=2, eps=1e-6):
-    block = get_block(name)(D, heads, 4.0, eps, options)
+def build_block(name, config):
+    block = get_block(name)(config)
     block.initialize_conditioning()
     return randomize(block).double().eval()
 
@@ -139,7 +139,8 @@ OPTION_SETS = [dict(), MODERN, dict(qk_norm=True), dict(pos_embed="rope"), dict(
 
 
 def opts(kw, grid=3):
-    return BlockOptions(grid_size=grid, **kw)
+    """A one-block config: width 32, two heads, a grid x grid token grid (patch 1), the backbone options kw."""
+    return DiTConfig(hidden_size=32, num_heads=2, depth=1, input_size=grid, patch_size=1, **kw)
 
 
 def tol(o):
@@ -214,7 +215,7 @@ def adaln_zero_like_formula(block, x, s, norm):
 def test_adaln_single_block_matches_formula(kw):
     o = opts(kw)
     block = build_block("adaln_single", o)
-    shared = randomize(get_block("adaln_single").shared_conditioning(32), seed=2).double()
+    shared = randomize(get_block("adaln_single").shared_conditioning(o), seed=2).double()
     x, c = block_inputs()
     lin = shared.t_block[1]
     m = torch.nn.functional.silu(c) @ lin.weight.T + lin.bias  # ONE MLP for all blocks: (N, 6D)
@@ -441,22 +442,22 @@ def test_explicit_defaults_equal_implicit(block):
 
 def test_config_is_architecture_only_and_json():
     model = tiny("diffit", fused_adaln="false", **MODERN)
-    assert "fused_adaln" not in model.config and model.runtime == {"fused_adaln": "false"}
-    config = json.loads(json.dumps(model.config))
-    assert config == model.config
+    assert "fused_adaln" not in model.config.architecture() and model.runtime == {"fused_adaln": "false"}
+    config = json.loads(json.dumps(model.config.architecture()))
+    assert config == model.config.architecture()
     assert {"norm", "qk_norm", "mlp", "pos_embed", "block"} <= set(config)
     rebuilt = DiT(**config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     model.set_fused_adaln("true")
-    assert model.runtime["fused_adaln"] == "true" and "fused_adaln" not in model.config
+    assert model.runtime["fused_adaln"] == "true" and "fused_adaln" not in model.config.architecture()
 
 
 def test_old_config_json_with_fused_adaln_still_loads():
-    old = dict(tiny("adaln_zero").config, fused_adaln="auto")
+    old = dict(tiny("adaln_zero").config.architecture(), fused_adaln="auto")
     for key in ("norm", "qk_norm", "mlp", "pos_embed"):  # configs written before these existed
         del old[key]
     model = DiT(**old)
-    assert model.runtime["fused_adaln"] == "auto" and model.config["norm"] == "layernorm"
+    assert model.runtime["fused_adaln"] == "auto" and model.config.norm == "layernorm"
 
 
 def test_fused_mode_is_resolved_once():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dit.models.blocks import BLOCKS, MLPS, NORMS, POS_EMBEDS, BlockOptions, get_block, register_block, set_fused_adaln
+from dit.models.blocks import BLOCKS, MLPS, NORMS, POS_EMBEDS, get_block, set_fused_adaln
+from dit.models.config import DiTConfig
 from dit.models.dit import DiT
 from dit.models.sizes import DIT_MODELS, PATCH_SIZES, SIZES, config_name, model_config
 
@@ -14,16 +15,16 @@ __all__ = [
     "PATCH_SIZES",
     "POS_EMBEDS",
     "SIZES",
-    "BlockOptions",
     "DiT",
+    "DiTConfig",
     "config_name",
     "create_model",
     "get_block",
-    "register_block",
+    "model_config",
     "set_fused_adaln",
 ]
 
 
 def create_model(name: str, block: str = "adaln_zero", **kwargs) -> DiT:
     """Build a zoo model by name, e.g. create_model("DiT-XL/2", input_size=32, in_channels=4)."""
-    return DiT(**model_config(name), block=block, name=name, **kwargs)
+    return DiT(DiTConfig(**model_config(name), block=block, name=name, **kwargs))

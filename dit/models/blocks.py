@@ -11,10 +11,11 @@ backbone is one loop with no branching on the variant:
     x = Block.add_tokens(x, c)
     for block in blocks: x = block(x, c_blocks)
     x = Block.remove_tokens(x)
-    x = final_layer(x, c)                     # final_layer = Block.final_layer(D, p, C_out, options)
+    x = final_layer(x, c)                     # final_layer = Block.final_layer(config)
 
-Adding a variant = one class here with ``@register_block``, nothing else. Backbone options that are
-orthogonal to the variant (the norm, q/k RMSNorm, the MLP, RoPE) reach every block as ``BlockOptions``.
+Adding a variant = one class here and its line in ``BLOCKS`` at the end (docs/extending.md). Every block
+is built from the model's ``DiTConfig``, which also carries the backbone options orthogonal to the variant
+(the norm, q/k RMSNorm, the MLP, RoPE).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Mlp, SwiGLU
 
+from dit.models import config as model_config
+from dit.models.config import DiTConfig
 from dit.ops import NORMS, check_mode, resolve_modulate
+from dit.registry import Registry
 
 __all__ = [
     "BLOCKS",
@@ -37,64 +41,17 @@ __all__ = [
     "NORMS",
     "POS_EMBEDS",
     "Attention",
-    "BlockOptions",
     "CrossAttention",
     "DiTBlock",
     "RoPE2d",
     "TimeDependentAttention",
     "get_block",
-    "register_block",
     "set_fused_adaln",
     "swiglu_hidden_size",
 ]
 
-BLOCKS: dict[str, type[DiTBlock]] = {}
-MLPS = ("gelu", "swiglu")
-POS_EMBEDS = ("sincos", "rope")
-
-
-def register_block(name: str):
-    """Class decorator: make a conditioning variant selectable as ``model.block=<name>``."""
-
-    def wrap(cls):
-        if name in BLOCKS:
-            raise ValueError(f"block {name!r} is registered twice")
-        cls.name = name
-        BLOCKS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_block(name: str) -> type[DiTBlock]:
-    """The block class registered as ``name``; a clear error listing the valid names otherwise."""
-    try:
-        return BLOCKS[name]
-    except KeyError:
-        raise ValueError(f"unknown block {name!r}; valid blocks: {', '.join(sorted(BLOCKS))}") from None
-
-
-def _choice(key: str, value, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(map(str, valid))}")
-
-
-@dataclass(frozen=True)
-class BlockOptions:
-    """Backbone choices orthogonal to the conditioning variant (Hydra keys ``model.<field>``)."""
-
-    norm: str = "layernorm"  # layernorm | rmsnorm: every norm of the blocks and the final layer
-    qk_norm: bool = False  # RMSNorm of q and k per head in self-attention (LightningDiT)
-    mlp: str = "gelu"  # gelu (DiT) | swiglu (hidden 2/3 * mlp_ratio * D, see swiglu_hidden_size)
-    pos_embed: str = "sincos"  # sincos: absolute, added once (DiT) | rope: 2-D axial RoPE on q/k
-    grid_size: int = 0  # tokens per side of the image grid (RoPE and relative position bias need it)
-
-    def __post_init__(self):
-        _choice("norm", self.norm, NORMS)
-        _choice("mlp", self.mlp, MLPS)
-        _choice("pos_embed", self.pos_embed, POS_EMBEDS)
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; valid: true, false")
+MLPS = tuple(model_config.Mlp.__members__)
+POS_EMBEDS = tuple(model_config.PosEmbed.__members__)
 
 
 #################################################################################
@@ -184,7 +141,7 @@ class RoPE2d(nn.Module):
         if head_dim % 4:
             raise ValueError(f"pos_embed=rope needs a head dim divisible by 4, got {head_dim}")
         if grid_size < 1:
-            raise ValueError("pos_embed=rope needs the grid size (BlockOptions.grid_size)")
+            raise ValueError("pos_embed=rope needs the grid size (DiTConfig.grid_size)")
         half = head_dim // 2
         freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # (head_dim/4,)
         rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
@@ -253,7 +210,7 @@ class TimeDependentAttention(Attention):
     def __init__(self, dim: int, num_heads: int, grid_size: int, qk_norm: bool = False, rope: RoPE2d | None = None):
         super().__init__(dim, num_heads, qk_norm, rope)
         if grid_size < 1:
-            raise ValueError("block diffit needs the grid size (BlockOptions.grid_size) for its relative position bias")
+            raise ValueError("block diffit needs the grid size (DiTConfig.grid_size) for its relative position bias")
         self.qkv_temb = nn.Linear(dim, 3 * dim)  # W_qt, W_kt, W_vt (with bias, as NVlabs/DiffiT)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid_size - 1) ** 2, num_heads))
         rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
@@ -288,15 +245,24 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))
 
 
-def self_attention(hidden_size: int, num_heads: int, options: BlockOptions, num_prefix_tokens: int = 0) -> Attention:
+def self_attention(config: DiTConfig, num_prefix_tokens: int = 0) -> Attention:
     """The blocks' self-attention with the backbone options applied."""
-    return Attention(hidden_size, num_heads, options.qk_norm, _rope(hidden_size, num_heads, options, num_prefix_tokens))
+    return Attention(config.hidden_size, config.num_heads, config.qk_norm, _rope(config, num_prefix_tokens))
 
 
-def _rope(hidden_size: int, num_heads: int, options: BlockOptions, num_prefix_tokens: int = 0) -> RoPE2d | None:
-    if options.pos_embed != "rope":
+def _rope(config: DiTConfig, num_prefix_tokens: int = 0) -> RoPE2d | None:
+    if config.pos_embed != "rope":
         return None
-    return RoPE2d(hidden_size // num_heads, options.grid_size, num_prefix_tokens)
+    return RoPE2d(config.hidden_size // config.num_heads, config.grid_size, num_prefix_tokens)
+
+
+def block_norm(config: DiTConfig, affine: bool = True) -> nn.Module:
+    """A block's own (unmodulated) norm: the configured kind over the channels, the blocks' eps."""
+    return make_norm(config.norm, config.hidden_size, config.norm_eps, affine)
+
+
+def block_mlp(config: DiTConfig) -> nn.Module:
+    return make_mlp(config.mlp, config.hidden_size, config.mlp_ratio)
 
 
 #################################################################################
@@ -304,13 +270,18 @@ def _rope(hidden_size: int, num_heads: int, options: BlockOptions, num_prefix_to
 #################################################################################
 
 
+def decoder(config: DiTConfig) -> nn.Linear:
+    """The final layers' linear decoder of each token into a p x p x C_out patch."""
+    return nn.Linear(config.hidden_size, config.patch_size * config.patch_size * config.out_channels)
+
+
 class FinalLayer(nn.Module):
     """Norm (LayerNorm or RMSNorm, affine) + linear decoder of each token into a p x p x C_out patch."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.norm_final = make_norm(norm, hidden_size, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.norm_final = make_norm(config.norm, config.hidden_size, eps=1e-6)
+        self.linear = decoder(config)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm_final(x))  # (N, T, p*p*C_out)
@@ -323,12 +294,12 @@ class AdaLNFinalLayer(nn.Module):
     """Adaptive norm (shift, scale regressed from c) + linear decoder; zero_init for adaLN-Zero.
     ``norm_final`` is parameter-free (a ModulatedNorm, or AdaIN's instance norm)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, zero_init: bool, norm_final: nn.Module):
+    def __init__(self, config: DiTConfig, zero_init: bool, norm_final: nn.Module):
         super().__init__()
         self.zero_init = zero_init
         self.norm_final = norm_final
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = decoder(config)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 2 * config.hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
@@ -366,7 +337,7 @@ class DiTBlock(nn.Module):
         return torch.stack([t_emb, y_emb], dim=1)
 
     @staticmethod
-    def shared_conditioning(hidden_size: int) -> nn.Module:
+    def shared_conditioning(config: DiTConfig) -> nn.Module:
         """A module the DiT owns once and applies to c before the blocks (adaLN-single's shared MLP).
         Default: the identity, no parameters, no state-dict keys."""
         return NoSharedConditioning()
@@ -382,31 +353,28 @@ class DiTBlock(nn.Module):
         return x
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
+    def final_layer(config: DiTConfig) -> nn.Module:
         """The decoder that matches this variant (paper: 'adaptive if using adaLN')."""
-        return FinalLayer(hidden_size, patch_size, out_channels, options.norm)
+        return FinalLayer(config)
 
     def initialize_conditioning(self) -> None:
         """Variant-specific initialisation, run by DiT.initialize_weights after the generic one."""
 
 
-@register_block("in_context")
 class InContextBlock(DiTBlock):
     """In-context conditioning: t and c are two extra tokens in the sequence, treated like image
     tokens by a standard ViT block, and removed after the last block (like a ViT cls token)."""
 
+    name = "in_context"
+
     num_extra_tokens: ClassVar[int] = 2
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.norm1 = make_norm(options.norm, hidden_size, norm_eps)
-        self.attn = self_attention(hidden_size, num_heads, options, self.num_extra_tokens)
-        self.norm2 = make_norm(options.norm, hidden_size, norm_eps)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+        self.norm1 = block_norm(config)
+        self.attn = self_attention(config, self.num_extra_tokens)
+        self.norm2 = block_norm(config)
+        self.mlp = block_mlp(config)
 
     @staticmethod
     def add_tokens(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -421,23 +389,20 @@ class InContextBlock(DiTBlock):
         return x + self.mlp(self.norm2(x))
 
 
-@register_block("cross_attn")
 class CrossAttentionBlock(DiTBlock):
     """Cross-attention conditioning: t and c form a length-2 sequence apart from the image tokens; a
     multi-head cross-attention layer after self-attention reads it (the most Gflops, ~15% more)."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    name = "cross_attn"
+
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.norm1 = make_norm(options.norm, hidden_size, norm_eps)
-        self.attn = self_attention(hidden_size, num_heads, options)
-        self.norm2 = make_norm(options.norm, hidden_size, norm_eps)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm3 = make_norm(options.norm, hidden_size, norm_eps)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+        self.norm1 = block_norm(config)
+        self.attn = self_attention(config)
+        self.norm2 = block_norm(config)
+        self.cross_attn = CrossAttention(config.hidden_size, config.num_heads)
+        self.norm3 = block_norm(config)
+        self.mlp = block_mlp(config)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -445,30 +410,27 @@ class CrossAttentionBlock(DiTBlock):
         return x + self.mlp(self.norm3(x))
 
 
-@register_block("adaln")
 class AdaLNBlock(DiTBlock):
     """Adaptive layer norm: the LayerNorms' scale and shift (gamma, beta) are regressed from t + c,
     the same for every token (the fewest Gflops)."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    name = "adaln"
+
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.attn = self_attention(hidden_size, num_heads, options)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
-        self.norm1 = ModulatedNorm(options.norm, norm_eps)  # parameter-free: the official state dict
-        self.norm2 = ModulatedNorm(options.norm, norm_eps)
+        self.attn = self_attention(config)
+        self.mlp = block_mlp(config)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 4 * config.hidden_size))
+        self.norm1 = ModulatedNorm(config.norm, config.norm_eps)  # parameter-free: the official state dict
+        self.norm2 = ModulatedNorm(config.norm, config.norm_eps)
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
         return t_emb + y_emb  # (N, D)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
-        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, False, ModulatedNorm(options.norm, 1e-6))
+    def final_layer(config: DiTConfig) -> nn.Module:
+        return AdaLNFinalLayer(config, False, ModulatedNorm(config.norm, 1e-6))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # (N, D) each
@@ -476,29 +438,26 @@ class AdaLNBlock(DiTBlock):
         return x + self.mlp(self.norm2(x, shift_mlp, scale_mlp))
 
 
-@register_block("adaln_zero")
 class AdaLNZeroBlock(DiTBlock):
     """adaLN-Zero: adaLN plus dimension-wise gates alpha before each residual connection; the
     modulation MLP is zero-initialised so alpha = 0 and the block starts as the identity.
     Parameter names, shapes and chunk order are those of the released DiT checkpoints."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    name = "adaln_zero"
+
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.attn = self_attention(hidden_size, num_heads, options)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.norm1 = ModulatedNorm(options.norm, norm_eps)
-        self.norm2 = ModulatedNorm(options.norm, norm_eps)
+        self.attn = self_attention(config)
+        self.mlp = block_mlp(config)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
+        self.norm1 = ModulatedNorm(config.norm, config.norm_eps)
+        self.norm2 = ModulatedNorm(config.norm, config.norm_eps)
 
     condition = staticmethod(AdaLNBlock.condition)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
-        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, True, ModulatedNorm(options.norm, 1e-6))
+    def final_layer(config: DiTConfig) -> nn.Module:
+        return AdaLNFinalLayer(config, True, ModulatedNorm(config.norm, 1e-6))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -515,7 +474,6 @@ class AdaLNZeroBlock(DiTBlock):
 #################################################################################
 
 
-@register_block("diffit")
 class DiffiTBlock(DiTBlock):
     """DiffiT (Hatamizadeh et al. 2024, section 3.1, eqs. 7-8): conditioning inside self-attention
     (TMSA, see TimeDependentAttention), no adaLN:
@@ -528,23 +486,21 @@ class DiffiTBlock(DiTBlock):
     every Linear, W_qt/W_kt/W_vt included, is xavier-uniform like the rest of the DiT; the final layer
     is LN -> SiLU -> Linear with the Linear zero-initialised (the paper: "a simple linear layer")."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    name = "diffit"
+
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.norm1 = make_norm(options.norm, hidden_size, norm_eps, affine=False)
-        rope = _rope(hidden_size, num_heads, options)
-        self.attn = TimeDependentAttention(hidden_size, num_heads, options.grid_size, options.qk_norm, rope)
-        self.norm2 = make_norm(options.norm, hidden_size, norm_eps, affine=False)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
+        self.norm1 = block_norm(config, affine=False)
+        rope = _rope(config)
+        self.attn = TimeDependentAttention(config.hidden_size, config.num_heads, config.grid_size, config.qk_norm, rope)
+        self.norm2 = block_norm(config, affine=False)
+        self.mlp = block_mlp(config)
 
     condition = staticmethod(AdaLNBlock.condition)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
-        return DiffiTFinalLayer(hidden_size, patch_size, out_channels, options.norm)
+    def final_layer(config: DiTConfig) -> nn.Module:
+        return DiffiTFinalLayer(config)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), c)  # c: (N, D)
@@ -557,10 +513,10 @@ class DiffiTBlock(DiTBlock):
 class DiffiTFinalLayer(nn.Module):
     """NVlabs/DiffiT's decoder: norm (no affine) -> SiLU -> Linear, the Linear zero-initialised."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.norm_final = make_norm(norm, hidden_size, eps=1e-6, affine=False)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.norm_final = make_norm(config.norm, config.hidden_size, eps=1e-6, affine=False)
+        self.linear = decoder(config)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.linear(F.silu(self.norm_final(x)))
@@ -593,7 +549,6 @@ class SharedModulation(nn.Module):
             nn.init.zeros_(linear.weight[gate * self.hidden_size : (gate + 1) * self.hidden_size])
 
 
-@register_block("adaln_single")
 class AdaLNSingleBlock(DiTBlock):
     """adaLN-single (PixArt-alpha, Chen et al. 2023, section 2.3): the six modulation vectors
     S = [shift1, scale1, gate1, shift2, scale2, gate2] come from ONE MLP shared by all blocks
@@ -605,29 +560,27 @@ class AdaLNSingleBlock(DiTBlock):
     adaLN-single); with class labels and no cross-attention we feed t_emb + y_emb, as adaLN does.
     The final layer is PixArt's: LN, then shift/scale = E_final (2, D) + c (no MLP), zero Linear."""
 
+    name = "adaln_single"
+
     GATES: ClassVar[tuple[int, int]] = (2, 5)  # rows of S that are gates
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        self.norm_eps = norm_eps
-        self.attn = self_attention(hidden_size, num_heads, options)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
-        self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
-        self.norm1 = ModulatedNorm(options.norm, norm_eps)
-        self.norm2 = ModulatedNorm(options.norm, norm_eps)
+        self.attn = self_attention(config)
+        self.mlp = block_mlp(config)
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, config.hidden_size))
+        self.norm1 = ModulatedNorm(config.norm, config.norm_eps)
+        self.norm2 = ModulatedNorm(config.norm, config.norm_eps)
 
     condition = staticmethod(AdaLNBlock.condition)
 
     @staticmethod
-    def shared_conditioning(hidden_size: int) -> nn.Module:
-        return SharedModulation(hidden_size)
+    def shared_conditioning(config: DiTConfig) -> nn.Module:
+        return SharedModulation(config.hidden_size)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
-        return AdaLNSingleFinalLayer(hidden_size, patch_size, out_channels, options.norm)
+    def final_layer(config: DiTConfig) -> nn.Module:
+        return AdaLNSingleFinalLayer(config)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         s = c + self.scale_shift_table  # (N, 6, D): c is the shared MLP's output
@@ -645,11 +598,11 @@ class AdaLNSingleBlock(DiTBlock):
 class AdaLNSingleFinalLayer(nn.Module):
     """PixArt's T2IFinalLayer: norm, shift/scale = scale_shift_table (2, D) + c, Linear (zero-init)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.norm_final = ModulatedNorm(norm, 1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))
+        self.norm_final = ModulatedNorm(config.norm, 1e-6)
+        self.linear = decoder(config)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, config.hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table + c.unsqueeze(1)).unbind(1)  # (N, D) each
@@ -662,7 +615,6 @@ class AdaLNSingleFinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
 
-@register_block("adain")
 class AdaINBlock(DiTBlock):
     """AdaIN (Huang & Belongie 2017) carried into the transformer: each channel is normalised over the
     tokens of its own sample (instance statistics over T, not LayerNorm over D), then shifted and
@@ -670,28 +622,38 @@ class AdaINBlock(DiTBlock):
     The final layer normalises the same way. There is no fused kernel for it (fused_adaln ignores it).
     Only norm=layernorm (the default) is accepted: the block's norm is the instance norm itself."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, options: BlockOptions | None = None
-    ):
+    name = "adain"
+
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        options = options or BlockOptions()
-        if options.norm != "layernorm":
+        if config.norm != "layernorm":
             raise ValueError(
-                f"block adain normalises with instance statistics over the tokens; norm={options.norm!r} does not apply "
+                f"block adain normalises with instance statistics over the tokens; norm={config.norm!r} does not apply "
                 "(leave norm=layernorm, the default)"
             )
-        self.norm_eps = norm_eps
-        self.attn = self_attention(hidden_size, num_heads, options)
-        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.norm1 = InstanceNormModulate(norm_eps)
-        self.norm2 = InstanceNormModulate(norm_eps)
+        self.attn = self_attention(config)
+        self.mlp = block_mlp(config)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
+        self.norm1 = InstanceNormModulate(config.norm_eps)
+        self.norm2 = InstanceNormModulate(config.norm_eps)
 
     condition = staticmethod(AdaLNBlock.condition)
 
     @staticmethod
-    def final_layer(hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions) -> nn.Module:
-        return AdaLNFinalLayer(hidden_size, patch_size, out_channels, True, InstanceNormModulate(1e-6))
+    def final_layer(config: DiTConfig) -> nn.Module:
+        return AdaLNFinalLayer(config, True, InstanceNormModulate(1e-6))
 
     forward = AdaLNZeroBlock.forward
     initialize_conditioning = AdaLNZeroBlock.initialize_conditioning
+
+
+# The conditioning variants, selectable as model.block=<name>: one line per class.
+BLOCKS: Registry[DiTBlock] = Registry(
+    "block",
+    [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock],
+)
+
+
+def get_block(name: str) -> type[DiTBlock]:
+    """The block class registered as ``name``; a clear error listing the valid names otherwise."""
+    return BLOCKS[name]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dit.models.config import DiTConfig
 from dit.models.dit import DiT
 from dit.models.sizes import DIT_MODELS
 from dit.models.state_dict import load_state_dict_checked
@@ -32,8 +33,8 @@ def _zoo_name(depth: int, hidden_size: int, patch_size: int) -> tuple[str | None
     return None, None
 
 
-def infer_official_config(state_dict: dict[str, torch.Tensor]) -> dict:
-    """DiT(...) keyword arguments that fit an official-format adaLN-Zero state dict."""
+def infer_official_config(state_dict: dict[str, torch.Tensor], **overrides) -> DiTConfig:
+    """The DiTConfig of an official-format adaLN-Zero state dict (``overrides``: e.g. num_heads= off the zoo)."""
     try:
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         table = state_dict["y_embedder.embedding_table.weight"]  # (classes [+ 1], D)
@@ -45,8 +46,10 @@ def infer_official_config(state_dict: dict[str, torch.Tensor]) -> dict:
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     out_channels = out.shape[0] // patch_size**2
     name, num_heads = _zoo_name(depth, hidden_size, patch_size)
+    if num_heads is None and "num_heads" not in overrides:
+        raise ValueError(f"depth {depth} / hidden {hidden_size} is not a zoo size; pass num_heads=")
     # Official training always drops labels (class_dropout_prob=0.1), so the last row is the null class.
-    return dict(
+    settings = dict(
         input_size=math.isqrt(num_tokens) * patch_size,
         patch_size=patch_size,
         in_channels=in_channels,
@@ -59,6 +62,7 @@ def infer_official_config(state_dict: dict[str, torch.Tensor]) -> dict:
         block="adaln_zero",
         name=name,
     )
+    return DiTConfig(**{**settings, **overrides})
 
 
 def load_official_checkpoint(path: str | Path, use_ema: bool = True, **overrides) -> DiT:
@@ -73,10 +77,11 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = True, **overrides
         raise ValueError(f"{path}: not a loadable official DiT checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "ema" in obj and "model" in obj:
         obj = obj["ema" if use_ema else "model"]
-    config = {**infer_official_config(obj), **overrides}
-    if config["num_heads"] is None:
-        raise ValueError(f"{path}: depth {config['depth']} / hidden {config['hidden_size']} is not a zoo size; pass num_heads=")
-    model = DiT(**config)
+    try:
+        config = infer_official_config(obj, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    model = DiT(config)
     load_state_dict_checked(model, obj, path)
     return model
 
@@ -88,7 +93,7 @@ def to_diffusers(model: DiT):
     if model.block != "adaln_zero":
         raise ValueError(f"diffusers' DiTTransformer2DModel only has adaLN-Zero blocks, not {model.block!r}")
     plain = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos"}
-    other = {k: model.config.get(k, v) for k, v in plain.items() if model.config.get(k, v) != v}
+    other = {k: getattr(model.config, k) for k, v in plain.items() if getattr(model.config, k) != v}
     if other:
         listing = ", ".join(f"{k}={v}" for k, v in other.items())
         raise ValueError(f"diffusers' DiT has only layernorm, gelu, sincos and no qk_norm; this model has {listing}")
@@ -101,18 +106,17 @@ def to_diffusers(model: DiT):
             "save_pretrained/from_pretrained round trip resets it to 1",
             stacklevel=2,
         )
-    hidden = model.pos_embed.shape[-1]
-    num_heads = model.blocks[0].attn.num_heads
+    c = model.config
     dmodel = DiTTransformer2DModel(
-        num_attention_heads=num_heads,
-        attention_head_dim=hidden // num_heads,
-        in_channels=model.in_channels,
-        out_channels=model.out_channels,
-        num_layers=len(model.blocks),
-        sample_size=model.input_size,
-        patch_size=model.patch_size,
-        num_embeds_ada_norm=model.num_classes,
-        norm_eps=model.blocks[0].norm_eps,
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.hidden_size // c.num_heads,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        num_layers=c.depth,
+        sample_size=c.input_size,
+        patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes,
+        norm_eps=c.norm_eps,
     )
     sd = model.state_dict()
     new = {
@@ -162,6 +166,7 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
             raise ValueError(f"transformer_blocks.{i} has timestep/label embedders unlike block 0's; cannot share them")
     zoo_name, _ = _zoo_name(cfg.num_layers, hidden, cfg.patch_size)
     model = DiT(
+        DiTConfig(
         input_size=cfg.sample_size,
         patch_size=cfg.patch_size,
         in_channels=cfg.in_channels,
@@ -175,6 +180,7 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
         timestep_freq_shift=int(blocks[0].norm1.emb.time_proj.downscale_freq_shift),
         norm_eps=cfg.norm_eps,
         name=name or zoo_name,
+        )
     )
     new = {
         "x_embedder.proj.weight": sd["pos_embed.proj.weight"],

@@ -1,7 +1,7 @@
 """The DiT backbone (Peebles & Xie 2023): patchify, N conditioned transformer blocks, linear decoder.
 
-The conditioning variant is a constructor argument (``block=``, see blocks.py); the backbone itself
-never branches on it.
+Built from a DiTConfig (config.py); the conditioning variant is its ``block`` (see blocks.py), and the
+backbone itself never branches on it.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from dit.models.blocks import BlockOptions, get_block, set_fused_adaln
+from dit.models.blocks import get_block, set_fused_adaln
+from dit.models.config import DiTConfig
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from dit.ops import check_mode
 
 __all__ = ["DiT"]
 
@@ -21,85 +21,46 @@ __all__ = ["DiT"]
 class DiT(nn.Module):
     """Diffusion model with a transformer backbone. ``model(x, t, y)`` -> (N, out_channels, H, W)."""
 
-    def __init__(
-        self,
-        input_size: int = 32,  # spatial size of the input (latent 32 for 256x256 images)
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,  # > 0 adds the learned null class used for classifier-free guidance
-        num_classes: int = 1000,
-        learn_sigma: bool = True,  # output 2C channels: epsilon and the variance interpolation v
-        block: str = "adaln_zero",  # conditioning variant, a key of dit.models.BLOCKS
-        timestep_freq_shift: int = 0,  # 0: official DiT embedding; 1: diffusers' (see TimestepEmbedder)
-        norm_eps: float = 1e-6,  # eps of the blocks' norms (official: 1e-6)
-        norm: str = "layernorm",  # layernorm | rmsnorm: every norm in the blocks and the final layer
-        qk_norm: bool = False,  # RMSNorm on q and k per head in self-attention (LightningDiT)
-        mlp: str = "gelu",  # gelu | swiglu (hidden 2/3 * mlp_ratio * D, rounded to a multiple of 8)
-        pos_embed: str = "sincos",  # sincos: fixed absolute embedding added once | rope: 2-D axial RoPE on q/k
-        name: str | None = None,  # zoo name, e.g. "DiT-XL/2", kept for exports
-        fused_adaln: str = "auto",  # runtime, not architecture: fused norm+modulate kernel auto (CUDA) | true | false
-    ):
+    def __init__(self, config: DiTConfig | None = None, **fields):
+        """``DiT(config)`` or ``DiT(**fields)`` (the fields of DiTConfig, e.g. ``DiT(size="XL/2", input_size=32)``)."""
         super().__init__()
-        # The architecture: everything that defines the state dict and the outputs, and nothing else.
-        # Saved with exports and checkpoints (config.json "model"), so DiT(**config) rebuilds the model;
-        # JSON-serialisable. Runtime choices (fused_adaln) live in self.runtime instead.
-        self.config = dict(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
-            block=block,
-            timestep_freq_shift=timestep_freq_shift,
-            norm_eps=norm_eps,
-            norm=norm,
-            qk_norm=qk_norm,
-            mlp=mlp,
-            pos_embed=pos_embed,
-            name=name,
-        )
-        self.runtime = {"fused_adaln": check_mode(fused_adaln)}
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        self.block_cls = get_block(block)
-        grid_size = input_size // patch_size
-        options = BlockOptions(norm=norm, qk_norm=qk_norm, mlp=mlp, pos_embed=pos_embed, grid_size=grid_size)
-        self.block = block
-        self.name = name
-        self.input_size = input_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.patch_size = patch_size
-        self.num_classes = num_classes
+        if config is None:
+            config = DiTConfig(**fields)
+        elif fields:
+            raise TypeError("DiT(config) takes no other settings; put them in the config")
+        # The architecture: saved with exports and checkpoints (config.json "model"), DiT(**config.architecture())
+        # rebuilds the model. Runtime choices (fused_adaln) are in self.runtime, not in it.
+        self.config = config
+        self.runtime = {"fused_adaln": config.fused_adaln}
+        self.block_cls = get_block(config.block)
+        self.block = config.block
+        self.name = config.name
+        self.input_size = config.input_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.learn_sigma = config.learn_sigma
+        self.patch_size = config.patch_size
+        self.num_classes = config.num_classes
         self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        hidden_size = config.hidden_size
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         self.num_tokens = self.x_embedder.num_patches  # T = (input_size / patch_size)^2
-        if pos_embed == "sincos":
+        if config.pos_embed == "sincos":
             # Fixed sin-cos position embedding: a buffer, so optimisers and EMA leave it alone.
-            pos = sincos_pos_embed_2d(hidden_size, grid_size).float().unsqueeze(0)
+            pos = sincos_pos_embed_2d(hidden_size, config.grid_size).float().unsqueeze(0)
             self.register_buffer("pos_embed", pos, persistent=True)  # (1, T, D)
         else:
             self.pos_embed = None  # RoPE: positions enter through q and k in every self-attention
         # One module for all blocks, when the variant has one (adaLN-single's MLP); identity otherwise.
-        self.shared_conditioning = self.block_cls.shared_conditioning(hidden_size)
-        self.blocks = nn.ModuleList([self.block_cls(hidden_size, num_heads, mlp_ratio, norm_eps, options) for _ in range(depth)])
+        self.shared_conditioning = self.block_cls.shared_conditioning(config)
+        self.blocks = nn.ModuleList([self.block_cls(config) for _ in range(config.depth)])
         # FSDP wraps (shards) each block as a unit: Accelerate reads this when the config names no class.
         self._no_split_modules = [self.block_cls.__name__]
-        self.final_layer = self.block_cls.final_layer(hidden_size, patch_size, self.out_channels, options)
-        self.set_fused_adaln(fused_adaln)
+        self.final_layer = self.block_cls.final_layer(config)
+        self.set_fused_adaln(config.fused_adaln)
         self.initialize_weights()
 
     def set_fused_adaln(self, mode: str | bool) -> None:

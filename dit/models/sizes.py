@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DiTSize", "SIZES", "PATCH_SIZES", "DIT_MODELS", "model_config", "config_name"]
+__all__ = ["DiTSize", "SIZES", "PATCH_SIZES", "DIT_MODELS", "model_config", "config_name", "zoo_size"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ def model_config(name: str) -> dict[str, int]:
         return dict(DIT_MODELS[name])
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(DIT_MODELS)}") from None
+
+
+def zoo_size(size: str) -> dict[str, int]:
+    """A size by its short name, "XL/2" (what ``model.size`` takes) -> depth, hidden_size, num_heads, patch_size."""
+    try:
+        return dict(DIT_MODELS[f"DiT-{size}"])
+    except KeyError:
+        valid = ", ".join(n.removeprefix("DiT-") for n in DIT_MODELS)
+        raise ValueError(f"unknown model size {size!r}; valid sizes: {valid}") from None
 
 
 def config_name(name: str) -> str:

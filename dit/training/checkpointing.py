@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from dit.atomic import fsync_dir, fsync_tree, replace_dir
 from dit.checkpoints import export_config
 from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
+from dit.models.config import DiTConfig
 from dit.models.state_dict import load_state_dict_checked
 
 STATE_FILE = "trainer_state.json"
@@ -196,15 +197,6 @@ def default_objective_settings() -> dict:
     return build_objective().settings()
 
 
-def architecture_defaults() -> dict:
-    """DiT's constructor defaults: what a key missing from an older checkpoint's config means."""
-    import inspect
-
-    from dit.models import DiT
-
-    return {k: p.default for k, p in inspect.signature(DiT.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
-
-
 def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None = None) -> dict:
     """Restore model, optimiser, RNG states and EMA in place; returns the trainer state.
 
@@ -215,9 +207,9 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     if problem := checkpoint_problem(path):
         raise ValueError(f"cannot resume from {path}: {problem}")
     meta = read_json(path / "config.json")
-    own = accelerator.unwrap_model(model).config
-    # Keys a checkpoint predates (e.g. backbone options added later) mean their constructor default.
-    saved = {**architecture_defaults(), **meta["model"]}
+    own = accelerator.unwrap_model(model).config.architecture()
+    # Keys a checkpoint predates (e.g. backbone options added later) mean their default (DiTConfig.from_dict).
+    saved = DiTConfig.from_dict(meta["model"], path / "config.json").architecture()
     diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}
     # Checkpoints written before objectives were recorded were all trained with DiT's default DDPM.
     saved_objective = meta.get("objective") or default_objective_settings()

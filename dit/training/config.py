@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from dit.diffusion import SamplingSettings
+from dit.models.config import DiTConfig
+from dit.models.sizes import zoo_size
 
 __all__ = ["OptimConfig", "TrainConfig", "register_configs"]
 
@@ -71,13 +73,39 @@ def register_configs() -> None:
     them (configs/experiment/ablate_conditioning.yaml), so a block added to the registry joins the study."""
     from omegaconf import OmegaConf
 
-    from dit.models import BLOCKS
+    from dit.models import BLOCKS, DIT_MODELS, config_name
 
     cs = ConfigStore.instance()
     cs.store(group="training", name="schema", node=TrainConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
-    if not OmegaConf.has_resolver("dit.blocks"):
-        OmegaConf.register_new_resolver("dit.blocks", lambda: ",".join(BLOCKS))
+    cs.store(group="model", name="schema", node=ModelSchema)
+    for name in DIT_MODELS:  # model=dit_xl2 = model=dit model.size=XL/2 (the spelling of the per-size files)
+        cs.store(group="model", name=config_name(name), node={"defaults": ["dit", "_self_"], "size": name[4:]})
+    resolvers = {
+        "dit.blocks": lambda: ",".join(BLOCKS),
+        "dit.size": size_field,
+        "dit.config_name": lambda name: config_name(name) if name else "dit",
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+@dataclass
+class ModelSchema(DiTConfig):
+    """configs/model/dit.yaml's schema: DiTConfig's fields, plus the target Hydra builds."""
+
+    _target_: str = "dit.models.DiT"
+
+    def __post_init__(self) -> None:  # a schema, not a model: values are checked by type here, built later
+        pass
+
+
+def size_field(size: str | None, key: str):
+    """${dit.size:XL/2,depth} -> 28 (from dit/models/sizes.py); a null size leaves the field to the user."""
+    if size is None:
+        return None
+    return "DiT-" + size if key == "name" else zoo_size(size)[key]
 
 
 register_configs()

@@ -35,9 +35,9 @@ def note_failure(run_dir: Path, reason: str) -> None:
         pass
 
 
-# Settings that change how a run computes, not what: a finished run is not trained again for them.
+# Settings that change how a run computes, not what: a finished run is not trained again for them. The model's
+# are marked in DiTConfig (dit/models/config.py, digest_view).
 RUNTIME_KEYS = {
-    "model": ("fused_adaln",),
     "training": (
         "compile",
         "gradient_checkpointing",
@@ -53,10 +53,14 @@ RUNTIME_KEYS = {
 
 def settings_digest(config: dict) -> str:
     """SHA-256 of what a run's results depend on: its seed and model, data, objective, optimiser and training
-    settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS."""
+    settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS and the model's runtime fields."""
     import hashlib
 
+    from dit.models.config import digest_view
+
     kept = {k: config.get(k) for k in ("seed", "model", "data", "diffusion", "optim", "training")}
+    if isinstance(kept["model"], dict):
+        kept["model"] = digest_view(kept["model"])
     for group, keys in RUNTIME_KEYS.items():
         if isinstance(kept.get(group), dict):
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
