@@ -9,9 +9,8 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from train import build
-
 from dit.models import BLOCKS, DIT_MODELS, MLPS, NORMS, POS_EMBEDS, config_name
+from train import build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

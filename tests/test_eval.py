@@ -163,8 +163,9 @@ def test_domain_metric_is_the_same_function_on_every_thread_count(threads):
     """The shipped classifier's features and logits of fixed test images, and the domain FID of two fixed image
     sets, against values stored when the weights were shipped (tests/data/domain_features.npz, written by
     tests/helpers/domain_reference.py): with 1 and with 2 threads, the metric is one function."""
-    from dit.eval import make_extractor
     from helpers.domain_reference import compute
+
+    from dit.eval import make_extractor
 
     stored = np.load(DOMAIN_REFERENCE)
     assert str(stored["extractor"]) == make_extractor("fashion_mnist").name  # the values belong to the shipped weights

@@ -21,7 +21,6 @@ is built from the model's ``DiTConfig``, which also carries the backbone options
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -649,8 +648,7 @@ class AdaINBlock(DiTBlock):
 
 # The conditioning variants, selectable as model.block=<name>: one line per class.
 BLOCKS: Registry[DiTBlock] = Registry(
-    "block",
-    [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock],
+    "block", [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock]
 )
 
 

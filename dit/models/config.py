@@ -150,4 +150,3 @@ def digest_view(model: dict) -> dict:
     drop = set(DiTConfig.fields_marked("runtime")) | set(DiTConfig.fields_marked("alias"))
     added = set(DiTConfig.fields_marked("added_with_schema"))
     return {k: v for k, v in model.items() if k not in drop and not (k in added and v == defaults[k])}
-

@@ -167,19 +167,19 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
     zoo_name, _ = _zoo_name(cfg.num_layers, hidden, cfg.patch_size)
     model = DiT(
         DiTConfig(
-        input_size=cfg.sample_size,
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        hidden_size=hidden,
-        depth=cfg.num_layers,
-        num_heads=cfg.num_attention_heads,
-        num_classes=cfg.num_embeds_ada_norm,
-        class_dropout_prob=0.1,
-        learn_sigma=dmodel.out_channels == 2 * cfg.in_channels,
-        block="adaln_zero",
-        timestep_freq_shift=int(blocks[0].norm1.emb.time_proj.downscale_freq_shift),
-        norm_eps=cfg.norm_eps,
-        name=name or zoo_name,
+            input_size=cfg.sample_size,
+            patch_size=cfg.patch_size,
+            in_channels=cfg.in_channels,
+            hidden_size=hidden,
+            depth=cfg.num_layers,
+            num_heads=cfg.num_attention_heads,
+            num_classes=cfg.num_embeds_ada_norm,
+            class_dropout_prob=0.1,
+            learn_sigma=dmodel.out_channels == 2 * cfg.in_channels,
+            block="adaln_zero",
+            timestep_freq_shift=int(blocks[0].norm1.emb.time_proj.downscale_freq_shift),
+            norm_eps=cfg.norm_eps,
+            name=name or zoo_name,
         )
     )
     new = {

@@ -47,7 +47,7 @@ RUNTIME_KEYS = {
         "keep_last",
         "inception_weights",
         "domain_classifier",
-    ),
+    )
 }
 
 
