@@ -363,6 +363,25 @@ def test_inception_is_kid_precision_recall_against_reference_images(random_incep
     assert float(printed["kid"]) == pytest.approx(ours["kid"], abs=1e-6) and float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)
 
 
+def test_saving_the_shipped_classifier_gives_the_shipped_file(tmp_path):
+    """The writer is canonical: the shipped weights saved again are the shipped file, byte for byte, in any
+    process (safetensors alone writes the header's metadata in an order that changes between processes)."""
+    import subprocess
+    import sys
+
+    from dit.eval.domain import WEIGHTS_SHA256, load_classifier, save_classifier
+
+    model, accuracy, _ = load_classifier()
+    assert save_classifier(model, accuracy, tmp_path / "again.safetensors", threads=1) == WEIGHTS_SHA256
+    code = (
+        "import sys; from dit.eval.domain import load_classifier, save_classifier; m, a, _ = load_classifier(); "
+        "print(save_classifier(m, a, sys.argv[1], threads=1))"
+    )
+    for i in range(2):  # other processes, other hash seeds
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], capture_output=True, text=True)
+        assert out.stdout.strip() == WEIGHTS_SHA256, out.stderr[-1000:]
+
+
 @pytest.mark.slow  # trains the classifier from scratch: ~2 min on one core
 @needs_fmnist
 def test_the_documented_recipe_remakes_the_shipped_classifier(tmp_path):

@@ -109,18 +109,35 @@ def train_classifier(root: str | None = None, threads: int = THREADS, log=_stder
 
 def save_classifier(model: FashionCNN, test_accuracy: float, path: str | Path, threads: int = THREADS) -> str:
     """Write the weights (atomically) with how they were made in the safetensors metadata; returns the SHA-256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from dit.atomic import atomic_file
 
     metadata = {
+        "torch": torch.__version__,
         "test_accuracy": repr(float(test_accuracy)),
         "recipe": f"adam lr 1e-3, {EPOCHS} epochs, batch {BATCH}, seed {SEED}, {threads} thread(s)",
-        "torch": torch.__version__,
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_file(path, lambda tmp: save_file(state, tmp, metadata=metadata), suffix=".safetensors")
+    data = metadata_in_order(save(state, metadata=metadata), list(metadata))
+    atomic_file(path, lambda tmp: Path(tmp).write_bytes(data), suffix=".safetensors")
     return sha256_of(path)
+
+
+def metadata_in_order(data: bytes, order: list[str]) -> bytes:
+    """The safetensors bytes with the header's metadata in ``order``. safetensors writes it from a hash map, in an
+    order that changes from process to process, so the same weights would otherwise give files (and hashes)
+    that differ; the tensors' entries are already sorted, and the header keeps its length."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    ordered = {"__metadata__": {k: meta[k] for k in order}, **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= n, "the reordered header is longer than safetensors' own"
+    return data[:8] + text.ljust(n) + data[8 + n :]
 
 
 def sha256_of(path: str | Path) -> str:
