@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dit.data import Subset
 from dit.training import OptimConfig, TrainConfig, train  # also registers the training/optim config schemas
 from dit.training.checkpointing import list_checkpoints
-from dit.training.logging import FAILURE_NOTE, note_failure
+from dit.training.run import FAILURE_NOTE, note_failure
 
 
 class RunFailed(RuntimeError):

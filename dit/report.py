@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from dit.training.logging import FAILURE_NOTE, fid_curve, finished_info
+from dit.training.logging import fid_curve
+from dit.training.run import FAILURE_NOTE, finished_info
 
 # What runs from before the Fashion-MNIST classifier was shipped (issue 27) were measured with: they recorded no
 # extractor, and their classifier was trained on each machine (its weights are on none now).

@@ -4,8 +4,8 @@
         --cfg-scale 2 4 -o docs/ablation_guidance.md
 
 For every finished run (its EMA export in model/) and guidance scale it draws the samples of the run's
-final FID evaluation again (the same labels, sampler, steps and seed as dit/training/loop.py: labels
-arange(n) % classes, seed + 1, batches of 250), with only the guidance scale changed, and classifies
+final FID evaluation again (the same labels, seed and batches as the training loop: both take them from
+dit.training.loop.eval_inputs; the run's sampler and steps), with only the guidance scale changed, and classifies
 them with the Fashion-MNIST domain classifier. It reports, per block and scale (mean over seeds), the
 share of class-k samples called k, and for each block's worst class what those samples are called
 instead. At the run's own scale the overall share must equal the class_consistency the run logged: a
@@ -28,6 +28,7 @@ from dit.checkpoints import load_model
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.sampling import generate
+from dit.training.loop import eval_inputs
 
 
 def cache_path(run: Path, cfg_scale: float) -> Path:
@@ -49,8 +50,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     model, meta = load_model(run / "model")
     model.eval()
     sampler = build_sampler(build_objective(**meta["objective"]), SamplingSettings(**{**t["fid_sampling"], "cfg_scale": scale}))
-    labels = torch.arange(n) % model.num_classes
-    images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, batch_size=250, seed=cfg["seed"] + 1)])
+    inputs = eval_inputs(n, model.num_classes, cfg["seed"])
+    labels = inputs.pop("labels")
+    images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, **inputs)])
     _, logits = evaluator().features(TensorSource(images, labels))
     called, k = np.asarray(logits).argmax(1), labels.numpy()
     classes = model.num_classes

@@ -1,6 +1,6 @@
-"""The training loop: setup, data, model/EMA, prepare, resume, loop (step, log, sample, checkpoint).
+"""The training loop as a Trainer (torchtitan's split): setup, train_step, evaluate, checkpoint, finish.
 
-Called by train.py with built objects and plain settings; it never sees a Hydra config.
+Called by train.py (through `train`) with built objects and plain settings; it never sees a Hydra config.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
 from dit.training.config import OptimConfig, TrainConfig
 from dit.training.ema import EMA
-from dit.training.logging import (
-    FINISHED,
-    MetricsLogger,
-    finished_info,
-    mark_finished,
-    settings_digest,
-    trackers,
-    tracking_config,
-    unmark_finished,
-)
+from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.randomness import SlicedRandom
+from dit.training.run import FINISHED, finished_info, mark_finished, settings_digest, unmark_finished
+
+EVAL_BATCH_SIZE = 250  # images per generate() batch in FID evaluations
+
+
+def eval_inputs(n: int, num_classes: int, seed: int) -> dict:
+    """What an FID evaluation of n samples draws: generate()'s labels, seed and batch size. The one place
+    these are decided; studies that redraw a run's evaluation samples (studies/ablation_per_class.py) call it."""
+    return {"labels": torch.arange(n) % num_classes, "seed": seed + 1, "batch_size": EVAL_BATCH_SIZE}
 
 
 def lr_at(step: int, total_steps: int, o: OptimConfig) -> float:
@@ -46,25 +46,28 @@ def lr_at(step: int, total_steps: int, o: OptimConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
 
 
-def check_settings(t: TrainConfig, o: OptimConfig, world_size: int) -> int:
+def check_settings(cfg: TrainConfig, o: OptimConfig, world_size: int) -> int:
     """Clear errors before anything starts; returns the per-device batch size."""
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"training.mixed_precision={t.mixed_precision!r}; valid: no, bf16, fp16")
-    if t.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"training.nan_policy={t.nan_policy!r}; valid: stop, skip")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"training.mixed_precision={cfg.mixed_precision!r}; valid: no, bf16, fp16")
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"training.nan_policy={cfg.nan_policy!r}; valid: stop, skip")
     if o.decay not in ("constant", "cosine", "linear"):
         raise ValueError(f"optim.decay={o.decay!r}; valid: constant, cosine, linear")
-    if t.fid_final_samples is not None and t.fid_final_samples < t.fid_samples:
-        raise ValueError(f"training.fid_final_samples={t.fid_final_samples} < training.fid_samples={t.fid_samples}; use more or null")
-    if t.grad_accum < 1 or t.global_batch_size < 1:
-        raise ValueError("training.global_batch_size and training.grad_accum must be >= 1")
-    per_step = world_size * t.grad_accum
-    if t.global_batch_size % per_step:
+    if cfg.fid_final_samples is not None and cfg.fid_final_samples < cfg.fid_samples:
         raise ValueError(
-            f"training.global_batch_size={t.global_batch_size} is not divisible by processes ({world_size}) x "
-            f"grad_accum ({t.grad_accum}) = {per_step}"
+            f"training.fid_final_samples={cfg.fid_final_samples} < training.fid_samples={cfg.fid_samples}; "
+            "use more or null"
         )
-    return t.global_batch_size // per_step
+    if cfg.grad_accum < 1 or cfg.global_batch_size < 1:
+        raise ValueError("training.global_batch_size and training.grad_accum must be >= 1")
+    per_step = world_size * cfg.grad_accum
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"training.global_batch_size={cfg.global_batch_size} is not divisible by processes ({world_size}) x "
+            f"grad_accum ({cfg.grad_accum}) = {per_step}"
+        )
+    return cfg.global_batch_size // per_step
 
 
 def train(
@@ -72,7 +75,7 @@ def train(
     dataset,
     objective: Objective,
     run_dir: str | Path,
-    t: TrainConfig,
+    cfg: TrainConfig,
     o: OptimConfig,
     resume: str | None = None,
     config: dict | None = None,
@@ -81,231 +84,350 @@ def train(
     seed: int = 0,
     logger_config: dict | None = None,
 ) -> dict:
-    """Train; returns {"step", "checkpoint", "export"}. Every process calls it.
+    """Train; returns {"step", "checkpoint", "export"} (and "ema", "model" when it trained or was
+    exported). Every process calls it.
 
     objective: what is optimised (dit.diffusion.build_objective); the loop never looks inside it.
     logger_config: the composed logger/ config group (trackers)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    trainer = Trainer(model, dataset, objective, run_dir, cfg, o, resume, config, data_meta, vae, seed, logger_config)
+    return trainer.fit()
+
+
+class Trainer:
+    """One training run: `fit()` = setup, then train_step (with its logging, samples, evaluations and
+    checkpoints) until cfg.total_steps, then finish. Every process builds one."""
+
+    def __init__(
+        self,
+        model: DiT,
+        dataset,
+        objective: Objective,
+        run_dir: str | Path,
+        cfg: TrainConfig,
+        o: OptimConfig,
+        resume: str | None = None,
+        config: dict | None = None,
+        data_meta: dict | None = None,
+        vae=None,
+        seed: int = 0,
+        logger_config: dict | None = None,
+    ):
+        self.model, self.dataset, self.objective, self.run_dir = model, dataset, objective, Path(run_dir)
+        self.cfg, self.o, self.resume, self.config, self.data_meta = cfg, o, resume, config or {}, data_meta
+        self.vae, self.seed, self.logger_config = vae, seed, logger_config
+        self.export = self.run_dir / "model"
+        self.last_ckpt = None
+
+    def fit(self) -> dict:
+        done = self.setup()
+        if done is not None:
+            return done
+        cfg = self.cfg
+        while self.step < cfg.total_steps:
+            stepped = self.train_step()
+            if stepped is None:  # a non-finite step skipped: no logging, samples, evaluation or checkpoint
+                continue
+            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                self.log(*stepped)
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.total_steps:
+                self.write_samples(self.step)
+            if cfg.fid_every and (self.step % cfg.fid_every == 0 or self.step == cfg.total_steps):
+                self.evaluate(self.step)
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.total_steps:
+                self.last_ckpt = self.checkpoint(self.step)
+        self.bar.close()
+        return self.finish()
 
     # --- setup -----------------------------------------------------------------------------
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, log_with=trackers(logger_config) or None, project_config=tracking_config(run_dir)
-    )
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    batch_size = check_settings(t, o, world)
-    run_dir = Path(run_dir)
-    if device.type == "cuda" and t.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(seed + rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
-    objective.check_model(model)
-    objective_settings = objective.settings()
-    # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
-    grid_sampler = _training_sampler(objective, t.grid_sampling, model, "training.grid_sampling")
-    fid_sampler = _training_sampler(objective, t.fid_sampling, model, "training.fid_sampling") if t.fid_every else None
-    resume_from = find_resume(resume, run_dir)  # before anything is written
-    settings = settings_digest(config or {})
+    def setup(self) -> dict | None:
+        """Everything before the first step; returns the result instead when the run is already finished."""
+        self._setup_accelerator()
+        done = self._finished_without_checkpoint()
+        if done is not None:
+            return done
+        self._setup_data()
+        self._setup_model()
+        done = self._resume()
+        if done is not None:
+            return done
+        self._setup_outputs()
+        return None
 
-    def leave(message: str, result: dict) -> dict:
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg, objective, model = self.cfg, self.objective, self.model
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=trackers(self.logger_config) or None,
+            project_config=tracking_config(self.run_dir),
+        )
+        acc = self.accelerator
+        self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.batch_size = check_settings(cfg, self.o, self.world)
+        if self.device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        set_seed(self.seed + self.rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
+        objective.check_model(model)
+        self.objective_settings = objective.settings()
+        # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
+        self.grid_sampler = _training_sampler(objective, cfg.grid_sampling, model, "training.grid_sampling")
+        fid = _training_sampler(objective, cfg.fid_sampling, model, "training.fid_sampling") if cfg.fid_every else None
+        self.fid_sampler = fid
+        self.resume_from = find_resume(self.resume, self.run_dir)  # before anything is written
+        self.settings = settings_digest(self.config)
+
+    def _leave(self, message: str, result: dict) -> dict:
         """A finished run met again: nothing to train or rewrite."""
-        accelerator.print(message, file=sys.stderr)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        self.accelerator.print(message, file=sys.stderr)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
         return result
 
-    if resume == "auto" and all_processes(accelerator, resume_from is None):
+    def _finished_without_checkpoint(self) -> dict | None:
         # Results kept without checkpoints (a study committed to git): finished.json, which only the main
         # process writes, with the same total_steps and settings says the run is done.
-        done = finished_info(run_dir) if accelerator.is_main_process else None
-        if main_process_says(accelerator, done is not None and done["step"] == t.total_steps and done.get("settings") == settings):
-            return leave(
-                f"{run_dir}: already finished at step {t.total_steps} (results in metrics.jsonl; no checkpoint here); "
-                f"delete {run_dir / FINISHED} to train it again",
-                {
-                    "step": t.total_steps,
-                    "checkpoint": None,
-                    "export": run_dir / "model" if (run_dir / "model" / "config.json").exists() else None,
-                },
-            )
-
-    # --- data ------------------------------------------------------------------------------
-    sampler = GlobalBatchSampler(len(dataset), batch_size, world, rank, t.grad_accum, seed)
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda", persistent_workers=t.num_workers > 0
-    )
-
-    # --- model, EMA, optimiser -------------------------------------------------------------
-    model.gradient_checkpointing = t.gradient_checkpointing
-    ema = EMA(model, t.ema_decay, t.ema_warmup)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    model.train()
-    if t.compile:
-        model.compile()  # in place: parameter and state-dict names stay those of the DiT
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.model.to(device)
-    raw = accelerator.unwrap_model(model, keep_torch_compile=False)  # the DiT itself (its parameters are the live ones)
-    null_drop = raw.y_embedder.dropout_prob if raw.y_embedder.has_null_class else 0.0
-
-    # --- resume ----------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, model, ema, resume_from, objective_settings)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
-    ema.shard_like(raw)  # under FSDP each process keeps its shard of the EMA
-    sampler.set_position(state["epoch"], state["batch"])
-    step = state["step"]
-    export = run_dir / "model"
-    # Decided alike on every process (only the main one writes the export; the disks may differ).
-    if all_processes(accelerator, step == t.total_steps and (export / "config.json").exists()):
-        if accelerator.is_main_process and finished_info(run_dir) is None:  # finished before the record existed
-            mark_finished(run_dir, step, settings, data_meta)
-        message = f"{run_dir}: already finished at step {step}; EMA export in {export}"
-        return leave(message, {"step": step, "checkpoint": resume_from, "export": export, "ema": ema.model, "model": raw})
-    if accelerator.is_main_process:
-        unmark_finished(run_dir)  # trained again (longer, afresh, other settings): the old record no longer holds
-    logger = MetricsLogger(accelerator, run_dir, logger_config, config or {}, step if resume_from else None)
-    n_classes = min(raw.num_classes, t.sample_max_classes)
-    sample_labels = torch.arange(n_classes).repeat_interleave(t.sample_per_class)
-
-    def write_samples(at_step: int) -> None:
-        """EMA sample grid (one row per class) -> run_dir/samples/step_*.png and latest.png."""
-        ema.sync()
-        if accelerator.is_main_process:
-            batches = generate(ema.model, grid_sampler, sample_labels, batch_size=len(sample_labels), seed=seed, vae=vae, device=device)
-            images = torch.cat([imgs for _, imgs in batches])
-            path = run_dir / "samples" / f"step_{at_step:07d}.png"
-            save_grid(images, nrow=t.sample_per_class, path=path)
-            save_grid(images, nrow=t.sample_per_class, path=run_dir / "samples" / "latest.png")
-            logger.log_image(at_step, "samples", path)
-            logger.plot()
-        accelerator.wait_for_everyone()
-
-    evaluator = None
-    if t.fid_every and accelerator.is_main_process:
-        from dit.eval.evaluator import Evaluator
-
-        if not t.fid_ref:
-            raise ValueError("training.fid_every > 0 needs training.fid_ref (a stats npz, images, or a dataset name)")
-        cache = run_dir / f"fid_ref_{t.fid_metric}.npz"
-        evaluator = Evaluator(
-            t.fid_metric, t.fid_ref, t.inception_weights, device, 250, cache, distributed=False, domain_classifier=t.domain_classifier
+        acc, run_dir, total = self.accelerator, self.run_dir, self.cfg.total_steps
+        if not (self.resume == "auto" and all_processes(acc, self.resume_from is None)):
+            return None
+        done = finished_info(run_dir) if acc.is_main_process else None
+        same = done is not None and done["step"] == total and done.get("settings") == self.settings
+        if not main_process_says(acc, same):
+            return None
+        export = self.export if (self.export / "config.json").exists() else None
+        return self._leave(
+            f"{run_dir}: already finished at step {total} (results in metrics.jsonl; no checkpoint here); "
+            f"delete {run_dir / FINISHED} to train it again",
+            {"step": total, "checkpoint": None, "export": export},
         )
-        evaluator.reference()  # computed (or read from the run's cache) once, before training
 
-    def evaluate(at_step: int) -> None:
-        """FID (and what else the metric reports) of fid_samples EMA samples (fid_final_samples at the end)."""
-        ema.sync()
-        if accelerator.is_main_process:
-            n = t.fid_final_samples if at_step == t.total_steps and t.fid_final_samples else t.fid_samples
-            labels = torch.arange(n) % raw.num_classes
-            batches = generate(ema.model, fid_sampler, labels, batch_size=250, seed=seed + 1, vae=vae, device=device)
-            images = torch.cat([imgs for _, imgs in batches])
-            final = n > t.fid_samples
-            measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
-            if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
-                m = t.fid_samples
-                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
-            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix="final/" if final else "")
-            logger.plot()
-        accelerator.wait_for_everyone()
+    def _setup_data(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.batch_sampler = GlobalBatchSampler(
+            len(self.dataset), self.batch_size, self.world, self.rank, cfg.grad_accum, self.seed
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+        )
 
-    def checkpoint(at_step: int) -> Path:
-        pos = {"epoch": state["epoch"], "batch": state["batch"], "ema_num_updates": ema.num_updates}
-        return save_checkpoint(accelerator, model, ema, run_dir, at_step, pos, data_meta or {}, t.keep_last, objective_settings)
+    def _setup_model(self) -> None:
+        cfg, o, model = self.cfg, self.o, self.model
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        model.train()
+        if cfg.compile:
+            model.compile()  # in place: parameter and state-dict names stay those of the DiT
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema.model.to(self.device)
+        # The DiT itself (its parameters are the live ones).
+        self.raw = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # Classifier-free guidance's label dropout, drawn from the step randomness (force_drop_ids).
+        self.null_drop = self.raw.y_embedder.dropout_prob if self.raw.y_embedder.has_null_class else 0.0
 
-    # --- loop ------------------------------------------------------------------------------
-    batches = iter(loader)
-    terms_logged = objective.loss_terms  # e.g. ("loss", "mse", "vb"): what the objective reports per sample
-    window = torch.zeros(len(terms_logged) + 1, device=device)  # sums of each term and the count over the log window
-    skipped, tic, tic_step = 0, time.perf_counter(), step
-    bar = tqdm(total=t.total_steps, initial=step, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    last_ckpt = None
-    while step < t.total_steps:
-        lr = lr_at(step, t.total_steps, o)
-        for group in optimizer.param_groups:
+    def _resume(self) -> dict | None:
+        acc, run_dir = self.accelerator, self.run_dir
+        self.state = {"step": 0, "epoch": 0, "batch": 0}
+        if self.resume_from is not None:
+            self.state = load_checkpoint(acc, self.model, self.ema, self.resume_from, self.objective_settings)
+            acc.print(f"resumed from {self.resume_from} at step {self.state['step']}", file=sys.stderr)
+        self.ema.shard_like(self.raw)  # under FSDP each process keeps its shard of the EMA
+        self.batch_sampler.set_position(self.state["epoch"], self.state["batch"])
+        self.step = step = self.state["step"]
+        # Decided alike on every process (only the main one writes the export; the disks may differ).
+        if all_processes(acc, step == self.cfg.total_steps and (self.export / "config.json").exists()):
+            if acc.is_main_process and finished_info(run_dir) is None:  # finished before the record existed
+                mark_finished(run_dir, step, self.settings, self.data_meta)
+            message = f"{run_dir}: already finished at step {step}; EMA export in {self.export}"
+            return self._leave(message, self._result(self.resume_from))
+        return None
+
+    def _setup_outputs(self) -> None:
+        acc, cfg, run_dir, device = self.accelerator, self.cfg, self.run_dir, self.device
+        if acc.is_main_process:
+            unmark_finished(run_dir)  # trained again (longer, afresh, other settings): the old record no longer holds
+        resume_step = self.step if self.resume_from else None
+        self.logger = MetricsLogger(acc, run_dir, self.logger_config, self.config, resume_step)
+        n_classes = min(self.raw.num_classes, cfg.sample_max_classes)
+        self.sample_labels = torch.arange(n_classes).repeat_interleave(cfg.sample_per_class)
+        self.evaluator = None
+        if cfg.fid_every and acc.is_main_process:
+            from dit.eval.evaluator import Evaluator
+
+            if not cfg.fid_ref:
+                raise ValueError(
+                    "training.fid_every > 0 needs training.fid_ref (a stats npz, images, or a dataset name)"
+                )
+            cache = run_dir / f"fid_ref_{cfg.fid_metric}.npz"
+            self.evaluator = Evaluator(
+                cfg.fid_metric, cfg.fid_ref, cfg.inception_weights, device, EVAL_BATCH_SIZE, cache,
+                distributed=False, domain_classifier=cfg.domain_classifier,
+            )  # fmt: skip
+            self.evaluator.reference()  # computed (or read from the run's cache) once, before training
+        self.batches = iter(self.loader)
+        self.terms_logged = self.objective.loss_terms  # e.g. ("loss", "mse", "vb"): what the objective reports
+        # Sums of each term and the count over the log window.
+        self.window = torch.zeros(len(self.terms_logged) + 1, device=device)
+        self.skipped, self.tic, self.tic_step = 0, time.perf_counter(), self.step
+        self.bar = tqdm(
+            total=cfg.total_steps, initial=self.step, unit="step", disable=not acc.is_main_process, dynamic_ncols=True
+        )
+
+    # --- a step ----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, torch.Tensor | None] | None:
+        """One optimiser step over grad_accum micro-batches; returns (lr, grad norm), or None when the
+        step was skipped for a non-finite loss (training.nan_policy=skip)."""
+        acc, cfg, step = self.accelerator, self.cfg, self.step
+        lr = lr_at(step, cfg.total_steps, self.o)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        step_terms = torch.zeros_like(window)  # this step's term sums and micro-batch count
-        for micro in range(t.grad_accum):
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            rng = SlicedRandom(seed, step, micro, world, rank, device)
-            x = dataset.batch_transform(x, rng)
-            draw = objective.draw(rng, x)  # timesteps, noise: before the label drops, in this order
-            kwargs = {"y": y}
-            if null_drop > 0:
-                kwargs["force_drop_ids"] = (rng.rand(len(x)) < null_drop).long()
-            sync = micro == t.grad_accum - 1
-            with accelerator.no_sync(model) if not sync else nullcontext():
-                with accelerator.autocast():
-                    terms = objective.losses(model, x, draw, kwargs)
-                loss = terms["loss"].mean()
-                accelerator.backward(loss / t.grad_accum)
-            step_terms += torch.stack([terms[k].mean().detach() for k in terms_logged] + [torch.ones((), device=device)])
+        step_terms = torch.zeros_like(self.window)  # this step's term sums and micro-batch count
+        for micro in range(cfg.grad_accum):
+            step_terms += self._micro_step(micro, sync=micro == cfg.grad_accum - 1)
         # One decision per step, alike on every rank, taken after the backward passes: the host waits for
         # the device once per step, never between a forward and its backward.
-        if not all_processes(accelerator, torch.isfinite(step_terms).all()):
-            if t.nan_policy == "stop":
-                bar.close()
-                raise FloatingPointError(f"non-finite loss at step {step}; stopping (training.nan_policy=skip skips such steps)")
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
-            _advance(state, sampler)
-            step += 1
-            bar.update(1)
-            continue
-        window += step_terms
+        if not all_processes(acc, torch.isfinite(step_terms).all()):
+            if cfg.nan_policy == "stop":
+                self.bar.close()
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}; stopping (training.nan_policy=skip skips such steps)"
+                )
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
+            self._next_step()
+            return None
+        self.window += step_terms
         # model.parameters() after prepare: FSDP2 replaces the parameters with sharded ones.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(raw)
-        _advance(state, sampler)
-        step += 1
-        bar.update(1)
+        clip = cfg.max_grad_norm > 0
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.raw)
+        self._next_step()
+        return lr, grad_norm
 
-        if step % t.log_every == 0 or step == t.total_steps:
-            totals = accelerator.reduce(window, "sum")  # averaged over processes and the window
-            count = max(totals[-1].item(), 1.0)
-            elapsed = time.perf_counter() - tic
-            steps_per_s = (step - tic_step) / max(elapsed, 1e-9)
-            metrics = {k: totals[i].item() / count for i, k in enumerate(terms_logged)}
-            metrics |= {
-                "lr": lr,
-                "steps_per_s": steps_per_s,
-                "images_per_s": steps_per_s * t.global_batch_size,
-                "epoch": state["epoch"],
-                "skipped_steps": skipped,
-            }
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            logger.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_s:.2f}")
-            window.zero_()
-            tic, tic_step = time.perf_counter(), step
-        if t.sample_every and step % t.sample_every == 0 and step < t.total_steps:
-            write_samples(step)
-        if t.fid_every and (step % t.fid_every == 0 or step == t.total_steps):
-            evaluate(step)
-        if t.ckpt_every and step % t.ckpt_every == 0 and step < t.total_steps:
-            last_ckpt = checkpoint(step)
-    bar.close()
+    def _micro_step(self, micro: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its loss terms' means and a 1 (the count)."""
+        acc, device = self.accelerator, self.device
+        x, y = next(self.batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        rng = SlicedRandom(self.seed, self.step, micro, self.world, self.rank, device)
+        x = self.dataset.batch_transform(x, rng)
+        draw = self.objective.draw(rng, x)  # timesteps, noise: before the label drops, in this order
+        kwargs = {"y": y}
+        if self.null_drop > 0:
+            kwargs["force_drop_ids"] = (rng.rand(len(x)) < self.null_drop).long()
+        with acc.no_sync(self.model) if not sync else nullcontext():
+            with acc.autocast():
+                terms = self.objective.losses(self.model, x, draw, kwargs)
+            loss = terms["loss"].mean()
+            acc.backward(loss / self.cfg.grad_accum)
+        return torch.stack([terms[k].mean().detach() for k in self.terms_logged] + [torch.ones((), device=device)])
+
+    def _next_step(self) -> None:
+        _advance(self.state, self.batch_sampler)
+        self.step += 1
+        self.bar.update(1)
+
+    def log(self, lr: float, grad_norm: torch.Tensor | None) -> None:
+        """The log window's mean loss terms (over processes too), lr, throughput -> metrics.jsonl, trackers."""
+        totals = self.accelerator.reduce(self.window, "sum")  # averaged over processes and the window
+        count = max(totals[-1].item(), 1.0)
+        elapsed = time.perf_counter() - self.tic
+        steps_per_s = (self.step - self.tic_step) / max(elapsed, 1e-9)
+        metrics = {k: totals[i].item() / count for i, k in enumerate(self.terms_logged)}
+        metrics |= {
+            "lr": lr,
+            "steps_per_s": steps_per_s,
+            "images_per_s": steps_per_s * self.cfg.global_batch_size,
+            "epoch": self.state["epoch"],
+            "skipped_steps": self.skipped,
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        self.logger.log(self.step, metrics)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{steps_per_s:.2f}")
+        self.window.zero_()
+        self.tic, self.tic_step = time.perf_counter(), self.step
+
+    # --- samples, evaluation, checkpoints ----------------------------------------------------
+    def write_samples(self, at_step: int) -> None:
+        """EMA sample grid (one row per class) -> run_dir/samples/step_*.png and latest.png."""
+        self.ema.sync()
+        if self.accelerator.is_main_process:
+            labels, per_class = self.sample_labels, self.cfg.sample_per_class
+            batches = generate(
+                self.ema.model, self.grid_sampler, labels, batch_size=len(labels), seed=self.seed, vae=self.vae,
+                device=self.device,
+            )  # fmt: skip
+            images = torch.cat([imgs for _, imgs in batches])
+            path = self.run_dir / "samples" / f"step_{at_step:07d}.png"
+            save_grid(images, nrow=per_class, path=path)
+            save_grid(images, nrow=per_class, path=self.run_dir / "samples" / "latest.png")
+            self.logger.log_image(at_step, "samples", path)
+            self.logger.plot()
+        self.accelerator.wait_for_everyone()
+
+    def evaluate(self, at_step: int) -> None:
+        """FID (and what else the metric reports) of fid_samples EMA samples (fid_final_samples at the end)."""
+        cfg, logger, evaluator = self.cfg, self.logger, self.evaluator
+        self.ema.sync()
+        if self.accelerator.is_main_process:
+            n = cfg.fid_final_samples if at_step == cfg.total_steps and cfg.fid_final_samples else cfg.fid_samples
+            inputs = eval_inputs(n, self.raw.num_classes, self.seed)
+            labels = inputs.pop("labels")
+            batches = generate(self.ema.model, self.fid_sampler, labels, **inputs, vae=self.vae, device=self.device)
+            images = torch.cat([imgs for _, imgs in batches])
+            final = n > cfg.fid_samples
+            measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
+            if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
+                m = cfg.fid_samples
+                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
+            prefix = "final/" if final else ""
+            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix=prefix)
+            logger.plot()
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint(self, at_step: int) -> Path:
+        pos = {"epoch": self.state["epoch"], "batch": self.state["batch"], "ema_num_updates": self.ema.num_updates}
+        return save_checkpoint(
+            self.accelerator, self.model, self.ema, self.run_dir, at_step, pos, self.data_meta or {},
+            self.cfg.keep_last, self.objective_settings,
+        )  # fmt: skip
 
     # --- end: checkpoint, samples, EMA export -------------------------------------------------
-    last_ckpt = checkpoint(step)
-    write_samples(step)
-    weights, ema_weights = accelerator.get_state_dict(model), ema.sync()  # collective: full weights under FSDP
-    if accelerator.is_main_process:
-        from dit.checkpoints import save_export
+    def finish(self) -> dict:
+        acc, step, run_dir = self.accelerator, self.step, self.run_dir
+        self.last_ckpt = self.checkpoint(step)
+        self.write_samples(step)
+        weights, ema_weights = acc.get_state_dict(self.model), self.ema.sync()  # collective: full weights under FSDP
+        if acc.is_main_process:
+            from dit.checkpoints import save_export
 
-        save_export(export, raw, ema=ema_weights, data=data_meta, state_dict=weights, objective=objective_settings)
-        mark_finished(run_dir, step, settings, data_meta)
-        logger.plot()  # accelerator.end_training() below closes the trackers
-        print(f"done: step {step}; checkpoint {last_ckpt}; EMA export {export}; samples {run_dir / 'samples' / 'latest.png'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"step": step, "checkpoint": last_ckpt, "export": export, "ema": ema.model, "model": raw}
+            save_export(
+                self.export, self.raw, ema=ema_weights, data=self.data_meta, state_dict=weights,
+                objective=self.objective_settings,
+            )  # fmt: skip
+            mark_finished(run_dir, step, self.settings, self.data_meta)
+            self.logger.plot()  # accelerator.end_training() below closes the trackers
+            print(
+                f"done: step {step}; checkpoint {self.last_ckpt}; EMA export {self.export}; "
+                f"samples {run_dir / 'samples' / 'latest.png'}"
+            )
+        acc.wait_for_everyone()
+        acc.end_training()
+        return self._result(self.last_ckpt)
+
+    def _result(self, checkpoint) -> dict:
+        ema, raw = self.ema.model, self.raw
+        return {"step": self.step, "checkpoint": checkpoint, "export": self.export, "ema": ema, "model": raw}
 
 
 def _training_sampler(objective: Objective, settings, model, key: str):
@@ -318,8 +440,8 @@ def _training_sampler(objective: Objective, settings, model, key: str):
     return sampler
 
 
-def _advance(state: dict, sampler: GlobalBatchSampler) -> None:
+def _advance(state: dict, batch_sampler: GlobalBatchSampler) -> None:
     """Move the data position past the global batch just used (including a skipped one)."""
     state["batch"] += 1
-    if state["batch"] == sampler.batches_per_epoch:
+    if state["batch"] == batch_sampler.batches_per_epoch:
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
