@@ -21,8 +21,6 @@ import math
 import statistics
 from pathlib import Path
 
-import yaml
-
 from dit.training.logging import fid_curve
 from dit.training.run import FAILURE_NOTE, finished_info
 
@@ -44,10 +42,20 @@ PUBLISHED = {
 }  # fmt: skip
 
 
+def run_config(path: Path) -> dict:
+    """A run's composed config, resolved: Hydra saves it with its interpolations (model.size fills the model's
+    sizes through ${dit.size:...}, the data's shape fills the model's)."""
+    from omegaconf import OmegaConf
+
+    import dit.training.config  # noqa: F401  the ${dit.*} resolvers
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def load_run(job_dir: Path) -> dict:
     """One job directory -> {name, config, records, status, finished} (status 'ok' or why not; finished: its
     finished.json record or None)."""
-    config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+    config = run_config(job_dir / ".hydra" / "config.yaml")
     metrics = job_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
     total = config["training"]["total_steps"]

@@ -27,6 +27,7 @@ import yaml
 from dit.checkpoints import load_model
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
+from dit.report import run_config
 from dit.sampling import generate
 from dit.training.loop import eval_inputs
 
@@ -37,7 +38,7 @@ def cache_path(run: Path, cfg_scale: float) -> Path:
 
 def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     """The classifier's calls on the run's final-evaluation samples drawn at cfg_scale (None: the run's own)."""
-    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    cfg = run_config(run / ".hydra" / "config.yaml")
     t = cfg["training"]
     own = float(t["fid_sampling"].get("cfg_scale", 1.0))
     scale = own if cfg_scale is None else float(cfg_scale)
