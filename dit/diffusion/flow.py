@@ -49,8 +49,8 @@ import math
 
 import torch
 
-from dit.diffusion.objective import Objective, register_objective
-from dit.diffusion.sampler import Sampler, SamplingSettings, register_sampler
+from dit.diffusion.objective import Objective
+from dit.diffusion.sampler import Sampler, SamplingSettings
 
 __all__ = ["DIFFUSION_FORMS", "LAST_STEPS", "TIME_SAMPLINGS", "EulerMaruyamaSampler", "EulerSampler", "FlowMatching", "HeunSampler"]
 
@@ -69,9 +69,10 @@ def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-@register_objective("flow")
 class FlowMatching(Objective):
     """SiT's Linear interpolant with velocity prediction (see the module docstring for the conventions)."""
+
+    name = "flow"
 
     loss_terms = ("loss",)
     default_sampler = "euler"  # SiT's ODE with Euler steps
@@ -129,9 +130,10 @@ class FlowSampler(Sampler):
         return torch.linspace(0.0, 1.0, int(self.settings.steps) + 1, dtype=torch.float64).tolist()
 
 
-@register_sampler("euler")
 class EulerSampler(FlowSampler):
     """Probability-flow ODE, fixed-step Euler (SiT sample_ode(sampling_method="euler"))."""
+
+    name = "euler"
 
     def run(self, denoiser, noise, y, generator):
         x, grid = noise, self.ode_grid()
@@ -140,10 +142,11 @@ class EulerSampler(FlowSampler):
         return x
 
 
-@register_sampler("heun")
 class HeunSampler(FlowSampler):
     """Probability-flow ODE, fixed-step Heun (SiT sample_ode(sampling_method="heun2"): torchdiffeq's
     Heun2, k1 = v(x, t0), k2 = v(x + dt k1, t0 + dt), x += dt (k1 / 2 + k2 / 2), on every step)."""
+
+    name = "heun"
 
     def run(self, denoiser, noise, y, generator):
         x, grid = noise, self.ode_grid()
@@ -155,9 +158,10 @@ class HeunSampler(FlowSampler):
         return x
 
 
-@register_sampler("euler_maruyama")
 class EulerMaruyamaSampler(FlowSampler):
     """SDE, Euler-Maruyama (SiT sample_sde(sampling_method="Euler")); options as SiT's (module docstring)."""
+
+    name = "euler_maruyama"
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dit.diffusion.objective import Objective, register_objective
+from dit.diffusion.objective import Objective
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "normal_kl", "discretized_gaussian_log_likelihood"]
@@ -50,7 +50,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-@register_objective("ddpm")
 class GaussianDiffusion(Objective):
     """Forward noising, posterior, model mean/variance, loss, and the DDPM / DDIM steps.
 
@@ -100,6 +99,7 @@ class GaussianDiffusion(Objective):
 
     # --- as an Objective ---------------------------------------------------------------------
 
+    name = "ddpm"
     default_sampler = "ddpm"  # DiT's: ancestral sampling
 
     @classmethod

@@ -12,7 +12,8 @@ An objective owns everything that differs between ways of training the same netw
   are expressed in, so one guidance implementation serves every objective and sampler.
 
 Samplers say which objectives they can sample (dit/diffusion/sampler.py). Adding an objective =
-one class with ``@register_objective``, one config file in configs/diffusion/.
+one class with a ``name``, one line in the OBJECTIVES list (dit/diffusion/registry.py), one config
+file in configs/diffusion/.
 """
 
 from __future__ import annotations
@@ -22,37 +23,12 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective", "register_objective"]
-
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register_objective(name: str):
-    """Class decorator: make an objective selectable as ``diffusion=<name>`` (its ``name`` setting)."""
-
-    def wrap(cls):
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is registered twice")
-        cls.name = name
-        OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
-
-
-def build_objective(name: str = "ddpm", **settings: Any) -> Objective:
-    """The objective ``name`` built from its settings (what ``Objective.settings()`` returned)."""
-    try:
-        cls = OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(sorted(OBJECTIVES))}") from None
-    return cls.from_settings(**settings)
-
+__all__ = ["Objective"]
 
 class Objective:
     """Interface of a training objective (see the module docstring)."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # its key in OBJECTIVES and the "name" of its settings
     loss_terms: tuple[str, ...] = ("loss",)
     default_sampler: ClassVar[str]  # what `sampler: null` means for its models
 

@@ -5,14 +5,13 @@
 
 A sampler is built once from the objective a model was trained with and the sampling settings, and
 is used identically by the training grids, the in-training FID and sample.py. Adding a sampler = one
-class with ``@register_sampler("name")`` that lists the objectives it can sample and implements
+class with a ``name`` (plus one line in the SAMPLERS list, dit/diffusion/registry.py) that lists the objectives it can sample and implements
 ``run(denoiser, noise, y, generator)``; its keyword arguments are the sampler-specific options
 (``SamplingSettings.options``, e.g. DDIM's eta), checked when it is built.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,23 +21,7 @@ import torch
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
 
-__all__ = ["SAMPLERS", "Sampler", "SamplingSettings", "build_sampler", "guided_model", "register_sampler", "sample_loop"]
-
-SAMPLERS: dict[str, type[Sampler]] = {}
-
-
-def register_sampler(name: str):
-    """Class decorator: make a sampler selectable as ``sampler=<name>``."""
-
-    def wrap(cls):
-        if name in SAMPLERS:
-            raise ValueError(f"sampler {name!r} is registered twice")
-        cls.name = name
-        SAMPLERS[name] = cls
-        return cls
-
-    return wrap
-
+__all__ = ["DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model", "sample_loop"]
 
 @dataclass
 class SamplingSettings:
@@ -50,32 +33,6 @@ class SamplingSettings:
     guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
     cfg_interval: list[float] | None = None  # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024)
     options: dict[str, Any] = field(default_factory=dict)  # sampler-specific keyword arguments, e.g. {eta: 1.0} for ddim
-
-
-def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
-    """The sampler named by settings.sampler for a model trained with ``objective``; clear errors for
-    unknown names, objectives it cannot sample, bad step counts, intervals and options."""
-    name = settings.sampler or objective.default_sampler
-    try:
-        cls = SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}") from None
-    if objective.name not in cls.objectives:
-        fits = sorted(n for n, c in SAMPLERS.items() if objective.name in c.objectives)
-        raise ValueError(
-            f"sampler {name!r} cannot sample a model trained with the {objective.name!r} objective; valid for it: {', '.join(fits)}"
-        )
-    if int(settings.steps) < 1:
-        raise ValueError(f"steps={settings.steps}: need at least 1 sampling step")
-    if settings.cfg_interval is not None:
-        lo, hi = (float(v) for v in settings.cfg_interval)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval={list(settings.cfg_interval)}: need 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "objective", "settings")]
-    unknown = sorted(set(settings.options or {}) - set(accepted))
-    if unknown:
-        raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
-    return cls(objective, settings, **(settings.options or {}))
 
 
 def guided_model(
@@ -171,11 +128,11 @@ def sample_loop(
     return x
 
 
-@register_sampler("ddpm")
 class DDPMSampler(Sampler):
     """Ancestral sampling (DDPM, Ho et al. 2020) on the ADM-respaced chain of ``steps`` steps.
     variance_type: null = the one trained (learned_range for DiT); fixed_small / fixed_large ignore v."""
 
+    name = "ddpm"
     objectives = ("ddpm",)
 
     def __init__(
@@ -189,10 +146,10 @@ class DDPMSampler(Sampler):
         return sample_loop(self.chain, denoiser, noise, y, "ddpm", generator=generator, clip_denoised=self.clip_denoised)
 
 
-@register_sampler("ddim")
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, eq. 12) on the ADM-respaced chain; eta = 0 deterministic, 1 = DDPM's variance."""
 
+    name = "ddim"
     objectives = ("ddpm",)
 
     def __init__(self, objective: GaussianDiffusion, settings: SamplingSettings, eta: float = 0.0, clip_denoised: bool = False):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
-from dit.diffusion.sampler import Sampler, SamplingSettings, register_sampler
+from dit.diffusion.sampler import Sampler, SamplingSettings
 
 __all__ = ["DiffusersSolver", "DPMSolverPlusPlus", "UniPC"]
 
@@ -46,9 +46,10 @@ class DiffusersSolver(Sampler):
         return x
 
 
-@register_sampler("dpmpp")
 class DPMSolverPlusPlus(DiffusersSolver):
     """DPM-Solver++ multistep (2M by default) via diffusers' DPMSolverMultistepScheduler."""
+
+    name = "dpmpp"
 
     def __init__(self, objective, settings, order: int = 2, lower_order_final: bool = True, use_karras_sigmas: bool = False):
         super().__init__(objective, settings, solver_order=order, lower_order_final=lower_order_final, use_karras_sigmas=use_karras_sigmas)
@@ -59,9 +60,10 @@ class DPMSolverPlusPlus(DiffusersSolver):
         return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **kwargs)
 
 
-@register_sampler("unipc")
 class UniPC(DiffusersSolver):
     """UniPC multistep (bh2, order 2 by default) via diffusers' UniPCMultistepScheduler."""
+
+    name = "unipc"
 
     def __init__(self, objective, settings, order: int = 2, solver_type: str = "bh2"):
         super().__init__(objective, settings, solver_order=order, solver_type=solver_type)

@@ -1,0 +1,63 @@
+"""The objective and sampler registries, each filled from one explicit list (adding one = one class + one line)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from dit.diffusion.flow import EulerMaruyamaSampler, EulerSampler, FlowMatching, HeunSampler
+from dit.diffusion.gaussian_diffusion import GaussianDiffusion
+from dit.diffusion.objective import Objective
+from dit.diffusion.sampler import DDIMSampler, DDPMSampler, Sampler, SamplingSettings
+from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
+from dit.registry import Registry
+
+__all__ = ["OBJECTIVES", "SAMPLERS", "build_objective", "build_sampler", "register_sampler"]
+
+OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching])
+SAMPLERS: Registry[Sampler] = Registry(
+    "sampler", [DDIMSampler, DDPMSampler, DPMSolverPlusPlus, UniPC, EulerSampler, EulerMaruyamaSampler, HeunSampler]
+)
+
+
+def register_sampler(name: str):
+    """Old spelling (README's example): name the class and add it to SAMPLERS."""
+
+    def wrap(cls):
+        cls.name = name
+        return SAMPLERS.add(cls)
+
+    return wrap
+
+
+def build_objective(name: str = "ddpm", **settings: Any) -> Objective:
+    """The objective ``name`` built from its settings (what ``Objective.settings()`` returned)."""
+    return OBJECTIVES[name].from_settings(**settings)
+
+
+def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
+    """The sampler named by settings.sampler for a model trained with ``objective``; clear errors for
+    unknown names, objectives it cannot sample, bad step counts, intervals and options."""
+    name = settings.sampler or objective.default_sampler
+    cls = SAMPLERS[name]
+    if objective.name not in cls.objectives:
+        fits = sorted(n for n, c in SAMPLERS.items() if objective.name in c.objectives)
+        raise ValueError(
+            f"sampler {name!r} cannot sample a model trained with the {objective.name!r} objective; "
+            f"valid for it: {', '.join(fits)}"
+        )
+    if int(settings.steps) < 1:
+        raise ValueError(f"steps={settings.steps}: need at least 1 sampling step")
+    if settings.cfg_interval is not None:
+        lo, hi = (float(v) for v in settings.cfg_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(
+                f"cfg_interval={list(settings.cfg_interval)}: need 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)"
+            )
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "objective", "settings")]
+    unknown = sorted(set(settings.options or {}) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"sampler {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}"
+        )
+    return cls(objective, settings, **(settings.options or {}))
