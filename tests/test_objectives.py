@@ -28,7 +28,6 @@ from dit.diffusion import (
     build_sampler,
     create_diffusion,
     get_betas,
-    register_sampler,
 )
 from dit.models import DiT
 
@@ -104,8 +103,9 @@ def test_sampler_registry_errors():
 
 
 def test_sampler_refuses_an_objective_it_cannot_sample():
-    @register_sampler("_test_only_other")
+    @SAMPLERS.add
     class Other(Sampler):
+        name = "_test_only_other"
         objectives = ("not_ddpm",)
 
     try:

@@ -9,7 +9,7 @@ classifier-free guidance (optionally in a noise-level interval) for all of them.
 from dit.diffusion.flow import FlowMatching
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
 from dit.diffusion.objective import Objective
-from dit.diffusion.registry import OBJECTIVES, SAMPLERS, build_objective, build_sampler, register_sampler
+from dit.diffusion.registry import OBJECTIVES, SAMPLERS, build_objective, build_sampler
 from dit.diffusion.sampler import Sampler, SamplingSettings, guided_model, sample_loop
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
@@ -17,6 +17,6 @@ from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 __all__ = [
     "FlowMatching",
     "OBJECTIVES", "SAMPLERS", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective", "Sampler", "SamplingSettings", "build_objective", "build_sampler",
-    "create_diffusion", "get_betas", "guided_model", "register_sampler", "respace_betas", "sample_loop",
+    "create_diffusion", "get_betas", "guided_model", "respace_betas", "sample_loop",
     "space_timesteps",
 ]  # fmt: skip

@@ -12,22 +12,12 @@ from dit.diffusion.sampler import DDIMSampler, DDPMSampler, Sampler, SamplingSet
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 from dit.registry import Registry
 
-__all__ = ["OBJECTIVES", "SAMPLERS", "build_objective", "build_sampler", "register_sampler"]
+__all__ = ["OBJECTIVES", "SAMPLERS", "build_objective", "build_sampler"]
 
 OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching])
 SAMPLERS: Registry[Sampler] = Registry(
     "sampler", [DDIMSampler, DDPMSampler, DPMSolverPlusPlus, UniPC, EulerSampler, EulerMaruyamaSampler, HeunSampler]
 )
-
-
-def register_sampler(name: str):
-    """Old spelling (README's example): name the class and add it to SAMPLERS."""
-
-    def wrap(cls):
-        cls.name = name
-        return SAMPLERS.add(cls)
-
-    return wrap
 
 
 def build_objective(name: str = "ddpm", **settings: Any) -> Objective:
