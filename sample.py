@@ -36,7 +36,9 @@ def load_vae(spec: str, device):
     try:
         return AutoencoderKL.from_pretrained(spec).to(device).eval()
     except Exception as e:
-        raise SystemExit(f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>") from None
+        raise SystemExit(
+            f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>"
+        ) from None
 
 
 def sampling_settings(cfg: DictConfig) -> SamplingSettings:
@@ -56,7 +58,9 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.out_dir)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not cfg.overwrite:
-        raise SystemExit(f"error: {out} already holds samples ({', '.join(existing)}); pass overwrite=true or another out_dir")
+        raise SystemExit(
+            f"error: {out} already holds samples ({', '.join(existing)}); pass overwrite=true or another out_dir"
+        )
 
     model, meta = load_model(cfg.checkpoint, use_ema=cfg.use_ema)
     model = model.to(accelerator.device).eval()
@@ -65,7 +69,9 @@ def run(cfg: DictConfig) -> Path:
     sampler = build_sampler(objective, sampling_settings(cfg))
     sampler.check_model(model)
     class_names = meta.get("class_names")
-    classes = resolve_classes(OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes)
+    classes = resolve_classes(
+        OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes
+    )
     labels = make_labels(classes, cfg.per_class, cfg.num_images, cfg.seed)
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
     write_images = cfg.num_images is not None if cfg.write_images is None else cfg.write_images
@@ -79,7 +85,15 @@ def run(cfg: DictConfig) -> Path:
     index, chunks = [], []
     bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not accelerator.is_main_process)
     batches = generate(
-        model, sampler, labels, batch_size=cfg.batch_size, seed=cfg.seed, vae=vae, rank=rank, world_size=world, device=accelerator.device
+        model,
+        sampler,
+        labels,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        vae=vae,
+        rank=rank,
+        world_size=world,
+        device=accelerator.device,
     )
     for start, images in batches:
         index.append(torch.arange(start, start + len(images)))
@@ -116,7 +130,9 @@ def run(cfg: DictConfig) -> Path:
         shutil.rmtree(parts, ignore_errors=True)
         names = [class_names[c] if class_names else str(c) for c in classes]
         print(
-            f"wrote {len(labels)} images of {len(classes)} classes ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) to {out} ({world} process{'es' if world > 1 else ''})"
+            f"wrote {len(labels)} images of {len(classes)} classes "
+            f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
+            f"to {out} ({world} process{'es' if world > 1 else ''})"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

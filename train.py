@@ -64,7 +64,9 @@ def build_data(cfg: DictConfig):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.resume in (None, "none") and list_checkpoints(run_dir):
-        raise ValueError(f"{run_dir} already has checkpoints; resume=auto continues them, or choose another run directory")
+        raise ValueError(
+            f"{run_dir} already has checkpoints; resume=auto continues them, or choose another run directory"
+        )
     dataset = build_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build(cfg.model)
@@ -85,8 +87,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     o: OptimConfig = OmegaConf.to_object(cfg.optim)
     config = OmegaConf.to_container(cfg, resolve=True)
     return train(
-        model, dataset, objective, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae, seed=cfg.seed,
-        logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
+        model, dataset, objective, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae,
+        seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
     )  # fmt: skip
 
 
@@ -96,7 +98,9 @@ def main(cfg: DictConfig) -> None:
         import submitit
 
         if submitit.JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for Accelerate
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # task k: cuda:k
+            submitit.helpers.TorchDistributedEnvironment().export(
+                set_cuda_visible_devices=False, overwrite=True
+            )  # task k: cuda:k
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, run_dir)

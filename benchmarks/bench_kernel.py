@@ -72,7 +72,9 @@ def main() -> None:
         results = {}
         for name, fn in impls.items():
             fwd = bench(lambda i, fn=fn, sets=sets: fn(*sets[i][:3]), args.sets)
-            fb = bench(lambda i, fn=fn, sets=sets: torch.autograd.grad(fn(*sets[i][:3]), sets[i][:3], sets[i][3]), args.sets)
+            fb = bench(
+                lambda i, fn=fn, sets=sets: torch.autograd.grad(fn(*sets[i][:3]), sets[i][:3], sets[i][3]), args.sets
+            )
             results[name] = (fwd, fb)
         for k, (label, nbytes) in enumerate((("fwd", bytes_fwd), ("fwd+bwd", bytes_fb))):
             for name, times in results.items():

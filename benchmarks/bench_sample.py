@@ -40,7 +40,9 @@ def main() -> None:
         prm.data.normal_(0, 0.02)
     model = model.to(device).eval()
     vae = tiny_vae(downsample=8).to(device).eval()  # random, built offline: decoding costs the same on both sides
-    pipe = DiTPipeline(transformer=to_diffusers(model).to(device).eval(), vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe = DiTPipeline(
+        transformer=to_diffusers(model).to(device).eval(), vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000)
+    )
     pipe.set_progress_bar_config(disable=True)
     sampler = build_sampler(build_objective(), SamplingSettings(sampler="ddpm", steps=args.steps, cfg_scale=args.cfg))
     labels = torch.arange(args.batch) % 1000
@@ -62,7 +64,10 @@ def main() -> None:
         t_ours = median_time(ours, args.repeats, warmup=1, device=device)
         t_theirs = median_time(theirs, args.repeats, warmup=1, device=device)
     header(device)
-    print(f"{args.model} latent {args.input_size}x{args.input_size}x4, {args.steps} DDPM steps, batch {args.batch}, cfg {args.cfg}")
+    print(
+        f"{args.model} latent {args.input_size}x{args.input_size}x4, {args.steps} DDPM steps, "
+        f"batch {args.batch}, cfg {args.cfg}"
+    )
     print(f"| sampler | s / batch (median of {args.repeats}) | images/s |")
     print("|---|---:|---:|")
     print(f"| dit (ours) | {t_ours:.2f} | {args.batch / t_ours:.3f} |")

@@ -148,7 +148,9 @@ def main() -> None:
         mfu = f"{100 * ips * train_flops / (args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         print(f"| {name} | {r['s_per_step']:.3f} | {1 / r['s_per_step']:.2f} | {ips:.1f} | {mfu} | {mem} |")
-    print(f"ratio ours (first variant) / diffusers, images/s: {rows[-1][1]['s_per_step'] / rows[0][1]['s_per_step']:.2f}x")
+    print(
+        f"ratio ours (first variant) / diffusers, images/s: {rows[-1][1]['s_per_step'] / rows[0][1]['s_per_step']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def _device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
-def time_calls(fn: Callable[[int], object], repeats: int, warmup: int = 1, device: torch.device | str | None = "cpu") -> list[float]:
+def time_calls(
+    fn: Callable[[int], object], repeats: int, warmup: int = 1, device: torch.device | str | None = "cpu"
+) -> list[float]:
     """Seconds of each of ``repeats`` calls fn(i), after ``warmup`` untimed calls.
 
     i counts every call, warm-up included (0, 1, 2, ...), so fn can rotate over inputs or data. On a
@@ -57,7 +59,9 @@ def time_calls(fn: Callable[[int], object], repeats: int, warmup: int = 1, devic
     return times
 
 
-def median_time(fn: Callable[[int], object], repeats: int, warmup: int = 1, device: torch.device | str | None = "cpu") -> float:
+def median_time(
+    fn: Callable[[int], object], repeats: int, warmup: int = 1, device: torch.device | str | None = "cpu"
+) -> float:
     """Median seconds of fn(i) over ``repeats`` timed calls after ``warmup`` untimed ones (see time_calls)."""
     return median(time_calls(fn, repeats, warmup, device))
 

@@ -86,7 +86,9 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
         weights = path / FSDP_WEIGHTS
     if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing (the weights: ema.safetensors, model.safetensors or {FSDP_WEIGHTS})")
+        raise FileNotFoundError(
+            f"{weights} is missing (the weights: ema.safetensors, model.safetensors or {FSDP_WEIGHTS})"
+        )
     model = DiT(config)
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
     load_state_dict_checked(model, state, weights)
@@ -104,7 +106,8 @@ def _load_torch(path: Path) -> dict:
         raise DamagedFileError(path, f"unreadable torch file ({type(e).__name__}: {e})") from None
 
 
-# What torch.save wrote before zip archives (torch < 1.6): pickle protocol 2, then the magic number 0x1950a86a20f9469cfc6c.
+# What torch.save wrote before zip archives (torch < 1.6): pickle protocol 2, then the magic number
+# 0x1950a86a20f9469cfc6c.
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
@@ -170,8 +173,12 @@ def load_model(path: str | Path, use_ema: bool = True, **overrides) -> tuple[DiT
             return _load_ours(path, use_ema, overrides)
         if (path / "model_index.json").exists() or config.get("_class_name") == "DiTTransformer2DModel":
             return _load_diffusers(path)
-        if not config and any((path / name).exists() for name in ("ema.safetensors", "model.safetensors", FSDP_WEIGHTS)):
-            raise FileNotFoundError(f"{path / 'config.json'} is missing (an export or checkpoint keeps its architecture there)")
+        if not config and any(
+            (path / name).exists() for name in ("ema.safetensors", "model.safetensors", FSDP_WEIGHTS)
+        ):
+            raise FileNotFoundError(
+                f"{path / 'config.json'} is missing (an export or checkpoint keeps its architecture there)"
+            )
         raise ValueError(f"{path}: not a dit export, training checkpoint or diffusers DiT directory")
     if path.suffix in (".pt", ".pth", ".bin"):
         return _load_official(path, use_ema, overrides)

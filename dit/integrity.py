@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DamagedFileError", "load_npz", "load_safetensors", "npz_keys", "read_json", "safetensors_problem", "zip_problem"]
+__all__ = [
+    "DamagedFileError",
+    "load_npz",
+    "load_safetensors",
+    "npz_keys",
+    "read_json",
+    "safetensors_problem",
+    "zip_problem",
+]
 
 
 class DamagedFileError(ValueError):
@@ -55,7 +63,10 @@ def safetensors_problem(path: str | Path) -> str | None:
     with path.open("rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         if header_len > size - 8:
-            return f"truncated or not a safetensors file (the header claims {header_len} bytes, the file has {size - 8} after the length)"
+            return (
+                f"truncated or not a safetensors file (the header claims {header_len} bytes, "
+                f"the file has {size - 8} after the length)"
+            )
         try:
             header = json.loads(f.read(header_len))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)

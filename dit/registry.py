@@ -45,7 +45,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self._entries))}") from None
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self._entries))}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -21,7 +21,9 @@ from dit.diffusion import Sampler
 __all__ = ["resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic"]
 
 
-def resolve_classes(spec: Sequence[int | str] | int | str | None, class_names: list[str] | None, num_classes: int) -> list[int]:
+def resolve_classes(
+    spec: Sequence[int | str] | int | str | None, class_names: list[str] | None, num_classes: int
+) -> list[int]:
     """Class ids from ids and/or names (case-insensitive); None = every class."""
     if spec is None:
         return list(range(num_classes))
@@ -85,7 +87,8 @@ def generate(
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings)."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
-            f"generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), not {type(sampler).__name__}"
+            "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
+            f"not {type(sampler).__name__}"
         )
     sampler.check_model(model)
     C, S = model.in_channels, model.input_size

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list of {model, block, params, gflops, tokens}")
     fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    parser.add_argument("--input-size", type=int, default=32, help="latent (or pixel) side length [32 = 256x256 images]")
+    parser.add_argument(
+        "--input-size", type=int, default=32, help="latent (or pixel) side length [32 = 256x256 images]"
+    )
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)

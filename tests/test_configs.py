@@ -63,15 +63,29 @@ def test_a_size_field_against_the_size_is_refused_and_a_custom_size_builds():
 
 def test_model_config_documents_every_block_and_option():
     """The comments in dit.yaml list the valid values, and agree with the registries."""
-    lines = {line.split(":")[0]: line for line in (CONFIGS / "model" / "dit.yaml").read_text().splitlines() if ":" in line}
-    for key, valid in (("block", BLOCKS), ("norm", NORMS), ("mlp", MLPS), ("pos_embed", POS_EMBEDS), ("qk_norm", ("false", "true"))):
+    lines = {
+        line.split(":")[0]: line for line in (CONFIGS / "model" / "dit.yaml").read_text().splitlines() if ":" in line
+    }
+    for key, valid in (
+        ("block", BLOCKS),
+        ("norm", NORMS),
+        ("mlp", MLPS),
+        ("pos_embed", POS_EMBEDS),
+        ("qk_norm", ("false", "true")),
+    ):
         for value in valid:
             assert value in lines[key].split("#", 1)[1], (key, value)
 
 
 def test_defaults_compose_to_the_paper_model():
     cfg = compose_train(["model=dit_xl2"]).model
-    assert (cfg.block, cfg.norm, cfg.qk_norm, cfg.mlp, cfg.pos_embed) == ("adaln_zero", "layernorm", False, "gelu", "sincos")
+    assert (cfg.block, cfg.norm, cfg.qk_norm, cfg.mlp, cfg.pos_embed) == (
+        "adaln_zero",
+        "layernorm",
+        False,
+        "gelu",
+        "sincos",
+    )
 
 
 @pytest.mark.parametrize("name", list(DIT_MODELS))

@@ -25,7 +25,9 @@ def float64_tables(scheduler, betas):
 
 
 def ddpm_scheduler(variance_type, betas):
-    s = DDPMScheduler(num_train_timesteps=len(betas), beta_schedule="linear", variance_type=variance_type, clip_sample=False)
+    s = DDPMScheduler(
+        num_train_timesteps=len(betas), beta_schedule="linear", variance_type=variance_type, clip_sample=False
+    )
     return float64_tables(s, betas)
 
 
@@ -96,7 +98,8 @@ def test_respaced_betas_equal_diffusers_steps():
 def test_ddim_equals_diffusers_eta0():
     ours = create_diffusion("ddim50", variance_type="fixed_small")
     theirs = float64_tables(
-        DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True), get_betas("linear", 1000)
+        DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True),
+        get_betas("linear", 1000),
     )
     theirs.set_timesteps(50)
     assert theirs.timesteps.tolist() == space_timesteps(1000, "ddim50")[::-1]
@@ -137,7 +140,13 @@ def test_vb_term_closed_form():
         model_mean = coef1 * pred_x0 + coef2 * xtn
         if tn > 0:
             true_mean = coef1 * x0n + coef2 * xtn
-            kl = 0.5 * (log_var - np.log(post_var) + post_var / np.exp(log_var) + (true_mean - model_mean) ** 2 / np.exp(log_var) - 1)
+            kl = 0.5 * (
+                log_var
+                - np.log(post_var)
+                + post_var / np.exp(log_var)
+                + (true_mean - model_mean) ** 2 / np.exp(log_var)
+                - 1
+            )
             ref = kl.mean() / np.log(2)
         else:
             std = np.exp(0.5 * log_var)

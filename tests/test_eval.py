@@ -41,7 +41,9 @@ def test_frechet_distance_against_scipy_and_torch_fidelity(n, d):
 
     (mu1, s1), (mu2, s2) = random_stats(n, d, 0), random_stats(n, d, 1, shift=0.5)
     ours = frechet_distance(mu1, s1, mu2, s2)
-    theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)["frechet_inception_distance"]
+    theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)[
+        "frechet_inception_distance"
+    ]
     assert ours == pytest.approx(theirs, rel=1e-6)
     assert ours == pytest.approx(scipy_fid(mu1, s1, mu2, s2), rel=1e-6)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6 * np.trace(s1))
@@ -90,7 +92,10 @@ def random_inception_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("torch_home")
     (home / "hub" / "checkpoints").mkdir(parents=True)
     # Build the network without any weights file: no file read, no state dict loaded.
-    with mock.patch.object(torch, "load", return_value={}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+    with (
+        mock.patch.object(torch, "load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
         torch.manual_seed(0)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
     torch.save(net.state_dict(), home / "hub" / "checkpoints" / WEIGHTS_NAME)
@@ -184,11 +189,15 @@ def test_statistics_of_another_classifier_are_refused(tmp_path):
 
     mu, sigma = random_stats(200, 128, 0)
     Stats(mu, sigma, 200, extractor_name("0" * 64)).save(tmp_path / "other.npz")
-    Stats(mu, sigma, 200, "fashion-mnist-cnn-v1/fc1-128").save(tmp_path / "old.npz")  # before the classifier was shipped
+    Stats(mu, sigma, 200, "fashion-mnist-cnn-v1/fc1-128").save(
+        tmp_path / "old.npz"
+    )  # before the classifier was shipped
     ours = Stats(mu, sigma, 200, EXTRACTOR)
     for name in ("other.npz", "old.npz"):
         other = Stats.load(tmp_path / name, default_extractor=EXTRACTOR)
-        with pytest.raises(ValueError, match=f"different feature extractors: {re.escape(EXTRACTOR)} vs {re.escape(other.extractor)}"):
+        with pytest.raises(
+            ValueError, match=f"different feature extractors: {re.escape(EXTRACTOR)} vs {re.escape(other.extractor)}"
+        ):
             fid(ours, other)
 
 
@@ -243,7 +252,9 @@ def test_one_evaluator_for_training_and_the_cli(tmp_path, capsys):
     assert printed["samples"] == "300" and printed["extractor"] == ev.extractor.name
     eval_main([*args, "--json"])
     as_json = json.loads(capsys.readouterr().out)
-    assert as_json["fid"] == pytest.approx(ours["fid"], rel=1e-12) and as_json["class_consistency_per_class"] == pytest.approx(expected)
+    assert as_json["fid"] == pytest.approx(ours["fid"], rel=1e-12) and as_json[
+        "class_consistency_per_class"
+    ] == pytest.approx(expected)
     assert as_json["samples"] == 300 and as_json["extractor"] == ev.extractor.name
 
 
@@ -297,9 +308,13 @@ def test_kid_formula_without_subsets_and_with_torch_fidelity_subsets(stub_evalua
     # Unequal sets: torch-fidelity draws 100 subsets of the smaller size with RandomState(2020), in this order.
     y = rng.normal(size=(70, 16)) * 1.2 + 0.3
     pick = np.random.RandomState(2020)
-    subsets = [kid_float64(x[pick.choice(40, 40, replace=False)], y[pick.choice(70, 40, replace=False)]) for _ in range(100)]
+    subsets = [
+        kid_float64(x[pick.choice(40, 40, replace=False)], y[pick.choice(70, 40, replace=False)]) for _ in range(100)
+    ]
     ours = ev.kid_precision_recall(x, y)
-    assert ours["kid"] == pytest.approx(np.mean(subsets), rel=1e-9) and ours["kid_std"] == pytest.approx(np.std(subsets), rel=1e-9)
+    assert ours["kid"] == pytest.approx(np.mean(subsets), rel=1e-9) and ours["kid_std"] == pytest.approx(
+        np.std(subsets), rel=1e-9
+    )
 
 
 def test_precision_recall_see_fidelity_and_mode_collapse(stub_evaluator):
@@ -317,7 +332,9 @@ def test_precision_recall_see_fidelity_and_mode_collapse(stub_evaluator):
 def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evaluator, tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8))
-    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 200, (50, 8, 8, 3), dtype=np.uint8), arr_1=np.arange(50) % 10)
+    np.savez(
+        tmp_path / "samples.npz", arr_0=rng.integers(0, 200, (50, 8, 8, 3), dtype=np.uint8), arr_1=np.arange(50) % 10
+    )
     ref_images = torch.from_numpy(np.load(tmp_path / "ref.npz")["arr_0"]).permute(0, 3, 1, 2)
     stats_from_features(StubFeatures()(ref_images)[0].numpy(), StubFeatures.name).save(tmp_path / "ref_stats.npz")
     images = torch.from_numpy(np.load(tmp_path / "samples.npz")["arr_0"])
@@ -328,9 +345,24 @@ def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evalu
     stats_only = stub_evaluator(str(tmp_path / "ref_stats.npz"), extra_metrics=True)
     assert set(stats_only.evaluate(images)) == {"fid"}
     assert "is statistics only (mu, sigma)" in stats_only.extra_unavailable(np.zeros((50, 16)))
-    with mock.patch("dit.eval.make_extractor", return_value=StubFeatures()), mock.patch("dit.eval.__main__.METRICS", ("stub",)):
-        eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"])
-        eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "--metric", "stub", "--device", "cpu"])
+    with (
+        mock.patch("dit.eval.make_extractor", return_value=StubFeatures()),
+        mock.patch("dit.eval.__main__.METRICS", ("stub",)),
+    ):
+        eval_main(
+            ["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"]
+        )
+        eval_main(
+            [
+                "fid",
+                str(tmp_path / "samples.npz"),
+                str(tmp_path / "ref_stats.npz"),
+                "--metric",
+                "stub",
+                "--device",
+                "cpu",
+            ]
+        )
     captured = capsys.readouterr()
     with_images, with_stats = map(parse_line, captured.out.splitlines())  # one result line per command
     assert float(with_images["kid"]) == pytest.approx(extra["kid"], abs=1e-6)
@@ -340,7 +372,9 @@ def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evalu
 
 
 @pytest.mark.slow  # Inception on CPU for both image sets (~25 s alone); the Inception path itself stays in make test
-def test_inception_is_kid_precision_recall_against_reference_images(random_inception_home, tmp_path, monkeypatch, capsys):
+def test_inception_is_kid_precision_recall_against_reference_images(
+    random_inception_home, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -360,7 +394,9 @@ def test_inception_is_kid_precision_recall_against_reference_images(random_incep
     printed = parse_line(capsys.readouterr().out)
     metrics = {"fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"}
     assert set(printed) == metrics | {"samples", "extractor"}
-    assert float(printed["kid"]) == pytest.approx(ours["kid"], abs=1e-6) and float(printed["fid"]) == pytest.approx(ours["fid"], abs=1e-4)
+    assert float(printed["kid"]) == pytest.approx(ours["kid"], abs=1e-6) and float(printed["fid"]) == pytest.approx(
+        ours["fid"], abs=1e-4
+    )
 
 
 def test_saving_the_shipped_classifier_gives_the_shipped_file(tmp_path):
@@ -378,7 +414,9 @@ def test_saving_the_shipped_classifier_gives_the_shipped_file(tmp_path):
         "print(save_classifier(m, a, sys.argv[1], threads=1))"
     )
     for i in range(2):  # other processes, other hash seeds
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], capture_output=True, text=True
+        )
         assert out.stdout.strip() == WEIGHTS_SHA256, out.stderr[-1000:]
 
 

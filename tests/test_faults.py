@@ -61,7 +61,11 @@ def damage(path: Path, how: str) -> None:
 
 def snapshot(root: Path) -> dict:
     """Every file under root with its size and modification time (to check that nothing else was touched)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_names(error: BaseException, path: Path) -> None:
@@ -145,7 +149,9 @@ def diffusers_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("how", ["empty", "cut_7", "cut_half", "random"])  # not cut_last_byte: config.json ends in a newline
+@pytest.mark.parametrize(
+    "how", ["empty", "cut_7", "cut_half", "random"]
+)  # not cut_last_byte: config.json ends in a newline
 @pytest.mark.parametrize("name", ["config.json", "diffusion_pytorch_model.safetensors"])
 def test_damaged_diffusers_dir(diffusers_dir, tmp_path, name, how):
     path = tmp_path / "transformer"
@@ -365,7 +371,12 @@ def test_damaged_explicit_domain_classifier_is_named(tmp_path, how):
 
 def run_cli(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -394,5 +405,7 @@ def test_eval_cli_with_a_truncated_npz(tmp_path):
     args = ["-m", "dit.eval", "fid", str(samples), str(stats), "--metric", "fashion_mnist", "--device", "cpu"]
     proc = run_cli(args, ROOT)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {samples} is damaged: not a readable npz archive"), proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith(f"error: {samples} is damaged: not a readable npz archive")
+    ), proc.stderr
     assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before

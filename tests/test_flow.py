@@ -30,7 +30,15 @@ from PIL import Image
 
 import sample
 import train
-from dit.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, SamplingSettings, build_objective, build_sampler, create_diffusion
+from dit.diffusion import (
+    OBJECTIVES,
+    SAMPLERS,
+    FlowMatching,
+    SamplingSettings,
+    build_objective,
+    build_sampler,
+    create_diffusion,
+)
 from dit.models import DiT
 from dit.training.randomness import SlicedRandom
 
@@ -159,7 +167,18 @@ class ICPlan:
         return (reverse_alpha_ratio * velocity - x) / var
 
 
-def sit_sde(v, x, y, num_steps, noises, diffusion_form, diffusion_norm=1.0, last_step="Mean", last_step_size=0.04, sample_eps=0.0):
+def sit_sde(
+    v,
+    x,
+    y,
+    num_steps,
+    noises,
+    diffusion_form,
+    diffusion_norm=1.0,
+    last_step="Mean",
+    last_step_size=0.04,
+    sample_eps=0.0,
+):
     """Sampler.sample_sde(sampling_method="Euler", ...) with SiT's randn replaced by ``noises``."""
     plan = ICPlan()
     if last_step is None:
@@ -186,7 +205,9 @@ def sit_sde(v, x, y, num_steps, noises, diffusion_form, diffusion_norm=1.0, last
         drift = sde_drift(x, t)
         diffusion = diffusion_fn(x, t)
         mean_x = x + drift * dt
-        x = mean_x + torch.sqrt(torch.as_tensor(2 * diffusion)) * dw  # as_tensor: SiT's th.sqrt fails on "constant"'s float
+        x = (
+            mean_x + torch.sqrt(torch.as_tensor(2 * diffusion)) * dw
+        )  # as_tensor: SiT's th.sqrt fails on "constant"'s float
     t = torch.ones(x.size(0), dtype=torch.float64) * t1
     if last_step == "Mean":
         x = x + sde_drift(x, t) * last_step_size
@@ -245,14 +266,20 @@ SDE_CASES = [
 def test_euler_maruyama_equals_sit(options, steps, cfg_scale):
     """Same per-step noise: our generator's draws (one per noisy step, before the model call) fed to SiT's loop."""
     model = RandomVelocity()
-    sampler = build_sampler(FlowMatching(), SamplingSettings(sampler="euler_maruyama", steps=steps, cfg_scale=cfg_scale, options=options))
-    noise, y = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64), torch.tensor([2, 0, 1])
+    sampler = build_sampler(
+        FlowMatching(), SamplingSettings(sampler="euler_maruyama", steps=steps, cfg_scale=cfg_scale, options=options)
+    )
+    noise, y = (
+        torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+        torch.tensor([2, 0, 1]),
+    )
     got = sampler.sample(model, noise, y, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     noises = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(steps - 1)]
     with torch.no_grad():
-        want = sit_sde(sit_velocity(model, cfg_scale), noise, y, steps, noises, options.get("diffusion_form", "sigma"), **{
-            k: v for k, v in options.items() if k != "diffusion_form"})  # fmt: skip
+        form = options.get("diffusion_form", "sigma")
+        rest = {k: v for k, v in options.items() if k != "diffusion_form"}
+        want = sit_sde(sit_velocity(model, cfg_scale), noise, y, steps, noises, form, **rest)
     torch.testing.assert_close(got, want, **TOL)
     assert torch.isfinite(got).all()
     assert torch.equal(sampler.sample(model, noise, y, torch.Generator().manual_seed(7)), got)  # deterministic per seed
@@ -264,8 +291,9 @@ def test_euler_maruyama_default_grid():
     model = RandomVelocity()
     s = build_sampler(FlowMatching(), SamplingSettings(sampler="euler_maruyama", steps=5, cfg_scale=1.0))
     s.sample(model, torch.randn(1, 2, 8, 8, dtype=torch.float64), torch.tensor([0]), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(torch.tensor([float(t[0]) for t in model.seen_t], dtype=torch.float64),
-                               torch.tensor([0.0, 0.24, 0.48, 0.72, 0.96], dtype=torch.float64), rtol=0, atol=1e-15)  # fmt: skip
+    seen = torch.tensor([float(t[0]) for t in model.seen_t], dtype=torch.float64)
+    want = torch.tensor([0.0, 0.24, 0.48, 0.72, 0.96], dtype=torch.float64)
+    torch.testing.assert_close(seen, want, rtol=0, atol=1e-15)
 
 
 def test_float32_samplers_run_and_guidance_interval_uses_noise_level():
@@ -277,7 +305,9 @@ def test_float32_samplers_run_and_guidance_interval_uses_noise_level():
     x32 = s.sample(model.float(), noise.float(), y)
     torch.testing.assert_close(x32.double(), x64, rtol=1e-4, atol=1e-4)
     rec = RandomVelocity()
-    s = build_sampler(FlowMatching(), SamplingSettings(sampler="euler", steps=10, cfg_scale=2.0, cfg_interval=[0.3, 0.6]))
+    s = build_sampler(
+        FlowMatching(), SamplingSettings(sampler="euler", steps=10, cfg_scale=2.0, cfg_interval=[0.3, 0.6])
+    )
     s.sample(rec, noise[:1], y[:1])
     calls = [(float(t[0]), len(t)) for t in rec.seen_t]
     for t, n in calls:
@@ -376,7 +406,9 @@ def test_errors():
             build_sampler(create_diffusion(), SamplingSettings(sampler=name))
     for name in ("ddpm", "ddim"):
         with pytest.raises(
-            ValueError, match=r"cannot sample a model trained with the 'flow' objective; valid for it: .*euler, euler_maruyama, heun"
+            ValueError,
+            match=r"cannot sample a model trained with the 'flow' objective; "
+            r"valid for it: .*euler, euler_maruyama, heun",
         ):
             build_sampler(FlowMatching(), SamplingSettings(sampler=name))
     assert {"euler", "heun", "euler_maruyama"} <= set(SAMPLERS)
@@ -424,7 +456,8 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
         train.run(compose_cfg("train", [o for o in base if "time_sampling" not in o] + ["training.total_steps=5"]), run)
 
     def sample_grid(out, *extra):
-        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "seed=0", "batch_size=10", "steps=4", "cfg_scale=2.0", *extra]  # fmt: skip
+        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "seed=0", "batch_size=10",
+                     "steps=4", "cfg_scale=2.0", *extra]  # fmt: skip
         sample.run(compose_cfg("sample", overrides))
         return np.array(Image.open(Path(out) / "grid.png"))
 

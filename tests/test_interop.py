@@ -65,7 +65,9 @@ def test_state_dict_layout_is_the_official_one():
 
 
 def random_model(freq_shift=0, num_classes=10):
-    model = create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift)
+    model = create_model(
+        "DiT-Debug/2", input_size=16, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift
+    )
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     return model.eval()
@@ -170,5 +172,11 @@ def test_saved_diffusers_model_runs_in_dit_pipeline(tmp_path):
         sample_size=32,
     )
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000))
-    out = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=4.0, output_type="np", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        class_labels=[1, 7],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (2, 32, 32, 3)

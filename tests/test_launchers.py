@@ -14,7 +14,15 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 def multirun(sweep_dir, *overrides, env=None):
     """python train.py -m experiment=smoke ... hydra/launcher=local, each job in <sweep_dir>/<block>."""
-    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "training.total_steps=4", "logger=none", "hydra/launcher=local"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=smoke",
+        "training.total_steps=4",
+        "logger=none",
+        "hydra/launcher=local",
+    ]
     cmd += [f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${model.block}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -32,7 +40,9 @@ def test_local_launcher_runs_jobs_as_processes_and_report_collects_them(tmp_path
         assert (run / "model" / "config.json").exists() and (run / "model" / "ema.safetensors").exists()
         assert '"step": 4' in (run / "metrics.jsonl").read_text()
     out = tmp_path / "report.md"
-    subprocess.run([sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
+    )
     text = out.read_text()
     assert "2 of 2 runs finished" in text and "| adaln |" in text and "| adaln_zero |" in text
 
@@ -58,14 +68,30 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     srun.write_text("#!/bin/sh\n")
     srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{srun.parent}{os.pathsep}{os.environ['PATH']}")
-    overrides = ["experiment=ablate_conditioning", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8"]
-    params = OmegaConf.to_container(compose_config("train", overrides, return_hydra_config=True).hydra.launcher, resolve=True)
+    overrides = [
+        "experiment=ablate_conditioning",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=8",
+    ]
+    params = OmegaConf.to_container(
+        compose_config("train", overrides, return_hydra_config=True).hydra.launcher, resolve=True
+    )
     params.pop("_target_"), params.pop("submitit_folder")
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "%j", slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=tmp_path / "%j", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
-    for line in ("--partition=gpu", "--gpus-per-node=8", "--ntasks-per-node=8", "--nodes=1", "--cpus-per-task=8", "--time=1440"):
+    for line in (
+        "--partition=gpu",
+        "--gpus-per-node=8",
+        "--ntasks-per-node=8",
+        "--nodes=1",
+        "--cpus-per-task=8",
+        "--time=1440",
+    ):
         assert f"#SBATCH {line}\n" in sbatch
 
 
@@ -75,7 +101,15 @@ def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished
     report lists it; the same command again trains nothing that is finished."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "training.total_steps=4", "logger=none", "hydra/launcher=pool"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=smoke",
+        "training.total_steps=4",
+        "logger=none",
+        "hydra/launcher=pool",
+    ]
     cmd += [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${model.block}", "model.block=bogus,adaln"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -83,10 +117,14 @@ def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished
     assert (sweep / "adaln" / "model" / "config.json").exists()  # the other job finished
     assert (sweep / "bogus" / "error.txt").read_text().startswith("ValueError: unknown block 'bogus'; valid blocks: ")
     weights = (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns
-    again = subprocess.run([*cmd[:-1], "model.block=adaln"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [*cmd[:-1], "model.block=adaln"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and "already finished at step 4" in again.stdout + again.stderr
     assert (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns == weights
     out = tmp_path / "report.md"
-    subprocess.run([sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
+    )
     text = out.read_text()
     assert "1 of 2 runs finished" in text and "`bogus`: failed" in text and "unknown block 'bogus'" in text

@@ -11,7 +11,15 @@ from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 
 
 def tiny(block, patch_size=2, learn_sigma=True, **kw):
-    return create_model(f"DiT-Debug/{patch_size}", block=block, input_size=16, in_channels=3, num_classes=10, learn_sigma=learn_sigma, **kw)
+    return create_model(
+        f"DiT-Debug/{patch_size}",
+        block=block,
+        input_size=16,
+        in_channels=3,
+        num_classes=10,
+        learn_sigma=learn_sigma,
+        **kw,
+    )
 
 
 def randomize(model, std=0.1):
@@ -138,7 +146,10 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_unknown_block_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown block 'film'.*adain, adaln, adaln_single, adaln_zero, cross_attn, diffit, in_context"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown block 'film'.*adain, adaln, adaln_single, adaln_zero, cross_attn, diffit, in_context",
+    ):
         create_model("DiT-Debug/2", block="film")
 
 

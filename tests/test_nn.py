@@ -51,7 +51,10 @@ def test_conditional_instance_norm():
     x, style = torch.randn(3, 4, 6, 6), torch.tensor([0, 4, 2])
     xn = channel_norm(x, 1e-5)
     ref = torch.stack(
-        [layer.gamma.weight[s][:, None, None] * xn[i] + layer.beta.weight[s][:, None, None] for i, s in enumerate(style.tolist())]
+        [
+            layer.gamma.weight[s][:, None, None] * xn[i] + layer.beta.weight[s][:, None, None]
+            for i, s in enumerate(style.tolist())
+        ]
     )
     torch.testing.assert_close(layer(x, style), ref)
 

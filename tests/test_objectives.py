@@ -38,7 +38,9 @@ def compose_cfg(name, overrides):
 
 def tiny_model(**kw):
     torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, **kw).eval()
+    return DiT(
+        input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3, **kw
+    ).eval()
 
 
 # --- objectives ------------------------------------------------------------------------------
@@ -48,7 +50,12 @@ def test_objective_settings_round_trip_and_registry():
     d = build_objective(name="ddpm", noise_schedule="cosine", diffusion_steps=500, variance_type="fixed_small")
     assert isinstance(d, GaussianDiffusion) and "ddpm" in OBJECTIVES
     settings = d.settings()
-    assert settings == {"name": "ddpm", "noise_schedule": "cosine", "diffusion_steps": 500, "variance_type": "fixed_small"}
+    assert settings == {
+        "name": "ddpm",
+        "noise_schedule": "cosine",
+        "diffusion_steps": 500,
+        "variance_type": "fixed_small",
+    }
     again = build_objective(**json.loads(json.dumps(settings)))
     torch.testing.assert_close(again.betas, torch.from_numpy(get_betas("cosine", 500)), rtol=0, atol=0)
     assert build_objective().settings() == {
@@ -110,7 +117,8 @@ def test_sampler_refuses_an_objective_it_cannot_sample():
 
     try:
         with pytest.raises(
-            ValueError, match="cannot sample a model trained with the 'ddpm' objective; valid for it: ddim, ddpm, dpmpp, unipc"
+            ValueError,
+            match="cannot sample a model trained with the 'ddpm' objective; valid for it: ddim, ddpm, dpmpp, unipc",
         ):
             build_sampler(create_diffusion(), SamplingSettings(sampler="_test_only_other"))
     finally:
@@ -128,8 +136,8 @@ def test_registry_sampler_equals_the_plain_loop(name, options):
     noise, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
     got = s.sample(model, noise, y, torch.Generator().manual_seed(3))
     want = sample_loop(
-        create_diffusion("7"), guided_model(model, 3.0, null_class=3), noise, y, sampler=name, eta=options.get("eta", 0.0),
-        generator=torch.Generator().manual_seed(3),
+        create_diffusion("7"), guided_model(model, 3.0, null_class=3), noise, y, sampler=name,
+        eta=options.get("eta", 0.0), generator=torch.Generator().manual_seed(3),
     )  # fmt: skip
     assert torch.equal(got, want)
 
@@ -179,15 +187,20 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
     )  # fmt: skip
     train.run(cfg, run)
     meta = json.loads((run / "model" / "config.json").read_text())
-    assert meta["objective"] == {"name": "ddpm", "noise_schedule": "cosine", "diffusion_steps": 1000, "variance_type": "learned_range"}
+    assert meta["objective"] == {
+        "name": "ddpm",
+        "noise_schedule": "cosine",
+        "diffusion_steps": 1000,
+        "variance_type": "learned_range",
+    }
     ckpt_meta = json.loads(next((run / "checkpoints").glob("step_*/config.json")).read_text())
     assert ckpt_meta["objective"]["noise_schedule"] == "cosine"
     _, loaded = load_model(run / "model")
     assert build_objective(**loaded["objective"]).settings()["noise_schedule"] == "cosine"
 
     def sample_grid(out, objective=None):
-        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "sampler=ddim", "steps=4", "cfg_scale=2.0",
-                     "seed=0", "batch_size=10"]  # fmt: skip
+        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "sampler=ddim", "steps=4",
+                     "cfg_scale=2.0", "seed=0", "batch_size=10"]  # fmt: skip
         if objective is not None:  # pretend the export had not recorded its objective
             cfg_json = json.loads((run / "model" / "config.json").read_text())
             cfg_json["objective"] = objective
@@ -204,15 +217,22 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
 def test_resume_accepts_a_changed_fused_adaln_but_not_a_changed_objective(tmp_path):
     base = ["experiment=smoke", "training.total_steps=3", "training.ckpt_every=3"]
     train.run(compose_cfg("train", [*base, "model.fused_adaln=false"]), tmp_path)
-    result = train.run(compose_cfg("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path)
+    result = train.run(
+        compose_cfg("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path
+    )
     assert result["step"] == 4
     with pytest.raises(ValueError, match=r"objective.noise_schedule: checkpoint 'linear' vs config 'cosine'"):
-        train.run(compose_cfg("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]), tmp_path)
+        train.run(
+            compose_cfg("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]),
+            tmp_path,
+        )
 
 
 @needs_fmnist
 def test_grid_guidance_on_a_model_without_null_class_fails_before_training(tmp_path):
-    cfg = compose_cfg("train", ["experiment=smoke", "model.class_dropout_prob=0", "training.grid_sampling.cfg_scale=1.5"])
+    cfg = compose_cfg(
+        "train", ["experiment=smoke", "model.class_dropout_prob=0", "training.grid_sampling.cfg_scale=1.5"]
+    )
     with pytest.raises(ValueError, match="needs a null class"):
         train.run(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
@@ -248,9 +268,13 @@ def test_diffusers_solvers_equal_the_scheduler_driven_directly(name, schedule):
     noise = torch.randn(2, 1, 8, 8)
     objective = create_diffusion(noise_schedule=schedule)
     ours = build_sampler(objective, SamplingSettings(sampler=name, steps=10)).sample(model, noise, y)
-    beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule]  # diffusers' names for the same schedules
+    beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[
+        schedule
+    ]  # diffusers' names for the same schedules
     if name == "dpmpp":
-        scheduler = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type="dpmsolver++", solver_order=2)
+        scheduler = DPMSolverMultistepScheduler(
+            beta_schedule=beta_schedule, algorithm_type="dpmsolver++", solver_order=2
+        )
     else:
         scheduler = UniPCMultistepScheduler(beta_schedule=beta_schedule, solver_order=2, solver_type="bh2")
     with torch.no_grad():
@@ -287,7 +311,9 @@ def test_readme_extending_example_is_one_class_and_works():
     namespace = {}
     try:
         exec(compile(code, "README.md", "exec"), namespace)
-        s = build_sampler(create_diffusion(), SamplingSettings(sampler="ddim_eta_half", steps=3, options={"clip": True}))
+        s = build_sampler(
+            create_diffusion(), SamplingSettings(sampler="ddim_eta_half", steps=3, options={"clip": True})
+        )
         out = s.sample(tiny_model(), torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.Generator().manual_seed(0))
         assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all()
     finally:

@@ -139,15 +139,23 @@ def test_official_checkpoint_with_imagenet_names(tiny_vae_dir, tmp_path):
     model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000))
     torch.save(model.state_dict(), tmp_path / "DiT-Debug-2.pt")
     out = run(
-        checkpoint=tmp_path / "DiT-Debug-2.pt", vae=tiny_vae_dir, out_dir=tmp_path / "s", classes='["golden retriever",otter]', per_class=2
+        checkpoint=tmp_path / "DiT-Debug-2.pt",
+        vae=tiny_vae_dir,
+        out_dir=tmp_path / "s",
+        classes='["golden retriever",otter]',
+        per_class=2,
     )
     assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
 
 
 def test_diffusers_pipeline_directory(tiny_vae_dir, tmp_path):
-    model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000, timestep_freq_shift=1))
+    model = randomize(
+        create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=1000, timestep_freq_shift=1)
+    )
     pipe = DiTPipeline(
-        transformer=to_diffusers(model), vae=AutoencoderKL.from_pretrained(tiny_vae_dir), scheduler=DDPMScheduler(num_train_timesteps=1000)
+        transformer=to_diffusers(model),
+        vae=AutoencoderKL.from_pretrained(tiny_vae_dir),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
     )
     pipe.save_pretrained(tmp_path / "pipe")
     out = run(checkpoint=tmp_path / "pipe", out_dir=tmp_path / "s", classes="[1,2]", per_class=1, num_images=2)
@@ -204,7 +212,13 @@ def test_missing_checkpoint(tmp_path):
 
 def test_cli_error_exits_nonzero(pixel_export, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), f"checkpoint={pixel_export}", f"out_dir={tmp_path}", "classes=[jacket]"],
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"checkpoint={pixel_export}",
+            f"out_dir={tmp_path}",
+            "classes=[jacket]",
+        ],
         capture_output=True,
         text=True,
     )

@@ -41,7 +41,9 @@ def test_logger_group_selects_trackers(monkeypatch):
     assert trackers(logger_cfg("logger=none")) == []
     assert trackers(logger_cfg("logger=wandb")) == ["wandb"]
     both = logger_cfg("logger=[tensorboard,wandb]", "logger.project=mine")
-    assert trackers(both) == ["tensorboard", "wandb"] and both["project"] == "mine" and both["wandb"]["mode"] == "offline"
+    assert (
+        trackers(both) == ["tensorboard", "wandb"] and both["project"] == "mine" and both["wandb"]["mode"] == "offline"
+    )
     assert trackers(logger_cfg("logger=wandb", "logger.wandb.mode=disabled")) == []
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert trackers(logger_cfg("logger=[tensorboard,wandb]")) == ["tensorboard"]

@@ -137,7 +137,8 @@ def accelerate_launch(config: str, *args: str) -> list[str]:
 def run_all(*commands: list[str]) -> None:
     """Start the commands together (the processes of one job) and check every one succeeded."""
     procs = [
-        subprocess.Popen(c, env={**os.environ, **CPU_RANKS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+        subprocess.Popen(c, env={**os.environ, **CPU_RANKS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -170,7 +171,9 @@ def test_two_processes_match_one(tmp_path, launcher):
     # The process count may change on resume: 2 processes for steps 1-3, then 1 for 4-6, as one run.
     train.run(cfg_for(), tmp_path / "two")
     train.run(cfg_for(), tmp_path / "full")
-    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "two")], [r["loss"] for r in records(tmp_path / "full")], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["loss"] for r in records(tmp_path / "two")], [r["loss"] for r in records(tmp_path / "full")], rtol=1e-5
+    )
 
 
 @needs_fmnist
@@ -182,7 +185,15 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
     for node in ("0", "1"):
         if launcher == "accelerate":
             cmd = accelerate_launch(
-                "multinode", "--num_processes", "2", "--machine_rank", node, "--main_process_ip", "127.0.0.1", "--main_process_port", port
+                "multinode",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                node,
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
             )
         else:
             cmd = [
@@ -215,9 +226,17 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     """The shipped FSDP config through Accelerate's FSDP2 path (fully_shard on a CPU mesh, see
     tests/helpers/cpu_fsdp.py): sharded parameters and EMA, clipping and accumulation, a checkpoint and a
     resume in a second launch; losses, weights and EMA match one unsharded process."""
-    overrides = [*SMOKE, "training.ckpt_every=3", "training.grad_accum=2", "training.max_grad_norm=0.05", "training.ema_decay=0.5"]
+    overrides = [
+        *SMOKE,
+        "training.ckpt_every=3",
+        "training.grad_accum=2",
+        "training.max_grad_norm=0.05",
+        "training.ema_decay=0.5",
+    ]
     run = tmp_path / "fsdp"
-    fsdp = accelerate_launch("fsdp", "--num_processes", "2", "--main_process_port", "29541", HELPER, "--fsdp-on-cpu", str(run))
+    fsdp = accelerate_launch(
+        "fsdp", "--num_processes", "2", "--main_process_port", "29541", HELPER, "--fsdp-on-cpu", str(run)
+    )
     run_all([*fsdp, *overrides, "training.total_steps=3"])
     ckpt = run / "checkpoints" / "step_0000003"
     assert (ckpt / "pytorch_model_fsdp.bin").exists() and (ckpt / "optimizer.bin").exists()
@@ -229,11 +248,17 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
         qkv_full, qkv_local = json.loads((run / f"shards_rank{rank}.json").read_text())["blocks.0.attn.qkv.weight"]
         assert qkv_local * 2 == qkv_full
     assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in records(run)], [r["loss"] for r in records(tmp_path / "one")], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["loss"] for r in records(run)], [r["loss"] for r in records(tmp_path / "one")], rtol=1e-5
+    )
     assert all(r["grad_norm"] > 0.05 for r in records(run))  # clipping was active in every step
-    np.testing.assert_allclose([r["grad_norm"] for r in records(run)], [r["grad_norm"] for r in records(tmp_path / "one")], rtol=1e-4)
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in records(run)], [r["grad_norm"] for r in records(tmp_path / "one")], rtol=1e-4
+    )
     init = train.build(cfg_for().model).state_dict()
-    assert not torch.equal(one["ema"].state_dict()["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])  # EMA moved
+    assert not torch.equal(
+        one["ema"].state_dict()["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"]
+    )  # EMA moved
     for name, reference in (("model.safetensors", one["model"]), ("ema.safetensors", one["ema"])):
         exported = load_file(run / "model" / name)
         for k, v in reference.state_dict().items():
@@ -299,7 +324,9 @@ def test_every_experiment_composes(experiment):
 
 def test_cfg_job_prints_the_composed_config():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=dit_b2", "model.block=cross_attn"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=dit_b2", "model.block=cross_attn"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "block: cross_attn" in proc.stdout and "hidden_size: 768" in proc.stdout
 
@@ -357,7 +384,9 @@ def test_latent_extraction_and_training(tmp_path):
     meta = json.loads((tmp_path / "lat" / "meta.json").read_text())
     assert meta["count"] == 12 and meta["num_classes"] == 2 and len(list((tmp_path / "lat").glob("shard_*"))) == 3
     with pytest.raises(SystemExit, match="already holds latents"):
-        extract(["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat")])
+        extract(
+            ["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat")]
+        )
     from dit.data import LatentShards
 
     ds = LatentShards(tmp_path / "lat")
@@ -409,7 +438,8 @@ def test_corrupt_image_named_or_skipped(tmp_path):
         "training.total_steps=1",
     ]
     with pytest.raises(
-        ValueError, match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError"
+        ValueError,
+        match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError",
     ):
         train.run(cfg_for(*common), tmp_path / "run")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
@@ -420,7 +450,9 @@ def test_corrupt_image_named_or_skipped(tmp_path):
 def test_batch_size_not_divisible_leaves_checkpoints_alone(tmp_path):
     train.run(cfg_for("training.total_steps=3"), tmp_path)
     before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"global_batch_size=15 is not divisible by processes \(1\) x grad_accum \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"global_batch_size=15 is not divisible by processes \(1\) x grad_accum \(2\)"
+    ):
         train.run(cfg_for("training.global_batch_size=15", "training.grad_accum=2"), tmp_path)
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
 
@@ -495,10 +527,14 @@ def test_fid_during_training(tmp_path):
     with pytest.warns(UserWarning, match="unreliable"):  # 20 samples < 128 dims
         train.run(cfg, tmp_path / "run")
     evals = [r for r in records(tmp_path / "run") if "fid" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["fid"] > 0 and 0 <= r["class_consistency"] <= 1 for r in evals)
+    assert [r["step"] for r in evals] == [2, 4] and all(
+        r["fid"] > 0 and 0 <= r["class_consistency"] <= 1 for r in evals
+    )
     from dit.eval.domain import EXTRACTOR
 
-    assert all(r["fid_extractor"] == EXTRACTOR for r in evals)  # each record names what measured it: the shipped classifier
+    assert all(
+        r["fid_extractor"] == EXTRACTOR for r in evals
+    )  # each record names what measured it: the shipped classifier
     assert (tmp_path / "run" / "fid.png").exists() and (tmp_path / "run" / "fid_ref_fashion_mnist.npz").exists()
 
 
@@ -566,8 +602,14 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     fresh_clone()
     metrics = (run / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    assert train.run(cfg_for("training.num_workers=1"), run) == {"step": 6, "checkpoint": None, "export": None}  # runtime key
-    message = f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
+    assert train.run(cfg_for("training.num_workers=1"), run) == {
+        "step": 6,
+        "checkpoint": None,
+        "export": None,
+    }  # runtime key
+    message = (
+        f"already finished at step 6 (results in metrics.jsonl; no checkpoint here); delete {run / 'finished.json'}"
+    )
     assert message in capsys.readouterr().err  # a diagnostic: stderr (stdout carries results only)
     assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / "checkpoints").exists()
     found = load_run(run)
@@ -612,12 +654,19 @@ def test_a_failed_run_notes_why_and_a_later_success_clears_it(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", *SMOKE, "logger=none", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([*cmd, "training.nan_policy=sometimes"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [*cmd, "training.nan_policy=sometimes"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0
     note = (run_dir / "error.txt").read_text()
     assert note.startswith("ValueError: ") and note.count("\n") == 1 and note.strip().split(": ", 1)[1] in bad.stderr
     fewer = subprocess.run(
-        [*cmd, "training.fid_samples=100", "training.fid_final_samples=50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [*cmd, "training.fid_samples=100", "training.fid_final_samples=50"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert fewer.returncode != 0 and "training.fid_final_samples=50 < training.fid_samples=100" in fewer.stderr
     good = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -170,7 +170,11 @@ def test_diffit_block_matches_formula(kw):
 def test_diffit_relative_bias_depends_on_offset_only():
     block = build_block("diffit", opts({}, grid=4))
     idx = block.attn.relative_position_index
-    assert idx.shape == (16, 16) and int(idx.max()) == 7 * 7 - 1 and block.attn.relative_position_bias_table.shape == (49, 2)
+    assert (
+        idx.shape == (16, 16)
+        and int(idx.max()) == 7 * 7 - 1
+        and block.attn.relative_position_bias_table.shape == (49, 2)
+    )
     # Token (0, 0) -> (1, 1) and (2, 2) -> (3, 3): same offset, same table entry.
     assert idx[0, 5] == idx[10, 15] and idx[0, 5] != idx[5, 0]
     assert "attn.relative_position_index" not in block.state_dict()  # a function of the grid, not a weight
@@ -425,13 +429,17 @@ def test_default_outputs_are_the_old_ones(block):
         exact = model.double()(x.double(), t, y)
     bound = 3e-6 * exact.abs().max().item()  # ~25 float32 ulps of the largest output, through 2 blocks
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=bound)  # today's code: float32-exact
-    torch.testing.assert_close(ref[block].double(), exact, rtol=0, atol=bound)  # the recorded outputs: the same function
+    torch.testing.assert_close(
+        ref[block].double(), exact, rtol=0, atol=bound
+    )  # the recorded outputs: the same function
 
 
 @pytest.mark.parametrize("block", OLD_BLOCKS)
 def test_explicit_defaults_equal_implicit(block):
     implicit = randomize(old_fixture_model(block)).eval()
-    explicit = randomize(old_fixture_model(block, norm="layernorm", qk_norm=False, mlp="gelu", pos_embed="sincos", fused_adaln="false"))
+    explicit = randomize(
+        old_fixture_model(block, norm="layernorm", qk_norm=False, mlp="gelu", pos_embed="sincos", fused_adaln="false")
+    )
     assert list(implicit.state_dict()) == list(explicit.state_dict())
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 5])
     assert torch.equal(implicit(x, t, y), explicit.eval()(x, t, y))
@@ -504,11 +512,29 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    model = ["model.block=diffit", "model.norm=rmsnorm", "model.qk_norm=true", "model.pos_embed=rope", "model.mlp=swiglu"]
+    model = [
+        "model.block=diffit",
+        "model.norm=rmsnorm",
+        "model.qk_norm=true",
+        "model.pos_embed=rope",
+        "model.mlp=swiglu",
+    ]
 
     def train(total_steps):
-        cmd = [sys.executable, str(root / "train.py"), "experiment=smoke", *model, "data.limit=32", "training.global_batch_size=8"]
-        cmd += [f"training.total_steps={total_steps}", "training.ckpt_every=2", "training.log_every=1", f"hydra.run.dir={run}"]
+        cmd = [
+            sys.executable,
+            str(root / "train.py"),
+            "experiment=smoke",
+            *model,
+            "data.limit=32",
+            "training.global_batch_size=8",
+        ]
+        cmd += [
+            f"training.total_steps={total_steps}",
+            "training.ckpt_every=2",
+            "training.log_every=1",
+            f"hydra.run.dir={run}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -25,7 +25,9 @@ def build_dataset(args):
     if args.source == "fashion_mnist":
         from dit.data.fashion_mnist import FashionMNIST
 
-        return FashionMNIST(root=args.root or "/usr/share/datasets/fashion-mnist", image_size=args.image_size, resize="bilinear")
+        return FashionMNIST(
+            root=args.root or "/usr/share/datasets/fashion-mnist", image_size=args.image_size, resize="bilinear"
+        )
     from dit.data.image_folder import ImageFolder
 
     return ImageFolder(args.root, image_size=args.image_size, hflip=False, skip_corrupt=args.skip_corrupt)
@@ -40,7 +42,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of failing")
+    p.add_argument(
+        "--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of failing"
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
@@ -68,7 +72,11 @@ def main(argv=None) -> None:
         nonlocal means, stds, labels, shard
         if labels:
             save_file(
-                {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.cat(labels)},
+                {
+                    "mean": torch.cat(means).contiguous(),
+                    "std": torch.cat(stds).contiguous(),
+                    "labels": torch.cat(labels),
+                },
                 tmp / f"shard_{accelerator.process_index:03d}_{shard:05d}.safetensors",
             )
             means, stds, labels, shard = [], [], [], shard + 1

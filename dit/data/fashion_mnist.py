@@ -41,7 +41,13 @@ class FashionMNIST(Dataset):
     channels = 1
     latent = False
 
-    def __init__(self, root: str = "/usr/share/datasets/fashion-mnist", split: str = "train", image_size: int = 32, resize: str = "pad"):
+    def __init__(
+        self,
+        root: str = "/usr/share/datasets/fashion-mnist",
+        split: str = "train",
+        image_size: int = 32,
+        resize: str = "pad",
+    ):
         root = Path(root)
         if split not in FILES:
             raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid: train, test")
@@ -49,12 +55,15 @@ class FashionMNIST(Dataset):
         for f in (images_file, labels_file):
             if not f.exists():
                 raise FileNotFoundError(
-                    f"Fashion-MNIST file not found: {f} (install Debian's dataset-fashion-mnist: `make setup`, or set data.root=)"
+                    f"Fashion-MNIST file not found: {f} "
+                    "(install Debian's dataset-fashion-mnist: `make setup`, or set data.root=)"
                 )
         images = torch.from_numpy(read_idx(images_file).copy())  # (N, 28, 28) uint8
         self.labels = torch.from_numpy(read_idx(labels_file).astype(np.int64))
         if len(images) != len(self.labels) or images.dim() != 3:
-            raise ValueError(f"{images_file} and {labels_file} do not match ({tuple(images.shape)} vs {len(self.labels)} labels)")
+            raise ValueError(
+                f"{images_file} and {labels_file} do not match ({tuple(images.shape)} vs {len(self.labels)} labels)"
+            )
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"{labels_file}: labels outside [0, {self.num_classes - 1}]")
         x = images.float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
@@ -64,7 +73,9 @@ class FashionMNIST(Dataset):
                 raise ValueError(f"cannot pad 28x28 to {image_size}x{image_size}; use resize=bilinear")
             x = torch.nn.functional.pad(x, (pad // 2,) * 4, value=-1.0)  # black border, like the background
         elif resize == "bilinear":
-            x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=image_size, mode="bilinear", antialias=True, align_corners=False
+            )
         else:
             raise ValueError(f"unknown resize {resize!r}; valid: pad, bilinear")
         self.images = x.contiguous()

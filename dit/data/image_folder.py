@@ -31,7 +31,12 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-    items = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.suffix.lower() in EXTENSIONS]
+    items = [
+        (f, label)
+        for label, c in enumerate(classes)
+        for f in sorted((root / c).rglob("*"))
+        if f.suffix.lower() in EXTENSIONS
+    ]
     if not items:
         raise ValueError(f"{root}: no images ({', '.join(sorted(EXTENSIONS))}) in its {len(classes)} class folders")
     return classes, items
@@ -44,7 +49,9 @@ class ImageFolder(Dataset):
     channels = 3
     latent = False
 
-    def __init__(self, root: str, image_size: int = 256, hflip: bool = True, verify: bool = True, skip_corrupt: bool = False):
+    def __init__(
+        self, root: str, image_size: int = 256, hflip: bool = True, verify: bool = True, skip_corrupt: bool = False
+    ):
         self.root = Path(root)
         self.class_names, self.items = scan(self.root)
         self.num_classes = len(self.class_names)
@@ -62,7 +69,8 @@ class ImageFolder(Dataset):
             if bad and not skip_corrupt:
                 listing = "\n".join(f"  {p}: {why}" for p, why in bad[:10])
                 raise ValueError(
-                    f"{len(bad)} unreadable image(s) in {self.root} (to skip them: data.dataset.skip_corrupt=true for train.py, --skip-corrupt for dit.data.extract):\n{listing}"
+                    f"{len(bad)} unreadable image(s) in {self.root} (to skip them: data.dataset.skip_corrupt=true "
+                    f"for train.py, --skip-corrupt for dit.data.extract):\n{listing}"
                 )
             if bad:
                 self.skipped = [p for p, _ in bad]

@@ -58,7 +58,9 @@ class LatentShards(Dataset):
         sizes = [_shape(s, "labels")[0] for s in self.shards]
         self.offsets = torch.tensor([0] + sizes).cumsum(0)
         if len(self.labels) != self.meta["count"]:
-            raise ValueError(f"{self.root}: meta.json says {self.meta['count']} latents, shards hold {len(self.labels)}")
+            raise ValueError(
+                f"{self.root}: meta.json says {self.meta['count']} latents, shards hold {len(self.labels)}"
+            )
         self._handles: dict = {}
         self.num_classes = self.meta["num_classes"]
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:

@@ -17,12 +17,16 @@ class GlobalBatchSampler:
     dropped, so every step sees exactly global_batch_size samples.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, grad_accum: int = 1, seed: int = 0):
+    def __init__(
+        self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, grad_accum: int = 1, seed: int = 0
+    ):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.world_size, self.rank, self.grad_accum, self.seed = world_size, rank, grad_accum, seed
         self.global_batch_size = batch_size * world_size * grad_accum
         if num_samples < self.global_batch_size:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of {self.global_batch_size}")
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of {self.global_batch_size}"
+            )
         self.batches_per_epoch = num_samples // self.global_batch_size
         self.epoch, self.start_batch = 0, 0
 

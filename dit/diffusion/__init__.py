@@ -16,7 +16,8 @@ from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 
 __all__ = [
     "FlowMatching",
-    "OBJECTIVES", "SAMPLERS", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective", "Sampler", "SamplingSettings", "build_objective", "build_sampler",
+    "OBJECTIVES", "SAMPLERS", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective", "Sampler",
+    "SamplingSettings", "build_objective", "build_sampler",
     "create_diffusion", "get_betas", "guided_model", "respace_betas", "sample_loop",
     "space_timesteps",
 ]  # fmt: skip

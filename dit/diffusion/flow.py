@@ -52,7 +52,15 @@ import torch
 from dit.diffusion.objective import Objective
 from dit.diffusion.sampler import Sampler, SamplingSettings
 
-__all__ = ["DIFFUSION_FORMS", "LAST_STEPS", "TIME_SAMPLINGS", "EulerMaruyamaSampler", "EulerSampler", "FlowMatching", "HeunSampler"]
+__all__ = [
+    "DIFFUSION_FORMS",
+    "LAST_STEPS",
+    "TIME_SAMPLINGS",
+    "EulerMaruyamaSampler",
+    "EulerSampler",
+    "FlowMatching",
+    "HeunSampler",
+]
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
@@ -85,7 +93,12 @@ class FlowMatching(Objective):
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
 
     def settings(self) -> dict:
-        return {"name": self.name, "time_sampling": self.time_sampling, "logit_mean": self.logit_mean, "logit_std": self.logit_std}
+        return {
+            "name": self.name,
+            "time_sampling": self.time_sampling,
+            "logit_mean": self.logit_mean,
+            "logit_std": self.logit_std,
+        }
 
     def check_model(self, model) -> None:
         """Any DiT: with learn_sigma its extra C output channels are ignored (SiT drops them too)."""
@@ -179,11 +192,15 @@ class EulerMaruyamaSampler(FlowSampler):
         if last_step not in LAST_STEPS:
             raise ValueError(f"unknown last_step {last_step!r}; valid: {', '.join(map(str, LAST_STEPS))} (None = null)")
         if int(settings.steps) < 2:
-            raise ValueError(f"steps={settings.steps}: euler_maruyama needs at least 2 (SiT's grid of num_steps points)")
+            raise ValueError(
+                f"steps={settings.steps}: euler_maruyama needs at least 2 (SiT's grid of num_steps points)"
+            )
         if last_step is None:
             last_step_size = 0.0  # as SiT's sample_sde
         elif not 0.0 < float(last_step_size) < 1.0:
-            raise ValueError(f"last_step_size={last_step_size}: need 0 < last_step_size < 1 with last_step={last_step!r}")
+            raise ValueError(
+                f"last_step_size={last_step_size}: need 0 < last_step_size < 1 with last_step={last_step!r}"
+            )
         if not 0.0 <= float(sample_eps) < 1.0:
             raise ValueError(f"sample_eps={sample_eps}: need 0 <= sample_eps < 1")
         # SiT Transport.check_interval(sde=True, eval=True) for the Linear path with velocity prediction.
@@ -191,7 +208,8 @@ class EulerMaruyamaSampler(FlowSampler):
         t1 = 1.0 - float(sample_eps) if last_step_size == 0 else 1.0 - float(last_step_size)
         if diffusion_form == "SBDM" and t0 == 0.0:
             raise ValueError(
-                'diffusion_form="SBDM": its coefficient (1 - t) / t is infinite at t = 0 (SiT starts at sample_eps, which '
+                'diffusion_form="SBDM": its coefficient (1 - t) / t is infinite at t = 0 '
+                "(SiT starts at sample_eps, which "
                 "create_transport sets to 0 for a velocity model): pass sample_eps > 0, e.g. 0.001"
             )
         if t1 <= t0:

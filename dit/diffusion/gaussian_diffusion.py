@@ -60,7 +60,11 @@ class GaussianDiffusion(Objective):
     """
 
     def __init__(
-        self, betas: np.ndarray, variance_type: str = "learned_range", timestep_map: list[int] | None = None, config: dict | None = None
+        self,
+        betas: np.ndarray,
+        variance_type: str = "learned_range",
+        timestep_map: list[int] | None = None,
+        config: dict | None = None,
     ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; valid: {', '.join(VARIANCE_TYPES)}")
@@ -103,12 +107,16 @@ class GaussianDiffusion(Objective):
     default_sampler = "ddpm"  # DiT's: ancestral sampling
 
     @classmethod
-    def from_settings(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000, variance_type: str = "learned_range"):
+    def from_settings(
+        cls, noise_schedule: str = "linear", diffusion_steps: int = 1000, variance_type: str = "learned_range"
+    ):
         return create_diffusion(None, noise_schedule, diffusion_steps, variance_type)
 
     def settings(self) -> dict:
         if self.config is None:
-            raise ValueError("this GaussianDiffusion was built from raw betas; build it with create_diffusion to save its settings")
+            raise ValueError(
+                "this GaussianDiffusion was built from raw betas; build it with create_diffusion to save its settings"
+            )
         return {"name": self.name, **self.config}
 
     @property
@@ -135,7 +143,9 @@ class GaussianDiffusion(Objective):
         """The same schedule visiting fewer steps (ADM respacing), e.g. "250" or "ddim50", for samplers."""
         if self.config is None:
             raise ValueError("cannot respace a GaussianDiffusion built from raw betas")
-        return create_diffusion(spacing, **{**self.config, "variance_type": variance_type or self.config["variance_type"]})
+        return create_diffusion(
+            spacing, **{**self.config, "variance_type": variance_type or self.config["variance_type"]}
+        )
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -160,11 +170,21 @@ class GaussianDiffusion(Objective):
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
-        mean = self._extract(self.posterior_mean_coef1, t, x_t) * x_start + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._extract(self.posterior_variance, t, x_t), self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (
+            self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        return (
+            mean,
+            self._extract(self.posterior_variance, t, x_t),
+            self._extract(self.posterior_log_variance_clipped, t, x_t),
+        )
 
     def predict_xstart(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
         return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start) / self._extract(
@@ -173,7 +193,9 @@ class GaussianDiffusion(Objective):
 
     # --- the model's distribution ------------------------------------------------------------
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False):
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ):
         """From the raw model output (eps, or eps and v), the mean and log variance of p(x_{t-1} | x_t).
 
         Returns a dict with mean, log_variance, pred_xstart, eps.
@@ -189,7 +211,11 @@ class GaussianDiffusion(Objective):
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :C]  # a learned-sigma model sampled with a fixed variance ignores v
-            table = self.posterior_log_variance_clipped if self.variance_type == "fixed_small" else self.fixed_large_log_variance
+            table = (
+                self.posterior_log_variance_clipped
+                if self.variance_type == "fixed_small"
+                else self.fixed_large_log_variance
+            )
             log_variance = self._extract(table, t, x_t).expand_as(x_t)
         pred_xstart = self.predict_xstart(x_t, t, eps)
         if clip_denoised:
@@ -205,7 +231,9 @@ class GaussianDiffusion(Objective):
         true_mean, _, true_log_variance = self.q_posterior(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(

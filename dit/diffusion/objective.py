@@ -25,6 +25,7 @@ import torch
 
 __all__ = ["Objective"]
 
+
 class Objective:
     """Interface of a training objective (see the module docstring)."""
 
@@ -47,7 +48,9 @@ class Objective:
         """The step's random tensors for the batch x (rng: dit.training.randomness.SlicedRandom)."""
         raise NotImplementedError
 
-    def losses(self, model: Callable, x: torch.Tensor, draw: dict[str, torch.Tensor], model_kwargs: dict) -> dict[str, torch.Tensor]:
+    def losses(
+        self, model: Callable, x: torch.Tensor, draw: dict[str, torch.Tensor], model_kwargs: dict
+    ) -> dict[str, torch.Tensor]:
         """Per-sample loss terms, keys ``loss_terms``; "loss" is what the optimiser minimises."""
         raise NotImplementedError
 

@@ -5,7 +5,8 @@
 
 A sampler is built once from the objective a model was trained with and the sampling settings, and
 is used identically by the training grids, the in-training FID and sample.py. Adding a sampler = one
-class with a ``name`` (plus one line in the SAMPLERS list, dit/diffusion/registry.py) that lists the objectives it can sample and implements
+class with a ``name`` (plus one line in the SAMPLERS list, dit/diffusion/registry.py) that lists the
+objectives it can sample and implements
 ``run(denoiser, noise, y, generator)``; its keyword arguments are the sampler-specific options
 (``SamplingSettings.options``, e.g. DDIM's eta), checked when it is built.
 """
@@ -23,6 +24,7 @@ from dit.diffusion.objective import Objective
 
 __all__ = ["DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model", "sample_loop"]
 
+
 @dataclass
 class SamplingSettings:
     """How to sample: the same keys in sample.py, the training grids and the in-training FID."""
@@ -32,7 +34,9 @@ class SamplingSettings:
     cfg_scale: float = 1.0  # classifier-free guidance; 1 = unguided
     guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
     cfg_interval: list[float] | None = None  # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024)
-    options: dict[str, Any] = field(default_factory=dict)  # sampler-specific keyword arguments, e.g. {eta: 1.0} for ddim
+    options: dict[str, Any] = field(
+        default_factory=dict
+    )  # sampler-specific keyword arguments, e.g. {eta: 1.0} for ddim
 
 
 def guided_model(
@@ -90,14 +94,20 @@ class Sampler:
         if s.cfg_scale == 1.0:
             return model
         interval = [float(v) for v in s.cfg_interval] if s.cfg_interval is not None else None
-        return guided_model(model, s.cfg_scale, model.num_classes, s.guidance_channels, interval, self.objective.noise_level)
+        return guided_model(
+            model, s.cfg_scale, model.num_classes, s.guidance_channels, interval, self.objective.noise_level
+        )
 
     @torch.no_grad()
-    def sample(self, model, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, model, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """x_0 from x_T = noise for labels y. Deterministic for a given generator state."""
         return self.run(self.denoiser(model), noise, y, generator)
 
-    def run(self, denoiser: Callable, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def run(
+        self, denoiser: Callable, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -136,14 +146,20 @@ class DDPMSampler(Sampler):
     objectives = ("ddpm",)
 
     def __init__(
-        self, objective: GaussianDiffusion, settings: SamplingSettings, variance_type: str | None = None, clip_denoised: bool = False
+        self,
+        objective: GaussianDiffusion,
+        settings: SamplingSettings,
+        variance_type: str | None = None,
+        clip_denoised: bool = False,
     ):
         super().__init__(objective, settings)
         self.chain = objective.respaced(str(settings.steps), variance_type)
         self.clip_denoised = clip_denoised
 
     def run(self, denoiser, noise, y, generator):
-        return sample_loop(self.chain, denoiser, noise, y, "ddpm", generator=generator, clip_denoised=self.clip_denoised)
+        return sample_loop(
+            self.chain, denoiser, noise, y, "ddpm", generator=generator, clip_denoised=self.clip_denoised
+        )
 
 
 class DDIMSampler(Sampler):
@@ -152,7 +168,9 @@ class DDIMSampler(Sampler):
     name = "ddim"
     objectives = ("ddpm",)
 
-    def __init__(self, objective: GaussianDiffusion, settings: SamplingSettings, eta: float = 0.0, clip_denoised: bool = False):
+    def __init__(
+        self, objective: GaussianDiffusion, settings: SamplingSettings, eta: float = 0.0, clip_denoised: bool = False
+    ):
         super().__init__(objective, settings)
         self.chain = objective.respaced(str(settings.steps))
         self.eta, self.clip_denoised = float(eta), clip_denoised

@@ -20,7 +20,10 @@ def get_betas(schedule: str, num_timesteps: int) -> np.ndarray:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array(
-            [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999) for i in range(num_timesteps)],
+            [
+                min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
+                for i in range(num_timesteps)
+            ],
             dtype=np.float64,
         )
     raise ValueError(f"unknown noise schedule {schedule!r}; valid: linear, cosine")

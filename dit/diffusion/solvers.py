@@ -27,7 +27,8 @@ class DiffusersSolver(Sampler):
         if objective.timestep_map.numel() != objective.num_train_timesteps:
             raise ValueError("build the solver from the training objective, not a respaced chain")
         self.scheduler = self.make_scheduler(
-            num_train_timesteps=objective.num_train_timesteps, trained_betas=objective.betas.numpy(), prediction_type="epsilon",
+            num_train_timesteps=objective.num_train_timesteps, trained_betas=objective.betas.numpy(),
+            prediction_type="epsilon",
             **scheduler_kwargs,
         )  # fmt: skip
 
@@ -51,8 +52,16 @@ class DPMSolverPlusPlus(DiffusersSolver):
 
     name = "dpmpp"
 
-    def __init__(self, objective, settings, order: int = 2, lower_order_final: bool = True, use_karras_sigmas: bool = False):
-        super().__init__(objective, settings, solver_order=order, lower_order_final=lower_order_final, use_karras_sigmas=use_karras_sigmas)
+    def __init__(
+        self, objective, settings, order: int = 2, lower_order_final: bool = True, use_karras_sigmas: bool = False
+    ):
+        super().__init__(
+            objective,
+            settings,
+            solver_order=order,
+            lower_order_final=lower_order_final,
+            use_karras_sigmas=use_karras_sigmas,
+        )
 
     def make_scheduler(self, **kwargs):
         from diffusers import DPMSolverMultistepScheduler

@@ -17,7 +17,10 @@ with a note (--no-extra skips them always).
 
 Output: stdout carries the results only, as ONE line of space-separated key=value tokens, e.g.
 
-    fid=22.7311 class_consistency=0.8160 class_consistency_min=0.5400 class_consistency_per_class=0.880,...,0.960 samples=500 extractor=fashion-mnist-cnn-v1@4a7b.../fc1-128
+    fid=24.6573 class_consistency=0.8440 class_consistency_min=0.3778 class_consistency_per_class=0.962,...,1.000 \
+    samples=500 extractor=fashion-mnist-cnn-v1@20767b53ac99/fc1-128
+
+(one line; broken here at the backslash for width)
 
 (``dict(t.split("=", 1) for t in line.split())`` reads it; per-class values are comma-separated by class
 id, empty for a class without samples), or with --json one JSON object with the same keys at full
@@ -69,17 +72,29 @@ def parse_args(argv):
     f = sub.add_parser("fid", help="FID of samples against a reference (stats npz or images)")
     f.add_argument("samples")
     f.add_argument("ref")
-    f.add_argument("--no-extra", action="store_true", help="FID (and IS / class consistency) only: no KID, precision, recall")
+    f.add_argument(
+        "--no-extra", action="store_true", help="FID (and IS / class consistency) only: no KID, precision, recall"
+    )
     for sp in (ref, f):
         sp.add_argument("--metric", choices=METRICS, default="inception")
         sp.add_argument("--inception-weights", default=None, help="path of weights-inception-2015-12-05-6726825d.pth")
-        sp.add_argument("--domain-classifier", default=None, help="another Fashion-MNIST classifier file (default: the shipped one)")
+        sp.add_argument(
+            "--domain-classifier", default=None, help="another Fashion-MNIST classifier file (default: the shipped one)"
+        )
         sp.add_argument("--batch-size", type=int, default=100)
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tc = sub.add_parser("train-domain-classifier", help="train the Fashion-MNIST domain classifier (the shipped file's recipe)")
-    tc.add_argument("-o", "--out", required=True, help="a new .safetensors file (used only when passed as --domain-classifier)")
-    tc.add_argument("--threads", type=int, default=None, help="torch threads while training (default: the shipped recipe's)")
-    tc.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)")
+    tc = sub.add_parser(
+        "train-domain-classifier", help="train the Fashion-MNIST domain classifier (the shipped file's recipe)"
+    )
+    tc.add_argument(
+        "-o", "--out", required=True, help="a new .safetensors file (used only when passed as --domain-classifier)"
+    )
+    tc.add_argument(
+        "--threads", type=int, default=None, help="torch threads while training (default: the shipped recipe's)"
+    )
+    tc.add_argument(
+        "--data-root", default=None, help="Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)"
+    )
     tc.add_argument("--overwrite", action="store_true")
     for sp in (ref, f, tc):
         sp.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -103,7 +103,9 @@ class Evaluator:
         if self._reference is not None:
             return self._reference
         if not self.ref:
-            raise ValueError("FID needs a reference: a stats npz, an image folder / npz, or a dataset name (e.g. fashion_mnist)")
+            raise ValueError(
+                "FID needs a reference: a stats npz, an image folder / npz, or a dataset name (e.g. fashion_mnist)"
+            )
         if self.extra_metrics and not is_stats_file(self.ref):  # features wanted: the cache holds statistics only
             self._reference_features, _, _ = self.extract(self.ref)
             self._reference = stats_from_features(self._reference_features, self.extractor.name)
@@ -122,7 +124,9 @@ class Evaluator:
                     stacklevel=2,
                 )
             except (ValueError, OSError) as e:  # damaged (dit.integrity.DamagedFileError) or unreadable: only a cache
-                warnings.warn(f"cached reference statistics {self.cache} cannot be read ({e}); recomputing them", stacklevel=2)
+                warnings.warn(
+                    f"cached reference statistics {self.cache} cannot be read ({e}); recomputing them", stacklevel=2
+                )
         self._reference, _, _ = self.stats(self.ref)
         if self.cache is not None and not is_stats_file(self.ref):
             self._reference.save(self.cache)
@@ -138,13 +142,20 @@ class Evaluator:
             return "the samples are statistics only (mu, sigma); they need the images"
         self.reference()
         if self._reference_features is None:
-            return f"the reference {self.ref} is statistics only (mu, sigma); they need its images (a folder, an npz with arr_0, a dataset name)"
+            return (
+                f"the reference {self.ref} is statistics only (mu, sigma); "
+                "they need its images (a folder, an npz with arr_0, a dataset name)"
+            )
         if min(len(features), len(self._reference_features)) <= PRC_NEIGHBORHOOD:
             return f"they need more than {PRC_NEIGHBORHOOD} images in each set"
         return None
 
     def metrics(
-        self, stats: Stats, logits: np.ndarray | None = None, labels: np.ndarray | None = None, features: np.ndarray | None = None
+        self,
+        stats: Stats,
+        logits: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        features: np.ndarray | None = None,
     ) -> dict[str, float | list]:
         """FID against the reference, plus what the metric's classifier says about the images (class
         consistency: overall, worst class, and per class as a list by class id), plus KID and
@@ -154,8 +165,13 @@ class Evaluator:
         result = {"fid": fid(stats, self.reference())}
         if logits is not None and self.metric == "inception":
             logits = torch.from_numpy(np.asarray(logits))
-            isc = isc_features_to_metric(logits, splits=min(10, len(logits)))  # torch-fidelity's 10 splits (and shuffle)
-            result["inception_score"], result["inception_score_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+            isc = isc_features_to_metric(
+                logits, splits=min(10, len(logits))
+            )  # torch-fidelity's 10 splits (and shuffle)
+            result["inception_score"], result["inception_score_std"] = (
+                isc["inception_score_mean"],
+                isc["inception_score_std"],
+            )
         if logits is not None and labels is not None and self.metric in CLASS_CONSISTENCY:
             labels = np.asarray(labels)
             hit = np.asarray(logits).argmax(1) == labels
@@ -185,7 +201,11 @@ class Evaluator:
         fake, real = (x if len(x) == n else x[rng.choice(len(x), n, replace=False)] for x in (fake, real))
         # save_cpu_ram: k-NN distances in (10,000 x N) blocks instead of one (N x N) matrix
         prc = prc_features_to_metric(
-            fake.to(self.device), real.to(self.device), prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True, verbose=False
+            fake.to(self.device),
+            real.to(self.device),
+            prc_neighborhood=PRC_NEIGHBORHOOD,
+            save_cpu_ram=True,
+            verbose=False,
         )
         return {
             "kid": kid["kernel_inception_distance_mean"],

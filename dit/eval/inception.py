@@ -57,9 +57,13 @@ class InceptionFeatures(torch.nn.Module):
         try:  # torch-fidelity unpickles with weights_only=False: only hand it files that need no code
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: not a plain state dict of tensors ({type(e).__name__}); refusing to unpickle it") from None
+            raise ValueError(
+                f"{path}: not a plain state dict of tensors ({type(e).__name__}); refusing to unpickle it"
+            ) from None
         self.official = path.stat().st_size == WEIGHTS_SIZE and sha256(path) == WEIGHTS_SHA256
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+        )
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,7 +71,9 @@ class Stats:
 
     def save(self, path: str | Path) -> None:
         atomic_file(
-            path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor), suffix=".npz"
+            path,
+            lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor),
+            suffix=".npz",
         )
 
     @staticmethod
@@ -82,7 +84,9 @@ class Stats:
             raise ValueError(f"{path}: no mu/sigma statistics")
         mu, sigma = f["mu"], f["sigma"]
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise DamagedFileError(path, f"mu {mu.shape} and sigma {sigma.shape} are not a (D,) mean and (D, D) covariance")
+            raise DamagedFileError(
+                path, f"mu {mu.shape} and sigma {sigma.shape} are not a (D,) mean and (D, D) covariance"
+            )
         extractor = str(f["extractor"]) if "extractor" in f else default_extractor
         count = int(f["count"]) if "count" in f else -1
         return Stats(mu.astype(np.float64), sigma.astype(np.float64), count, extractor)
@@ -114,7 +118,10 @@ def extract_features(source: ImageSource, extractor, batch_size: int = 100, devi
     starts = list(range(0, len(source), batch_size))[state.process_index :: state.num_processes]
     feats = []
     for start in tqdm(
-        starts, desc=f"features ({extractor.name.split('/')[0]})", unit="batch", disable=not (progress and state.is_main_process)
+        starts,
+        desc=f"features ({extractor.name.split('/')[0]})",
+        unit="batch",
+        disable=not (progress and state.is_main_process),
     ):
         f, lg = extractor(source.batch(start, start + batch_size).to(device))
         feats.append((start, f.cpu().numpy(), lg.cpu().numpy()))
@@ -147,5 +154,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     scores = []
     for part in p.chunk(splits):
         py = part.mean(0, keepdim=True)
-        scores.append(torch.exp((part * (part.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()).item())
+        scores.append(
+            torch.exp((part * (part.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()).item()
+        )
     return float(np.mean(scores)), float(np.std(scores))

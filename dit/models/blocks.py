@@ -648,7 +648,8 @@ class AdaINBlock(DiTBlock):
 
 # The conditioning variants, selectable as model.block=<name>: one line per class.
 BLOCKS: Registry[DiTBlock] = Registry(
-    "block", [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock]
+    "block",
+    [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock],
 )
 
 

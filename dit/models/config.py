@@ -122,7 +122,9 @@ class DiTConfig:
     def architecture(self) -> dict:
         """What defines the state dict and the outputs, and nothing else: config.json's "model", JSON-ready."""
         meta = {f.name: f.metadata for f in dataclasses.fields(self)}
-        return {k: v for k, v in dataclasses.asdict(self).items() if not (meta[k].get("runtime") or meta[k].get("alias"))}
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if not (meta[k].get("runtime") or meta[k].get("alias"))
+        }
 
     @classmethod
     def from_dict(cls, config: dict, source: object = "the model config") -> DiTConfig:

@@ -103,7 +103,9 @@ class DiT(nn.Module):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null)."""
         self.check_input(x, t, y)
         x = self.x_embedder(x)  # (N, T, D)

@@ -41,7 +41,9 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
         self.frequency_embedding_size = frequency_embedding_size
         self.freq_shift = freq_shift
 
@@ -50,7 +52,9 @@ class TimestepEmbedder(nn.Module):
         """(N,) possibly fractional timesteps -> (N, dim) as [cos(t * f), sin(t * f)]."""
         half = dim // 2
         # Same fp32 operation order as the official code and diffusers, so converted models match bit for bit.
-        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+        exponent = (
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+        )
         freqs = torch.exp(exponent)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -102,6 +106,8 @@ class LabelEmbedder(nn.Module):
             self.check_labels(labels)  # a host sync; skipped on meta tensors (FLOP counting) and under compile
         if (train and self.has_null_class) or force_drop_ids is not None:
             if not self.has_null_class:
-                raise ValueError("labels cannot be dropped: the model was built with class_dropout_prob=0 (no null class)")
+                raise ValueError(
+                    "labels cannot be dropped: the model was built with class_dropout_prob=0 (no null class)"
+                )
             labels = self.drop_labels(labels, force_drop_ids)
         return self.embedding_table(labels)

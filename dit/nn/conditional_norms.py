@@ -8,7 +8,7 @@ condition instead of being fixed. They differ in where gamma and beta come from:
 | FiLM                       | a linear projection of a vector          | Perez et al. 2018, eq. 1       |
 | ConditionalBatchNorm2d     | FiLM on batch-normalised features        | de Vries et al. 2017           |
 | SPADE                      | convolutions of a resized mask (spatial) | Park et al. 2019, eq. 1        |
-| AdaLN / AdaLNZero          | a linear projection of SiLU(c), per token; Zero adds a gate alpha, zero-initialised | DiT, section 3.2 |
+| AdaLN / AdaLNZero          | Linear(SiLU(c)) per token; Zero: + a gate| DiT, section 3.2               |
 """
 
 from __future__ import annotations

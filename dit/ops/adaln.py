@@ -32,12 +32,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def layernorm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def layernorm_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """Eager PyTorch reference: three passes over the activations (norm, scale, shift)."""
     return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
 
-def rmsnorm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rmsnorm_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """Eager PyTorch reference of the RMSNorm variant: x / sqrt(mean(x^2) + eps), then modulate."""
     return modulate(F.rms_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
@@ -94,17 +98,22 @@ _fused_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check_shapes(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
     if x.dim() != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
         raise ValueError(
-            f"layernorm_modulate: x (B, T, D) and shift/scale (B, D), got {tuple(x.shape)}, {tuple(shift.shape)}, {tuple(scale.shape)}"
+            "layernorm_modulate: x (B, T, D) and shift/scale (B, D), "
+            f"got {tuple(x.shape)}, {tuple(shift.shape)}, {tuple(scale.shape)}"
         )
 
 
-def layernorm_modulate_fused(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def layernorm_modulate_fused(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """The Triton path (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)."""
     _check_shapes(x, shift, scale)
     return _fused_fwd(x, shift, scale, eps, False)[0]
 
 
-def rmsnorm_modulate_fused(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rmsnorm_modulate_fused(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """The Triton path of the RMSNorm variant (same kernels, RMS branch)."""
     _check_shapes(x, shift, scale)
     return _fused_fwd(x, shift, scale, eps, True)[0]
@@ -136,7 +145,9 @@ def _always_fused(x, shift, scale, eps, *, fused, reference, interpret):
         return fused(x, shift, scale, eps)
     if x.device.type == "meta":
         return reference(x, shift, scale, eps)
-    raise ValueError(f"fused_adaln=true needs a CUDA tensor with Triton (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor")
+    raise ValueError(
+        f"fused_adaln=true needs a CUDA tensor with Triton (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
+    )
 
 
 def _triton_importable() -> bool:
@@ -164,16 +175,22 @@ def resolve_modulate(norm: str, mode: str | bool = "auto") -> NormModulate:
         return reference
     if mode == "auto":
         return functools.partial(_cuda_or_reference, fused=fused, reference=reference)
-    return functools.partial(_always_fused, fused=fused, reference=reference, interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    return functools.partial(
+        _always_fused, fused=fused, reference=reference, interpret=os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto") -> torch.Tensor:
+def layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto"
+) -> torch.Tensor:
     """fused="auto": Triton on CUDA tensors, the eager reference elsewhere; "true": always Triton
     (an error where it cannot run); "false": always the reference. (Models resolve the mode once; this
     is the one-call form for tests and benchmarks.)"""
     return resolve_modulate("layernorm", fused)(x, shift, scale, eps)
 
 
-def rmsnorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto") -> torch.Tensor:
+def rmsnorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fused: str = "auto"
+) -> torch.Tensor:
     """The RMSNorm counterpart of ``layernorm_modulate``."""
     return resolve_modulate("rmsnorm", fused)(x, shift, scale, eps)

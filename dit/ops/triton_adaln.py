@@ -49,7 +49,9 @@ def _tile(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["D", "BLOCK_T", "RMS"])
 @triton.jit
-def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RMS: tl.constexpr):
+def _fwd_kernel(
+    X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RMS: tl.constexpr
+):
     tile, b, rows, cols, row_ok, col_ok, mask, offs = _tile(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if RMS:
@@ -71,7 +73,20 @@ def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_T: tl.constexpr
 @triton.autotune(configs=_configs(), key=["D", "BLOCK_T", "RMS"])
 @triton.jit
 def _bwd_kernel(
-    DY, X, SCALE, MEAN, RSTD, DX, DSHIFT_PART, DSCALE_PART, T, D, n_tiles, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RMS: tl.constexpr
+    DY,
+    X,
+    SCALE,
+    MEAN,
+    RSTD,
+    DX,
+    DSHIFT_PART,
+    DSCALE_PART,
+    T,
+    D,
+    n_tiles,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr,
 ):
     tile, b, rows, cols, row_ok, col_ok, mask, offs = _tile(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -120,7 +135,9 @@ def forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: floa
     return y, mean, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool = False):
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool = False
+):
     """-> dx (like x), dshift and dscale (like scale)."""
     B, T, D = x.shape
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()

@@ -89,7 +89,10 @@ def _latest_intact(found: list[Path], where: Path) -> Path:
         if problem is None:
             if problems and _is_main_process():
                 skipped = "; ".join(f"{p.name}: {why}" for p, why in problems)
-                warnings.warn(f"resume: skipping damaged checkpoint(s) ({skipped}); resuming from {path} (nothing deleted)", stacklevel=3)
+                warnings.warn(
+                    f"resume: skipping damaged checkpoint(s) ({skipped}); resuming from {path} (nothing deleted)",
+                    stacklevel=3,
+                )
             return path
         problems.append((path, problem))
     listing = "; ".join(f"{p.name}: {why}" for p, why in problems)
@@ -126,7 +129,9 @@ def all_processes(accelerator, flag: bool | torch.Tensor) -> bool:
 
 def main_process_says(accelerator, flag: bool) -> bool:
     """The main process's `flag`, on every process (what it alone can see, e.g. a file only it writes)."""
-    ok = torch.as_tensor(flag if accelerator.is_main_process else False, dtype=torch.float32, device=accelerator.device).reshape(())
+    ok = torch.as_tensor(
+        flag if accelerator.is_main_process else False, dtype=torch.float32, device=accelerator.device
+    ).reshape(())
     return bool(accelerator.reduce(ok, "sum").item() > 0)
 
 
@@ -137,7 +142,15 @@ def _all_finite(accelerator, model: torch.nn.Module) -> bool:
 
 
 def save_checkpoint(
-    accelerator, model, ema, run_dir: Path, step: int, trainer_state: dict, data_meta: dict, keep_last: int, objective: dict | None = None
+    accelerator,
+    model,
+    ema,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict,
+    data_meta: dict,
+    keep_last: int,
+    objective: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights.
     objective: the objective's settings, saved in config.json beside the architecture."""
@@ -155,7 +168,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors")
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors"
+            )
             (tmp / "config.json").write_text(json.dumps(export_config(unwrapped, objective, data_meta), indent=1))
             # Last, with every other file's size: marks the checkpoint complete and lets resume check it.
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -216,7 +231,11 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     if objective is not None and saved_objective != objective:
         keys = sorted(set(saved_objective) | set(objective))
         diff.update(
-            {f"objective.{k}": (saved_objective.get(k), objective.get(k)) for k in keys if saved_objective.get(k) != objective.get(k)}
+            {
+                f"objective.{k}": (saved_objective.get(k), objective.get(k))
+                for k in keys
+                if saved_objective.get(k) != objective.get(k)
+            }
         )
     if diff:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
@@ -224,7 +243,9 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # the checks above read headers only; a record inside can still be bad
-        raise ValueError(f"cannot resume from {path}: Accelerate cannot load its state ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"cannot resume from {path}: Accelerate cannot load its state ({type(e).__name__}: {e})"
+        ) from e
     load_state_dict_checked(ema.model, load_safetensors(path / "ema.safetensors"), path / "ema.safetensors")
     state = read_json(path / STATE_FILE)
     ema.num_updates = state.get("ema_num_updates", state["step"])

@@ -52,7 +52,9 @@ class TrainConfig:
     sample_per_class: int = 8
     sample_max_classes: int = 10
     # sampler null: the objective's default (ddpm for DDPM models, euler for flow models)
-    grid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler=None, steps=100, cfg_scale=1.5))
+    grid_sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(sampler=None, steps=100, cfg_scale=1.5)
+    )
     # FID of EMA samples every fid_every steps and at the last step (fid_every 0: never), logged and
     # plotted (fid.png); fid_final_samples (null: fid_samples) samples at the last step, e.g. a cheap FID
     # for the curves and a larger one for the result. Each record says how many samples it used (fid_n).
@@ -61,7 +63,9 @@ class TrainConfig:
     fid_final_samples: int | None = None
     fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
-    fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0))  # flow: euler
+    fid_sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0)
+    )  # flow: euler
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
     num_workers: int = 4

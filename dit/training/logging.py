@@ -17,8 +17,17 @@ import uuid
 from pathlib import Path
 
 # Accelerate's tracker names and the package each needs.
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml"}
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+}
 TRACKING_DIR = "tracking"  # run_dir/tracking/<project>/: TensorBoard's event files (and Aim's repository)
+
+
 def fid_curve(evals: list[dict]) -> list[dict]:
     """The FID records of one curve: those on the smallest sample count (FID falls as the count grows, so
     a final FID on more samples, training.fid_final_samples, is left out). Records older than the
@@ -77,7 +86,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.file.exists():
             # Keep the trajectory true to the weights: drop records logged after the checkpoint.
-            kept = [line for line in self.file.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.file.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.file.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.file.exists():
             self.file.unlink()
@@ -87,7 +100,9 @@ class MetricsLogger:
             init_kwargs["tensorboard"].setdefault("purge_step", resume_step + 1)  # hide the steps after the checkpoint
         if "wandb" in init_kwargs:
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() and resume_step is not None else uuid.uuid4().hex[:12]
+            run_id = (
+                id_file.read_text().strip() if id_file.exists() and resume_step is not None else uuid.uuid4().hex[:12]
+            )
             id_file.write_text(run_id)
             init_kwargs["wandb"].update(dir=str(self.run_dir), id=run_id, resume="allow")
         # One project name for every tracker (wandb project, TensorBoard subdirectory); logger.wandb.project as before.
@@ -101,7 +116,9 @@ class MetricsLogger:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        scalars = {k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (str, list, tuple, dict))}  # the file only
+        scalars = {
+            k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (str, list, tuple, dict))
+        }  # the file only
         self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in scalars.items()}, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
@@ -159,7 +176,12 @@ class MetricsLogger:
             ax.grid(alpha=0.3)
             if any("class_consistency" in r for r in evals):
                 ax2 = ax.twinx()
-                ax2.plot([r["step"] for r in evals], [r.get("class_consistency", float("nan")) for r in evals], "s--", color="C1")
+                ax2.plot(
+                    [r["step"] for r in evals],
+                    [r.get("class_consistency", float("nan")) for r in evals],
+                    "s--",
+                    color="C1",
+                )
                 ax2.set_ylabel("class consistency", color="C1")
             fig.tight_layout()
             fig.savefig(self.run_dir / "fid.png")

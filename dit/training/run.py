@@ -36,7 +36,7 @@ RUNTIME_KEYS = {
         "keep_last",
         "inception_weights",
         "domain_classifier",
-    ),
+    )
 }
 
 

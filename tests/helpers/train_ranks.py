@@ -39,4 +39,6 @@ if any(hasattr(p, "to_local") for p in params.values()):
     shards = {k: [p.numel(), p.to_local().numel()] for k, p in params.items()}
     (run_dir / f"shards_rank{rank}.json").write_text(json.dumps(shards))
 else:
-    save_file({k: v.contiguous() for k, v in result["model"].state_dict().items()}, run_dir / f"params_rank{rank}.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in result["model"].state_dict().items()}, run_dir / f"params_rank{rank}.safetensors"
+    )
