@@ -34,7 +34,15 @@ from dit.eval.stats import fid, stats_from_features
 from dit.sampling import generate, make_labels, save_npz_atomic
 
 
-def bootstrap(point: float, features: np.ndarray, logits: np.ndarray, labels: np.ndarray, evaluator: Evaluator, rounds: int, seed: int = 0):
+def bootstrap(
+    point: float,
+    features: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    evaluator: Evaluator,
+    rounds: int,
+    seed: int = 0,
+):
     """95% intervals of FID and class consistency over resamples of the generated images.
 
     FID of a resample is biased upwards (duplicated images shrink the covariance), so the FID
@@ -64,9 +72,15 @@ def reuse(npz: Path, labels: torch.Tensor, args) -> tuple[torch.Tensor, float]:
     if not npz.with_suffix(".json").exists():
         raise SystemExit(f"error: {npz.with_suffix('.json')} is missing (the earlier run's result, with its timing)")
     result = json.loads(npz.with_suffix(".json").read_text())
-    same = {"cfg_scale": args.cfg_scale, "seed": args.seed, "batch_size": args.batch_size}  # (older results lack the last two)
+    same = {
+        "cfg_scale": args.cfg_scale,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }  # (older results lack the last two)
     if any(result.get(k, v) != v for k, v in same.items()) or n % args.batch_size:
-        raise SystemExit(f"error: {npz}: drawn with other settings than {same}, or {n} is not a multiple of the batch size")
+        raise SystemExit(
+            f"error: {npz}: drawn with other settings than {same}, or {n} is not a multiple of the batch size"
+        )
     return torch.from_numpy(images[:n, ..., :1].copy()), result["seconds_per_image"] * n
 
 
@@ -86,7 +100,9 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
         chunks = []
         for first, images in generate(model, sampler, labels, batch_size=args.batch_size, seed=args.seed):
             chunks.append(images)
-            print(f"  {spec}: {first + len(images)}/{len(labels)} images, {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"  {spec}: {first + len(images)}/{len(labels)} images, {time.perf_counter() - start:.0f} s", flush=True
+            )
         seconds = time.perf_counter() - start
         images = torch.cat(chunks)
     save_npz_atomic(out / f"{name}-{steps}.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
@@ -95,7 +111,8 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
     fid_ci, cc_ci = bootstrap(metrics["fid"], features, logits, labels.numpy(), evaluator, args.bootstrap)
     result = {
         "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),
-        "seed": args.seed, "batch_size": args.batch_size, "images_from": str(earlier) if earlier and earlier.exists() else None,
+        "seed": args.seed, "batch_size": args.batch_size,
+        "images_from": str(earlier) if earlier and earlier.exists() else None,
         "seconds_per_image": seconds / len(labels), "fid": metrics["fid"], "fid_ci95": fid_ci,
         "class_consistency": metrics["class_consistency"], "class_consistency_ci95": cc_ci,
         "class_consistency_per_class": metrics["class_consistency_per_class"],
@@ -104,7 +121,9 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
     return result
 
 
-def paired_relative(features: list[np.ndarray], evaluator: Evaluator, rounds: int, seed: int = 0) -> list[list[float] | None]:
+def paired_relative(
+    features: list[np.ndarray], evaluator: Evaluator, rounds: int, seed: int = 0
+) -> list[list[float] | None]:
     """95% percentile-bootstrap intervals of FID_i / FID_0 - 1 for every row i > 0. The images of all rows
     share labels and initial noise, so each resample takes the same indices in every row (a paired
     bootstrap: what the rows have in common cancels, which the separate intervals cannot show)."""
@@ -121,7 +140,8 @@ def paired_relative(features: list[np.ndarray], evaluator: Evaluator, rounds: in
 
 def table(results: list[dict], relative_ci: list[list[float] | None]) -> str:
     lines = [
-        "| sampler | steps | s / image | domain FID (95% CI) | vs first row (paired 95% CI) | class consistency (95% CI) |",
+        "| sampler | steps | s / image | domain FID (95% CI) | vs first row (paired 95% CI) "
+        "| class consistency (95% CI) |",
         "|---|---:|---:|---|---:|---|",
     ]
     reference = results[0]
@@ -156,7 +176,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = header("cpu")
-    lines = [f"Device: {info['device']}; torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}; `{info['command']}`"]
+    lines = [
+        f"Device: {info['device']}; torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}; "
+        f"`{info['command']}`"
+    ]
     model, meta = load_model(args.checkpoint)
     model.eval()
     objective = build_objective(**(meta.get("objective") or {}))
@@ -176,9 +199,10 @@ def main() -> None:
             features.append(evaluator.features(TensorSource(images, labels))[0])
         relative_ci = paired_relative(features, evaluator, args.bootstrap)
     text = "\n".join(
-        [f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, cfg {args.cfg_scale}, "
-         f"seed {args.seed}, same labels and initial noise for every sampler; FID: Fashion-MNIST domain metric vs {args.ref}; "
-         f"intervals: {args.bootstrap}-round bootstrap over the generated images (basic for FID, percentile for consistency; "
+        [f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, "
+         f"cfg {args.cfg_scale}, seed {args.seed}, same labels and initial noise for every sampler; "
+         f"FID: Fashion-MNIST domain metric vs {args.ref}; intervals: {args.bootstrap}-round bootstrap over the "
+         "generated images (basic for FID, percentile for consistency; "
          "the difference to the first row: paired, percentile).", "", *lines, "", table(results, relative_ci), ""]
     )  # fmt: skip
     (out / "results.md").write_text(text)

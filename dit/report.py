@@ -72,7 +72,9 @@ def load_run(job_dir: Path) -> dict:
         status = "failed: no metrics were written"
     else:
         status = f"unfinished: stopped at step {last} of {total}"
-    return dict(name=job_dir.name, dir=job_dir, config=config, records=records, status=status, last_step=last, finished=done)
+    return dict(
+        name=job_dir.name, dir=job_dir, config=config, records=records, status=status, last_step=last, finished=done
+    )
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -109,7 +111,9 @@ def summarize(run: dict) -> dict:
 
     cfg, recs = run["config"], run["records"]
     m, d = cfg["model"], cfg["data"]
-    size = count(m["name"], m["block"], input_size=d["input_size"], in_channels=d["in_channels"], num_classes=d["num_classes"])
+    size = count(
+        m["name"], m["block"], input_size=d["input_size"], in_channels=d["in_channels"], num_classes=d["num_classes"]
+    )
     losses = [r["loss"] for r in recs if "loss" in r]
     # the final FID: taken at the last step, on the most samples evaluated there
     evals = [r for r in recs if "fid" in r and r["step"] == cfg["training"]["total_steps"]]
@@ -195,9 +199,13 @@ def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, 
             continue
         values = [[c[s] for c in curves] for s in steps]
         mean = [statistics.fmean(v) for v in values]
-        (line,) = ax.plot(steps, mean, marker="o" if key == "fid" else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})")
+        (line,) = ax.plot(
+            steps, mean, marker="o" if key == "fid" else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})"
+        )
         if len(curves) > 1:
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.18, lw=0)
+            ax.fill_between(
+                steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.18, lw=0
+            )
         drawn = True
     if drawn:
         ax.set_xlabel("step")
@@ -286,7 +294,11 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
     """Plain sentences: which arms are significantly apart, and which are not."""
     tested = {a for p in pairs for a in (p["a"], p["b"])}
     left_out = [a for a in order if a not in tested]
-    note = [f"Not tested (fewer than two seeds with a final FID): {', '.join(f'`{a}`' for a in left_out)}."] if left_out else []
+    note = (
+        [f"Not tested (fewer than two seeds with a final FID): {', '.join(f'`{a}`' for a in left_out)}."]
+        if left_out
+        else []
+    )
     if not pairs:
         return ["Fewer than two arms with two or more seeds: no significance test.", *note]
     untestable = [p for p in pairs if math.isnan(p["p"])]
@@ -298,7 +310,9 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
         *note,
     ]
     if untestable:
-        text.append("- No spread in either arm, not tested: " + ", ".join(f"`{p['a']}` vs `{p['b']}`" for p in untestable) + ".")
+        text.append(
+            "- No spread in either arm, not tested: " + ", ".join(f"`{p['a']}` vs `{p['b']}`" for p in untestable) + "."
+        )
     if not sig:
         text.append("No difference in final FID between any two arms is significant at this level.")
         return text
@@ -354,7 +368,9 @@ def class_names(run: dict) -> list[str] | None:
     return (json.loads(export.read_text()).get("data") or {}).get("class_names") if export.exists() else None
 
 
-def per_class_table(order: list[str], summaries: dict[str, list[dict]], names: list[str] | None, header: str = "arm") -> list[str]:
+def per_class_table(
+    order: list[str], summaries: dict[str, list[dict]], names: list[str] | None, header: str = "arm"
+) -> list[str]:
     """Class consistency per class (mean over seeds), one row per arm; [] when no run logged it."""
     width = max((len(s["per_class"]) for ss in summaries.values() for s in ss if s["per_class"]), default=0)
     if not width:
@@ -376,7 +392,11 @@ def worst_classes(order: list[str], summaries: dict[str, list[dict]], names: lis
     lines = []
     for a in order:
         worst = [
-            (share, k, s["seed"]) for s in summaries[a] if s["per_class"] for k, share in enumerate(s["per_class"]) if share is not None
+            (share, k, s["seed"])
+            for s in summaries[a]
+            if s["per_class"]
+            for k, share in enumerate(s["per_class"])
+            if share is not None
         ]
         if not worst:
             continue
@@ -402,38 +422,54 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     summarize_cache = {r["name"]: summarize(r) for r in ok}
     for r in ok:
         summaries.setdefault(r["arm"], []).append(summarize_cache[r["name"]])
-    order = sorted(summaries, key=lambda a: statistics.fmean([s["fid"] for s in summaries[a] if s["fid"] is not None] or [math.inf]))
+    order = sorted(
+        summaries,
+        key=lambda a: statistics.fmean([s["fid"] for s in summaries[a] if s["fid"] is not None] or [math.inf]),
+    )
     ok_arms = {a: [r for r in ok if r["arm"] == a] for a in order}  # curves and grids: finished runs only
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
     images = {
-        "loss": plot_curves(ok_arms, "loss", "training loss (mean over seeds, band: min-max)", out.with_name(f"{stem}_loss.png"), log=True),
-        "fid": plot_curves(ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png"), log=True),
+        "loss": plot_curves(
+            ok_arms,
+            "loss",
+            "training loss (mean over seeds, band: min-max)",
+            out.with_name(f"{stem}_loss.png"),
+            log=True,
+        ),
+        "fid": plot_curves(
+            ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png"), log=True
+        ),
         "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
     }
     fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
     extractors = sorted({s["fid_extractor"] for ss in summaries.values() for s in ss if s["fid_extractor"]})
     header = keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "arm"  # one column: the label says "k=v, k=v" itself
     lines = [
-        f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss | images/s |",
+        f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss "
+        "| images/s |",
         "|---|---:|---:|---:|---|---|---|---|---|",
     ]
     for a in order:
         ss = summaries[a]
         lines.append(
             f"| {a} | {len(ss)} | {ss[0]['params'] / 1e6:.2f} | {fmt(ss[0]['gflops'], '.3f')} | "
-            f"{fmt_ci([s['fid'] for s in ss], '.1f')} | {fmt_ci([s['class_consistency'] for s in ss], '.1f', 100, '%')} | "
-            f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100, '%')} | {fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
+            f"{fmt_ci([s['fid'] for s in ss], '.1f')} | "
+            f"{fmt_ci([s['class_consistency'] for s in ss], '.1f', 100, '%')} | "
+            f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100, '%')} | "
+            f"{fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
             f"{fmt_ci([s['images_per_s'] for s in ss], '.1f')} |"
         )
     model = ok[0]["config"]["model"]["name"] if ok else "?"
     seeds = sorted({r["config"].get("seed") for r in runs}, key=str)
     text = [
-        f"Runs in `{multirun}` ({model}; arms differ in {', '.join(f'`{k}`' for k in keys)}; seeds {', '.join(map(str, seeds))}; "
+        f"Runs in `{multirun}` ({model}; arms differ in {', '.join(f'`{k}`' for k in keys)}; "
+        f"seeds {', '.join(map(str, seeds))}; "
         f"{len(ok)} of {len(runs)} runs finished).",
         "",
-        f"Mean ± 95% confidence interval over seeds (Student's t); final FID on {'/'.join(map(str, fid_n)) or '?'} samples. "
+        "Mean ± 95% confidence interval over seeds (Student's t); "
+        f"final FID on {'/'.join(map(str, fid_n)) or '?'} samples. "
         "Class consistency: share of class-k samples the domain classifier calls k (chance: 1/classes); worst class: "
         "the lowest share over the classes. Sorted by mean final FID.",
         f"Measured with: {', '.join(f'`{e}`' for e in extractors) or '?'}.",
@@ -442,9 +478,15 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         "",
     ]
     if len(fid_n) > 1:
-        text += [f"**Warning:** the final FIDs use different sample counts ({', '.join(map(str, fid_n))}): not comparable.", ""]
+        text += [
+            f"**Warning:** the final FIDs use different sample counts ({', '.join(map(str, fid_n))}): not comparable.",
+            "",
+        ]
     if len(extractors) > 1:
-        text += [f"**Warning:** the final FIDs use different feature extractors ({', '.join(extractors)}): not comparable.", ""]
+        text += [
+            f"**Warning:** the final FIDs use different feature extractors ({', '.join(extractors)}): not comparable.",
+            "",
+        ]
     no_fid = [f"`{r['name']}`" for r in ok if summarize_cache[r["name"]]["fid"] is None]
     if no_fid:
         text += [f"Finished without a FID at the last step: {', '.join(no_fid)}.", ""]
@@ -488,7 +530,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.report", description=__doc__.split("\n\n")[0])
     p.add_argument("multirun", type=Path)
     p.add_argument("-o", "--out", type=Path, default=None, help="Markdown file (default: <multirun>/report.md)")
-    p.add_argument("--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)")
+    p.add_argument(
+        "--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)"
+    )
     args = p.parse_args(argv)
     out = args.out or args.multirun / "report.md"
     try:

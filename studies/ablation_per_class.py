@@ -50,7 +50,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     n = t.get("fid_final_samples") or t["fid_samples"]
     model, meta = load_model(run / "model")
     model.eval()
-    sampler = build_sampler(build_objective(**meta["objective"]), SamplingSettings(**{**t["fid_sampling"], "cfg_scale": scale}))
+    sampler = build_sampler(
+        build_objective(**meta["objective"]), SamplingSettings(**{**t["fid_sampling"], "cfg_scale": scale})
+    )
     inputs = eval_inputs(n, model.num_classes, cfg["seed"])
     labels = inputs.pop("labels")
     images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, **inputs)])
@@ -70,7 +72,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
         "class_names": meta.get("class_names"),
     }
     if scale == own:
-        logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("fid_n") == n][-1]
+        logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("fid_n") == n][
+            -1
+        ]
         result["logged_overall"] = logged["class_consistency"]
     cached.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -81,8 +85,8 @@ def report(results: list[dict], real: list[float] | None, command: str) -> list[
     lines = [
         "# What the conditioning study's models draw for each class, by guidance scale",
         "",
-        "Share of class-k samples the domain classifier calls k (mean over seeds; the 1,000 samples of each run's final "
-        "evaluation, 100 per class, drawn again with the guidance scale shown; chance 10%).",
+        "Share of class-k samples the domain classifier calls k (mean over seeds; the 1,000 samples of each run's "
+        "final evaluation, 100 per class, drawn again with the guidance scale shown; chance 10%).",
         f"`{command}`",
         "",
         "| block | guidance | seeds | overall | " + " | ".join(names) + " |",
@@ -108,8 +112,8 @@ def report(results: list[dict], real: list[float] | None, command: str) -> list[
     if checked:
         lines += [
             "",
-            f"At the runs' own guidance the samples are the logged final evaluation's: the overall share equals the logged "
-            f"class consistency in {len(checked) - len(mismatched)} of {len(checked)} runs"
+            "At the runs' own guidance the samples are the logged final evaluation's: the overall share equals the "
+            f"logged class consistency in {len(checked) - len(mismatched)} of {len(checked)} runs"
             + (f" (not in {', '.join(mismatched)})." if mismatched else "."),
         ]
     return lines
@@ -125,9 +129,15 @@ def main() -> None:
     runs = sorted(d.parent.parent for d in args.multirun.glob("*/.hydra/config.yaml"))
     runs = [r for r in runs if (r / "finished.json").exists() or (r / "model" / "config.json").exists()]
     if args.blocks:
-        runs = [r for r in runs if yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["model"]["block"] in args.blocks]
+        runs = [
+            r
+            for r in runs
+            if yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["model"]["block"] in args.blocks
+        ]
     if not runs:
-        raise SystemExit(f"error: {args.multirun}: no finished run" + (f" of {', '.join(args.blocks)}" if args.blocks else ""))
+        raise SystemExit(
+            f"error: {args.multirun}: no finished run" + (f" of {', '.join(args.blocks)}" if args.blocks else "")
+        )
     made: list[Evaluator] = []
 
     def evaluator() -> Evaluator:  # built once, and only when something is to be classified

@@ -26,7 +26,11 @@ def test_report_of_a_multirun(tmp_path):
         train.run(cfg, multirun / block)
     # An interrupted run (metrics but no final export), one that failed before logging anything, and one
     # that stopped with an error train.py noted.
-    for name, lines in (("adaln", '{"step": 2, "loss": 0.9}\n'), ("in_context", None), ("diffit", '{"step": 1, "loss": 1.0}\n')):
+    for name, lines in (
+        ("adaln", '{"step": 2, "loss": 0.9}\n'),
+        ("in_context", None),
+        ("diffit", '{"step": 1, "loss": 1.0}\n'),
+    ):
         (multirun / name / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg_for(f"model.block={name}"), multirun / name / ".hydra" / "config.yaml", resolve=True)
         if lines:
@@ -75,7 +79,11 @@ def test_fid_curve_leaves_out_the_final_fid_on_more_samples():
     from dit.training.logging import fid_curve
 
     old = [{"step": 1, "fid": 9.0}]  # written before records carried their sample count
-    new = [{"step": 2, "fid": 8.0, "fid_n": 250}, {"step": 4, "fid": 7.0, "fid_n": 250}, {"step": 4, "fid": 6.0, "fid_n": 1000}]
+    new = [
+        {"step": 2, "fid": 8.0, "fid_n": 250},
+        {"step": 4, "fid": 7.0, "fid_n": 250},
+        {"step": 4, "fid": 6.0, "fid_n": 1000},
+    ]
     assert [r["fid"] for r in fid_curve(old + new)] == [9.0, 8.0, 7.0] and fid_curve(old) == old
 
 
@@ -103,9 +111,16 @@ def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8, e
     cfg = cfg_for(f"model.block={block}", f"seed={seed}", "training.total_steps=20")
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     recs = [{"step": s, "loss": loss + 0.1 * (20 - s) / 20, "images_per_s": 100.0 + seed} for s in (5, 10, 15, 20)]
-    recs += [{"step": s, "fid": fid + 50 * (20 - s) / 20 + 5, "fid_n": 250, "class_consistency": consistency} for s in (10, 20)]
+    recs += [
+        {"step": s, "fid": fid + 50 * (20 - s) / 20 + 5, "fid_n": 250, "class_consistency": consistency}
+        for s in (10, 20)
+    ]
     per_class = [0.5 + 0.1 * seed, 0.9, 1.0]  # three classes; the first one's share grows with the seed
-    final = {"class_consistency": consistency, "class_consistency_min": consistency - 0.2, "class_consistency_per_class": per_class}
+    final = {
+        "class_consistency": consistency,
+        "class_consistency_min": consistency - 0.2,
+        "class_consistency_per_class": per_class,
+    }
     if extractor:
         final["fid_extractor"] = extractor
     recs.append({"step": 20, "fid": fid, "fid_n": 1000, **final})
@@ -126,8 +141,14 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
     out = tmp_path / "report.md"
     report_main([str(multirun), "-o", str(out)])  # arms found by themselves: only model.block and seed vary
     text = out.read_text()
-    assert "arms differ in `model.block`" in text and "9 of 10 runs finished" in text and "final FID on 1000 samples" in text
-    table = [line.split("|") for line in text.splitlines() if line.startswith("| ") and len(line.split("|")) == 11][1:]  # the main table
+    assert (
+        "arms differ in `model.block`" in text
+        and "9 of 10 runs finished" in text
+        and "final FID on 1000 samples" in text
+    )
+    table = [line.split("|") for line in text.splitlines() if line.startswith("| ") and len(line.split("|")) == 11][
+        1:
+    ]  # the main table
     rows = {r[1].strip(): r for r in table}
     for block, values in fids.items():
         half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
@@ -142,7 +163,10 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
         assert f"| {block} | 60% | 90% | 100% |" in text
     assert "| cross_attn | " not in text.split("**Class consistency per class**")[1].split("**Which")[0]
     # the lowest class share of any seed (fake runs: the first class, 0.5 at seed 0; chance 1/3)
-    assert "Lowest share of any class in any seed, as a multiple of chance: `adaln_zero` 1.5x (50%, shirt, seed 0);" in text
+    assert (
+        "Lowest share of any class in any seed, as a multiple of chance: `adaln_zero` 1.5x (50%, shirt, seed 0);"
+        in text
+    )
     # Three pairs, Holm-corrected: adaln_zero and in_context both far below adaln; the two of them not apart.
     p = {
         (a, b): stats.ttest_ind(fids[a], fids[b], equal_var=False).pvalue
@@ -175,11 +199,15 @@ def test_report_names_the_feature_extractor_and_warns_when_runs_differ(tmp_path)
     report_main([str(tmp_path / "mixed"), "-o", str(tmp_path / "mixed.md")])
     text = (tmp_path / "mixed.md").read_text()
     assert f"`{OLD_EXTRACTOR}`" in text
-    assert f"**Warning:** the final FIDs use different feature extractors ({OLD_EXTRACTOR}, {shipped}): not comparable." in text
+    assert (
+        f"**Warning:** the final FIDs use different feature extractors ({OLD_EXTRACTOR}, {shipped}): not comparable."
+        in text
+    )
 
 
 def test_report_checks_the_published_order(tmp_path):
-    """DiT's three claims (adaLN-Zero below in-context, cross-attention and adaLN): each verdict from the pairs' tests."""
+    """DiT's three claims (adaLN-Zero below in-context, cross-attention and adaLN): each verdict from the pairs'
+    tests."""
     multirun = tmp_path / "multirun"
     fids = {
         "adaln_zero": [30.0, 31.0, 30.5],
@@ -196,7 +224,10 @@ def test_report_checks_the_published_order(tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|") for line in section.splitlines() if line.startswith("| `")}
     assert set(rows) == {"`adaln_zero` < `in_context`", "`adaln_zero` < `cross_attn`", "`adaln_zero` < `adaln`"}
     assert rows["`adaln_zero` < `in_context`"][5].strip() == "**agrees** (significant)"
-    assert rows["`adaln_zero` < `in_context`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['in_context']):+.1f}"
+    assert (
+        rows["`adaln_zero` < `in_context`"][3].strip()
+        == f"{np.mean(fids['adaln_zero']) - np.mean(fids['in_context']):+.1f}"
+    )
     assert rows["`adaln_zero` < `cross_attn`"][5].strip() == "same direction, not significant"
     assert rows["`adaln_zero` < `adaln`"][5].strip() == "**opposite order here** (significant)"
     assert rows["`adaln_zero` < `adaln`"][3].strip() == f"{np.mean(fids['adaln_zero']) - np.mean(fids['adaln']):+.1f}"
