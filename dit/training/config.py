@@ -83,8 +83,11 @@ def register_configs() -> None:
     cs.store(group="training", name="schema", node=TrainConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="model", name="schema", node=ModelSchema)
-    for name in DIT_MODELS:  # model=dit_xl2 = model=dit model.size=XL/2 (the spelling of the per-size files)
-        cs.store(group="model", name=config_name(name), node={"defaults": ["dit", "_self_"], "size": name[4:]})
+    # model=dit_xl2 = model=dit model.size=XL/2 (the spelling of the per-size files), its sizes written out (from
+    # sizes.py) so that `--cfg job` shows them without --resolve
+    for name, sizes in DIT_MODELS.items():
+        node = {"defaults": ["dit", "_self_"], "size": name[4:], "name": name, **sizes}
+        cs.store(group="model", name=config_name(name), node=node)
     resolvers = {
         "dit.blocks": lambda: ",".join(BLOCKS),
         "dit.size": size_field,
