@@ -12,7 +12,7 @@ arm() {  # name, overrides...
   [ -f studies/recipes/$name/model/config.json ] || $PY train.py experiment=fashion_mnist_cpu hydra.run.dir=studies/recipes/$name "$@"
 }
 case "${1:-all}" in
-  all) "$0" ddpm; "$0" flow_uniform; "$0" flow_logit_normal; "$0" eval ;;
+  all) for a in ddpm flow_uniform flow_logit_normal eval; do bash "$PWD/studies/run_recipes.sh" "$a"; done ;;
   ddpm) arm ddpm diffusion=ddpm ;;  # make train now trains flow: the DDPM arm names its objective
   flow_uniform) arm flow_uniform diffusion=flow training.grid_sampling.sampler=euler ;;
   flow_logit_normal) arm flow_logit_normal diffusion=flow diffusion.time_sampling=logit_normal training.grid_sampling.sampler=euler ;;
