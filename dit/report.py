@@ -21,6 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
+import yaml
+
 from dit.training.logging import fid_curve
 from dit.training.run import FAILURE_NOTE, finished_info
 
@@ -29,17 +31,19 @@ from dit.training.run import FAILURE_NOTE, finished_info
 OLD_EXTRACTOR = "fashion-mnist-cnn-v1 (earlier, locally trained; no hash)"
 ALPHA = 0.05  # familywise error rate of the pairwise tests; 95% intervals
 
-# What the papers state about the order of arms, checked against this study's tests: per arm key, a list of
-# (the arm they find better, i.e. with the lower FID, the arm they find worse, the source and its words).
-PUBLISHED = {
-    "model.block": [
-        ("adaln_zero", "in_context", "DiT (Peebles & Xie 2023), Fig. 5 and its text: at 400K steps adaLN-Zero's FID is "
-         "'nearly half that of the in-context model'"),
-        ("adaln_zero", "cross_attn", "DiT, Fig. 5: 'adaLN-Zero outperforms cross-attention and in-context conditioning "
-         "at all stages of training'"),
-        ("adaln_zero", "adaln", "DiT, Fig. 5 and its text: adaLN-Zero 'significantly outperforms vanilla adaLN'"),
-    ],
-}  # fmt: skip
+# What the papers state about the order of arms lives with the study, in <multirun>/claims.yaml: per arm key, a
+# list of {better, worse, source} (the arm they find better, i.e. with the lower FID, the worse one, the source and
+# its words); checked against this study's tests.
+CLAIMS_FILE = "claims.yaml"
+
+
+def load_claims(multirun: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """The study's published claims (claims.yaml next to its runs), or {} when it has none."""
+    path = Path(multirun) / CLAIMS_FILE
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {key: [(c["better"], c["worse"], c["source"]) for c in claims] for key, claims in data.items()}
 
 
 def run_config(path: Path) -> dict:
@@ -220,6 +224,13 @@ def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, 
     return drawn
 
 
+def final_grid(job_dir: Path) -> Path | None:
+    """A run's final sample grid: samples/latest.png, or (published runs keep no copy) its last step_*.png."""
+    latest = job_dir / "samples" / "latest.png"
+    steps = sorted((job_dir / "samples").glob("step_*.png"))
+    return latest if latest.exists() else steps[-1] if steps else None
+
+
 def plot_grids(arms: dict[str, list[dict]], path: Path) -> bool:
     """The final sample grid of each arm's first seed, side by side."""
     import matplotlib
@@ -231,8 +242,8 @@ def plot_grids(arms: dict[str, list[dict]], path: Path) -> bool:
     grids = []
     for label, runs in arms.items():
         for run in sorted(runs, key=lambda r: r["config"].get("seed", 0)):
-            png = run["dir"] / "samples" / "latest.png"
-            if png.exists():
+            png = final_grid(run["dir"])
+            if png is not None:
                 grids.append((f"{label} (seed {run['config'].get('seed')})", png))
                 break
     if not grids:
@@ -326,14 +337,14 @@ def verdict(order: list[str], pairs: list[dict]) -> list[str]:
     return text
 
 
-def published(keys: list[str], arms: list[str], pairs: list[dict]) -> list[str]:
+def published(keys: list[str], arms: list[str], pairs: list[dict], claims: dict | None = None) -> list[str]:
     """A table: each published ordering of two arms of this study, and whether the study agrees with it
     (the papers' settings are not this study's: a significant opposite order holds here, not there)."""
     if len(keys) != 1:
         return []
     found = {frozenset((p["a"], p["b"])): p for p in pairs}
     rows = []
-    for better, worse, source in PUBLISHED.get(keys[0], []):
+    for better, worse, source in (claims or {}).get(keys[0], []):
         if better not in arms or worse not in arms:
             continue  # the claim is about an arm this study does not have
         p = found.get(frozenset((better, worse)))
@@ -509,7 +520,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
     text += ["**Which differences are significant**", "", *verdict(order, pairs), ""]
     if test_lines:
         text += [*test_lines, ""]
-    claims = published(keys, order, pairs)
+    claims = published(keys, order, pairs, load_claims(multirun))
     if claims:
         text += [
             "**Against the published order** (each claim tested as the pairs above: Welch, Holm-corrected; "

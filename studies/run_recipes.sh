@@ -12,6 +12,7 @@ arm() {  # name, overrides...
   [ -f studies/recipes/$name/model/config.json ] || $PY train.py experiment=fashion_mnist_cpu hydra.run.dir=studies/recipes/$name "$@"
 }
 case "${1:-all}" in
+  all) for a in ddpm flow_uniform flow_logit_normal eval; do bash "$PWD/studies/run_recipes.sh" "$a"; done ;;
   ddpm) arm ddpm diffusion=ddpm ;;  # make train now trains flow: the DDPM arm names its objective
   flow_uniform) arm flow_uniform diffusion=flow training.grid_sampling.sampler=euler ;;
   flow_logit_normal) arm flow_logit_normal diffusion=flow diffusion.time_sampling=logit_normal training.grid_sampling.sampler=euler ;;

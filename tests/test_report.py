@@ -4,6 +4,8 @@ numbers."""
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,9 +207,12 @@ def test_report_names_the_feature_extractor_and_warns_when_runs_differ(tmp_path)
     )
 
 
+CLAIMS = Path(__file__).resolve().parents[1] / "studies" / "ablation_conditioning" / "claims.yaml"
+
+
 def test_report_checks_the_published_order(tmp_path):
-    """DiT's three claims (adaLN-Zero below in-context, cross-attention and adaLN): each verdict from the pairs'
-    tests."""
+    """DiT's three claims (adaLN-Zero below in-context, cross-attention and adaLN; the study's claims.yaml): each
+    verdict from the pairs' tests."""
     multirun = tmp_path / "multirun"
     fids = {
         "adaln_zero": [30.0, 31.0, 30.5],
@@ -219,6 +224,9 @@ def test_report_checks_the_published_order(tmp_path):
         for seed, f in enumerate(values):
             fake_run(multirun, block, seed, f)
     out = tmp_path / "report.md"
+    report_main([str(multirun), "-o", str(out)])
+    assert "published order" not in out.read_text()  # no claims.yaml next to the runs: no claims checked
+    shutil.copy(CLAIMS, multirun / "claims.yaml")
     report_main([str(multirun), "-o", str(out)])
     section = out.read_text().split("**Against the published order**")[1]
     rows = {line.split("|")[1].strip(): line.split("|") for line in section.splitlines() if line.startswith("| `")}
@@ -236,6 +244,7 @@ def test_report_checks_the_published_order(tmp_path):
     few = tmp_path / "few"
     fake_run(few, "adaln_zero", 0, 30.0), fake_run(few, "adaln_zero", 1, 30.0)
     fake_run(few, "adaln", 0, 40.0), fake_run(few, "adaln", 1, 40.0), fake_run(few, "in_context", 0, 50.0)
+    shutil.copy(CLAIMS, few / "claims.yaml")
     report_main([str(few), "-o", str(tmp_path / "few.md")])
     section = (tmp_path / "few.md").read_text().split("**Against the published order**")[1]
     assert (
@@ -247,6 +256,7 @@ def test_report_checks_the_published_order(tmp_path):
     other = tmp_path / "other"
     for seed in (0, 1):
         fake_run(other, "diffit", seed, 20.0 + seed), fake_run(other, "adain", seed, 30.0 + seed)
+    shutil.copy(CLAIMS, other / "claims.yaml")
     report_main([str(other), "-o", str(tmp_path / "other.md")])
     assert "published order" not in (tmp_path / "other.md").read_text()
 
