@@ -48,7 +48,8 @@ ADDED_WITH_SCHEMA = {"added_with_schema": True}
 
 @dataclass
 class DiTConfig:
-    """A DiT architecture (defaults: DiT-XL/2 on 256x256 ImageNet latents, the DiT paper's model)."""
+    """A DiT architecture. The four sizes come from ``size`` or are given; the other defaults are the DiT paper's
+    (256x256 ImageNet latents, 1,000 classes, adaLN-Zero)."""
 
     input_size: int = 32  # spatial size of the input (latent 32 for 256x256 images)
     patch_size: int | None = None  # None: from `size`

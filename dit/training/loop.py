@@ -70,27 +70,13 @@ def check_settings(cfg: TrainConfig, o: OptimConfig, world_size: int) -> int:
     return cfg.global_batch_size // per_step
 
 
-def train(
-    model: DiT,
-    dataset,
-    objective: Objective,
-    run_dir: str | Path,
-    cfg: TrainConfig,
-    o: OptimConfig,
-    resume: str | None = None,
-    config: dict | None = None,
-    data_meta: dict | None = None,
-    vae=None,
-    seed: int = 0,
-    logger_config: dict | None = None,
-) -> dict:
+def train(*args, **kwargs) -> dict:
     """Train; returns {"step", "checkpoint", "export"} (and "ema", "model" when it trained or was
-    exported). Every process calls it.
+    exported). Every process calls it. The arguments are the Trainer's.
 
     objective: what is optimised (dit.diffusion.build_objective); the loop never looks inside it.
     logger_config: the composed logger/ config group (trackers)."""
-    trainer = Trainer(model, dataset, objective, run_dir, cfg, o, resume, config, data_meta, vae, seed, logger_config)
-    return trainer.fit()
+    return Trainer(*args, **kwargs).fit()
 
 
 class Trainer:
