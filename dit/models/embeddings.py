@@ -81,13 +81,17 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
+    def drops(self, uniform: torch.Tensor) -> torch.Tensor:
+        """force_drop_ids from one uniform [0, 1) draw per label: 1 where label dropout replaces the label by the
+        null class. The one rule for label dropout: the trainer passes draws from its step randomness, and
+        drop_labels draws from torch.rand when no force_drop_ids are given."""
+        return (uniform < self.dropout_prob).long()
+
     def drop_labels(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replace a random dropout_prob share of labels (or those where force_drop_ids == 1) by the null class."""
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            force_drop_ids = self.drops(torch.rand(labels.shape[0], device=labels.device))
+        return torch.where(force_drop_ids == 1, torch.full_like(labels, self.num_classes), labels)
 
     def check_labels(self, labels: torch.Tensor) -> None:
         """Raise a clear error for labels outside [0, num_classes] (num_classes = the null class)."""

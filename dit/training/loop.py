@@ -215,8 +215,6 @@ class Trainer:
         self.ema.model.to(self.device)
         # The DiT itself (its parameters are the live ones).
         self.raw = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # Classifier-free guidance's label dropout, drawn from the step randomness (force_drop_ids).
-        self.null_drop = self.raw.y_embedder.dropout_prob if self.raw.y_embedder.has_null_class else 0.0
 
     def _resume(self) -> dict | None:
         acc, run_dir = self.accelerator, self.run_dir
@@ -308,8 +306,8 @@ class Trainer:
         x = self.dataset.batch_transform(x, rng)
         draw = self.objective.draw(rng, x)  # timesteps, noise: before the label drops, in this order
         kwargs = {"y": y}
-        if self.null_drop > 0:
-            kwargs["force_drop_ids"] = (rng.rand(len(x)) < self.null_drop).long()
+        if self.raw.y_embedder.has_null_class:  # label dropout (the embedder's rule) from the step randomness
+            kwargs["force_drop_ids"] = self.raw.y_embedder.drops(rng.rand(len(x)))
         with acc.no_sync(self.model) if not sync else nullcontext():
             with acc.autocast():
                 terms = self.objective.losses(self.model, x, draw, kwargs)
