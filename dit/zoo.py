@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.models import BLOCKS, DIT_MODELS, create_model
+from dit.models.routing import Route, TokenRouting
 
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
 # column, Table 4 for the other adaLN-Zero entries. Shown beside our counts in --markdown.
@@ -41,16 +42,29 @@ PAPER_GFLOPS = {
 PAPER_PARAMS_M = {("DiT-XL/2", "adaln_zero"): 675, ("DiT-XL/2", "diffit"): 561}
 
 
-def count(name: str, block: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> dict:
-    """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry."""
+def count(
+    name: str,
+    block: str,
+    input_size: int = 32,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    routing: TokenRouting | None = None,
+) -> dict:
+    """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry; with ``routing``
+    (TREAD), the GFLOPs of a training forward with that share of the tokens routed past its blocks."""
     with torch.device("meta"):
         model = create_model(name, block=block, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
         x = torch.empty(1, in_channels, input_size, input_size)
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long)
+        route = None
+        if routing is not None and routing.enabled:
+            routing.check(model)
+            keep = torch.arange(routing.kept(model.num_tokens)).unsqueeze(0)  # which ones does not change the count
+            route = Route(keep, *routing.span(len(model.blocks)))
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(x, t, y)
+        model(x, t, y, route=route)
     return dict(
         model=name,
         block=block,

@@ -329,6 +329,8 @@ class DiTBlock(nn.Module):
 
     name: ClassVar[str]
     num_extra_tokens: ClassVar[int] = 0  # tokens add_tokens prepends (not on the grid: RoPE skips them)
+    # Why TREAD token routing (routing.py) cannot run a subset of the tokens through this block, or None.
+    routing_refusal: ClassVar[str | None] = None
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
@@ -486,6 +488,7 @@ class DiffiTBlock(DiTBlock):
     is LN -> SiLU -> Linear with the Linear zero-initialised (the paper: "a simple linear layer")."""
 
     name = "diffit"
+    routing_refusal = "block diffit's relative position bias spans every pair of tokens on the grid"
 
     def __init__(self, config: DiTConfig):
         super().__init__()

@@ -41,9 +41,21 @@ class PosEmbed(str, Enum):
 CHOICES = {"norm": Norm, "mlp": Mlp, "pos_embed": PosEmbed}
 RUNTIME = {"runtime": True}
 ALIAS = {"alias": True}
-# Fields added to the model's Hydra config when it became typed: a run whose config predates them has them at
-# their default, and the settings digest leaves them out there, so its recorded digest still holds.
+# Fields added to a schema (the model's, the training settings') after runs were recorded: a run whose config
+# predates them has them at their default, and the settings digest leaves them out there, so its recorded digest
+# still holds (omit_added_at_default).
 ADDED_WITH_SCHEMA = {"added_with_schema": True}
+
+
+def omit_added_at_default(schema, values: dict) -> dict:
+    """``values`` (a composed config group) without the ADDED_WITH_SCHEMA fields of the dataclass ``schema``
+    that are at their default."""
+    defaults = {}
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("added_with_schema"):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            defaults[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
 
 
 @dataclass
@@ -149,7 +161,5 @@ class DiTConfig:
 def digest_view(model: dict) -> dict:
     """The composed ``model`` settings as the settings digest sees them: no runtime or alias fields, and the
     fields the typed schema added left out at their default (see ADDED_WITH_SCHEMA)."""
-    defaults = DiTConfig.defaults()
     drop = set(DiTConfig.fields_marked("runtime")) | set(DiTConfig.fields_marked("alias"))
-    added = set(DiTConfig.fields_marked("added_with_schema"))
-    return {k: v for k, v in model.items() if k not in drop and not (k in added and v == defaults[k])}
+    return omit_added_at_default(DiTConfig, {k: v for k, v in model.items() if k not in drop})

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from dit.models.blocks import get_block, set_fused_adaln
 from dit.models.config import DiTConfig
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dit.models.routing import Route
 
 __all__ = ["DiT"]
 
@@ -103,11 +104,25 @@ class DiT(nn.Module):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
 
+    def routing_refusal(self) -> str | None:
+        """Why TREAD token routing (routing.py) cannot skip tokens past blocks of this model, or None."""
+        if self.config.pos_embed == "rope":
+            return "pos_embed=rope rotates each token by its place on the full grid"
+        return self.block_cls.routing_refusal
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop_ids: torch.Tensor | None = None,
+        route: Route | None = None,
     ) -> torch.Tensor:
-        """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null)."""
+        """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null).
+        route: TREAD token routing for this training step (routing.py); None = every token through every block."""
         self.check_input(x, t, y)
+        if route is not None and not 0 <= route.start < route.end <= len(self.blocks):
+            raise ValueError(f"route spans blocks [{route.start}, {route.end}) of a model of depth {len(self.blocks)}")
         x = self.x_embedder(x)  # (N, T, D)
         if self.pos_embed is not None:  # backbone option (sincos | rope), not the block variant
             x = x + self.pos_embed
@@ -116,11 +131,16 @@ class DiT(nn.Module):
         c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN-like variants, (N, 2, D) otherwise
         c_blocks = self.shared_conditioning(c)  # c itself, or adaLN-single's (N, 6, D)
         x = self.block_cls.add_tokens(x, c)
-        for block in self.blocks:
+        extra = self.block_cls.num_extra_tokens
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start:
+                x, held = route.split(x, extra)  # (N, E + K, D): the routed tokens wait in `held`
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, c_blocks, use_reentrant=False)
             else:
-                x = block(x, c_blocks)  # (N, T, D)
+                x = block(x, c_blocks)  # (N, E + T, D)
+            if route is not None and i == route.end - 1:
+                x = route.merge(x, held, extra)
         x = self.block_cls.remove_tokens(x)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from dit.diffusion import SamplingSettings
-from dit.models.config import DiTConfig
+from dit.models.config import ADDED_WITH_SCHEMA, DiTConfig
+from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
 
 __all__ = ["OptimConfig", "TrainConfig", "register_configs"]
@@ -69,6 +70,9 @@ class TrainConfig:
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
     num_workers: int = 4
+    # Training accelerators (ratio 0 / off by default; added after the committed studies: see ADDED_WITH_SCHEMA).
+    # TREAD token routing (dit/models/routing.py): a share of the image tokens skips blocks [start, end).
+    token_routing: TokenRouting = field(default_factory=TokenRouting, metadata=ADDED_WITH_SCHEMA)
 
 
 def register_configs() -> None:

@@ -204,6 +204,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg, o, model = self.cfg, self.o, self.model
+        cfg.token_routing.check(model)  # before anything is built: a clear error for a model it cannot route
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -308,6 +309,8 @@ class Trainer:
         kwargs = {"y": y}
         if self.raw.y_embedder.has_null_class:  # label dropout (the embedder's rule) from the step randomness
             kwargs["force_drop_ids"] = self.raw.y_embedder.drops(rng.rand(len(x)))
+        if self.cfg.token_routing.enabled:  # TREAD: which tokens skip the routed blocks, drawn after the drops
+            kwargs["route"] = self.cfg.token_routing.draw(rng, len(x), self.raw.num_tokens, len(self.raw.blocks))
         with acc.no_sync(self.model) if not sync else nullcontext():
             with acc.autocast():
                 terms = self.objective.losses(self.model, x, draw, kwargs)

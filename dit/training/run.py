@@ -45,11 +45,15 @@ def settings_digest(config: dict) -> str:
     settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS and the model's runtime fields."""
     import hashlib
 
-    from dit.models.config import digest_view
+    from dit.models.config import digest_view, omit_added_at_default
+    from dit.training.config import OptimConfig, TrainConfig
 
     kept = {k: config.get(k) for k in ("seed", "model", "data", "diffusion", "optim", "training")}
     if isinstance(kept["model"], dict):
         kept["model"] = digest_view(kept["model"])
+    for group, schema in (("training", TrainConfig), ("optim", OptimConfig)):
+        if isinstance(kept[group], dict):
+            kept[group] = omit_added_at_default(schema, kept[group])
     for group, keys in RUNTIME_KEYS.items():
         if isinstance(kept.get(group), dict):
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
