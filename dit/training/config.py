@@ -9,6 +9,7 @@ what they change; ``python train.py --cfg job`` prints every key with its value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
@@ -20,8 +21,14 @@ from dit.models.sizes import zoo_size
 __all__ = ["OptimConfig", "TrainConfig", "register_configs"]
 
 
+class OptimizerName(str, Enum):  # the keys of dit/training/optim.py's OPTIMIZERS
+    adamw = "adamw"  # DiT's
+    muon = "muon"  # Muon for the blocks' weight matrices, AdamW for the rest
+
+
 @dataclass
 class OptimConfig:
+    name: OptimizerName = field(default="adamw", metadata=ADDED_WITH_SCHEMA)
     lr: float = 1e-4  # DiT: constant 1e-4, no weight decay
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -29,6 +36,11 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up from 0
     decay: str = "constant"  # constant | cosine | linear, after warm-up, to min_lr_ratio * lr at total_steps
     min_lr_ratio: float = 0.0
+    # optim=muon (configs/optim/muon.yaml): Muon's momentum, Newton-Schulz steps, and update scaling
+    # (match_rms_adamw: AdamW's update RMS, so lr and weight_decay serve both; original: Keller Jordan's).
+    muon_momentum: float = field(default=0.95, metadata=ADDED_WITH_SCHEMA)
+    muon_ns_steps: int = field(default=5, metadata=ADDED_WITH_SCHEMA)
+    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=ADDED_WITH_SCHEMA)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dit.training.checkpointing import all_processes, find_resume, load_checkpoi
 from dit.training.config import OptimConfig, TrainConfig
 from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
+from dit.training.optim import build_optimizer
 from dit.training.randomness import SlicedRandom
 from dit.training.run import FINISHED, finished_info, mark_finished, settings_digest, unmark_finished
 
@@ -207,8 +208,7 @@ class Trainer:
         cfg.token_routing.check(model)  # before anything is built: a clear error for a model it cannot route
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = build_optimizer(model, o)
         model.train()
         if cfg.compile:
             model.compile()  # in place: parameter and state-dict names stay those of the DiT

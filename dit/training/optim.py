@@ -1,0 +1,120 @@
+"""The optimisers ``optim=`` chooses: AdamW (DiT's), or Muon for the transformer blocks' weight matrices with AdamW
+for every other parameter (as in recent diffusion and language-model speedruns).
+
+Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises each 2-D weight's momentum by Newton-Schulz iterations.
+It is for hidden matrices only: the patch embedding (a 4-D convolution), the timestep and label embedders, the final
+layer, biases and norms stay with AdamW. With ``muon_adjust_lr: match_rms_adamw`` (Moonshot's scaling, the default)
+its updates have AdamW's RMS, so both use the same ``lr`` and ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's Muon, pinned in requirements.lock
+
+__all__ = ["FullMatrixMuon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "muon_parameter"]
+
+
+def muon_parameter(name: str, param: torch.Tensor) -> bool:
+    """Muon's share: the 2-D weight matrices inside the transformer blocks (attention, MLP, modulation)."""
+    return name.startswith("blocks.") and param.ndim == 2
+
+
+class FullMatrixMuon(torch.optim.Muon):
+    """torch.optim.Muon, whose Newton-Schulz step sees the whole matrix when FSDP2 shards it (a DTensor): the
+    update is gathered, orthogonalised, and sharded again, so each rank applies its rows of one process's update
+    (orthogonalising a shard is not orthogonalising the matrix). Unsharded, each step is torch's own."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            for p, grad, buf in zip(params, grads, bufs):  # torch.optim._muon._single_tensor_muon's steps
+                buf.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = self.orthogonalise(update, group)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return loss
+
+    @staticmethod
+    def orthogonalise(update: torch.Tensor, group: dict) -> torch.Tensor:
+        def newton_schulz(m):
+            return _zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+        if isinstance(update, DTensor):
+            return distribute_tensor(newton_schulz(update.full_tensor()), update.device_mesh, update.placements)
+        return newton_schulz(update)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on some parameters and torch.optim.AdamW on the others, as ONE optimiser: one list of
+    param groups (each tagged ``kind``) for the learning-rate schedule, one standard state dict for checkpoints
+    (Accelerate, FSDP2's distributed state dict). The two torch optimisers do the steps, on views of these groups
+    and this state."""
+
+    def __init__(self, muon: FullMatrixMuon, adamw: torch.optim.AdamW):
+        groups = [dict(g, kind="muon") for g in muon.param_groups] + [dict(g, kind="adamw") for g in adamw.param_groups]
+        super().__init__(groups, defaults={})
+        self.engines = {"muon": muon, "adamw": adamw}
+        self._bind()
+
+    def _bind(self) -> None:
+        """Point the engines at this optimiser's groups and state (again after load_state_dict replaced them)."""
+        for kind, engine in self.engines.items():
+            engine.param_groups = [g for g in self.param_groups if g["kind"] == kind]
+            engine.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._bind()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for engine in self.engines.values():
+            engine.step()
+        return loss
+
+
+def adamw(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def muon(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if muon_parameter(n, p)]
+    others = [p for n, p in named if not muon_parameter(n, p)]
+    if not matrices:
+        raise ValueError("optim=muon: the model has no 2-D weights in its blocks for Muon")
+    return MuonWithAdamW(
+        FullMatrixMuon(
+            matrices, lr=o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum, nesterov=True,
+            ns_steps=o.muon_ns_steps, adjust_lr_fn=o.muon_adjust_lr,
+        ),
+        torch.optim.AdamW(others, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
+    )  # fmt: skip
+
+
+# optim.name -> the function that builds it from the model and the OptimConfig (adding one: one function, one line)
+OPTIMIZERS: dict[str, Callable[[torch.nn.Module, object], torch.optim.Optimizer]] = {"adamw": adamw, "muon": muon}
+
+
+def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+    """The optimiser ``o.name`` names (OptimConfig, configs/optim/) over the model's trainable parameters."""
+    name = getattr(o.name, "value", o.name)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim.name {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name](model, o)
