@@ -54,7 +54,7 @@ class Evaluator:
     cache: where reference statistics computed from images are kept (reused while it loads; a damaged
     cache is rebuilt with a warning). distributed: split extraction over the processes of an
     accelerate / torchrun launch (every process must call); False when one process evaluates alone.
-    domain_classifier: the domain metric's classifier file (None: the shipped one, dit.eval.domain).
+    domain_classifier: the Fashion-MNIST extractor's classifier file (None: the shipped one, dit.eval.domain).
     extra_metrics: also KID and precision/recall (the CLI's default; off in training, where they would
     cost the reference's features in memory and k-NN distances at every evaluation). They need the
     reference's images: a stats npz reference cannot give them (``Evaluation.skipped`` says why).

@@ -27,7 +27,6 @@ PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkaenniemi et al. 2019; ADM's
 
 # Keys the training loop writes beside the metrics in an evaluation record of metrics.jsonl.
 SAMPLE_COUNT = "fid_n"  # how many samples were measured (FID depends on the count)
-MEASURED_WITH = "fid_extractor"  # the feature network that measured them (its name carries its weights' hash)
 
 
 @dataclass(frozen=True)
