@@ -107,7 +107,7 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
         images = torch.cat(chunks)
     save_npz_atomic(out / f"{name}-{steps}.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
     features, logits = evaluator.features(TensorSource(images, labels))
-    metrics = evaluator.metrics(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy())
+    metrics = evaluator.measure(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy()).values
     fid_ci, cc_ci = bootstrap(metrics["fid"], features, logits, labels.numpy(), evaluator, args.bootstrap)
     result = {
         "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from dit.eval.metrics import metric_keys
 from dit.training.logging import fid_curve
 from dit.training.run import FAILURE_NOTE, finished_info
 
@@ -178,9 +179,9 @@ def holm(pvalues: list[float], alpha: float = ALPHA) -> tuple[list[float], list[
 
 
 def curve(run: dict, key: str) -> dict[int, float]:
-    """step -> value of one run; for FID only the records with the curve's sample count."""
+    """step -> value of one run; for a metric (FID, ...) only the records with the curve's sample count."""
     recs = [r for r in run["records"] if key in r]
-    if key == "fid":
+    if key in metric_keys():
         recs = fid_curve(recs)
     return {r["step"]: r[key] for r in recs}
 
@@ -204,7 +205,7 @@ def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, 
         values = [[c[s] for c in curves] for s in steps]
         mean = [statistics.fmean(v) for v in values]
         (line,) = ax.plot(
-            steps, mean, marker="o" if key == "fid" else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})"
+            steps, mean, marker="o" if key in metric_keys() else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})"
         )
         if len(curves) > 1:
             ax.fill_between(

@@ -146,15 +146,3 @@ def fid(a: Stats, b: Stats) -> float:
     if a.extractor != b.extractor:
         raise ValueError(f"the statistics come from different feature extractors: {a.extractor} vs {b.extractor}")
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-
-
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))) over `splits` splits (Salimans et al. 2016), mean and std."""
-    p = torch.from_numpy(logits).double().softmax(1)
-    scores = []
-    for part in p.chunk(splits):
-        py = part.mean(0, keepdim=True)
-        scores.append(
-            torch.exp((part * (part.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()).item()
-        )
-    return float(np.mean(scores)), float(np.std(scores))
