@@ -2,6 +2,10 @@
 intervals over seeds, significance tests, PNG curves with seed bands and the sample grids.
 
     python -m dit.report studies/ablation_conditioning -o docs/ablation.md
+    python -m dit.report outputs/studies/ablation_adain_6k          # a sweep directory: its report.md
+
+The argument is a study (studies/<name>/: its runs under runs/, its claims.yaml) or a sweep directory (the
+runs directly under it).
 
 Runs are grouped into arms by what differs between their configs apart from the seed (for the
 conditioning study: ``model.block``); the seeds of an arm are its replicates. For every figure
@@ -582,7 +586,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("multirun", type=Path)
+    p.add_argument("multirun", type=Path, help="a study (studies/<name>, runs under runs/) or a sweep directory")
     p.add_argument("-o", "--out", type=Path, default=None, help="Markdown file (default: <multirun>/report.md)")
     p.add_argument(
         "--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)"
