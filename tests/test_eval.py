@@ -11,10 +11,11 @@ import pytest
 import scipy.linalg
 import torch
 
+from dit.data import fashion_mnist
 from dit.eval import ImageSource, Stats, fid, frechet_distance, stats_from_features
 from dit.eval.__main__ import main as eval_main
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+FMNIST = Path(fashion_mnist.ROOT) / "t10k-images-idx3-ubyte.gz"
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dit.data import fashion_mnist
 from dit.models import BLOCKS, DiT, DiTConfig, create_model, get_block
 from dit.models.blocks import swiglu_hidden_size
 from dit.nn import AdaIN
@@ -502,7 +503,7 @@ def test_unknown_values_list_the_valid_ones(kw, message):
 
 # --- end to end: train, checkpoint, resume, sample -----------------------------------------------
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+FMNIST = Path(fashion_mnist.ROOT) / "train-images-idx3-ubyte.gz"
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")

@@ -26,9 +26,9 @@ class ImageSource:
         path = Path(spec)
         name, _, split = spec.partition(":")
         if name == "fashion_mnist" and not path.exists():
-            from dit.data.fashion_mnist import FILES, read_idx
+            from dit.data.fashion_mnist import FILES, ROOT, read_idx
 
-            root = Path("/usr/share/datasets/fashion-mnist")
+            root = Path(ROOT)
             images_file, labels_file = (root / f for f in FILES[split or "train"])
             self.array = read_idx(images_file)[..., None]  # (N, 28, 28, 1)
             self.labels = read_idx(labels_file).astype(np.int64)

@@ -1,8 +1,9 @@
 """Samplers side by side on one model: wall-clock per image, domain FID with a bootstrap interval,
 class consistency. Every sampler gets the same labels and the same initial noise (same seed).
 
-    python benchmarks/sampler_study.py --checkpoint outputs/fashion_mnist-dit_ti4-adaln_zero/model \\
-        --samplers ddpm:250,ddim:50,dpmpp:20,dpmpp:10,unipc:10 --num-images 1000 --out studies/samplers
+    python studies/samplers/sampler_study.py --checkpoint outputs/fashion_mnist-dit_ti4-adaln_zero/model \\
+        --samplers ddpm:250,ddim:50,dpmpp:20,dpmpp:10,unipc:10 --num-images 1000 \\
+        --out outputs/studies/samplers/1000_images
 
 Each sampler's images (ADM npz) and result (JSON) are written under --out as soon as it finishes, so
 re-running the command skips what is done; the table (results.md) is rewritten at the end. FID is the
@@ -20,12 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import header
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmarks/common.py: the header
+from common import header  # noqa: E402
 
 from dit.checkpoints import load_model
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
