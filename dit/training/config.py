@@ -77,6 +77,7 @@ def register_configs() -> None:
     them (configs/experiment/ablate_conditioning.yaml), so a block added to the registry joins the study."""
     from omegaconf import OmegaConf
 
+    from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
     from dit.models import BLOCKS, DIT_MODELS, config_name
 
     cs = ConfigStore.instance()
@@ -92,6 +93,7 @@ def register_configs() -> None:
         "dit.blocks": lambda: ",".join(BLOCKS),
         "dit.size": size_field,
         "dit.config_name": lambda name: config_name(name) if name else "dit",
+        "dit.fashion_mnist_root": lambda: FASHION_MNIST_ROOT,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -30,8 +30,9 @@ EVAL_BATCH_SIZE = 250  # images per generate() batch in FID evaluations
 
 
 def eval_inputs(n: int, num_classes: int, seed: int) -> dict:
-    """What an FID evaluation of n samples draws: generate()'s labels, seed and batch size. The one place
-    these are decided; studies that redraw a run's evaluation samples (studies/ablation_per_class.py) call it."""
+    """What an FID evaluation of n samples draws: generate()'s labels, seed and batch size. The one place these
+    are decided; studies that redraw a run's evaluation samples (studies/ablation_conditioning/per_class.py) call
+    it."""
     return {"labels": torch.arange(n) % num_classes, "seed": seed + 1, "batch_size": EVAL_BATCH_SIZE}
 
 
