@@ -190,7 +190,7 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
     from omegaconf import OmegaConf
 
     from dit.diffusion import FlowMatching
-    from dit.training.config import TrainConfig
+    from dit.training.config import TrainConfig, training_sampling
     from dit.training.loop import _training_sampler
     from dit.training.run import settings_digest
 
@@ -199,6 +199,8 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
         assert build_sampler(objective, SamplingSettings()).name == grid  # sample.py
         assert _training_sampler(objective, cfg, "grid_sampling", model).name == grid
         assert _training_sampler(objective, cfg, "fid_sampling", model).name == fid
+        recorded = {"sampler": None, "steps": 10, "cfg_scale": 2.0, "options": {}}  # a run's config.yaml
+        assert training_sampling("fid_sampling", recorded, objective.name) == SamplingSettings(fid, 10, 2.0)
 
     def digest(*overrides):
         return settings_digest(

@@ -8,6 +8,7 @@ what they change; ``python train.py --cfg job`` prints every key with its value.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -16,7 +17,9 @@ from dit.diffusion import OBJECTIVES, SamplingSettings
 from dit.models.config import DiTConfig
 from dit.models.sizes import zoo_size
 
-__all__ = ["OBJECTIVE_SAMPLERS", "OptimConfig", "TrainConfig", "register_configs", "training_sampler"]
+__all__ = [
+    "OBJECTIVE_SAMPLERS", "OptimConfig", "TrainConfig", "register_configs", "training_sampler", "training_sampling",
+]  # fmt: skip
 
 
 @dataclass
@@ -78,6 +81,14 @@ def training_sampler(key: str, sampler: str | None, objective: str) -> str:
     """The sampler training.<key> uses for a run with the objective named ``objective``: the one it names, or
     the objective's (OBJECTIVE_SAMPLERS). The loop builds it; the settings digest records it."""
     return sampler if sampler is not None else getattr(OBJECTIVES[objective], OBJECTIVE_SAMPLERS[key])
+
+
+def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
+    """training.<key> (SamplingSettings, a config node or a run's recorded dict) as a run with the objective named
+    ``objective`` samples: its sampler resolved (training_sampler). For the loop and for studies that redraw a
+    run's samples."""
+    settings = SamplingSettings.from_config(settings)
+    return dataclasses.replace(settings, sampler=training_sampler(key, settings.sampler, objective))
 
 
 def register_configs() -> None:

@@ -5,7 +5,6 @@ Called by train.py (through `train`) with built objects and plain settings; it n
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ from dit.diffusion import Objective, build_sampler
 from dit.models import DiT
 from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
-from dit.training.config import OptimConfig, TrainConfig, training_sampler
+from dit.training.config import OptimConfig, TrainConfig, training_sampling
 from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.randomness import SlicedRandom
@@ -420,10 +419,8 @@ class Trainer:
 def _training_sampler(objective: Objective, cfg: TrainConfig, key: str, model):
     """The sampler of training.<key> (a null sampler: the objective's, training_sampler) + the model check,
     with errors that name the config key they come from."""
-    settings = getattr(cfg, key)
     try:
-        settings = dataclasses.replace(settings, sampler=training_sampler(key, settings.sampler, objective.name))
-        sampler = build_sampler(objective, settings)
+        sampler = build_sampler(objective, training_sampling(key, getattr(cfg, key), objective.name))
         sampler.check_model(model)
     except ValueError as e:
         raise ValueError(f"training.{key}: {e}") from None
