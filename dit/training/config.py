@@ -8,8 +8,7 @@ what they change; ``python train.py --cfg job`` prints every key with its value.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 
@@ -88,7 +87,7 @@ def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
     ``objective`` samples: its sampler resolved (training_sampler). For the loop and for studies that redraw a
     run's samples."""
     settings = SamplingSettings.from_config(settings)
-    return dataclasses.replace(settings, sampler=training_sampler(key, settings.sampler, objective))
+    return replace(settings, sampler=training_sampler(key, settings.sampler, objective))
 
 
 def register_configs() -> None:
