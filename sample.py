@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.atomic import fsync_tree, replace_dir
-from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.checkpoints import load_model, objective_of
+from dit.diffusion import SamplingSettings, build_sampler
 from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
 
 OUTPUTS = ("grid.png", "samples.npz", "images")
@@ -41,15 +41,6 @@ def load_vae(spec: str, device):
         ) from None
 
 
-def sampling_settings(cfg: DictConfig) -> SamplingSettings:
-    """The sampling keys of configs/sample.yaml as the settings every sampler is built from."""
-    interval = OmegaConf.to_object(cfg.cfg_interval) if cfg.cfg_interval is not None else None
-    return SamplingSettings(
-        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
-        cfg_interval=interval, options=OmegaConf.to_object(cfg.sampler_options) if cfg.sampler_options else {},
-    )  # fmt: skip
-
-
 def run(cfg: DictConfig) -> Path:
     from accelerate import Accelerator
 
@@ -62,12 +53,11 @@ def run(cfg: DictConfig) -> Path:
             f"error: {out} already holds samples ({', '.join(existing)}); pass overwrite=true or another out_dir"
         )
 
+    settings = SamplingSettings.from_config(cfg)  # checked before the model is loaded
     model, meta = load_model(cfg.checkpoint, use_ema=cfg.use_ema)
     model = model.to(accelerator.device).eval()
     # The objective the model was trained with (its schedule, ...), as its checkpoint records it.
-    objective = build_objective(**(meta.get("objective") or {}))
-    sampler = build_sampler(objective, sampling_settings(cfg))
-    sampler.check_model(model)
+    sampler = build_sampler(objective_of(meta), settings)
     class_names = meta.get("class_names")
     classes = resolve_classes(
         OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes
@@ -75,6 +65,11 @@ def run(cfg: DictConfig) -> Path:
     labels = make_labels(classes, cfg.per_class, cfg.num_images, cfg.seed)
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
     write_images = cfg.num_images is not None if cfg.write_images is None else cfg.write_images
+    # generate() checks the model against the sampler now, before anything is written
+    batches = generate(
+        model, sampler, labels, batch_size=cfg.batch_size, seed=cfg.seed, vae=vae, rank=rank, world_size=world,
+        device=accelerator.device,
+    )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
     parts = out / ".parts"
@@ -84,17 +79,6 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
     index, chunks = [], []
     bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not accelerator.is_main_process)
-    batches = generate(
-        model,
-        sampler,
-        labels,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        vae=vae,
-        rank=rank,
-        world_size=world,
-        device=accelerator.device,
-    )
     for start, images in batches:
         index.append(torch.arange(start, start + len(images)))
         chunks.append(images)

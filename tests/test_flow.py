@@ -439,13 +439,12 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
     """diffusion=flow with logit-normal times: train 2 steps, resume to 4, the export records the flow objective,
     sample.py with the training grid's sampler reproduces its grid, and heun samples too; a resume with a
     changed time_sampling is refused. (After 4 steps the EMA velocity is ~0, so euler and heun give the same
-    pixels here: the samplers' numerics are tested above.) fid_sampling's default (ddim) cannot sample a flow
-    model, hence training.fid_sampling.sampler=euler even with FID off."""
+    pixels here: the samplers' numerics are tested above.) No sampler is named for the in-training FID: a flow
+    run's is its objective's (euler), see test_objectives."""
     run = tmp_path / "run"
     base = ["experiment=smoke", "diffusion=flow", "diffusion.time_sampling=logit_normal", "training.ckpt_every=2",
             "training.sample_per_class=1", "training.sample_max_classes=10", "training.grid_sampling.sampler=euler",
-            "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0",
-            "training.fid_sampling.sampler=euler"]  # fmt: skip
+            "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"]  # fmt: skip
     first = train.run(compose_cfg("train", [*base, "training.total_steps=2"]), run)
     assert first["step"] == 2
     result = train.run(compose_cfg("train", [*base, "training.total_steps=4"]), run)

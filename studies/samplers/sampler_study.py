@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmarks/common.py: the header
 from common import header  # noqa: E402
 
-from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.checkpoints import load_model, objective_of
+from dit.diffusion import SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.eval.stats import fid, stats_from_features
 from dit.sampling import generate, make_labels, save_npz_atomic
@@ -186,7 +186,7 @@ def main() -> None:
     ]
     model, meta = load_model(args.checkpoint)
     model.eval()
-    objective = build_objective(**(meta.get("objective") or {}))
+    objective = objective_of(meta)
     labels = make_labels(list(range(model.num_classes)), None, args.num_images, args.seed)
     evaluator = Evaluator("fashion_mnist", args.ref, batch_size=500, distributed=False)
     specs = args.samplers.split(",")
