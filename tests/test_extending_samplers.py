@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
+from helpers.tiny import GRID_RUN
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -182,9 +183,7 @@ def test_a_new_objective_through_train_py_and_sample_py(x_flow, tmp_path):
     run = tmp_path / "run"
     cfg = compose_config(
         "train",
-        ["experiment=smoke", "diffusion=flow", "diffusion.name=x_flow_example", "training.total_steps=2",
-         "training.ckpt_every=0", "training.sample_per_class=1", "training.sample_max_classes=10",
-         "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"],
+        ["experiment=smoke", "diffusion=flow", "diffusion.name=x_flow_example", *GRID_RUN],
     )  # fmt: skip
     assert train.run(cfg, run)["step"] == 2
     assert json.loads((run / "model" / "config.json").read_text())["objective"]["name"] == "x_flow_example"

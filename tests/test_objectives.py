@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
+from helpers.tiny import GRID_RUN
 from PIL import Image
 
 import sample
@@ -30,10 +31,6 @@ from dit.diffusion import (
     get_betas,
 )
 from dit.models import DiT
-
-
-def compose_cfg(name, overrides):
-    return compose_config(name, overrides)
 
 
 def tiny_model(**kw):
@@ -204,7 +201,7 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
 
     def digest(*overrides):
         return settings_digest(
-            OmegaConf.to_container(compose_cfg("train", ["experiment=smoke", *overrides]), resolve=True)
+            OmegaConf.to_container(compose_config("train", ["experiment=smoke", *overrides]), resolve=True)
         )
 
     assert digest() == digest("training.fid_sampling.sampler=ddim", "training.grid_sampling.sampler=ddpm")
@@ -239,11 +236,9 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
     sample.py's images equal the training grid's (same sampler, seed, labels) pixel for pixel; the
     linear schedule would give other images."""
     run = tmp_path / "run"
-    cfg = compose_cfg(
+    cfg = compose_config(
         "train",
-        ["experiment=smoke", "diffusion.noise_schedule=cosine", "training.total_steps=2", "training.ckpt_every=0",
-         "training.sample_per_class=1", "training.sample_max_classes=10", "training.grid_sampling.sampler=ddim",
-         "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"],
+        ["experiment=smoke", "diffusion.noise_schedule=cosine", "training.grid_sampling.sampler=ddim", *GRID_RUN],
     )  # fmt: skip
     train.run(cfg, run)
     meta = json.loads((run / "model" / "config.json").read_text())
@@ -265,7 +260,7 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
             cfg_json = json.loads((run / "model" / "config.json").read_text())
             cfg_json["objective"] = objective
             (run / "model" / "config.json").write_text(json.dumps(cfg_json))
-        sample.run(compose_cfg("sample", overrides))
+        sample.run(compose_config("sample", overrides))
         return np.array(Image.open(Path(out) / "grid.png"))
 
     grid_train = np.array(Image.open(run / "samples" / "latest.png"))
@@ -276,21 +271,21 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
 @needs_fmnist
 def test_resume_accepts_a_changed_fused_adaln_but_not_a_changed_objective(tmp_path):
     base = ["experiment=smoke", "training.total_steps=3", "training.ckpt_every=3"]
-    train.run(compose_cfg("train", [*base, "model.fused_adaln=false"]), tmp_path)
+    train.run(compose_config("train", [*base, "model.fused_adaln=false"]), tmp_path)
     result = train.run(
-        compose_cfg("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path
+        compose_config("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path
     )
     assert result["step"] == 4
     with pytest.raises(ValueError, match=r"objective.noise_schedule: checkpoint 'linear' vs config 'cosine'"):
         train.run(
-            compose_cfg("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]),
+            compose_config("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]),
             tmp_path,
         )
 
 
 @needs_fmnist
 def test_grid_guidance_on_a_model_without_null_class_fails_before_training(tmp_path):
-    cfg = compose_cfg(
+    cfg = compose_config(
         "train", ["experiment=smoke", "model.class_dropout_prob=0", "training.grid_sampling.cfg_scale=1.5"]
     )
     with pytest.raises(ValueError, match="needs a null class"):
@@ -302,7 +297,7 @@ def test_unknown_training_key_is_a_compose_error():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["training.sample_steps=3"])  # renamed: training.grid_sampling.steps
+        compose_config("train", ["training.sample_steps=3"])  # renamed: training.grid_sampling.steps
 
 
 # --- diffusers solvers for DDPM models ---------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
+from helpers.tiny import tiny_vae
 from PIL import Image
 
 import sample
@@ -40,15 +41,7 @@ def pixel_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
     return path

@@ -146,26 +146,6 @@ class Evaluator:
         metrics = [cls() for cls in METRICS.values()]
         return [m for m in metrics if m.applies(self.kind.logits_of) and (self.extra_metrics or not m.opt_in)]
 
-    def inputs(
-        self,
-        stats: Stats,
-        logits: np.ndarray | None = None,
-        labels: np.ndarray | None = None,
-        features: np.ndarray | None = None,
-    ) -> Inputs:
-        """What the metrics read: the samples' statistics (and logits, labels, features when known) and the
-        reference's, with why each missing field is missing."""
-        reference = self.reference()
-        images = "the samples are statistics only (mu, sigma); they need the images"
-        missing = {
-            "features": images,
-            "logits": images,
-            "labels": "the samples have no labels",
-            "reference_features": f"the reference {self.ref} is statistics only (mu, sigma); "
-            "they need its images (a folder, an npz with arr_0, a dataset name)",
-        }
-        return Inputs(stats, reference, features, self._reference_features, logits, labels, self.device, missing)
-
     def measure(
         self,
         stats: Stats,
@@ -176,7 +156,16 @@ class Evaluator:
         """Every registered metric that applies and can be computed from these (FID always), in registry order:
         class consistency for the domain extractor, Inception Score for Inception, KID and precision/recall of the
         sample ``features`` (N, D) when extra_metrics is on and the reference's features can be had."""
-        inputs = self.inputs(stats, logits, labels, features)
+        reference = self.reference()
+        images = "the samples are statistics only (mu, sigma); they need the images"
+        missing = {  # why a field a metric needs is missing
+            "features": images,
+            "logits": images,
+            "labels": "the samples have no labels",
+            "reference_features": f"the reference {self.ref} is statistics only (mu, sigma); "
+            "they need its images (a folder, an npz with arr_0, a dataset name)",
+        }
+        inputs = Inputs(stats, reference, features, self._reference_features, logits, labels, self.device, missing)
         values, skipped = {}, {}
         for metric in self.asked():
             if (why := metric.unavailable(inputs)) is None:

@@ -61,3 +61,15 @@ def tiny_diffusers_dit(**kw):
 def records(run_dir: Path) -> list[dict]:
     """<run_dir>/metrics.jsonl, one dict a line."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# A two-step smoke run whose final grid has one image of each of the 10 classes, 4 guided sampling steps: what
+# the tests that compare sample.py's images with the training grid's train (add "experiment=smoke" and the arm).
+GRID_RUN = [
+    "training.total_steps=2",
+    "training.ckpt_every=0",
+    "training.sample_per_class=1",
+    "training.sample_max_classes=10",
+    "training.grid_sampling.steps=4",
+    "training.grid_sampling.cfg_scale=2.0",
+]
