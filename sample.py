@@ -93,34 +93,41 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        shards = [np.load(p) for p in sorted(parts.glob("rank*.npz"))]
-        order = np.concatenate([s["index"] for s in shards])
-        images = np.concatenate([s["images"] for s in shards])[np.argsort(order)]
-        assert len(images) == len(labels), (len(images), len(labels))
-        # One row per class (classes absent from a small random draw are left out), short rows padded blank.
-        rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[: cfg.per_class])]
-        per_row = max(len(ix) for ix in rows)
-        blank = np.full_like(images[0], 255)
-        grid = [images[ix[j]] if j < len(ix) else blank for ix in rows for j in range(per_row)]
-        save_grid(torch.from_numpy(np.stack(grid)), nrow=per_row, path=out / "grid.png")
-        if write_images:
-            rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
-            save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
-            (parts / "images").mkdir()
-            for png in parts.glob("*.png"):
-                png.rename(parts / "images" / png.name)
-            fsync_tree(parts / "images")  # durable before it replaces an older images/ folder
-            replace_dir(parts / "images", out / "images")
-        shutil.rmtree(parts, ignore_errors=True)
-        names = [class_names[c] if class_names else str(c) for c in classes]
-        print(
-            f"wrote {len(labels)} images of {len(classes)} classes "
-            f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
-            f"to {out} ({world} process{'es' if world > 1 else ''})"
-        )
+        write_outputs(out, parts, labels, classes, cfg, write_images, class_names, world)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def write_outputs(out: Path, parts: Path, labels: torch.Tensor, classes: list[int], cfg: DictConfig, write_images: bool,
+                  class_names: list[str] | None, world: int) -> None:  # fmt: skip
+    """The main process: the ranks' shards in global order -> grid.png, and with write_images samples.npz and
+    images/ (each written whole, then moved into place)."""
+    shards = [np.load(p) for p in sorted(parts.glob("rank*.npz"))]
+    order = np.concatenate([s["index"] for s in shards])
+    images = np.concatenate([s["images"] for s in shards])[np.argsort(order)]
+    assert len(images) == len(labels), (len(images), len(labels))
+    # One row per class (classes absent from a small random draw are left out), short rows padded blank.
+    rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[: cfg.per_class])]
+    per_row = max(len(ix) for ix in rows)
+    blank = np.full_like(images[0], 255)
+    grid = [images[ix[j]] if j < len(ix) else blank for ix in rows for j in range(per_row)]
+    save_grid(torch.from_numpy(np.stack(grid)), nrow=per_row, path=out / "grid.png")
+    if write_images:
+        rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
+        save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
+        (parts / "images").mkdir()
+        for png in parts.glob("*.png"):
+            png.rename(parts / "images" / png.name)
+        fsync_tree(parts / "images")  # durable before it replaces an older images/ folder
+        replace_dir(parts / "images", out / "images")
+    shutil.rmtree(parts, ignore_errors=True)
+    names = [class_names[c] if class_names else str(c) for c in classes]
+    print(
+        f"wrote {len(labels)} images of {len(classes)} classes "
+        f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
+        f"to {out} ({world} process{'es' if world > 1 else ''})"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

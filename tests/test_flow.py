@@ -448,7 +448,9 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
     settings = {"name": "flow", "time_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
     assert json.loads((run / "model" / "config.json").read_text())["objective"] == settings
     with pytest.raises(ValueError, match="time_sampling"):
-        train.run(compose_config("train", [o for o in base if "time_sampling" not in o] + ["training.total_steps=5"]), run)
+        train.run(
+            compose_config("train", [o for o in base if "time_sampling" not in o] + ["training.total_steps=5"]), run
+        )
 
     def sample_grid(out, *extra):
         overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "seed=0", "batch_size=10",

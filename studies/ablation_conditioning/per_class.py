@@ -28,10 +28,11 @@ import torch
 import yaml
 
 from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.diffusion import build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.report import job_dirs, run_config
 from dit.sampling import generate
+from dit.training.config import training_sampling
 from dit.training.loop import eval_inputs
 
 
@@ -53,9 +54,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     n = t.get("fid_final_samples") or t["fid_samples"]
     model, meta = load_model(run / "model")
     model.eval()
-    sampler = build_sampler(
-        build_objective(**meta["objective"]), SamplingSettings(**{**t["fid_sampling"], "cfg_scale": scale})
-    )
+    objective = build_objective(**meta["objective"])
+    settings = training_sampling("fid_sampling", {**t["fid_sampling"], "cfg_scale": scale}, objective.name)
+    sampler = build_sampler(objective, settings)
     inputs = eval_inputs(n, model.num_classes, cfg["seed"])
     labels = inputs.pop("labels")
     images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, **inputs)])
