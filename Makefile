@@ -13,10 +13,12 @@ endif
 PY := $(ENV_DIR)/bin/python
 # One stamp per (checkout, environment): re-run setup when pyproject.toml changes.
 STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
-FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# The one place the path is written: dit/data/fashion_mnist.py (ROOT), read here without Python (before setup).
+FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation zoo fashion-mnist clean bench-sample bench-train bench-kernel
+.PHONY: help setup test test-all lint format train fid ablation publish report zoo fashion-mnist clean bench-sample \
+  bench-train bench-kernel
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
@@ -27,6 +29,8 @@ help:
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
 	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 50 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
+	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
+	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
@@ -86,15 +90,32 @@ fid: setup
 	@if [ -f $(INCEPTION) ]; then $(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist; \
 	else echo "(Inception FID skipped: $(INCEPTION) not found; see README)"; fi
 
-# The conditioning study (configs/experiment/ablate_conditioning.yaml): every block x 3 seeds, JOBS runs
-# at a time with one thread each, then the report. Re-running resumes unfinished runs and skips finished
-# ones; the report is written even when some runs failed (it lists them), and make then exits non-zero.
+# Studies (studies/README.md): a sweep trains into outputs/studies/<name>/ (ignored, with the weights);
+# `make publish` copies its results into studies/<name>/runs/ (committed), `make report` renders them.
+STUDY ?= ablation_conditioning
+SWEEP = outputs/studies/$(STUDY)
+# where a study's report goes: studies/<name>/report.md, or the page that links it
+REPORT_ablation_conditioning := docs/ablation.md
+REPORT = $(or $(REPORT_$(STUDY)),studies/$(STUDY)/report.md)
+publish: setup
+	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY)
+
+report: setup
+	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT)
+
+# The conditioning study (configs/experiment/ablate_conditioning.yaml): every block x 3 seeds, JOBS runs at a
+# time with one thread each, then the results published and the report. The committed runs are restored into the
+# sweep directory first, so a fresh clone trains only the runs not committed as finished; re-running resumes
+# unfinished runs and skips finished ones. The report is written even when some runs failed (it lists them), and
+# make then exits non-zero.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-ABLATION_DIR ?= studies/ablation_conditioning
+ablation: STUDY = ablation_conditioning
 ablation: setup
+	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
 	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=ablate_conditioning hydra/launcher=pool \
-	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(ABLATION_DIR) $(ARGS) || status=$$?; \
-	$(PY) -m dit.report $(ABLATION_DIR) -o docs/ablation.md && exit $$status
+	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
+	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
+	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT) && exit $$status
 
 zoo: setup
 	$(PY) -m dit.zoo

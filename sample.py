@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.atomic import fsync_tree, replace_dir
-from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.checkpoints import load_model, objective_of
+from dit.diffusion import SamplingSettings, build_sampler
 from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
 
 OUTPUTS = ("grid.png", "samples.npz", "images")
@@ -41,15 +41,6 @@ def load_vae(spec: str, device):
         ) from None
 
 
-def sampling_settings(cfg: DictConfig) -> SamplingSettings:
-    """The sampling keys of configs/sample.yaml as the settings every sampler is built from."""
-    interval = OmegaConf.to_object(cfg.cfg_interval) if cfg.cfg_interval is not None else None
-    return SamplingSettings(
-        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
-        cfg_interval=interval, options=OmegaConf.to_object(cfg.sampler_options) if cfg.sampler_options else {},
-    )  # fmt: skip
-
-
 def run(cfg: DictConfig) -> Path:
     from accelerate import Accelerator
 
@@ -62,12 +53,11 @@ def run(cfg: DictConfig) -> Path:
             f"error: {out} already holds samples ({', '.join(existing)}); pass overwrite=true or another out_dir"
         )
 
+    settings = SamplingSettings.from_config(cfg)  # checked before the model is loaded
     model, meta = load_model(cfg.checkpoint, use_ema=cfg.use_ema)
     model = model.to(accelerator.device).eval()
     # The objective the model was trained with (its schedule, ...), as its checkpoint records it.
-    objective = build_objective(**(meta.get("objective") or {}))
-    sampler = build_sampler(objective, sampling_settings(cfg))
-    sampler.check_model(model)
+    sampler = build_sampler(objective_of(meta), settings)
     class_names = meta.get("class_names")
     classes = resolve_classes(
         OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes
@@ -75,6 +65,11 @@ def run(cfg: DictConfig) -> Path:
     labels = make_labels(classes, cfg.per_class, cfg.num_images, cfg.seed)
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
     write_images = cfg.num_images is not None if cfg.write_images is None else cfg.write_images
+    # generate() checks the model against the sampler now, before anything is written
+    batches = generate(
+        model, sampler, labels, batch_size=cfg.batch_size, seed=cfg.seed, vae=vae, rank=rank, world_size=world,
+        device=accelerator.device,
+    )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
     parts = out / ".parts"
@@ -84,17 +79,6 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
     index, chunks = [], []
     bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not accelerator.is_main_process)
-    batches = generate(
-        model,
-        sampler,
-        labels,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        vae=vae,
-        rank=rank,
-        world_size=world,
-        device=accelerator.device,
-    )
     for start, images in batches:
         index.append(torch.arange(start, start + len(images)))
         chunks.append(images)
@@ -109,34 +93,41 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        shards = [np.load(p) for p in sorted(parts.glob("rank*.npz"))]
-        order = np.concatenate([s["index"] for s in shards])
-        images = np.concatenate([s["images"] for s in shards])[np.argsort(order)]
-        assert len(images) == len(labels), (len(images), len(labels))
-        # One row per class (classes absent from a small random draw are left out), short rows padded blank.
-        rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[: cfg.per_class])]
-        per_row = max(len(ix) for ix in rows)
-        blank = np.full_like(images[0], 255)
-        grid = [images[ix[j]] if j < len(ix) else blank for ix in rows for j in range(per_row)]
-        save_grid(torch.from_numpy(np.stack(grid)), nrow=per_row, path=out / "grid.png")
-        if write_images:
-            rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
-            save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
-            (parts / "images").mkdir()
-            for png in parts.glob("*.png"):
-                png.rename(parts / "images" / png.name)
-            fsync_tree(parts / "images")  # durable before it replaces an older images/ folder
-            replace_dir(parts / "images", out / "images")
-        shutil.rmtree(parts, ignore_errors=True)
-        names = [class_names[c] if class_names else str(c) for c in classes]
-        print(
-            f"wrote {len(labels)} images of {len(classes)} classes "
-            f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
-            f"to {out} ({world} process{'es' if world > 1 else ''})"
-        )
+        write_outputs(out, parts, labels, classes, cfg, write_images, class_names, world)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def write_outputs(out: Path, parts: Path, labels: torch.Tensor, classes: list[int], cfg: DictConfig, write_images: bool,
+                  class_names: list[str] | None, world: int) -> None:  # fmt: skip
+    """The main process: the ranks' shards in global order -> grid.png, and with write_images samples.npz and
+    images/ (each written whole, then moved into place)."""
+    shards = [np.load(p) for p in sorted(parts.glob("rank*.npz"))]
+    order = np.concatenate([s["index"] for s in shards])
+    images = np.concatenate([s["images"] for s in shards])[np.argsort(order)]
+    assert len(images) == len(labels), (len(images), len(labels))
+    # One row per class (classes absent from a small random draw are left out), short rows padded blank.
+    rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[: cfg.per_class])]
+    per_row = max(len(ix) for ix in rows)
+    blank = np.full_like(images[0], 255)
+    grid = [images[ix[j]] if j < len(ix) else blank for ix in rows for j in range(per_row)]
+    save_grid(torch.from_numpy(np.stack(grid)), nrow=per_row, path=out / "grid.png")
+    if write_images:
+        rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
+        save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
+        (parts / "images").mkdir()
+        for png in parts.glob("*.png"):
+            png.rename(parts / "images" / png.name)
+        fsync_tree(parts / "images")  # durable before it replaces an older images/ folder
+        replace_dir(parts / "images", out / "images")
+    shutil.rmtree(parts, ignore_errors=True)
+    names = [class_names[c] if class_names else str(c) for c in classes]
+    print(
+        f"wrote {len(labels)} images of {len(classes)} classes "
+        f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
+        f"to {out} ({world} process{'es' if world > 1 else ''})"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

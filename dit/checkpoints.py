@@ -12,7 +12,8 @@ Our export is a directory:
 
 "objective" holds the training objective's settings (dit.diffusion.build_objective rebuilds it), so
 sampling uses the schedule the model was trained with. Files written before it existed lack the key
-and mean DiT's default (DDPM, 1000 linear steps, learned-range variance). Training checkpoints
+and mean DiT's default (DDPM, 1000 linear steps, learned-range variance): objective_settings says so,
+the one place that rule is written. Training checkpoints
 (train.py) are such directories too, with the optimiser and RNG state beside.
 """
 
@@ -27,12 +28,13 @@ from safetensors.torch import save_file
 
 from dit.atomic import atomic_dir
 from dit.data.class_names import imagenet_class_names
+from dit.diffusion import Objective, build_objective
 from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
 from dit.models import DiT, DiTConfig
 from dit.models.convert import from_diffusers, load_official_checkpoint
 from dit.models.state_dict import load_state_dict_checked
 
-__all__ = ["FORMAT", "export_config", "load_model", "save_export"]
+__all__ = ["FORMAT", "export_config", "load_model", "objective_of", "objective_settings", "save_export"]
 # Still importable from here (their homes moved): atomic_dir, atomic_file, load_state_dict_checked,
 # FASHION_MNIST_CLASSES, imagenet_class_names.
 from dit.atomic import atomic_file  # noqa: E402,F401
@@ -70,6 +72,18 @@ def export_config(model: DiT, objective: dict | None, data: dict | None) -> dict
     return {"format": FORMAT, "model": model.config.architecture(), "objective": objective or {}, "data": data or {}}
 
 
+def objective_settings(meta: dict) -> dict:
+    """The objective settings a model file records (config.json or load_model's meta: its "objective"). None
+    recorded (our files written before objectives were, official DiT .pt files, diffusers models) means the
+    objective all of those were trained with: DiT's DDPM (1000 linear steps, learned-range variance)."""
+    return dict(meta.get("objective") or build_objective("ddpm").settings())
+
+
+def objective_of(meta: dict) -> Objective:
+    """The objective a model was trained with, rebuilt from what its file records (objective_settings)."""
+    return build_objective(**objective_settings(meta))
+
+
 FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FULL_STATE_DICT), loaded weights_only
 
 
@@ -93,7 +107,7 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
     load_state_dict_checked(model, state, weights)
     data = meta.get("data", {})
-    return model, dict(format="dit", weights=str(weights), objective=meta.get("objective") or {}, **data)
+    return model, dict(format="dit", weights=str(weights), objective=objective_settings(meta), **data)
 
 
 def _load_torch(path: Path) -> dict:
@@ -126,7 +140,9 @@ def _load_official(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dic
     except (TypeError, AttributeError, KeyError, IndexError) as e:  # loaded, but not the structure of a DiT state dict
         raise ValueError(f"{path}: not an official DiT checkpoint ({type(e).__name__}: {e})") from None
     names = imagenet_class_names() if model.num_classes == 1000 else None
-    return model, dict(format="official", class_names=names, latent=True, vae=DEFAULT_LATENT_VAE, objective={})
+    return model, dict(
+        format="official", class_names=names, latent=True, vae=DEFAULT_LATENT_VAE, objective=objective_settings({})
+    )
 
 
 def _load_diffusers(path: Path) -> tuple[DiT, dict]:
@@ -152,12 +168,12 @@ def _load_diffusers(path: Path) -> tuple[DiT, dict]:
     if names is None and model.num_classes == 1000:
         names = imagenet_class_names()
     vae = str(path / "vae") if pipeline and (path / "vae").exists() else DEFAULT_LATENT_VAE
-    return model, dict(format="diffusers", class_names=names, latent=True, vae=vae, objective={})
+    return model, dict(format="diffusers", class_names=names, latent=True, vae=vae, objective=objective_settings({}))
 
 
 def load_model(path: str | Path, use_ema: bool = True, **overrides) -> tuple[DiT, dict]:
     """Load any supported model file; returns (model, meta) with meta["class_names"], ["latent"], ["vae"]
-    and ["objective"] (settings for dit.diffusion.build_objective; {} = DiT's default DDPM).
+    and ["objective"] (settings for dit.diffusion.build_objective, objective_settings; objective_of builds it).
 
     path: our export/checkpoint directory, an official facebookresearch/DiT .pt, or a diffusers
     DiTPipeline / DiTTransformer2DModel directory.

@@ -2,6 +2,10 @@
 intervals over seeds, significance tests, PNG curves with seed bands and the sample grids.
 
     python -m dit.report studies/ablation_conditioning -o docs/ablation.md
+    python -m dit.report outputs/studies/ablation_adain_6k          # a sweep directory: its report.md
+
+The argument is a study (studies/<name>/: its runs under runs/, its claims.yaml) or a sweep directory (the
+runs directly under it).
 
 Runs are grouped into arms by what differs between their configs apart from the seed (for the
 conditioning study: ``model.block``); the seeds of an arm are its replicates. For every figure
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from dit.eval.metrics import metric_keys
 from dit.training.logging import fid_curve
 from dit.training.run import FAILURE_NOTE, finished_info
 
@@ -92,12 +97,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def arm_keys(runs: list[dict], by: list[str] | None = None) -> list[str]:
-    """The config keys that tell the arms apart: ``by``, or those that vary between runs except the seed."""
+    """The config keys that tell the arms apart: ``by``, or those that vary between runs except the seed and where
+    a run resumed from (a run continued from a checkpoint trains what a run from step 0 would)."""
     if by:
         return by
     flat = [flatten(r["config"]) for r in runs]
     keys = sorted({k for f in flat for k in f})
-    varying = [k for k in keys if k != "seed" and len({f.get(k) for f in flat}) > 1]
+    varying = [k for k in keys if k not in ("seed", "resume") and len({f.get(k) for f in flat}) > 1]
     return varying or ["model.block"]
 
 
@@ -178,9 +184,9 @@ def holm(pvalues: list[float], alpha: float = ALPHA) -> tuple[list[float], list[
 
 
 def curve(run: dict, key: str) -> dict[int, float]:
-    """step -> value of one run; for FID only the records with the curve's sample count."""
+    """step -> value of one run; for a metric (FID, ...) only the records with the curve's sample count."""
     recs = [r for r in run["records"] if key in r]
-    if key == "fid":
+    if key in metric_keys():
         recs = fid_curve(recs)
     return {r["step"]: r[key] for r in recs}
 
@@ -204,7 +210,7 @@ def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, 
         values = [[c[s] for c in curves] for s in steps]
         mean = [statistics.fmean(v) for v in values]
         (line,) = ax.plot(
-            steps, mean, marker="o" if key == "fid" else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})"
+            steps, mean, marker="o" if key in metric_keys() else None, ms=3, lw=1.2, label=f"{label} (n={len(curves)})"
         )
         if len(curves) > 1:
             ax.fill_between(
@@ -420,50 +426,70 @@ def worst_classes(order: list[str], summaries: dict[str, list[dict]], names: lis
     return ["Lowest share of any class in any seed, as a multiple of chance: " + "; ".join(lines) + "."]
 
 
-def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
-    jobs = sorted(p.parent.parent for p in multirun.glob("*/.hydra/config.yaml"))
+def job_dirs(study: Path) -> list[Path]:
+    """A study's run directories (those with a Hydra config): under <study>/runs/ when it has one (the layout of
+    studies/<name>/), else directly under <study> (a sweep directory as Hydra writes it)."""
+    runs = study / "runs" if (study / "runs").is_dir() else study
+    jobs = sorted(p.parent.parent for p in runs.glob("*/.hydra/config.yaml"))
     if not jobs:
-        raise FileNotFoundError(f"{multirun}: no Hydra job directories (*/.hydra/config.yaml)")
-    runs = [load_run(j) for j in jobs]
+        raise FileNotFoundError(f"{study}: no Hydra job directories (*/.hydra/config.yaml)")
+    return jobs
+
+
+def collect(study: Path, by: list[str] | None = None) -> dict:
+    """Every run of a study, its arm, and the summaries of the finished ones by arm, arms sorted by mean final FID."""
+    runs = [load_run(j) for j in job_dirs(study)]
     keys = arm_keys(runs, by)
     for r in runs:
         r["arm"] = arm_label(r, keys)
     ok = [r for r in runs if r["status"] == "ok"]
-    summaries: dict[str, list[dict]] = {}
-    summarize_cache = {r["name"]: summarize(r) for r in ok}
     for r in ok:
-        summaries.setdefault(r["arm"], []).append(summarize_cache[r["name"]])
+        r["summary"] = summarize(r)
+    summaries: dict[str, list[dict]] = {}
+    for r in ok:
+        summaries.setdefault(r["arm"], []).append(r["summary"])
     order = sorted(
         summaries,
         key=lambda a: statistics.fmean([s["fid"] for s in summaries[a] if s["fid"] is not None] or [math.inf]),
     )
     ok_arms = {a: [r for r in ok if r["arm"] == a] for a in order}  # curves and grids: finished runs only
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.stem
-    images = {
-        "loss": plot_curves(
-            ok_arms,
-            "loss",
-            "training loss (mean over seeds, band: min-max)",
-            out.with_name(f"{stem}_loss.png"),
-            log=True,
-        ),
-        "fid": plot_curves(
-            ok_arms, "fid", "FID (mean over seeds, band: min-max)", out.with_name(f"{stem}_fid.png"), log=True
-        ),
-        "grids": plot_grids(ok_arms, out.with_name(f"{stem}_samples.png")),
-    }
-    fid_n = sorted({s["fid_n"] for ss in summaries.values() for s in ss if s["fid_n"]})
-    extractors = sorted({s["fid_extractor"] for ss in summaries.values() for s in ss if s["fid_extractor"]})
     header = keys[0].rsplit(".", 1)[-1] if len(keys) == 1 else "arm"  # one column: the label says "k=v, k=v" itself
+    return dict(runs=runs, keys=keys, ok=ok, summaries=summaries, order=order, ok_arms=ok_arms, header=header)
+
+
+FIGURES = {  # key: (file suffix, title)
+    "loss": ("loss", "Training loss"),
+    "fid": ("fid", "FID during training"),
+    "grids": ("samples", "Final EMA samples (one row per class)"),
+}
+
+
+def draw_figures(ok_arms: dict[str, list[dict]], out: Path) -> list[str]:
+    """The curves and the sample grids next to the report (<stem>_loss.png, ...); Markdown for those drawn."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = {key: out.with_name(f"{out.stem}_{suffix}.png") for key, (suffix, _) in FIGURES.items()}
+    band = "(mean over seeds, band: min-max)"
+    drawn = {
+        "loss": plot_curves(ok_arms, "loss", f"training loss {band}", png["loss"], log=True),
+        "fid": plot_curves(ok_arms, "fid", f"FID {band}", png["fid"], log=True),
+        "grids": plot_grids(ok_arms, png["grids"]),
+    }
+    text = []
+    for key, (_, title) in FIGURES.items():
+        if drawn[key]:
+            text += [f"**{title}**", "", f"![{title}]({png[key].name})", ""]
+    return text
+
+
+def main_table(study: dict) -> list[str]:
+    """One row per arm: size, final FID, class consistency and its worst class, final loss, speed (mean ± CI)."""
     lines = [
-        f"| {header} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss "
+        f"| {study['header']} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss "
         "| images/s |",
         "|---|---:|---:|---:|---|---|---|---|---|",
     ]
-    for a in order:
-        ss = summaries[a]
+    for a in study["order"]:
+        ss = study["summaries"][a]
         lines.append(
             f"| {a} | {len(ss)} | {ss[0]['params'] / 1e6:.2f} | {fmt(ss[0]['gflops'], '.3f')} | "
             f"{fmt_ci([s['fid'] for s in ss], '.1f')} | "
@@ -472,10 +498,19 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
             f"{fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
             f"{fmt_ci([s['images_per_s'] for s in ss], '.1f')} |"
         )
+    return lines
+
+
+def overview(path: Path, study: dict) -> list[str]:
+    """What was run and measured, the main table, and warnings: mixed sample counts or extractors, missing runs."""
+    runs, ok, keys = study["runs"], study["ok"], study["keys"]
+    summaries = [s for ss in study["summaries"].values() for s in ss]
+    fid_n = sorted({s["fid_n"] for s in summaries if s["fid_n"]})
+    extractors = sorted({s["fid_extractor"] for s in summaries if s["fid_extractor"]})
     model = ok[0]["config"]["model"]["name"] if ok else "?"
     seeds = sorted({r["config"].get("seed") for r in runs}, key=str)
     text = [
-        f"Runs in `{multirun}` ({model}; arms differ in {', '.join(f'`{k}`' for k in keys)}; "
+        f"Runs in `{path}` ({model}; arms differ in {', '.join(f'`{k}`' for k in keys)}; "
         f"seeds {', '.join(map(str, seeds))}; "
         f"{len(ok)} of {len(runs)} runs finished).",
         "",
@@ -485,7 +520,7 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
         "the lowest share over the classes. Sorted by mean final FID.",
         f"Measured with: {', '.join(f'`{e}`' for e in extractors) or '?'}.",
         "",
-        *lines,
+        *main_table(study),
         "",
     ]
     if len(fid_n) > 1:
@@ -498,48 +533,61 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
             f"**Warning:** the final FIDs use different feature extractors ({', '.join(extractors)}): not comparable.",
             "",
         ]
-    no_fid = [f"`{r['name']}`" for r in ok if summarize_cache[r["name"]]["fid"] is None]
+    no_fid = [f"`{r['name']}`" for r in ok if r["summary"]["fid"] is None]
     if no_fid:
         text += [f"Finished without a FID at the last step: {', '.join(no_fid)}.", ""]
     bad = [r for r in runs if r["status"] != "ok"]
     if bad:
         text += ["Not reported:", *[f"- `{r['name']}`: {r['status']}" for r in bad], ""]
-    names = class_names(ok[0]) if ok else None
-    per_class = per_class_table(order, summaries, names, header)
-    if per_class:
-        text += [
-            "**Class consistency per class** (mean over seeds; the share of class-k samples of the final evaluation "
-            "that the classifier calls k; chance: 1/classes)",
-            "",
-            *per_class,
-            "",
-            *worst_classes(order, summaries, names),
-            "",
-        ]
-    test_lines, pairs = comparisons(summaries)
-    text += ["**Which differences are significant**", "", *verdict(order, pairs), ""]
+    return text
+
+
+def per_class_section(study: dict) -> list[str]:
+    order, summaries = study["order"], study["summaries"]
+    names = class_names(study["ok"][0]) if study["ok"] else None
+    table = per_class_table(order, summaries, names, study["header"])
+    if not table:
+        return []
+    return [
+        "**Class consistency per class** (mean over seeds; the share of class-k samples of the final evaluation "
+        "that the classifier calls k; chance: 1/classes)",
+        "",
+        *table,
+        "",
+        *worst_classes(order, summaries, names),
+        "",
+    ]
+
+
+def significance_section(study: dict, claims: dict) -> list[str]:
+    """The pairwise tests in words and as a table, then the published claims checked against them."""
+    test_lines, pairs = comparisons(study["summaries"])
+    text = ["**Which differences are significant**", "", *verdict(study["order"], pairs), ""]
     if test_lines:
         text += [*test_lines, ""]
-    claims = published(keys, order, pairs, load_claims(multirun))
-    if claims:
+    checked = published(study["keys"], study["order"], pairs, claims)
+    if checked:
         text += [
             "**Against the published order** (each claim tested as the pairs above: Welch, Holm-corrected; "
             "'agrees' needs a significant difference in the claimed direction)",
             "",
-            *claims,
+            *checked,
             "",
         ]
-    titles = {"loss": "Training loss", "fid": "FID during training", "grids": "Final EMA samples (one row per class)"}
-    for key, title in titles.items():
-        if images[key]:
-            name = {"loss": f"{stem}_loss.png", "fid": f"{stem}_fid.png", "grids": f"{stem}_samples.png"}[key]
-            text += [f"**{title}**", "", f"![{title}]({name})", ""]
-    return "\n".join(text)
+    return text
+
+
+def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
+    """The report's Markdown for a study (or a sweep directory); its figures are written next to `out`."""
+    study = collect(multirun, by)
+    figures = draw_figures(study["ok_arms"], out)
+    text = [*overview(multirun, study), *per_class_section(study), *significance_section(study, load_claims(multirun))]
+    return "\n".join(text + figures)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dit.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("multirun", type=Path)
+    p.add_argument("multirun", type=Path, help="a study (studies/<name>, runs under runs/) or a sweep directory")
     p.add_argument("-o", "--out", type=Path, default=None, help="Markdown file (default: <multirun>/report.md)")
     p.add_argument(
         "--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)"

@@ -8,17 +8,51 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 from PIL import Image
 from torchvision.utils import make_grid
 
 from dit.atomic import atomic_file
-from dit.diffusion import Sampler
+from dit.diffusion import Sampler, SamplingSettings
 
-__all__ = ["resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic"]
+__all__ = [
+    "SampleConfig", "resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic",
+]  # fmt: skip
+
+
+@dataclass
+class SampleConfig(SamplingSettings):
+    """sample.py's settings, the schema of configs/sample.yaml: the sampling keys are SamplingSettings's (the
+    same as training.grid_sampling / fid_sampling), so ``python sample.py sampler=ddim steps=50 cfg_scale=4``;
+    a wrong type fails when the config is composed, a bad value when sample.py starts (SamplingSettings).
+    The objective (schedule, ...) comes from the checkpoint; the sampling keys choose how to sample it:
+    sampler null = the objective's default (DDPM models: ddpm | ddim | dpmpp | unipc; flow: euler | heun |
+    euler_maruyama); options are the sampler's (on the command line ``+options={eta:1.0}``), e.g. ddim {eta: 0.0,
+    clip_denoised: true}, ddpm {variance_type: fixed_small}, dpmpp {order: 2, use_karras_sigmas: false},
+    euler_maruyama {diffusion_form: sigma}."""
+
+    checkpoint: str = MISSING  # our export/checkpoint dir, an official DiT .pt, or a diffusers directory
+    use_ema: bool = True  # our checkpoints: EMA weights (false: raw weights)
+    out_dir: str = "samples"  # refuses to overwrite existing samples unless overwrite=true
+    overwrite: bool = False
+    classes: Any = None  # ids and/or names, e.g. [0,3] or ["golden retriever",otter]; null = every class
+    per_class: int = 8  # images per class: the grid has one row per class
+    num_images: int | None = None  # N: exactly N images for FID (labels uniform over `classes`) -> PNGs + npz
+    seed: int = 0
+    batch_size: int = 64  # per process
+    cfg_scale: float = 4.0  # classifier-free guidance; 1 = unguided
+    vae: str | None = None  # latent models: diffusers AutoencoderKL hub id or local path (default: from checkpoint)
+    write_images: bool | None = None  # PNG files + npz; null = only when num_images is set
+
+
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)  # configs/sample.yaml: defaults [sample_schema]
 
 
 def resolve_classes(
@@ -82,21 +116,27 @@ def generate(
     world_size: int = 1,
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first global index, uint8 NHWC images) for this rank's batches: b = rank, rank + world, ...
+    """(first global index, uint8 NHWC images) for this rank's batches, b = rank, rank + world, ..., one at a time.
 
-    sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings)."""
+    sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings). The model is
+    checked against it here, once, when generate() is called (not at the first batch)."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
             f"not {type(sampler).__name__}"
         )
-    sampler.check_model(model)
-    C, S = model.in_channels, model.input_size
-    for b in range(rank, (len(labels) + batch_size - 1) // batch_size, world_size):
+    batches = range(rank, (len(labels) + batch_size - 1) // batch_size, world_size)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    return _batches(sampler, sampler.denoiser(model), shape, labels, batches, batch_size, seed, vae, device)
+
+
+@torch.no_grad()
+def _batches(sampler, denoiser, shape, labels, batches, batch_size, seed, vae, device):
+    for b in batches:
         y = labels[b * batch_size : (b + 1) * batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-        noise = torch.randn(len(y), C, S, S, generator=g, device=device)
-        x = sampler.sample(model, noise, y, generator=g)
+        noise = torch.randn(len(y), *shape, generator=g, device=device)
+        x = sampler.run(denoiser, noise, y, g)
         yield b * batch_size, to_uint8(decode(x, vae))
 
 

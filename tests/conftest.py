@@ -23,10 +23,12 @@ from pathlib import Path  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import dit.training.config  # noqa: E402,F401  registers the training/optim schemas that compose() needs
+from dit.data import fashion_mnist  # noqa: E402
 
 # Shared by the test modules (``from conftest import ...``): the repository, the dataset, composing configs.
+# Tiny models, VAEs and metrics reading: tests/helpers/tiny.py.
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+FMNIST = Path(fashion_mnist.ROOT) / "train-images-idx3-ubyte.gz"
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 
 
@@ -34,6 +36,14 @@ def compose_config(name: str, overrides=(), **kwargs):
     """configs/<name>.yaml composed with overrides, as train.py / sample.py would see it."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(name, overrides=list(overrides), **kwargs)
+
+
+SMOKE = ["experiment=smoke", "training.log_every=1"]  # a smoke run that logs every step
+
+
+def smoke_config(*overrides):
+    """The train config of that smoke run, with overrides."""
+    return compose_config("train", [*SMOKE, *overrides])
 
 
 @pytest.fixture(autouse=True)

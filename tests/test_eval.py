@@ -11,10 +11,11 @@ import pytest
 import scipy.linalg
 import torch
 
+from dit.data import fashion_mnist
 from dit.eval import ImageSource, Stats, fid, frechet_distance, stats_from_features
 from dit.eval.__main__ import main as eval_main
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+FMNIST = Path(fashion_mnist.ROOT) / "t10k-images-idx3-ubyte.gz"
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
 
 
@@ -285,46 +286,61 @@ class StubFeatures(torch.nn.Module):
         return f, f[:, :10]
 
 
+class StubExtractor:
+    """The registry entry of StubFeatures: its logits classify nothing (no Inception Score, no class consistency)."""
+
+    name, logits_of = "stub", None
+
+    @staticmethod
+    def build(inception_weights=None, domain_classifier=None):
+        return StubFeatures()
+
+
 @pytest.fixture
 def stub_evaluator():
-    """Evaluator(..., extra_metrics=...) with StubFeatures in place of a real network."""
+    """Evaluator("stub", ..., extra_metrics=...) with StubFeatures, registered as an extractor for the test."""
     from dit.eval.evaluator import Evaluator
+    from dit.eval.extractors import EXTRACTORS
 
-    def make(ref=None, **kwargs):
-        with mock.patch("dit.eval.make_extractor", return_value=StubFeatures()):
-            return Evaluator("stub", ref, distributed=False, **kwargs)
-
-    return make
+    EXTRACTORS.add(StubExtractor)
+    yield lambda ref=None, **kwargs: Evaluator("stub", ref, distributed=False, **kwargs)
+    EXTRACTORS.remove(StubExtractor.name)
 
 
-def test_kid_formula_without_subsets_and_with_torch_fidelity_subsets(stub_evaluator):
+def kid_precision_recall(fake, real):
+    """The KID and precision/recall metrics of sample features ``fake`` against reference features ``real``."""
+    from dit.eval.metrics import KID, Inputs, PrecisionRecall
+
+    inputs = Inputs(features=fake, reference_features=real)
+    return KID().compute(inputs) | PrecisionRecall().compute(inputs)
+
+
+def test_kid_formula_without_subsets_and_with_torch_fidelity_subsets():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 16)), rng.normal(size=(40, 16)) * 1.2 + 0.3
-    ev = stub_evaluator(extra_metrics=True)
     # Equal sets of fewer than 1000: every subset is the whole set (permuted), so KID is the formula itself.
-    ours = ev.kid_precision_recall(x, y)
+    ours = kid_precision_recall(x, y)
     assert ours["kid"] == pytest.approx(kid_float64(x, y), rel=1e-9) and ours["kid_std"] == pytest.approx(0, abs=1e-9)
-    assert ours["kid"] > 0.01 and ev.kid_precision_recall(x, x)["kid"] == pytest.approx(kid_float64(x, x), abs=1e-12)
+    assert ours["kid"] > 0.01 and kid_precision_recall(x, x)["kid"] == pytest.approx(kid_float64(x, x), abs=1e-12)
     # Unequal sets: torch-fidelity draws 100 subsets of the smaller size with RandomState(2020), in this order.
     y = rng.normal(size=(70, 16)) * 1.2 + 0.3
     pick = np.random.RandomState(2020)
     subsets = [
         kid_float64(x[pick.choice(40, 40, replace=False)], y[pick.choice(70, 40, replace=False)]) for _ in range(100)
     ]
-    ours = ev.kid_precision_recall(x, y)
+    ours = kid_precision_recall(x, y)
     assert ours["kid"] == pytest.approx(np.mean(subsets), rel=1e-9) and ours["kid_std"] == pytest.approx(
         np.std(subsets), rel=1e-9
     )
 
 
-def test_precision_recall_see_fidelity_and_mode_collapse(stub_evaluator):
+def test_precision_recall_see_fidelity_and_mode_collapse():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(200, 16))
-    ev = stub_evaluator(extra_metrics=True)
-    same = ev.kid_precision_recall(real, real)
+    same = kid_precision_recall(real, real)
     assert same["precision"] == 1.0 and same["recall"] == 1.0  # every point lies in its own k-NN ball
     collapsed = real[:5].repeat(40, 0) + 0.01 * rng.normal(size=(200, 16))  # 5 modes of the reference
-    pr = ev.kid_precision_recall(collapsed, real)
+    pr = kid_precision_recall(collapsed, real)
     assert pr["precision"] > 0.9 and pr["recall"] < 0.2  # realistic samples, little of the reference covered
     assert pr["kid"] > same["kid"] + 0.1
 
@@ -344,25 +360,12 @@ def test_extra_metrics_need_reference_images_and_are_off_for_training(stub_evalu
     assert set(training) == {"fid"} and training["fid"] == pytest.approx(extra["fid"])
     stats_only = stub_evaluator(str(tmp_path / "ref_stats.npz"), extra_metrics=True)
     assert set(stats_only.evaluate(images)) == {"fid"}
-    assert "is statistics only (mu, sigma)" in stats_only.extra_unavailable(np.zeros((50, 16)))
-    with (
-        mock.patch("dit.eval.make_extractor", return_value=StubFeatures()),
-        mock.patch("dit.eval.__main__.METRICS", ("stub",)),
-    ):
-        eval_main(
-            ["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"]
-        )
-        eval_main(
-            [
-                "fid",
-                str(tmp_path / "samples.npz"),
-                str(tmp_path / "ref_stats.npz"),
-                "--metric",
-                "stub",
-                "--device",
-                "cpu",
-            ]
-        )
+    skipped = stats_only.evaluation(images).skipped
+    assert set(skipped) == {"KID", "precision and recall"} and "is statistics only (mu, sigma)" in skipped["KID"]
+    eval_main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--metric", "stub", "--device", "cpu"])
+    eval_main(
+        ["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "--metric", "stub", "--device", "cpu"]
+    )
     captured = capsys.readouterr()
     with_images, with_stats = map(parse_line, captured.out.splitlines())  # one result line per command
     assert float(with_images["kid"]) == pytest.approx(extra["kid"], abs=1e-6)
@@ -386,7 +389,7 @@ def test_inception_is_kid_precision_recall_against_reference_images(
     with pytest.warns(UserWarning, match="unreliable"):  # 8 images of 2048-d features: only the path is tested
         ev = Evaluator("inception", str(tmp_path / "b.npz"), distributed=False, extra_metrics=True)
         features, logits, _ = ev.extract(str(tmp_path / "a.npz"))
-        ours = ev.metrics(stats_from_features(features, ev.extractor.name), logits, None, features)
+        ours = ev.measure(stats_from_features(features, ev.extractor.name), logits, None, features).values
         eval_main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--batch-size", "8", "--device", "cpu"])
     assert ours["kid"] == pytest.approx(kid_float64(features, ev._reference_features), rel=1e-6)  # 8 vs 8: no subsets
     assert ours["inception_score"] == isc_features_to_metric(torch.from_numpy(logits), splits=8)["inception_score_mean"]

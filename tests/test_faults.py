@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FMNIST, ROOT, compose_config, needs_fmnist
+from conftest import FMNIST, ROOT, SMOKE, needs_fmnist, smoke_config
+from helpers.tiny import tiny_diffusers_dit
 from safetensors.torch import save_file
 
 import train
@@ -29,11 +30,11 @@ from dit.integrity import DamagedFileError
 from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
 
 # A checkpoint every step (more moments to kill), the last two kept.
-RUN = ["experiment=smoke", "training.log_every=1", "training.ckpt_every=1", "training.keep_last=2"]
+RUN = [*SMOKE, "training.ckpt_every=1", "training.keep_last=2"]
 
 
 def cfg_for(*overrides):
-    return compose_config("train", [*RUN, *overrides])
+    return smoke_config(*RUN[len(SMOKE) :], *overrides)
 
 
 # --- damage ----------------------------------------------------------------------------------------
@@ -131,21 +132,8 @@ def test_damaged_official_pt(tmp_path, how):
 
 @pytest.fixture(scope="module")
 def diffusers_dir(tmp_path_factory):
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from diffusers import DiTTransformer2DModel
-
     path = tmp_path_factory.mktemp("diffusers") / "transformer"
-    DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero",
-    ).save_pretrained(path)
+    tiny_diffusers_dit(num_embeds_ada_norm=1000, norm_eps=1e-5).save_pretrained(path)
     return path
 
 

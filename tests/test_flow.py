@@ -46,10 +46,6 @@ CPU = torch.device("cpu")
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
-def compose_cfg(name, overrides):
-    return compose_config(name, overrides)
-
-
 class RandomVelocity(torch.nn.Module):
     """A small random float64 network v(x, t, y) with 2C outputs (the learn_sigma layout: the last C
     channels are garbage that must be ignored), nonlinear in x, t and y. Records the t it sees."""
@@ -355,7 +351,7 @@ def test_loss_trains_a_dit_and_ignores_the_sigma_half():
 
 def test_settings_round_trip_and_noise_level():
     assert "flow" in OBJECTIVES
-    obj = instantiate(compose_cfg("train", ["diffusion=flow", "diffusion.time_sampling=logit_normal"]).diffusion)
+    obj = instantiate(compose_config("train", ["diffusion=flow", "diffusion.time_sampling=logit_normal"]).diffusion)
     assert isinstance(obj, FlowMatching)
     settings = obj.settings()
     assert settings == {"name": "flow", "time_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
@@ -439,26 +435,27 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
     """diffusion=flow with logit-normal times: train 2 steps, resume to 4, the export records the flow objective,
     sample.py with the training grid's sampler reproduces its grid, and heun samples too; a resume with a
     changed time_sampling is refused. (After 4 steps the EMA velocity is ~0, so euler and heun give the same
-    pixels here: the samplers' numerics are tested above.) fid_sampling's default (ddim) cannot sample a flow
-    model, hence training.fid_sampling.sampler=euler even with FID off."""
+    pixels here: the samplers' numerics are tested above.) No sampler is named for the in-training FID: a flow
+    run's is its objective's (euler), see test_objectives."""
     run = tmp_path / "run"
     base = ["experiment=smoke", "diffusion=flow", "diffusion.time_sampling=logit_normal", "training.ckpt_every=2",
             "training.sample_per_class=1", "training.sample_max_classes=10", "training.grid_sampling.sampler=euler",
-            "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0",
-            "training.fid_sampling.sampler=euler"]  # fmt: skip
-    first = train.run(compose_cfg("train", [*base, "training.total_steps=2"]), run)
+            "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"]  # fmt: skip
+    first = train.run(compose_config("train", [*base, "training.total_steps=2"]), run)
     assert first["step"] == 2
-    result = train.run(compose_cfg("train", [*base, "training.total_steps=4"]), run)
+    result = train.run(compose_config("train", [*base, "training.total_steps=4"]), run)
     assert result["step"] == 4
     settings = {"name": "flow", "time_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
     assert json.loads((run / "model" / "config.json").read_text())["objective"] == settings
     with pytest.raises(ValueError, match="time_sampling"):
-        train.run(compose_cfg("train", [o for o in base if "time_sampling" not in o] + ["training.total_steps=5"]), run)
+        train.run(
+            compose_config("train", [o for o in base if "time_sampling" not in o] + ["training.total_steps=5"]), run
+        )
 
     def sample_grid(out, *extra):
         overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "seed=0", "batch_size=10",
                      "steps=4", "cfg_scale=2.0", *extra]  # fmt: skip
-        sample.run(compose_cfg("sample", overrides))
+        sample.run(compose_config("sample", overrides))
         return np.array(Image.open(Path(out) / "grid.png"))
 
     grid_train = np.array(Image.open(run / "samples" / "latest.png"))

@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from helpers.tiny import randomize, tiny_diffusers_dit, tiny_dit, tiny_vae
 
 from dit.models import DiTConfig, create_model
 from dit.models.convert import from_diffusers, infer_official_config, load_official_checkpoint, to_diffusers
@@ -65,12 +66,8 @@ def test_state_dict_layout_is_the_official_one():
 
 
 def random_model(freq_shift=0, num_classes=10):
-    model = create_model(
-        "DiT-Debug/2", input_size=16, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift
-    )
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    return model.eval()
+    model = tiny_dit(patch_size=2, in_channels=4, num_classes=num_classes, timestep_freq_shift=freq_shift)
+    return randomize(model, 0.2).eval()
 
 
 def batch():
@@ -104,20 +101,7 @@ def test_to_diffusers_gives_the_same_outputs(freq_shift):
 
 
 def test_from_diffusers_gives_the_same_outputs():
-    dmodel = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_type="ada_norm_zero",
-        norm_eps=1e-6,
-    )
-    for p in dmodel.parameters():
-        p.data.normal_(0, 0.2)
+    dmodel = randomize(tiny_diffusers_dit(), 0.2)
     emb = dmodel.transformer_blocks[0].norm1.emb.state_dict()
     for block in dmodel.transformer_blocks[1:]:  # a converted model shares its embedders
         block.norm1.emb.load_state_dict(emb)
@@ -133,24 +117,14 @@ def test_from_diffusers_gives_the_same_outputs():
 
 
 def test_from_diffusers_refuses_unshared_embedders():
-    dmodel = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_eps=1e-6,
-    )
+    dmodel = tiny_diffusers_dit()
     with pytest.raises(ValueError, match="transformer_blocks.1 has timestep/label embedders"):
         from_diffusers(dmodel)
 
 
 def test_to_diffusers_refuses_other_blocks():
     with pytest.raises(ValueError, match="only has adaLN-Zero blocks, not 'cross_attn'"):
-        to_diffusers(create_model("DiT-Debug/2", block="cross_attn", input_size=16, in_channels=4, num_classes=10))
+        to_diffusers(tiny_dit("cross_attn", 2, in_channels=4))
 
 
 def test_saved_diffusers_model_runs_in_dit_pipeline(tmp_path):
@@ -162,15 +136,7 @@ def test_saved_diffusers_model_runs_in_dit_pipeline(tmp_path):
     x, t, y = batch()
     with torch.no_grad():
         assert (transformer(x, t, y).sample - model(x, t, y)).abs().max().item() <= 1e-5
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000))
     out = pipe(
         class_labels=[1, 7],

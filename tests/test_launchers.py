@@ -7,26 +7,37 @@ import sys
 
 import pytest
 from conftest import ROOT, compose_config, needs_fmnist
+from helpers.tiny import records
 from omegaconf import OmegaConf
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
-def multirun(sweep_dir, *overrides, env=None):
-    """python train.py -m experiment=smoke ... hydra/launcher=local, each job in <sweep_dir>/<block>."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "experiment=smoke",
-        "training.total_steps=4",
-        "logger=none",
-        "hydra/launcher=local",
-    ]
-    cmd += [f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${model.block}", *overrides]
+def multirun_command(sweep_dir, launcher, *overrides):
+    """python train.py -m experiment=smoke ... hydra/launcher=<launcher>, each job in <sweep_dir>/<block>."""
+    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "training.total_steps=4", "logger=none"]
+    cmd += [f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${model.block}"]
+    return [*cmd, *overrides]
+
+
+def launch(cmd, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def multirun(sweep_dir, *overrides, env=None):
+    """A multirun through hydra/launcher=local that must succeed."""
+    done = launch(multirun_command(sweep_dir, "local", *overrides), env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def report(sweep, tmp_path) -> str:
+    """python -m dit.report <sweep>: the markdown it writes."""
+    out = tmp_path / "report.md"
+    subprocess.run(
+        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
+    )
+    return out.read_text()
 
 
 @needs_fmnist
@@ -38,12 +49,8 @@ def test_local_launcher_runs_jobs_as_processes_and_report_collects_them(tmp_path
     for block in ("adaln", "adaln_zero"):
         run = sweep / block
         assert (run / "model" / "config.json").exists() and (run / "model" / "ema.safetensors").exists()
-        assert '"step": 4' in (run / "metrics.jsonl").read_text()
-    out = tmp_path / "report.md"
-    subprocess.run(
-        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
-    )
-    text = out.read_text()
+        assert 4 in [r["step"] for r in records(run)]
+    text = report(sweep, tmp_path)
     assert "2 of 2 runs finished" in text and "| adaln |" in text and "| adaln_zero |" in text
 
 
@@ -101,30 +108,14 @@ def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished
     report lists it; the same command again trains nothing that is finished."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "experiment=smoke",
-        "training.total_steps=4",
-        "logger=none",
-        "hydra/launcher=pool",
-    ]
-    cmd += [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${model.block}", "model.block=bogus,adaln"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = multirun_command(sweep, "pool")
+    first = launch([*cmd, "model.block=bogus,adaln"])
     assert first.returncode != 0 and "unknown block 'bogus'" in first.stderr
     assert (sweep / "adaln" / "model" / "config.json").exists()  # the other job finished
     assert (sweep / "bogus" / "error.txt").read_text().startswith("ValueError: unknown block 'bogus'; valid blocks: ")
     weights = (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns
-    again = subprocess.run(
-        [*cmd[:-1], "model.block=adaln"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    again = launch([*cmd, "model.block=adaln"])
     assert again.returncode == 0 and "already finished at step 4" in again.stdout + again.stderr
     assert (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns == weights
-    out = tmp_path / "report.md"
-    subprocess.run(
-        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
-    )
-    text = out.read_text()
+    text = report(sweep, tmp_path)
     assert "1 of 2 runs finished" in text and "`bogus`: failed" in text and "unknown block 'bogus'" in text

@@ -5,28 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import randomize, tiny_dit
 
 from dit.models import BLOCKS, DIT_MODELS, create_model, get_block
 from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-
-
-def tiny(block, patch_size=2, learn_sigma=True, **kw):
-    return create_model(
-        f"DiT-Debug/{patch_size}",
-        block=block,
-        input_size=16,
-        in_channels=3,
-        num_classes=10,
-        learn_sigma=learn_sigma,
-        **kw,
-    )
-
-
-def randomize(model, std=0.1):
-    """Random weights everywhere (zero-init would hide wiring mistakes)."""
-    for p in model.parameters():
-        p.data.normal_(0, std)
-    return model
 
 
 def inputs(n=3, c=3, size=16, num_classes=10):
@@ -37,7 +19,7 @@ def inputs(n=3, c=3, size=16, num_classes=10):
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_shape(block, patch_size, learn_sigma):
-    model = tiny(block, patch_size, learn_sigma)
+    model = tiny_dit(block, patch_size, learn_sigma=learn_sigma)
     out = model(*inputs())
     assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
     assert torch.isfinite(out).all()
@@ -55,7 +37,7 @@ def test_every_size_on_meta(name, block):
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_backward_reaches_every_trainable_parameter(block):
-    model = randomize(tiny(block)).train()
+    model = randomize(tiny_dit(block, 2)).train()
     x, t, y = inputs()
     model(x, t, y).square().mean().backward()
     for name, p in model.named_parameters():
@@ -67,7 +49,7 @@ def test_backward_reaches_every_trainable_parameter(block):
 
 
 def test_adaln_zero_blocks_are_identity_at_init():
-    model = tiny("adaln_zero")
+    model = tiny_dit("adaln_zero", 2)
     x = torch.randn(2, model.num_tokens, 64)
     c = torch.randn(2, 64)
     for block in model.blocks:
@@ -78,32 +60,32 @@ def test_adaln_zero_blocks_are_identity_at_init():
 
 def test_other_variants_are_not_identity_at_init():
     for block in ("in_context", "cross_attn", "adaln"):
-        out = tiny(block).eval()(*inputs())
+        out = tiny_dit(block, 2).eval()(*inputs())
         assert out.abs().max() > 0, block
 
 
 def test_null_label_used_when_dropped():
-    model = randomize(tiny("adaln_zero")).eval()
+    model = randomize(tiny_dit("adaln_zero", 2)).eval()
     x, t, y = inputs()
     null = torch.full_like(y, 10)
     dropped = model(x, t, y, force_drop_ids=torch.ones_like(y))
     torch.testing.assert_close(dropped, model(x, t, null), rtol=0, atol=0)
     assert not torch.allclose(dropped, model(x, t, y))
     # In training, dropout_prob=1 drops every label.
-    always = randomize(tiny("adaln_zero", class_dropout_prob=1.0))
+    always = randomize(tiny_dit("adaln_zero", 2, class_dropout_prob=1.0))
     always.load_state_dict(model.state_dict())
     torch.testing.assert_close(always.train()(x, t, y), model(x, t, null), rtol=0, atol=0)
 
 
 def test_label_dropout_rate():
-    model = tiny("adaln_zero", class_dropout_prob=0.3)
+    model = tiny_dit("adaln_zero", 2, class_dropout_prob=0.3)
     labels = torch.zeros(20000, dtype=torch.long)
     share = (model.y_embedder.drop_labels(labels) == 10).float().mean().item()
     assert abs(share - 0.3) < 0.02
 
 
 def test_no_null_class_without_dropout():
-    model = tiny("adaln_zero", class_dropout_prob=0.0)
+    model = tiny_dit("adaln_zero", 2, class_dropout_prob=0.0)
     assert model.y_embedder.embedding_table.num_embeddings == 10
     x, t, _ = inputs()
     with pytest.raises(ValueError, match=r"outside \[0, 9\]"):
@@ -119,14 +101,14 @@ def test_in_context_appends_and_removes_two_tokens():
 
 
 def test_cross_attention_reads_the_condition():
-    model = randomize(tiny("cross_attn")).eval()
+    model = randomize(tiny_dit("cross_attn", 2)).eval()
     x, t, y = inputs()
     assert not torch.allclose(model(x, t, y), model(x, t, (y + 1) % 10))
 
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_gradient_checkpointing_gives_the_same_gradients(block):
-    model = randomize(tiny(block, class_dropout_prob=0.0)).train()
+    model = randomize(tiny_dit(block, 2, class_dropout_prob=0.0)).train()
     x, t, y = inputs()
     model(x, t, y).square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -160,7 +142,7 @@ def test_input_size_not_divisible_by_patch():
 
 @pytest.mark.parametrize("label", [-1, 11])
 def test_label_out_of_range(label):
-    model = tiny("adaln")
+    model = tiny_dit("adaln", 2)
     x, t, y = inputs()
     y[1] = label
     with pytest.raises(ValueError, match=rf"label\(s\) \[{label}\] outside \[0, 10\]"):
@@ -168,7 +150,7 @@ def test_label_out_of_range(label):
 
 
 def test_wrong_input_shape():
-    model = tiny("adaln")
+    model = tiny_dit("adaln", 2)
     x, t, y = inputs(size=8)
     with pytest.raises(ValueError, match=r"x must have shape \(N, 3, 16, 16\), got \(3, 3, 8, 8\)"):
         model(x, t, y)
@@ -208,6 +190,6 @@ def test_timestep_embedding_matches_formula(shift):
 
 
 def test_pos_embed_is_a_frozen_buffer():
-    model = tiny("adaln_zero")
+    model = tiny_dit("adaln_zero", 2)
     assert "pos_embed" in model.state_dict()
     assert all(name != "pos_embed" for name, _ in model.named_parameters())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny import randomize
 
 from dit.nn import SPADE, AdaIN, AdaLN, AdaLNZero, ConditionalBatchNorm2d, ConditionalInstanceNorm2d, FiLM
 
@@ -24,12 +25,6 @@ def channel_norm(x, eps):
     return out
 
 
-def randomize(module):
-    for p in module.parameters():
-        p.data.normal_(0, 0.5)
-    return module
-
-
 def test_adain():
     content, style = torch.randn(2, 3, 5, 7), 3 + 2 * torch.randn(2, 3, 4, 4)
     ref = torch.empty_like(content)
@@ -47,7 +42,7 @@ def test_adain_rejects_mismatched_channels():
 
 
 def test_conditional_instance_norm():
-    layer = randomize(ConditionalInstanceNorm2d(4, num_styles=5))
+    layer = randomize(ConditionalInstanceNorm2d(4, num_styles=5), 0.5)
     x, style = torch.randn(3, 4, 6, 6), torch.tensor([0, 4, 2])
     xn = channel_norm(x, 1e-5)
     ref = torch.stack(
@@ -65,7 +60,7 @@ def test_conditional_instance_norm_starts_as_plain_instance_norm():
 
 
 def test_film():
-    layer = randomize(FiLM(4, cond_dim=6))
+    layer = randomize(FiLM(4, cond_dim=6), 0.5)
     x, z = torch.randn(2, 4, 3, 3), torch.randn(2, 6)
     W, b = layer.proj.weight, layer.proj.bias
     gamma = 1 + z @ W[:4].T + b[:4]
@@ -79,7 +74,7 @@ def test_film_on_token_features_and_identity_at_init():
 
 
 def test_conditional_batch_norm():
-    layer = randomize(ConditionalBatchNorm2d(3, cond_dim=5)).train()
+    layer = randomize(ConditionalBatchNorm2d(3, cond_dim=5), 0.5).train()
     x, z = torch.randn(4, 3, 5, 5), torch.randn(4, 5)
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
@@ -91,7 +86,7 @@ def test_conditional_batch_norm():
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 def test_spade(norm):
-    layer = randomize(SPADE(3, label_nc=2, hidden=8, norm=norm)).train()
+    layer = randomize(SPADE(3, label_nc=2, hidden=8, norm=norm), 0.5).train()
     x = torch.randn(2, 3, 8, 8)
     mask = (torch.rand(2, 2, 4, 4) > 0.5).double()  # coarser than x: resized inside
     up = mask.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest 4x4 -> 8x8
@@ -118,7 +113,7 @@ def token_layer_norm(x, eps):
 
 
 def test_adaln():
-    layer = randomize(AdaLN(8, cond_dim=5))
+    layer = randomize(AdaLN(8, cond_dim=5), 0.5)
     x, c = torch.randn(2, 7, 8), torch.randn(2, 5)
     m = F.silu(c) @ layer.modulation[1].weight.T + layer.modulation[1].bias
     shift, scale = m[:, :8], m[:, 8:]
@@ -130,7 +125,7 @@ def test_adaln_zero():
     x, c = torch.randn(2, 7, 8), torch.randn(2, 5)
     f = torch.nn.Linear(8, 8)
     torch.testing.assert_close(layer(x, c, f), x)  # gate alpha = 0 at init: identity
-    randomize(layer)
+    randomize(layer, 0.5)
     m = F.silu(c) @ layer.modulation[1].weight.T + layer.modulation[1].bias
     shift, scale, gate = m[:, :8], m[:, 8:16], m[:, 16:]
     h = token_layer_norm(x, 1e-6) * (1 + scale[:, None]) + shift[:, None]

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, needs_fmnist
+from conftest import compose_config, needs_fmnist
+from helpers.tiny import GRID_RUN
 from PIL import Image
 
 import sample
@@ -30,10 +31,6 @@ from dit.diffusion import (
     get_betas,
 )
 from dit.models import DiT
-
-
-def compose_cfg(name, overrides):
-    return compose_config(name, overrides)
 
 
 def tiny_model(**kw):
@@ -125,21 +122,34 @@ def test_sampler_refuses_an_objective_it_cannot_sample():
         SAMPLERS.remove("_test_only_other")
 
 
-@pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 1.0})])
-def test_registry_sampler_equals_the_plain_loop(name, options):
-    """The registered samplers run exactly the ADM-respaced loops (parity with diffusers is in test_diffusion)."""
-    from dit.diffusion import guided_model, sample_loop
+def test_sampling_settings_are_checked_and_converted_once():
+    s = SamplingSettings(sampler="ddim", steps=np.int64(7), cfg_scale=3, cfg_interval=[0, "0.5"])
+    assert (type(s.steps), type(s.cfg_scale), s.cfg_interval) == (int, float, (0.0, 0.5))
+    for bad, match in [
+        ({"steps": 2.5}, r"steps=2.5: need at least 1 sampling step \(an integer\)"),
+        ({"steps": True}, "steps=True"),
+        ({"cfg_scale": "4"}, "cfg_scale='4': a number"),
+        ({"cfg_interval": [0.1]}, r"cfg_interval=\[0.1\]: a pair"),
+        (
+            {"sampler": "eulr"},
+            r"unknown sampler 'eulr'; valid samplers: ddim, ddpm, dpmpp, euler, euler_maruyama, heun",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SamplingSettings(**bad)
 
-    model = tiny_model()
-    d = create_diffusion()
-    s = build_sampler(d, SamplingSettings(sampler=name, steps=7, cfg_scale=3.0, options=options))
-    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
-    got = s.sample(model, noise, y, torch.Generator().manual_seed(3))
-    want = sample_loop(
-        create_diffusion("7"), guided_model(model, 3.0, null_class=3), noise, y, sampler=name,
-        eta=options.get("eta", 0.0), generator=torch.Generator().manual_seed(3),
-    )  # fmt: skip
-    assert torch.equal(got, want)
+
+def test_sampling_settings_from_a_config_node_keep_only_their_keys():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(
+        {"sampler": "ddim", "steps": 5, "cfg_interval": [0.2, 0.8], "options": {"eta": 1}, "seed": 3}
+    )
+    s = SamplingSettings.from_config(node)
+    assert s == SamplingSettings(sampler="ddim", steps=5, cfg_interval=(0.2, 0.8), options={"eta": 1})
+    assert type(s.options) is dict and SamplingSettings.from_config({"steps": 9}).steps == 9
+    with pytest.raises(ValueError, match="steps=0"):
+        SamplingSettings.from_config(OmegaConf.create({"steps": 0}))
 
 
 def test_cfg_interval_guides_only_inside_it():
@@ -170,6 +180,53 @@ def test_guidance_without_a_null_class_is_an_error_everywhere():
         s.sample(model, torch.randn(1, 1, 8, 8), torch.tensor([0]))
 
 
+def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid():
+    """A null sampler means the objective's: default_sampler for sample.py and the grids, eval_sampler for the
+    in-training FID (DDPM: ddim, as before; flow: euler, with no override); the settings digest records the
+    sampler used, so naming it or leaving it null is the same run, and another sampler is another run."""
+    from omegaconf import OmegaConf
+
+    from dit.diffusion import FlowMatching
+    from dit.training.config import TrainConfig, training_sampling
+    from dit.training.loop import _training_sampler
+    from dit.training.run import settings_digest
+
+    model, cfg = tiny_model(), TrainConfig(fid_every=1)
+    for objective, grid, fid in [(create_diffusion(), "ddpm", "ddim"), (FlowMatching(), "euler", "euler")]:
+        assert build_sampler(objective, SamplingSettings()).name == grid  # sample.py
+        assert _training_sampler(objective, cfg, "grid_sampling", model).name == grid
+        assert _training_sampler(objective, cfg, "fid_sampling", model).name == fid
+        recorded = {"sampler": None, "steps": 10, "cfg_scale": 2.0, "options": {}}  # a run's config.yaml
+        assert training_sampling("fid_sampling", recorded, objective.name) == SamplingSettings(fid, 10, 2.0)
+
+    def digest(*overrides):
+        return settings_digest(
+            OmegaConf.to_container(compose_config("train", ["experiment=smoke", *overrides]), resolve=True)
+        )
+
+    assert digest() == digest("training.fid_sampling.sampler=ddim", "training.grid_sampling.sampler=ddpm")
+    assert digest() != digest("training.fid_sampling.sampler=dpmpp")
+    flow = digest("diffusion=flow")
+    assert flow == digest(
+        "diffusion=flow", "training.fid_sampling.sampler=euler", "training.grid_sampling.sampler=euler"
+    )
+    assert flow != digest("diffusion=flow", "training.fid_sampling.sampler=heun")
+    with pytest.raises(ValueError, match="training.fid_sampling: sampler 'ddim' cannot sample .* 'flow' objective"):
+        _training_sampler(
+            FlowMatching(), TrainConfig(fid_sampling=SamplingSettings(sampler="ddim")), "fid_sampling", model
+        )
+
+
+def test_no_recorded_objective_means_dits_ddpm():
+    from dit.checkpoints import objective_of, objective_settings
+
+    ddpm = {"name": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000, "variance_type": "learned_range"}
+    assert objective_settings({}) == objective_settings({"objective": {}}) == ddpm
+    flow = {"name": "flow", "time_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0}
+    assert objective_settings({"objective": flow}) == flow and objective_of({"objective": flow}).name == "flow"
+    assert objective_of({}).settings() == ddpm
+
+
 # --- settings that travel with the model ----------------------------------------------------
 
 
@@ -179,11 +236,9 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
     sample.py's images equal the training grid's (same sampler, seed, labels) pixel for pixel; the
     linear schedule would give other images."""
     run = tmp_path / "run"
-    cfg = compose_cfg(
+    cfg = compose_config(
         "train",
-        ["experiment=smoke", "diffusion.noise_schedule=cosine", "training.total_steps=2", "training.ckpt_every=0",
-         "training.sample_per_class=1", "training.sample_max_classes=10", "training.grid_sampling.sampler=ddim",
-         "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"],
+        ["experiment=smoke", "diffusion.noise_schedule=cosine", "training.grid_sampling.sampler=ddim", *GRID_RUN],
     )  # fmt: skip
     train.run(cfg, run)
     meta = json.loads((run / "model" / "config.json").read_text())
@@ -205,7 +260,7 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
             cfg_json = json.loads((run / "model" / "config.json").read_text())
             cfg_json["objective"] = objective
             (run / "model" / "config.json").write_text(json.dumps(cfg_json))
-        sample.run(compose_cfg("sample", overrides))
+        sample.run(compose_config("sample", overrides))
         return np.array(Image.open(Path(out) / "grid.png"))
 
     grid_train = np.array(Image.open(run / "samples" / "latest.png"))
@@ -216,21 +271,21 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
 @needs_fmnist
 def test_resume_accepts_a_changed_fused_adaln_but_not_a_changed_objective(tmp_path):
     base = ["experiment=smoke", "training.total_steps=3", "training.ckpt_every=3"]
-    train.run(compose_cfg("train", [*base, "model.fused_adaln=false"]), tmp_path)
+    train.run(compose_config("train", [*base, "model.fused_adaln=false"]), tmp_path)
     result = train.run(
-        compose_cfg("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path
+        compose_config("train", ["experiment=smoke", "training.total_steps=4", "model.fused_adaln=auto"]), tmp_path
     )
     assert result["step"] == 4
     with pytest.raises(ValueError, match=r"objective.noise_schedule: checkpoint 'linear' vs config 'cosine'"):
         train.run(
-            compose_cfg("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]),
+            compose_config("train", ["experiment=smoke", "training.total_steps=5", "diffusion.noise_schedule=cosine"]),
             tmp_path,
         )
 
 
 @needs_fmnist
 def test_grid_guidance_on_a_model_without_null_class_fails_before_training(tmp_path):
-    cfg = compose_cfg(
+    cfg = compose_config(
         "train", ["experiment=smoke", "model.class_dropout_prob=0", "training.grid_sampling.cfg_scale=1.5"]
     )
     with pytest.raises(ValueError, match="needs a null class"):
@@ -242,7 +297,7 @@ def test_unknown_training_key_is_a_compose_error():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["training.sample_steps=3"])  # renamed: training.grid_sampling.steps
+        compose_config("train", ["training.sample_steps=3"])  # renamed: training.grid_sampling.steps
 
 
 # --- diffusers solvers for DDPM models ---------------------------------------------------------
@@ -300,22 +355,3 @@ def test_solvers_follow_guidance_and_steps():
     s = build_sampler(create_diffusion(), SamplingSettings(sampler="dpmpp", steps=7, cfg_scale=3.0))
     s.sample(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
     assert calls == [4] * 7
-
-
-def test_readme_extending_example_is_one_class_and_works():
-    """The README's "Extending" sampler runs as written: one class, then usable by name with options."""
-    import re
-
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"## Extending.*?```python\n(.*?)```", text, re.S).group(1)
-    namespace = {}
-    try:
-        exec(compile(code, "README.md", "exec"), namespace)
-        s = build_sampler(
-            create_diffusion(), SamplingSettings(sampler="ddim_eta_half", steps=3, options={"clip": True})
-        )
-        out = s.sample(tiny_model(), torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.Generator().manual_seed(0))
-        assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all()
-    finally:
-        if "ddim_eta_half" in SAMPLERS:
-            SAMPLERS.remove("ddim_eta_half")

@@ -1,4 +1,4 @@
-"""The fused LayerNorm + modulate kernel against a float64 reference.
+"""The fused LayerNorm / RMSNorm + modulate kernels against float64 references.
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter (conftest sets
 TRITON_INTERPRET=1); with CUDA they are compiled and run on the GPU (unless TRITON_INTERPRET=1 is set).
@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers.tiny import randomize, tiny_dit
 
 from dit.ops import (
     layernorm_modulate,
@@ -43,29 +44,45 @@ def reference64(x, shift, scale, eps=1e-6):
     return layernorm_modulate_reference(x.double(), shift.double(), scale.double(), eps)
 
 
+def rms_reference64(x, shift, scale, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) * (1 + scale) + shift in float64, written out (not F.rms_norm)."""
+    x, shift, scale = x.double(), shift.double(), scale.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+# The two branches of the same kernels: (the Triton kernel, its float64 reference, the dispatcher, the eager op).
+KERNELS = {
+    "layernorm": (layernorm_modulate_fused, reference64, layernorm_modulate, layernorm_modulate_reference),
+    "rmsnorm": (rmsnorm_modulate_fused, rms_reference64, rmsnorm_modulate, rmsnorm_modulate_reference),
+}
+
+
+CASES = [(norm, device, shape) for norm in KERNELS for device in DEVICES for shape in SHAPES]
+
+
 def dtypes_for(device):
     return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_float64(device, shape):
+@pytest.mark.parametrize("norm,device,shape", CASES)
+def test_forward_matches_float64(norm, device, shape):
+    fused, ref64 = KERNELS[norm][:2]
     for dtype in dtypes_for(device):
         x, shift, scale = inputs(shape, dtype, device)
-        out = layernorm_modulate_fused(x, shift, scale)
+        out = fused(x, shift, scale)
         assert out.dtype == dtype and out.shape == x.shape
-        assert rel(out, reference64(x, shift, scale)) < TOL[dtype], dtype
+        assert rel(out, ref64(x, shift, scale)) < TOL[dtype], dtype
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_backward_matches_float64(device, shape):
+@pytest.mark.parametrize("norm,device,shape", CASES)
+def test_backward_matches_float64(norm, device, shape):
+    fused, ref64 = KERNELS[norm][:2]
     for dtype in dtypes_for(device):
         x, shift, scale = inputs(shape, dtype, device, requires_grad=True)
         dy = torch.randn(x.shape, device=device).to(dtype)
-        grads = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+        grads = torch.autograd.grad(fused(x, shift, scale), (x, shift, scale), dy)
         x64, s64, c64 = (v.detach().double().requires_grad_() for v in (x, shift, scale))
-        ref = torch.autograd.grad(reference64(x64, s64, c64), (x64, s64, c64), dy.double())
+        ref = torch.autograd.grad(ref64(x64, s64, c64), (x64, s64, c64), dy.double())
         for name, g, r, v in zip(("dx", "dshift", "dscale"), grads, ref, (x, shift, scale)):
             assert g.dtype == v.dtype and g.shape == v.shape
             assert rel(g, r) < TOL[dtype], (name, dtype)
@@ -86,33 +103,46 @@ def test_every_output_element_is_written(device, monkeypatch):
     assert torch.isfinite(dx).all() and torch.isfinite(dshift).all() and torch.isfinite(dscale).all()
 
 
-def test_gradients_are_deterministic():
+@pytest.mark.parametrize("norm", KERNELS)
+def test_gradients_are_deterministic(norm):
+    fused = KERNELS[norm][0]
     x, shift, scale = inputs((2, 50, 96), torch.float32, DEVICES[0], requires_grad=True)
     dy = torch.randn_like(x)
-    first = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
-    second = torch.autograd.grad(layernorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
+    first = torch.autograd.grad(fused(x, shift, scale), (x, shift, scale), dy)
+    second = torch.autograd.grad(fused(x, shift, scale), (x, shift, scale), dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_dispatch_modes():
+@pytest.mark.parametrize("norm", KERNELS)
+def test_dispatch_modes(norm):
+    dispatch, eager = KERNELS[norm][2:]
     x, shift, scale = inputs((1, 4, 32), torch.float32, "cpu")
-    ref = layernorm_modulate_reference(x, shift, scale)
-    assert torch.equal(layernorm_modulate(x, shift, scale, fused="false"), ref)
-    assert torch.equal(layernorm_modulate(x, shift, scale, fused="auto"), ref)  # CPU tensors: the reference
+    ref = eager(x, shift, scale)
+    assert torch.equal(dispatch(x, shift, scale, fused="false"), ref)
+    assert torch.equal(dispatch(x, shift, scale, fused="auto"), ref)  # CPU tensors: the reference
     x, shift, scale = (v.to(DEVICES[0]) for v in (x, shift, scale))
-    torch.testing.assert_close(layernorm_modulate(x, shift, scale, fused="true").cpu(), ref)  # the Triton kernel
+    torch.testing.assert_close(dispatch(x, shift, scale, fused="true").cpu(), ref)  # the Triton kernel
     with pytest.raises(ValueError, match="fused_adaln='maybe'"):
-        layernorm_modulate(x, shift, scale, fused="maybe")
+        dispatch(x, shift, scale, fused="maybe")
 
 
-def test_fused_model_equals_unfused_and_keeps_the_state_dict():
-    from dit.models import create_model
+def test_rmsnorm_reference_matches_formula():
+    x, shift, scale = inputs((2, 7, 64), torch.float64, "cpu")
+    torch.testing.assert_close(rmsnorm_modulate_reference(x, shift, scale), rms_reference64(x, shift, scale))
 
-    model = create_model("DiT-Debug/4", input_size=16, in_channels=3, num_classes=5, fused_adaln="false")
-    for p in model.parameters():
-        p.data.normal_(0, 0.1)
-    fused = create_model("DiT-Debug/4", input_size=16, in_channels=3, num_classes=5, fused_adaln="true")
+
+RMS_OPTIONS = dict(norm="rmsnorm", qk_norm=True, pos_embed="rope")
+
+
+@pytest.mark.parametrize(
+    "block,options",
+    [("adaln_zero", {}), ("adaln_zero", RMS_OPTIONS), ("adaln_single", RMS_OPTIONS)],
+    ids=["layernorm", "rmsnorm-adaln_zero", "rmsnorm-adaln_single"],
+)
+def test_fused_model_equals_unfused_and_keeps_the_state_dict(block, options):
+    model = randomize(tiny_dit(block, num_classes=5, fused_adaln="false", **options))
+    fused = tiny_dit(block, num_classes=5, fused_adaln="true", **options)
     fused.load_state_dict(model.state_dict(), strict=True)
     model.eval(), fused.eval()  # no label dropout: both see the same labels (gradients still flow)
     model, fused = model.to(DEVICES[0]), fused.to(DEVICES[0])
@@ -125,14 +155,14 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_torch_compile_of_a_block_with_the_fused_op():
+@pytest.mark.parametrize("norm", KERNELS)
+def test_torch_compile_of_a_block_with_the_fused_op(norm):
     from dit.models import DiTConfig
     from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
 
-    block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2))
+    block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2, norm=norm))
     set_fused_adaln(block, "true")
-    for p in block.parameters():
-        p.data.normal_(0, 0.1)
+    randomize(block)
     device = DEVICES[0]
     block = block.to(device)
     x, c = torch.randn(2, 9, 64, device=device), torch.randn(2, 64, device=device)
@@ -146,104 +176,9 @@ def test_torch_compile_fused_block_on_cuda():
     from dit.models import DiTConfig
     from dit.models.blocks import AdaLNZeroBlock
 
-    block = AdaLNZeroBlock(DiTConfig(size="XL/2")).cuda()
-    for p in block.parameters():
-        p.data.normal_(0, 0.02)
+    block = randomize(AdaLNZeroBlock(DiTConfig(size="XL/2")).cuda(), 0.02)
     x, c = torch.randn(4, 256, 1152, device="cuda"), torch.randn(4, 1152, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = block(x, c)
         compiled = torch.compile(block, fullgraph=True)(x, c)
     assert rel(compiled, eager) < 1e-2
-
-
-# --- the RMSNorm branch of the same kernels ---------------------------------------------------
-
-
-def rms_reference64(x, shift, scale, eps=1e-6):
-    """x / sqrt(mean(x^2) + eps) * (1 + scale) + shift in float64, written out (not F.rms_norm)."""
-    x, shift, scale = x.double(), shift.double(), scale.double()
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + scale[:, None]) + shift[:, None]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_rmsnorm_forward_matches_float64(device, shape):
-    for dtype in dtypes_for(device):
-        x, shift, scale = inputs(shape, dtype, device)
-        out = rmsnorm_modulate_fused(x, shift, scale)
-        assert out.dtype == dtype and out.shape == x.shape
-        assert rel(out, rms_reference64(x, shift, scale)) < TOL[dtype], dtype
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_rmsnorm_backward_matches_float64(device, shape):
-    for dtype in dtypes_for(device):
-        x, shift, scale = inputs(shape, dtype, device, requires_grad=True)
-        dy = torch.randn(x.shape, device=device).to(dtype)
-        grads = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
-        x64, s64, c64 = (v.detach().double().requires_grad_() for v in (x, shift, scale))
-        ref = torch.autograd.grad(rms_reference64(x64, s64, c64), (x64, s64, c64), dy.double())
-        for name, g, r, v in zip(("dx", "dshift", "dscale"), grads, ref, (x, shift, scale)):
-            assert g.dtype == v.dtype and g.shape == v.shape
-            assert rel(g, r) < TOL[dtype], (name, dtype)
-
-
-def test_rmsnorm_reference_matches_formula():
-    x, shift, scale = inputs((2, 7, 64), torch.float64, "cpu")
-    torch.testing.assert_close(rmsnorm_modulate_reference(x, shift, scale), rms_reference64(x, shift, scale))
-
-
-def test_rmsnorm_gradients_are_deterministic():
-    x, shift, scale = inputs((2, 50, 96), torch.float32, DEVICES[0], requires_grad=True)
-    dy = torch.randn_like(x)
-    first = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
-    second = torch.autograd.grad(rmsnorm_modulate_fused(x, shift, scale), (x, shift, scale), dy)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-def test_rmsnorm_dispatch_modes():
-    x, shift, scale = inputs((1, 4, 32), torch.float32, "cpu")
-    ref = rmsnorm_modulate_reference(x, shift, scale)
-    assert torch.equal(rmsnorm_modulate(x, shift, scale, fused="false"), ref)
-    assert torch.equal(rmsnorm_modulate(x, shift, scale, fused="auto"), ref)
-    x, shift, scale = (v.to(DEVICES[0]) for v in (x, shift, scale))
-    torch.testing.assert_close(rmsnorm_modulate(x, shift, scale, fused="true").cpu(), ref)
-
-
-@pytest.mark.parametrize("block", ["adaln_zero", "adaln_single"])
-def test_fused_rmsnorm_model_equals_unfused(block):
-    from dit.models import create_model
-
-    kw = dict(block=block, input_size=16, in_channels=3, num_classes=5, norm="rmsnorm", qk_norm=True, pos_embed="rope")
-    model = create_model("DiT-Debug/4", fused_adaln="false", **kw)
-    for p in model.parameters():
-        p.data.normal_(0, 0.1)
-    fused = create_model("DiT-Debug/4", fused_adaln="true", **kw)
-    fused.load_state_dict(model.state_dict(), strict=True)
-    model.eval(), fused.eval()
-    model, fused = model.to(DEVICES[0]), fused.to(DEVICES[0])
-    x, t, y = (v.to(DEVICES[0]) for v in (torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])))
-    out_ref, out_fused = model(x, t, y), fused(x, t, y)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-5)
-    out_ref.square().sum().backward()
-    out_fused.square().sum().backward()
-    for (name, a), b in zip(model.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_torch_compile_of_an_rmsnorm_block_with_the_fused_op():
-    from dit.models import DiTConfig
-    from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
-
-    block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2, norm="rmsnorm"))
-    set_fused_adaln(block, "true")
-    for p in block.parameters():
-        p.data.normal_(0, 0.1)
-    device = DEVICES[0]
-    block = block.to(device)
-    x, c = torch.randn(2, 9, 64, device=device), torch.randn(2, 64, device=device)
-    eager = block(x, c)
-    compiled = torch.compile(block, fullgraph=True)(x, c)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
+from helpers.tiny import randomize, tiny_dit
 from omegaconf import OmegaConf
 
 import train
-from dit.models import create_model
 from dit.training.config import OptimConfig
 from dit.training.optim import FullMatrixMuon, MuonWithAdamW, build_optimizer, muon_parameter
 
 
 def model_and_grads(seed=0):
     torch.manual_seed(seed)
-    model = create_model("DiT-Debug/4", input_size=16, in_channels=1, num_classes=10)
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
+    model = randomize(tiny_dit(in_channels=1), 0.05)
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 10, 100, 900]), torch.tensor([0, 1, 2, 3])
     model.eval()  # no label dropout: the same loss for the same weights
     return model, lambda m: m(x, t, y).square().mean().backward()

@@ -280,3 +280,79 @@ def test_arms_of_two_keys_fill_one_column(tmp_path):
         header, separator, *rows = [table + lines[0], *lines[1:4]]
         assert len(rows) == 2 and all(r.count("|") == header.count("|") == separator.count("|") for r in rows), text
     assert "| block=adaln, lr=0.001 |" in text
+
+
+@needs_fmnist
+def test_publish_copies_the_results_and_restore_lets_a_sweep_skip_the_finished_runs(tmp_path):
+    """publish: a run's results into studies/<name>/runs/<run>/ and nothing else (no weights, checkpoints, npz,
+    logs, empty files, PNG copies); the report reads the study as it read the sweep. restore (a fresh clone): the
+    published run put back into an empty sweep directory is met as finished by the training loop, not retrained."""
+    from dit.study import main as study_main
+
+    sweep, study = tmp_path / "outputs" / "studies" / "s", tmp_path / "studies" / "s"
+    run = sweep / "adaln_zero_seed0"
+    cfg = cfg_for("training.total_steps=4", "training.log_every=1", "training.sample_every=2", "training.ckpt_every=2")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    (run / ".hydra" / "overrides.yaml").write_text("- training.total_steps=4\n")
+    (run / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    train.run(cfg, run)
+    grids = sorted((run / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"] and (run / "model").is_dir()
+    (run / "train.log").write_text("")  # Hydra's job log, empty: the loop logs to metrics.jsonl
+    (run / "notes.md").write_text("")
+    shutil.copy(grids[-1], run / "samples" / "latest.png")
+    shutil.copy(grids[-1], run / "final.png")  # a byte copy under another name
+    np.savez(run / "samples.npz", np.zeros(1))
+    (run / "checkpoints" / "extra.json").write_text("{}")
+    study_main(["publish", str(sweep), str(study)])
+    published = study / "runs" / run.name
+    files = sorted(str(p.relative_to(published)) for p in published.rglob("*") if p.is_file())
+    assert files == [
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "finished.json",
+        "loss.png",
+        "metrics.jsonl",
+        "samples/step_0000004.png",
+    ], files
+    for f in files:
+        assert (published / f).read_bytes() == (run / f).read_bytes()
+    report_main([str(sweep), "-o", str(tmp_path / "sweep.md")])
+    report_main([str(study), "-o", str(tmp_path / "study.md")])  # the runs under studies/s/runs/
+    from_sweep, from_study = ((tmp_path / n).read_text() for n in ("sweep.md", "study.md"))
+    assert "1 of 1 runs finished" in from_study
+    assert from_study.replace(f"`{study}`", f"`{sweep}`") == from_sweep.replace("sweep_", "study_")
+
+    (published / "metrics.jsonl").write_text("edited\n")  # a result changed in the sweep: published again
+    study_main(["publish", str(sweep), str(study)])
+    assert (published / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in published.rglob("*") if p.is_file()}
+    study_main(["publish", str(sweep), str(study)])  # the same finished run: left as it is
+    assert before == {p: p.stat().st_mtime_ns for p in published.rglob("*") if p.is_file()}
+
+    fresh = tmp_path / "fresh" / "s"
+    study_main(["restore", str(study), str(fresh)])
+    assert sorted(str(p.relative_to(fresh / run.name)) for p in fresh.rglob("*") if p.is_file()) == files
+    result = train.run(cfg, fresh / run.name)
+    assert result["step"] == 4 and result["checkpoint"] is None  # finished: nothing trained, nothing written
+    assert not (fresh / run.name / "model").exists() and not (fresh / run.name / "checkpoints").exists()
+    assert (fresh / run.name / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="no run directories with results"):
+        study_main(["publish", str(tmp_path / "empty"), str(study)])
+
+
+def test_each_study_config_gives_the_settings_its_runs_recorded():
+    """The override lists that trained a study became its experiment config: composed, the config gives the
+    settings digest each committed run recorded (so a sweep of it skips them)."""
+    from conftest import compose_config
+
+    from dit.training.run import settings_digest
+
+    runs = sorted((Path(__file__).resolve().parents[1] / "studies" / "ablation_adain_6k" / "runs").glob("adain_seed*"))
+    assert len(runs) == 3
+    for run in runs:
+        seed = run.name.removeprefix("adain_seed")
+        cfg = compose_config("train", ["experiment=ablation_adain_6k", f"seed={seed}"])
+        recorded = json.loads((run / "finished.json").read_text())["settings"]
+        assert settings_digest(OmegaConf.to_container(cfg, resolve=True)) == recorded, run

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
+from helpers.tiny import tiny_vae
 from PIL import Image
 
 import sample
@@ -40,15 +41,7 @@ def pixel_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
     return path
@@ -223,3 +216,41 @@ def test_cli_error_exits_nonzero(pixel_export, tmp_path):
         text=True,
     )
     assert proc.returncode != 0 and "unknown class name 'jacket'" in proc.stderr
+
+
+def test_bad_sampling_values_fail_at_composition_or_before_loading(pixel_export, tmp_path):
+    """sample.yaml's schema is SampleConfig (SamplingSettings + sample.py's keys): a wrong type or an unknown
+    key fails when the config is composed, a bad value before the checkpoint is read."""
+    from hydra.errors import ConfigCompositionException
+
+    for bad in ("steps=many", "cfg_scale=strong", "sampler_options={eta:1}", "stepz=4"):
+        with pytest.raises(ConfigCompositionException):
+            sample_cfg(**dict([bad.split("=", 1)]))
+    with pytest.raises(ValueError, match="unknown sampler 'ddmi'; valid samplers: ddim, ddpm"):
+        run(checkpoint=tmp_path / "not read", out_dir=tmp_path / "s", sampler="ddmi")
+    with pytest.raises(ValueError, match=r"cfg_interval=\[0.9, 0.1\]: need 0 <= lo <= hi <= 1"):
+        run(checkpoint=tmp_path / "not read", out_dir=tmp_path / "s", cfg_interval="[0.9,0.1]")
+    with pytest.raises(ValueError, match="sampler 'ddim' has no option etta; its options: eta, clip_denoised"):
+        run(checkpoint=pixel_export, out_dir=tmp_path / "s", sampler="ddim", **{"+options": "{etta:1}"})
+
+
+def test_sampler_options_and_the_model_checked_once(pixel_export, tmp_path, monkeypatch):
+    """+options={...} reaches the sampler (ddim eta=1 draws noise: other images than eta=0); the model is checked
+    against the sampler once per sample.py call, however many batches."""
+    from dit.diffusion import Sampler
+
+    calls = []
+    check = Sampler.check_model
+    monkeypatch.setattr(Sampler, "check_model", lambda self, model: calls.append(1) or check(self, model))
+    grids = {}
+    for eta in (0.0, 1.0):
+        out = tmp_path / f"eta{eta}"
+        options = {"+options": f"{{eta:{eta}}}"}
+        sample.run(
+            sample_cfg(
+                checkpoint=pixel_export, out_dir=out, sampler="ddim", steps=4, batch_size=2, per_class=1, **options
+            )
+        )
+        grids[eta] = np.array(Image.open(out / "grid.png"))
+    assert len(calls) == 2  # two sample.py calls of 5 batches each
+    assert not np.array_equal(grids[0.0], grids[1.0])

@@ -1,29 +1,19 @@
 """Experiment trackers through Accelerate: the logger/ group, TensorBoard read back, wandb offline, resume."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_config, needs_fmnist
+from conftest import ROOT, needs_fmnist, smoke_config
+from helpers.tiny import records
 from omegaconf import OmegaConf
 
 import train
 from dit.training.logging import TRACKING_DIR, flat_config, trackers
 
-SMOKE = ["experiment=smoke", "training.log_every=1"]
-
-
-def cfg_for(*overrides):
-    return compose_config("train", [*SMOKE, *overrides])
-
 
 def logger_cfg(*overrides) -> dict:
-    return OmegaConf.to_container(cfg_for(*overrides).logger, resolve=True)
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return OmegaConf.to_container(smoke_config(*overrides).logger, resolve=True)
 
 
 def tensorboard_events(run_dir: Path, project: str = "dit"):
@@ -68,7 +58,7 @@ def test_tensorboard_scalars_images_and_resume(tmp_path):
     """Scalars and sample grids read back from the event files; a resume from step 3 after a run reached
     step 6 replaces steps 4-6 in TensorBoard (purge_step) as in metrics.jsonl."""
     run = tmp_path / "run"
-    train.run(cfg_for("training.sample_every=3", "training.keep_last=0"), run)
+    train.run(smoke_config("training.sample_every=3", "training.keep_last=0"), run)
     first = [r["loss"] for r in records(run)]
     events = tensorboard_events(run)
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
@@ -81,7 +71,7 @@ def test_tensorboard_scalars_images_and_resume(tmp_path):
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step_0000006")
-    train.run(cfg_for("training.sample_every=3", "training.keep_last=0", "seed=1"), run)
+    train.run(smoke_config("training.sample_every=3", "training.keep_last=0", "seed=1"), run)
     second = records(run)
     assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6] and [r["loss"] for r in second][3:] != first[3:]
     events = tensorboard_events(run)
@@ -94,11 +84,11 @@ def test_tensorboard_scalars_images_and_resume(tmp_path):
 def test_wandb_offline_and_tensorboard_together_resume_the_same_run(tmp_path):
     run = tmp_path / "run"
     both = ["logger=[tensorboard,wandb]", "logger.wandb.mode=offline"]
-    train.run(cfg_for(*both, "training.total_steps=3", "training.sample_every=3"), run)
+    train.run(smoke_config(*both, "training.total_steps=3", "training.sample_every=3"), run)
     run_id = (run / "wandb_id.txt").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # the run's records, written without network
-    train.run(cfg_for(*both, "training.total_steps=5"), run)  # resume=auto from step 3
+    train.run(smoke_config(*both, "training.total_steps=5"), run)  # resume=auto from step 3
     assert (run / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same run id, continued
     assert [e.step for e in tensorboard_events(run).Scalars("loss")] == [1, 2, 3, 4, 5]

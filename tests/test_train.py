@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, needs_fmnist
+from conftest import ROOT, SMOKE, compose_config, needs_fmnist, smoke_config
+from helpers.tiny import records, tiny_dit, tiny_vae
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,15 +21,7 @@ from dit.training import OptimConfig, lr_at
 from dit.training.checkpointing import list_checkpoints
 from dit.training.ema import EMA
 
-SMOKE = ["experiment=smoke", "training.log_every=1"]
-
-
-def cfg_for(*overrides):
-    return compose_config("train", [*SMOKE, *overrides])
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+cfg_for = smoke_config  # tests/test_report.py imports it from here
 
 
 def image_folder(root: Path, classes=("cats", "dogs"), per_class=6, size=20):
@@ -42,7 +35,7 @@ def image_folder(root: Path, classes=("cats", "dogs"), per_class=6, size=20):
 
 @needs_fmnist
 def test_smoke_run_writes_everything(tmp_path):
-    result = train.run(cfg_for("training.sample_every=3"), tmp_path)
+    result = train.run(smoke_config("training.sample_every=3"), tmp_path)
     assert result["step"] == 6
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
@@ -63,9 +56,9 @@ def test_smoke_run_writes_everything(tmp_path):
 
 @needs_fmnist
 def test_resume_is_bit_exact(tmp_path):
-    full = train.run(cfg_for(), tmp_path / "full")
-    train.run(cfg_for("training.total_steps=3"), tmp_path / "split")
-    resumed = train.run(cfg_for(), tmp_path / "split")  # resume=auto picks step 3
+    full = train.run(smoke_config(), tmp_path / "full")
+    train.run(smoke_config("training.total_steps=3"), tmp_path / "split")
+    resumed = train.run(smoke_config(), tmp_path / "split")  # resume=auto picks step 3
     assert [r["loss"] for r in records(tmp_path / "split")] == [r["loss"] for r in records(tmp_path / "full")]
     for a, b in ((full["model"], resumed["model"]), (full["ema"], resumed["ema"])):
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -78,16 +71,16 @@ def test_compiled_training_matches_eager_and_resumes_without_compile(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = train.run(cfg_for("training.total_steps=3", "training.compile=true"), tmp_path / "compiled")
+    compiled = train.run(smoke_config("training.total_steps=3", "training.compile=true"), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] > 0  # the forward really went through torch.compile
-    eager = train.run(cfg_for("training.total_steps=3"), tmp_path / "eager")
+    eager = train.run(smoke_config("training.total_steps=3"), tmp_path / "eager")
     np.testing.assert_allclose(
         [r["loss"] for r in records(tmp_path / "compiled")], [r["loss"] for r in records(tmp_path / "eager")], rtol=1e-4
     )
     for k, v in eager["model"].state_dict().items():
         torch.testing.assert_close(compiled["model"].state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
     load_model(tmp_path / "compiled" / "model", use_ema=False)  # plain DiT names in the export and checkpoints
-    resumed = train.run(cfg_for(), tmp_path / "compiled")  # resume=auto without compile
+    resumed = train.run(smoke_config(), tmp_path / "compiled")  # resume=auto without compile
     assert resumed["step"] == 6
     torch._dynamo.reset()
 
@@ -107,12 +100,12 @@ def test_crash_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ckpt, "save_file", crash_on_second)
     with pytest.raises(OSError, match="simulated"):
-        train.run(cfg_for(), tmp_path)
+        train.run(smoke_config(), tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003"]
     assert not (tmp_path / "checkpoints" / ".step_0000006.tmp").exists()  # the failed save cleans up after itself
     load_model(tmp_path / "checkpoints" / "step_0000003")
     monkeypatch.setattr(ckpt, "save_file", real)
-    result = train.run(cfg_for(), tmp_path)  # resume=auto continues from step 3
+    result = train.run(smoke_config(), tmp_path)  # resume=auto continues from step 3
     assert result["step"] == 6 and [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000006"]
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
@@ -149,13 +142,13 @@ def assert_ranks_match_one_process(run_dir: Path, one_dir: Path) -> None:
     """The ranks of a 3-step SHORT run hold identical weights, equal to a 1-process run's within float error."""
     rank0 = load_file(run_dir / "params_rank0.safetensors")
     rank1 = load_file(run_dir / "params_rank1.safetensors")
-    one = train.run(cfg_for("training.total_steps=3", "training.ckpt_every=0"), one_dir)["model"].state_dict()
+    one = train.run(smoke_config("training.total_steps=3", "training.ckpt_every=0"), one_dir)["model"].state_dict()
     for k in one:
         assert torch.equal(rank0[k], rank1[k]), f"{k} differs between ranks"
         torch.testing.assert_close(rank0[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3]
     # Training moved the weights (the comparison above is not between two untouched inits).
-    init = train.build(cfg_for().model).state_dict()
+    init = train.build(smoke_config().model).state_dict()
     assert not torch.equal(one["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
@@ -169,8 +162,8 @@ def test_two_processes_match_one(tmp_path, launcher):
     run_all([*cmd, HELPER, str(tmp_path / "two"), *SHORT])
     assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
     # The process count may change on resume: 2 processes for steps 1-3, then 1 for 4-6, as one run.
-    train.run(cfg_for(), tmp_path / "two")
-    train.run(cfg_for(), tmp_path / "full")
+    train.run(smoke_config(), tmp_path / "two")
+    train.run(smoke_config(), tmp_path / "full")
     np.testing.assert_allclose(
         [r["loss"] for r in records(tmp_path / "two")], [r["loss"] for r in records(tmp_path / "full")], rtol=1e-5
     )
@@ -241,7 +234,7 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     ckpt = run / "checkpoints" / "step_0000003"
     assert (ckpt / "pytorch_model_fsdp.bin").exists() and (ckpt / "optimizer.bin").exists()
     run_all([*fsdp, *overrides])  # resume=auto from step 3
-    one = train.run(cfg_for(*overrides[len(SMOKE) :]), tmp_path / "one")
+    one = train.run(smoke_config(*overrides[len(SMOKE) :]), tmp_path / "one")
 
     # Every block was really sharded: each rank holds half of each weight matrix.
     for rank in (0, 1):
@@ -255,7 +248,7 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     np.testing.assert_allclose(
         [r["grad_norm"] for r in records(run)], [r["grad_norm"] for r in records(tmp_path / "one")], rtol=1e-4
     )
-    init = train.build(cfg_for().model).state_dict()
+    init = train.build(smoke_config().model).state_dict()
     assert not torch.equal(
         one["ema"].state_dict()["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"]
     )  # EMA moved
@@ -299,9 +292,7 @@ def test_lr_schedules():
 
 
 def test_ema_update_formula_and_frozen_buffers():
-    from dit.models import create_model
-
-    model = create_model("DiT-Debug/4", input_size=16, in_channels=1, num_classes=3)
+    model = tiny_dit(in_channels=1, num_classes=3)
     ema = EMA(model, decay=0.9)
     before = {k: v.clone() for k, v in ema.model.state_dict().items()}
     with torch.no_grad():
@@ -336,7 +327,7 @@ def test_cfg_job_prints_the_composed_config():
 
 def test_image_folder_training_and_class_names(tmp_path):
     root = image_folder(tmp_path / "data")
-    cfg = cfg_for(
+    cfg = smoke_config(
         "data=imagefolder",
         f"data.dataset.root={root}",
         "data.dataset.image_size=16",
@@ -350,19 +341,9 @@ def test_image_folder_training_and_class_names(tmp_path):
 
 
 def test_latent_extraction_and_training(tmp_path):
-    from diffusers import AutoencoderKL
-
     from dit.data.extract import main as extract
 
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     root = image_folder(tmp_path / "data", size=16)
     extract(
@@ -392,7 +373,7 @@ def test_latent_extraction_and_training(tmp_path):
     ds = LatentShards(tmp_path / "lat")
     x, y = ds[11]
     assert x.shape == (2, 2, 4, 8, 8) and ds.input_size == 8 and ds.channels == 4
-    cfg = cfg_for(
+    cfg = smoke_config(
         "data=latents",
         f"data.dataset.root={tmp_path / 'lat'}",
         "data.limit=null",
@@ -408,7 +389,7 @@ def test_latent_extraction_and_training(tmp_path):
 
 @needs_fmnist
 def test_wandb_offline(tmp_path):
-    train.run(cfg_for("logger=wandb", "logger.wandb.mode=offline", "training.total_steps=2"), tmp_path)
+    train.run(smoke_config("logger=wandb", "logger.wandb.mode=offline", "training.total_steps=2"), tmp_path)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -417,12 +398,12 @@ def test_wandb_offline(tmp_path):
 
 def test_missing_dataset_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"dataset folder not found: {tmp_path / 'nope'}"):
-        train.run(cfg_for("data=imagefolder", f"data.dataset.root={tmp_path / 'nope'}"), tmp_path / "run")
+        train.run(smoke_config("data=imagefolder", f"data.dataset.root={tmp_path / 'nope'}"), tmp_path / "run")
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
-        train.run(cfg_for("data=imagefolder", f"data.dataset.root={tmp_path / 'empty'}"), tmp_path / "run")
+        train.run(smoke_config("data=imagefolder", f"data.dataset.root={tmp_path / 'empty'}"), tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
-        train.run(cfg_for(f"data.dataset.root={tmp_path}"), tmp_path / "run")
+        train.run(smoke_config(f"data.dataset.root={tmp_path}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -441,26 +422,26 @@ def test_corrupt_image_named_or_skipped(tmp_path):
         ValueError,
         match=r"(?s)1 unreadable image\(s\).*data.dataset.skip_corrupt=true.*dogs/broken.png: UnidentifiedImageError",
     ):
-        train.run(cfg_for(*common), tmp_path / "run")
+        train.run(smoke_config(*common), tmp_path / "run")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
-        train.run(cfg_for(*common, "data.dataset.skip_corrupt=true"), tmp_path / "run")
+        train.run(smoke_config(*common, "data.dataset.skip_corrupt=true"), tmp_path / "run")
 
 
 @needs_fmnist
 def test_batch_size_not_divisible_leaves_checkpoints_alone(tmp_path):
-    train.run(cfg_for("training.total_steps=3"), tmp_path)
+    train.run(smoke_config("training.total_steps=3"), tmp_path)
     before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
     with pytest.raises(
         ValueError, match=r"global_batch_size=15 is not divisible by processes \(1\) x grad_accum \(2\)"
     ):
-        train.run(cfg_for("training.global_batch_size=15", "training.grad_accum=2"), tmp_path)
+        train.run(smoke_config("training.global_batch_size=15", "training.grad_accum=2"), tmp_path)
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
 
 
 def test_labels_outside_the_class_range(tmp_path):
     root = image_folder(tmp_path / "data", classes=("a", "b", "c"))
     with pytest.raises(ValueError, match="data.num_classes=2 but the dataset"):
-        train.run(cfg_for("data=imagefolder", f"data.dataset.root={root}", "data.num_classes=2"), tmp_path / "run")
+        train.run(smoke_config("data=imagefolder", f"data.dataset.root={root}", "data.num_classes=2"), tmp_path / "run")
 
 
 class NaNAfter(torch.utils.data.Dataset):
@@ -487,7 +468,7 @@ class NaNAfter(torch.utils.data.Dataset):
 def test_nan_loss(tmp_path, monkeypatch, policy):
     real = train.build_data
     monkeypatch.setattr(train, "build_data", lambda cfg: NaNAfter(real(cfg), start=200))
-    cfg = cfg_for(f"training.nan_policy={policy}", "training.total_steps=20", "training.ckpt_every=0")
+    cfg = smoke_config(f"training.nan_policy={policy}", "training.total_steps=20", "training.ckpt_every=0")
     if policy == "stop":
         with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
             train.run(cfg, tmp_path)
@@ -516,7 +497,7 @@ def test_cli_bad_input_exits_nonzero(tmp_path):
 
 @needs_fmnist
 def test_fid_during_training(tmp_path):
-    cfg = cfg_for(
+    cfg = smoke_config(
         "training.fid_every=2",
         "training.fid_samples=20",
         "training.fid_sampling.steps=2",
@@ -542,7 +523,7 @@ def test_fid_during_training(tmp_path):
 def test_final_fid_on_more_samples_and_a_finished_run_left_alone(tmp_path):
     """fid_final_samples: the last step is evaluated on more samples (and, for the curve, on fid_samples of
     them), also when total_steps is not a multiple of fid_every; running a finished run again changes nothing."""
-    cfg = cfg_for(
+    cfg = smoke_config(
         "training.fid_every=2",
         "training.fid_samples=20",
         "training.fid_final_samples=30",
@@ -593,7 +574,7 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     def trained(result):
         return result["checkpoint"] is not None
 
-    run, cfg = tmp_path / "job", cfg_for()
+    run, cfg = tmp_path / "job", smoke_config()
     train.run(cfg, run)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what Hydra writes beside it
@@ -602,7 +583,7 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     fresh_clone()
     metrics = (run / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    assert train.run(cfg_for("training.num_workers=1"), run) == {
+    assert train.run(smoke_config("training.num_workers=1"), run) == {
         "step": 6,
         "checkpoint": None,
         "export": None,
@@ -619,21 +600,23 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     with pytest.warns(UserWarning, match="finished.json: unreadable"):
         assert load_run(run)["status"] == "unfinished: stopped at step 6 of 6"
     with pytest.warns(UserWarning, match="finished.json: unreadable"):
-        assert trained(train.run(cfg_for(), run))
+        assert trained(train.run(smoke_config(), run))
     assert json.loads((run / "finished.json").read_text()) == info
 
     (run / "finished.json").unlink()  # finished (checkpoints there) before the record existed: it is written
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    assert train.run(cfg_for(), run)["step"] == 6 and json.loads((run / "finished.json").read_text()) == info
+    assert train.run(smoke_config(), run)["step"] == 6 and json.loads((run / "finished.json").read_text()) == info
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "finished.json"} == before
 
     fresh_clone()
-    assert trained(train.run(cfg_for("optim.lr=3e-4"), run))  # other settings, same budget: trained again
+    assert trained(train.run(smoke_config("optim.lr=3e-4"), run))  # other settings, same budget: trained again
     assert json.loads((run / "finished.json").read_text())["settings"] != info["settings"]
     fresh_clone()
-    assert trained(train.run(cfg_for("optim.lr=3e-4", "resume=null"), run))  # resume=null: start afresh, always
+    assert trained(train.run(smoke_config("optim.lr=3e-4", "resume=null"), run))  # resume=null: start afresh, always
     fresh_clone()
-    longer = train.run(cfg_for("training.total_steps=8"), run)  # another budget: the record of 6 steps does not hold
+    longer = train.run(
+        smoke_config("training.total_steps=8"), run
+    )  # another budget: the record of 6 steps does not hold
     assert trained(longer) and longer["step"] == 8 and json.loads((run / "finished.json").read_text())["step"] == 8
     assert [r["step"] for r in records(run)][-1] == 8
 
@@ -645,7 +628,7 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
 
     monkeypatch.setattr(loop, "save_checkpoint", disk_full)
     with pytest.raises(OSError, match="disk full"):
-        train.run(cfg_for("training.total_steps=8", "optim.lr=2e-4", "training.ckpt_every=3"), run)
+        train.run(smoke_config("training.total_steps=8", "optim.lr=2e-4", "training.ckpt_every=3"), run)
     assert not (run / "finished.json").exists()
 
 

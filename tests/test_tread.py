@@ -4,6 +4,7 @@ FLOP count checked against the analytic count of a transformer block, and a trai
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
+from helpers.tiny import randomize
 
 import train
 from dit.models import DiT
@@ -21,10 +22,8 @@ def tiny(block: str = "adaln_zero", **kw) -> DiT:
 
 def random_model(block: str, **kw) -> DiT:
     torch.manual_seed(0)
-    model = tiny(block, **kw)
-    for p in model.parameters():  # adaLN-Zero starts as identity blocks: give every block something to do
-        p.data.normal_(0, 0.05)
-    return model.eval()
+    # adaLN-Zero starts as identity blocks: random weights give every block something to do
+    return randomize(tiny(block, **kw), 0.05).eval()
 
 
 def inputs(n=3):

@@ -2,13 +2,17 @@
 pos_embed), each against a float64 formula written out here, not by calling the module's own code.
 Also: the defaults are the old models bit for bit, and unknown values fail with the valid ones listed."""
 
-import hashlib
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, needs_fmnist
+from helpers.tiny import randomize as randomize_weights
+from helpers.tiny import records
+from helpers.tiny import tiny_dit as tiny
 from safetensors.torch import load_file
 
 from dit.models import BLOCKS, DiT, DiTConfig, create_model, get_block
@@ -20,16 +24,8 @@ OLD_BLOCKS = ("in_context", "cross_attn", "adaln", "adaln_zero")
 MODERN = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope")
 
 
-def tiny(block, **kw):
-    return create_model("DiT-Debug/4", block=block, input_size=16, in_channels=3, num_classes=10, **kw)
-
-
-def randomize(module, std=0.3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
+# Seeded: the same weights whatever ran before.
+randomize = partial(randomize_weights, std=0.3, seed=1)
 
 
 def inputs(n=3):
@@ -204,6 +200,12 @@ def test_diffit_model_final_layer_and_condition():
     torch.testing.assert_close(model.block_cls.condition(t, y), t + y)
 
 
+def six_modulations(block, c):
+    """SiLU(c) W + b of the block's modulation layer, cut into its six (N, D) pieces (D = 32)."""
+    m = linear(torch.nn.functional.silu(c), block.adaLN_modulation[1])
+    return [m[:, i * 32 : (i + 1) * 32] for i in range(6)]
+
+
 def adaln_zero_like_formula(block, x, s, norm):
     """x + g1 * attn(norm(x)(1 + sc1) + sh1); x + g2 * mlp(norm(x)(1 + sc2) + sh2); s: six (N, D)."""
     sh1, sc1, g1, sh2, sc2, g2 = s
@@ -257,8 +259,7 @@ def test_adain_block_matches_formula(kw):
     o = opts(kw)
     block = build_block("adain", o)
     x, c = block_inputs()
-    m = linear(torch.nn.functional.silu(c), block.adaLN_modulation[1])
-    s = [m[:, i * 32 : (i + 1) * 32] for i in range(6)]
+    s = six_modulations(block, c)
     ref = adaln_zero_like_formula(block, x, s, lambda v: instance_norm_over_tokens(v, 1e-6))
     torch.testing.assert_close(block(x, c), ref, **tol(o))
 
@@ -290,8 +291,7 @@ def test_adaln_zero_with_options_matches_formula(kw):
     o = opts(kw)
     block = build_block("adaln_zero", o)
     x, c = block_inputs()
-    m = linear(torch.nn.functional.silu(c), block.adaLN_modulation[1])
-    s = [m[:, i * 32 : (i + 1) * 32] for i in range(6)]
+    s = six_modulations(block, c)
     ref = adaln_zero_like_formula(block, x, s, lambda v: norm_of(o.norm)(v, 1e-6))
     torch.testing.assert_close(block(x, c), ref, **tol(o))
 
@@ -383,29 +383,84 @@ def test_flop_counting_on_meta_with_options(block):
 
 # --- defaults unchanged -------------------------------------------------------------------------
 
-# sha256 over (key, bytes) of the seeded initial state dict of DiT-Debug/4 (input 8, 3 channels,
-# 5 classes), recorded with the code before the zoo grew (commit d543ee2). The CPU generator is the
-# same on every machine, so these are exact everywhere.
-OLD_INIT_SHA256 = {
-    "in_context": "d35899e4ef4776c37351eca7b7aa8146795979976639e7a2526c8bbb61530c06",
-    "cross_attn": "fd139b0f9e66214f375803457ed30386c9c840569530d2d2faa4370d5ba3d2a1",
-    "adaln": "1fb62bba86f014c3ca1b9471540600ced5b882be6b27696b823c93c16fb6c872",
-    "adaln_zero": "509af6232ea0814463b7c661983de9692aca59f67d635240534db811235ce57e",
-}
-
 
 def old_fixture_model(block, **kw):
     torch.manual_seed(0)
-    return create_model("DiT-Debug/4", block=block, input_size=8, in_channels=3, num_classes=5, **kw)
+    return tiny(block, input_size=8, num_classes=5, **kw)
 
 
-@pytest.mark.parametrize("block", OLD_BLOCKS)
-def test_default_init_is_the_old_one(block):
-    h = hashlib.sha256()
-    for k, v in old_fixture_model(block).state_dict().items():
-        h.update(k.encode())
-        h.update(v.numpy().tobytes())
-    assert h.hexdigest() == OLD_INIT_SHA256[block]
+def official_dit_weights(D=64, depth=2, p=4, in_channels=3, out_channels=6, num_classes=5):
+    """The initial weights of facebookresearch/DiT's ``DiT`` (models.py, seed 0), written out in torch.nn: its
+    modules with their default init, in the order DiT.__init__ builds them (timm's PatchEmbed, Attention, Mlp;
+    parameter-free LayerNorms), then DiT.initialize_weights line by line. Without pos_embed (a fixed table)."""
+    torch.manual_seed(0)
+    x_embedder = torch.nn.Conv2d(in_channels, D, p, stride=p)
+    t_mlp = {"0": torch.nn.Linear(256, D), "2": torch.nn.Linear(D, D)}
+    y_table = torch.nn.Embedding(num_classes + 1, D)  # class_dropout_prob > 0: one row for the null class
+    blocks = []
+    for _ in range(depth):
+        names = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+        shapes = ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D), (D, 6 * D))
+        blocks.append({n: torch.nn.Linear(*shape) for n, shape in zip(names, shapes)})
+    final = {"linear": torch.nn.Linear(D, p * p * out_channels), "adaLN_modulation.1": torch.nn.Linear(D, 2 * D)}
+    # initialize_weights: self.apply(_basic_init) visits the nn.Linear layers in module order.
+    for layer in [*t_mlp.values(), *(layer for b in blocks for layer in b.values()), *final.values()]:
+        torch.nn.init.xavier_uniform_(layer.weight)
+        torch.nn.init.constant_(layer.bias, 0)
+    w = x_embedder.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.constant_(x_embedder.bias, 0)
+    torch.nn.init.normal_(y_table.weight, std=0.02)
+    torch.nn.init.normal_(t_mlp["0"].weight, std=0.02)
+    torch.nn.init.normal_(t_mlp["2"].weight, std=0.02)
+    for layer in [b["adaLN_modulation.1"] for b in blocks] + list(final.values()):  # adaLN-Zero
+        torch.nn.init.constant_(layer.weight, 0)
+        torch.nn.init.constant_(layer.bias, 0)
+    layers = {"x_embedder.proj": x_embedder, "y_embedder.embedding_table": y_table}
+    layers |= {f"t_embedder.mlp.{k}": v for k, v in t_mlp.items()}
+    layers |= {f"blocks.{i}.{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+    layers |= {f"final_layer.{k}": v for k, v in final.items()}
+    return {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.state_dict().items()}
+
+
+def test_adaln_zero_init_is_the_official_one():
+    """Seed for seed, the initial weights are those of the official DiT: the same random draws in the same
+    order (so a run started from a seed starts where the official code would), the same init rules."""
+    ours = old_fixture_model("adaln_zero").state_dict()
+    official = official_dit_weights()
+    assert sorted(ours) == sorted([*official, "pos_embed"])
+    for k, v in official.items():
+        assert torch.equal(ours[k], v), k
+
+
+def official_initialize_weights(model):
+    """facebookresearch/DiT models.py DiT.initialize_weights, less its adaLN-Zero zeroing (the paper's other
+    blocks: the rest of the scheme, their extra layers being nn.Linear too)."""
+
+    def _basic_init(module):
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.constant_(module.bias, 0)
+
+    model.apply(_basic_init)
+    w = model.x_embedder.proj.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.constant_(model.x_embedder.proj.bias, 0)
+    torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    torch.nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    torch.nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+
+
+@pytest.mark.parametrize("block", ["in_context", "cross_attn", "adaln"])
+def test_paper_variants_init_is_the_official_scheme(block, monkeypatch):
+    """Our modules with PyTorch's default init, then the official scheme: the same weights as our own init."""
+    ours = old_fixture_model(block).state_dict()
+    monkeypatch.setattr(DiT, "initialize_weights", lambda self: official_initialize_weights(self))
+    official = old_fixture_model(block).state_dict()
+    assert list(ours) == list(official)
+    for k, v in official.items():
+        assert torch.equal(ours[k], v), k
 
 
 @pytest.mark.parametrize("block", OLD_BLOCKS)
@@ -420,9 +475,8 @@ def test_default_outputs_are_the_old_ones(block):
     model = old_fixture_model(block)
     g = torch.Generator().manual_seed(1)
     t, y = torch.tensor([3, 700]), torch.tensor([1, 5])
+    randomize_weights(model, 0.1, seed=g)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         x = torch.randn(2, 3, 8, 8, generator=g)
         assert torch.equal(x, ref[f"{block}.x"])
         out = model.eval()(x, t, y)
@@ -502,15 +556,12 @@ def test_unknown_values_list_the_valid_ones(kw, message):
 
 # --- end to end: train, checkpoint, resume, sample -----------------------------------------------
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
-
-@pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist not installed (make setup)")
+@needs_fmnist
 def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     model = [
         "model.block=diffit",
@@ -523,7 +574,7 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
     def train(total_steps):
         cmd = [
             sys.executable,
-            str(root / "train.py"),
+            str(ROOT / "train.py"),
             "experiment=smoke",
             *model,
             "data.limit=32",
@@ -540,7 +591,7 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
 
     train(2)
     train(4)  # resume=auto continues from step 2
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    steps = [r["step"] for r in records(run) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     config = json.loads((run / "model" / "config.json").read_text())["model"]
     assert (config["block"], config["norm"], config["qk_norm"], config["pos_embed"], config["mlp"]) == (
@@ -554,7 +605,7 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
     out = tmp_path / "samples"
     cmd = [
         sys.executable,
-        str(root / "sample.py"),
+        str(ROOT / "sample.py"),
         f"checkpoint={run / 'model'}",
         f"out_dir={out}",
         "classes=[0,1]",

@@ -23,17 +23,15 @@ from tqdm import tqdm
 
 def build_dataset(args):
     if args.source == "fashion_mnist":
-        from dit.data.fashion_mnist import FashionMNIST
+        from dit.data.fashion_mnist import ROOT, FashionMNIST
 
-        return FashionMNIST(
-            root=args.root or "/usr/share/datasets/fashion-mnist", image_size=args.image_size, resize="bilinear"
-        )
+        return FashionMNIST(root=args.root or ROOT, image_size=args.image_size, resize="bilinear")
     from dit.data.image_folder import ImageFolder
 
     return ImageFolder(args.root, image_size=args.image_size, hflip=False, skip_corrupt=args.skip_corrupt)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dit.data.extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", choices=["imagefolder", "fashion_mnist"], default="imagefolder")
     p.add_argument("--root", help="image folder (one sub-folder per class); Fashion-MNIST: the idx folder")
@@ -46,8 +44,80 @@ def main(argv=None) -> None:
         "--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of failing"
     )
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+class ShardWriter:
+    """Collects this process's encoded batches and writes them as shard_<process>_<n>.safetensors."""
+
+    def __init__(self, tmp: Path, process_index: int, shard_size: int):
+        self.tmp, self.process_index, self.shard_size = tmp, process_index, shard_size
+        self.means, self.stds, self.labels, self.shard = [], [], [], 0
+
+    def add(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor) -> None:
+        self.means.append(mean)
+        self.stds.append(std)
+        self.labels.append(labels)
+        if sum(len(lb) for lb in self.labels) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.labels:
+            save_file(
+                {
+                    "mean": torch.cat(self.means).contiguous(),
+                    "std": torch.cat(self.stds).contiguous(),
+                    "labels": torch.cat(self.labels),
+                },
+                self.tmp / f"shard_{self.process_index:03d}_{self.shard:05d}.safetensors",
+            )
+            self.means, self.stds, self.labels, self.shard = [], [], [], self.shard + 1
+
+
+def encode(dataset, vae, accelerator, writer: ShardWriter, batch_size: int) -> None:
+    """This process's share of the images (every num_processes-th), both flips, posterior mean and std in fp16."""
+    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    bar = tqdm(total=len(mine), unit="img", desc="encoding", disable=not accelerator.is_main_process)
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            items = [dataset[i] for i in mine[start : start + batch_size]]
+            x = torch.stack([it[0] for it in items]).to(accelerator.device)
+            if x.shape[1] == 1 and vae.config.in_channels == 3:
+                x = x.repeat(1, 3, 1, 1)  # grey -> RGB for an RGB VAE
+            both = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): original, flipped
+            dist = vae.encode(both.to(vae.dtype)).latent_dist
+            n = len(items)
+            writer.add(
+                torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu(),  # (n, 2, C, h, w)
+                torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu(),
+                torch.tensor([int(it[1]) for it in items]),
+            )
+            bar.update(n)
+    writer.flush()
+    bar.close()
+
+
+def finalize(dataset, vae, args, tmp: Path, out: Path, processes: int) -> None:
+    """meta.json into <out>.tmp, then <out>.tmp renamed to <out> (the main process, once every shard is written)."""
+    meta = dict(
+        count=len(dataset),
+        num_classes=dataset.num_classes,
+        class_names=list(dataset.class_names),
+        image_size=args.image_size,
+        vae=args.vae,
+        scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
+        source=args.source,
+        root=args.root,
+    )
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"wrote {len(dataset)} latents ({processes} process(es)) to {out}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
 
@@ -64,58 +134,10 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-
-    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    means, stds, labels, shard = [], [], [], 0
-
-    def flush():
-        nonlocal means, stds, labels, shard
-        if labels:
-            save_file(
-                {
-                    "mean": torch.cat(means).contiguous(),
-                    "std": torch.cat(stds).contiguous(),
-                    "labels": torch.cat(labels),
-                },
-                tmp / f"shard_{accelerator.process_index:03d}_{shard:05d}.safetensors",
-            )
-            means, stds, labels, shard = [], [], [], shard + 1
-
-    bar = tqdm(total=len(mine), unit="img", desc="encoding", disable=not accelerator.is_main_process)
-    with torch.no_grad():
-        for start in range(0, len(mine), args.batch_size):
-            items = [dataset[i] for i in mine[start : start + args.batch_size]]
-            x = torch.stack([it[0] for it in items]).to(accelerator.device)
-            if x.shape[1] == 1 and vae.config.in_channels == 3:
-                x = x.repeat(1, 3, 1, 1)  # grey -> RGB for an RGB VAE
-            both = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): original, flipped
-            dist = vae.encode(both.to(vae.dtype)).latent_dist
-            n = len(items)
-            means.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu())  # (n, 2, C, h, w)
-            stds.append(torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu())
-            labels.append(torch.tensor([int(it[1]) for it in items]))
-            if sum(len(lb) for lb in labels) >= args.shard_size:
-                flush()
-            bar.update(n)
-    flush()
-    bar.close()
+    encode(dataset, vae, accelerator, ShardWriter(tmp, accelerator.process_index, args.shard_size), args.batch_size)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = dict(
-            count=len(dataset),
-            num_classes=dataset.num_classes,
-            class_names=list(dataset.class_names),
-            image_size=args.image_size,
-            vae=args.vae,
-            scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
-            source=args.source,
-            root=args.root,
-        )
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        print(f"wrote {len(dataset)} latents ({accelerator.num_processes} process(es)) to {out}")
+        finalize(dataset, vae, args, tmp, out, accelerator.num_processes)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -10,14 +10,13 @@ from dit.diffusion.flow import FlowMatching
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
 from dit.diffusion.objective import Objective
 from dit.diffusion.registry import OBJECTIVES, SAMPLERS, build_objective, build_sampler
-from dit.diffusion.sampler import Sampler, SamplingSettings, guided_model, sample_loop
+from dit.diffusion.sampler import ChainSampler, Sampler, SamplingSettings, guided_model
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 
 __all__ = [
     "FlowMatching",
-    "OBJECTIVES", "SAMPLERS", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective", "Sampler",
-    "SamplingSettings", "build_objective", "build_sampler",
-    "create_diffusion", "get_betas", "guided_model", "respace_betas", "sample_loop",
-    "space_timesteps",
+    "OBJECTIVES", "SAMPLERS", "ChainSampler", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective",
+    "Sampler", "SamplingSettings", "build_objective", "build_sampler",
+    "create_diffusion", "get_betas", "guided_model", "respace_betas", "space_timesteps",
 ]  # fmt: skip

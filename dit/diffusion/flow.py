@@ -84,6 +84,7 @@ class FlowMatching(Objective):
 
     loss_terms = ("loss",)
     default_sampler = "euler"  # SiT's ODE with Euler steps
+    eval_sampler = "euler"
 
     def __init__(self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
         if time_sampling not in TIME_SAMPLINGS:
@@ -140,7 +141,7 @@ class FlowSampler(Sampler):
 
     def ode_grid(self) -> list[float]:
         """SiT's linspace(t0=0, t1=1, num_steps) with num_steps = steps + 1 (float64)."""
-        return torch.linspace(0.0, 1.0, int(self.settings.steps) + 1, dtype=torch.float64).tolist()
+        return torch.linspace(0.0, 1.0, self.settings.steps + 1, dtype=torch.float64).tolist()
 
 
 class EulerSampler(FlowSampler):
@@ -191,7 +192,7 @@ class EulerMaruyamaSampler(FlowSampler):
             raise ValueError(f"unknown diffusion_form {diffusion_form!r}; valid: {', '.join(DIFFUSION_FORMS)}")
         if last_step not in LAST_STEPS:
             raise ValueError(f"unknown last_step {last_step!r}; valid: {', '.join(map(str, LAST_STEPS))} (None = null)")
-        if int(settings.steps) < 2:
+        if settings.steps < 2:
             raise ValueError(
                 f"steps={settings.steps}: euler_maruyama needs at least 2 (SiT's grid of num_steps points)"
             )
@@ -237,7 +238,7 @@ class EulerMaruyamaSampler(FlowSampler):
         return v, (t * v - x) / (1 - t)
 
     def run(self, denoiser, noise, y, generator):
-        grid = torch.linspace(self.t0, self.t1, int(self.settings.steps), dtype=torch.float64).tolist()
+        grid = torch.linspace(self.t0, self.t1, self.settings.steps, dtype=torch.float64).tolist()
         dt = grid[1] - grid[0]
         x = noise
         for t in grid[:-1]:

@@ -105,6 +105,7 @@ class GaussianDiffusion(Objective):
 
     name = "ddpm"
     default_sampler = "ddpm"  # DiT's: ancestral sampling
+    eval_sampler = "ddim"  # deterministic, good in 25 steps
 
     @classmethod
     def from_settings(

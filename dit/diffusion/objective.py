@@ -11,9 +11,10 @@ An objective owns everything that differs between ways of training the same netw
 - ``noise_level(t)``: the model timestep mapped to [0, 1] (1 = pure noise), what guidance intervals
   are expressed in, so one guidance implementation serves every objective and sampler.
 
-Samplers say which objectives they can sample (dit/diffusion/sampler.py). Adding an objective =
-one class with a ``name``, one line in the OBJECTIVES list (dit/diffusion/registry.py), one config
-file in configs/diffusion/.
+Samplers say which objectives they can sample (dit/diffusion/sampler.py); an objective names the
+sampler its models get when the user names none (``default_sampler``; ``eval_sampler`` for the
+in-training FID). Adding an objective = one class with a ``name``, one line in the OBJECTIVES list
+(dit/diffusion/registry.py), one config file in configs/diffusion/.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Objective:
 
     name: ClassVar[str]  # its key in OBJECTIVES and the "name" of its settings
     loss_terms: tuple[str, ...] = ("loss",)
-    default_sampler: ClassVar[str]  # what `sampler: null` means for its models
+    default_sampler: ClassVar[str]  # what `sampler: null` means for its models (sample.py, the training grids)
+    eval_sampler: ClassVar[str]  # ... for the in-training FID (TrainConfig.fid_sampling): a few-step one
 
     @classmethod
     def from_settings(cls, **settings: Any) -> Objective:

@@ -26,8 +26,9 @@ def build_objective(name: str = "ddpm", **settings: Any) -> Objective:
 
 
 def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
-    """The sampler named by settings.sampler for a model trained with ``objective``; clear errors for
-    unknown names, objectives it cannot sample, bad step counts, intervals and options."""
+    """The sampler named by settings.sampler (null: the objective's default_sampler) for a model trained with
+    ``objective``. Clear errors for a sampler that cannot sample that objective and for unknown options (the
+    settings themselves are checked when they are made, SamplingSettings.__post_init__)."""
     name = settings.sampler or objective.default_sampler
     cls = SAMPLERS[name]
     if objective.name not in cls.objectives:
@@ -36,18 +37,10 @@ def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
             f"sampler {name!r} cannot sample a model trained with the {objective.name!r} objective; "
             f"valid for it: {', '.join(fits)}"
         )
-    if int(settings.steps) < 1:
-        raise ValueError(f"steps={settings.steps}: need at least 1 sampling step")
-    if settings.cfg_interval is not None:
-        lo, hi = (float(v) for v in settings.cfg_interval)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(
-                f"cfg_interval={list(settings.cfg_interval)}: need 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)"
-            )
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "objective", "settings")]
-    unknown = sorted(set(settings.options or {}) - set(accepted))
+    unknown = sorted(set(settings.options) - set(accepted))
     if unknown:
         raise ValueError(
             f"sampler {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}"
         )
-    return cls(objective, settings, **(settings.options or {}))
+    return cls(objective, settings, **settings.options)

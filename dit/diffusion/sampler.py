@@ -8,13 +8,15 @@ is used identically by the training grids, the in-training FID and sample.py. Ad
 class with a ``name`` (plus one line in the SAMPLERS list, dit/diffusion/registry.py) that lists the
 objectives it can sample and implements
 ``run(denoiser, noise, y, generator)``; its keyword arguments are the sampler-specific options
-(``SamplingSettings.options``, e.g. DDIM's eta), checked when it is built.
+(``SamplingSettings.options``, e.g. DDIM's eta), checked when it is built. A sampler on the ADM-respaced
+chain of a DDPM model (ChainSampler) implements only ``step``, as DDPM and DDIM do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 from typing import Any, ClassVar
 
 import torch
@@ -22,21 +24,64 @@ import torch
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
 
-__all__ = ["DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model", "sample_loop"]
+__all__ = ["ChainSampler", "DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model"]
 
 
 @dataclass
 class SamplingSettings:
-    """How to sample: the same keys in sample.py, the training grids and the in-training FID."""
+    """How to sample: the same keys in sample.py (configs/sample.yaml), the training grids and the
+    in-training FID (TrainConfig.grid_sampling / fid_sampling), checked and converted here, once."""
 
-    sampler: str | None = None  # a key of SAMPLERS; null = the objective's default (ddpm: ddpm, flow: euler)
+    # a key of SAMPLERS; null = the objective's default_sampler (ddpm: ddpm, flow: euler), or for the in-training
+    # FID its eval_sampler (ddpm: ddim, flow: euler; dit.training.config.OBJECTIVE_SAMPLERS)
+    sampler: str | None = None
     steps: int = 250  # model evaluations per image (x2 with guidance)
     cfg_scale: float = 1.0  # classifier-free guidance; 1 = unguided
     guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
-    cfg_interval: list[float] | None = None  # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024)
-    options: dict[str, Any] = field(
-        default_factory=dict
-    )  # sampler-specific keyword arguments, e.g. {eta: 1.0} for ddim
+    # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024); null = at every step
+    cfg_interval: tuple[float, float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # sampler-specific keyword arguments, e.g. {eta: 1.0}
+
+    def __post_init__(self) -> None:
+        from dit.diffusion.registry import SAMPLERS  # the registry imports the samplers defined here
+
+        if self.sampler is not None:
+            SAMPLERS[self.sampler]  # unknown sampler 'x'; valid samplers: ... (sorted)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, Integral) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: need at least 1 sampling step (an integer)")
+        self.steps = int(self.steps)
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, Real):
+            raise ValueError(f"cfg_scale={self.cfg_scale!r}: a number (1 = unguided)")
+        self.cfg_scale = float(self.cfg_scale)
+        if self.cfg_interval is not None:
+            self.cfg_interval = _interval(self.cfg_interval)
+        self.options = dict(self.options or {})
+
+    @classmethod
+    def from_config(cls, node: Any) -> SamplingSettings:
+        """The sampling keys of a config node (configs/sample.yaml's top level, training.grid_sampling, a
+        dict, a SampleConfig), checked; its other keys are not sampling settings and are ignored."""
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            keys = [f.name for f in fields(cls) if f.name in node]
+            node = OmegaConf.to_container(OmegaConf.masked_copy(node, keys), resolve=True)
+        elif isinstance(node, SamplingSettings):
+            node = {f.name: getattr(node, f.name) for f in fields(node)}
+        if not isinstance(node, Mapping):
+            raise TypeError(f"sampling settings from a mapping or a config node, not {type(node).__name__}")
+        return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
+
+
+def _interval(value) -> tuple[float, float]:
+    """[lo, hi] -> (lo, hi) floats with 0 <= lo <= hi <= 1, or a clear error."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg_interval={value!r}: a pair [lo, hi] of noise levels") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval={[lo, hi]}: need 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)")
+    return lo, hi
 
 
 def guided_model(
@@ -88,14 +133,14 @@ class Sampler:
             )
 
     def denoiser(self, model) -> Callable:
-        """model(x, t, y), guided as the settings say."""
+        """model(x, t, y), guided as the settings say. Where a model meets the sampler: checked here, once per
+        denoiser (generate() makes one for all its batches)."""
         self.check_model(model)
         s = self.settings
         if s.cfg_scale == 1.0:
             return model
-        interval = [float(v) for v in s.cfg_interval] if s.cfg_interval is not None else None
         return guided_model(
-            model, s.cfg_scale, model.num_classes, s.guidance_channels, interval, self.objective.noise_level
+            model, s.cfg_scale, model.num_classes, s.guidance_channels, s.cfg_interval, self.objective.noise_level
         )
 
     @torch.no_grad()
@@ -111,38 +156,11 @@ class Sampler:
         raise NotImplementedError
 
 
-@torch.no_grad()
-def sample_loop(
-    diffusion: GaussianDiffusion,
-    model_fn: Callable,
-    noise: torch.Tensor,
-    y: torch.Tensor,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    clip_denoised: bool = False,
-) -> torch.Tensor:
-    """Run the reverse chain of a (respaced) GaussianDiffusion from x_T = noise to x_0: ancestral DDPM
-    or DDIM steps. Deterministic for a given generator state (one normal draw per step for both)."""
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
-    x = noise
-    for i in reversed(range(diffusion.num_timesteps)):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        out = model_fn(x, diffusion.model_timesteps(t), y)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if sampler == "ddpm":
-            x, _ = diffusion.p_sample(out, x, t, z, clip_denoised)
-        else:
-            x, _ = diffusion.ddim_sample(out, x, t, z, eta, clip_denoised)
-    return x
+class ChainSampler(Sampler):
+    """A sampler that walks the ADM-respaced chain of ``steps`` steps of a DDPM model (GaussianDiffusion) from
+    x_T = noise to x_0, one model call and one normal draw per step (deterministic for a given generator
+    state); a subclass says what one step does (``step``)."""
 
-
-class DDPMSampler(Sampler):
-    """Ancestral sampling (DDPM, Ho et al. 2020) on the ADM-respaced chain of ``steps`` steps.
-    variance_type: null = the one trained (learned_range for DiT); fixed_small / fixed_large ignore v."""
-
-    name = "ddpm"
     objectives = ("ddpm",)
 
     def __init__(
@@ -156,24 +174,40 @@ class DDPMSampler(Sampler):
         self.chain = objective.respaced(str(settings.steps), variance_type)
         self.clip_denoised = clip_denoised
 
+    def step(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} from the model output at (x, t) and this step's standard normal draw (t: chain indices)."""
+        raise NotImplementedError
+
     def run(self, denoiser, noise, y, generator):
-        return sample_loop(
-            self.chain, denoiser, noise, y, "ddpm", generator=generator, clip_denoised=self.clip_denoised
-        )
+        x, chain = noise, self.chain
+        for i in reversed(range(chain.num_timesteps)):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = denoiser(x, chain.model_timesteps(t), y)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self.step(out, x, t, z)
+        return x
 
 
-class DDIMSampler(Sampler):
+class DDPMSampler(ChainSampler):
+    """Ancestral sampling (DDPM, Ho et al. 2020) on the ADM-respaced chain of ``steps`` steps.
+    variance_type: null = the one trained (learned_range for DiT); fixed_small / fixed_large ignore v."""
+
+    name = "ddpm"
+
+    def step(self, out, x, t, noise):
+        return self.chain.p_sample(out, x, t, noise, self.clip_denoised)[0]
+
+
+class DDIMSampler(ChainSampler):
     """DDIM (Song et al. 2021, eq. 12) on the ADM-respaced chain; eta = 0 deterministic, 1 = DDPM's variance."""
 
     name = "ddim"
-    objectives = ("ddpm",)
 
     def __init__(
         self, objective: GaussianDiffusion, settings: SamplingSettings, eta: float = 0.0, clip_denoised: bool = False
     ):
-        super().__init__(objective, settings)
-        self.chain = objective.respaced(str(settings.steps))
-        self.eta, self.clip_denoised = float(eta), clip_denoised
+        super().__init__(objective, settings, clip_denoised=clip_denoised)
+        self.eta = float(eta)
 
-    def run(self, denoiser, noise, y, generator):
-        return sample_loop(self.chain, denoiser, noise, y, "ddim", self.eta, generator, self.clip_denoised)
+    def step(self, out, x, t, noise):
+        return self.chain.ddim_sample(out, x, t, noise, self.eta, self.clip_denoised)[0]

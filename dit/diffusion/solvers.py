@@ -37,7 +37,7 @@ class DiffusersSolver(Sampler):
 
     def run(self, denoiser, noise, y, generator):
         scheduler = self.scheduler
-        scheduler.set_timesteps(int(self.settings.steps), device=noise.device)
+        scheduler.set_timesteps(self.settings.steps, device=noise.device)
         C = noise.shape[1]
         x = noise * scheduler.init_noise_sigma  # 1 for these variance-preserving schedulers
         for t in scheduler.timesteps:

@@ -37,17 +37,18 @@ import sys
 
 import torch
 
-from dit.eval import METRICS
 from dit.eval.evaluator import Evaluator
-from dit.eval.stats import is_stats_file, stats_from_features
+from dit.eval.extractors import EXTRACTORS
+from dit.eval.metrics import value_format
 
 
 def format_line(result: dict) -> str:
-    """The text form of a result: key=value tokens, floats to 4 decimals (KID: 6), lists comma-separated."""
+    """The text form of a result: key=value tokens, floats in their metric's format (4 decimals; KID: 6), lists
+    comma-separated to 3 decimals."""
 
     def value(k, v):
         if isinstance(v, float):
-            return f"{v:.6f}" if k.startswith("kid") else f"{v:.4f}"
+            return format(v, value_format(k))
         if isinstance(v, (list, tuple)):
             return ",".join("" if x is None else f"{x:.3f}" for x in v)
         return str(v)
@@ -76,7 +77,12 @@ def parse_args(argv):
         "--no-extra", action="store_true", help="FID (and IS / class consistency) only: no KID, precision, recall"
     )
     for sp in (ref, f):
-        sp.add_argument("--metric", choices=METRICS, default="inception")
+        sp.add_argument(
+            "--metric",
+            choices=EXTRACTORS.names(),
+            default="inception",
+            help="the feature extractor (dit.eval.extractors)",
+        )
         sp.add_argument("--inception-weights", default=None, help="path of weights-inception-2015-12-05-6726825d.pth")
         sp.add_argument(
             "--domain-classifier", default=None, help="another Fashion-MNIST classifier file (default: the shipped one)"
@@ -138,15 +144,12 @@ def main(argv=None) -> None:
             stats.save(args.out)
             emit({"out": args.out, "samples": stats.count, "extractor": stats.extractor}, args.json)
             return
-        if is_stats_file(args.samples):
-            (samples, logits, labels), features = evaluator.stats(args.samples), None
-        else:
-            features, logits, labels = evaluator.extract(args.samples)
-            samples = stats_from_features(features, evaluator.extractor.name)
-        result = evaluator.metrics(samples, logits, labels, features)
-        if extra and (why := evaluator.extra_unavailable(features)):
-            note(f"KID, precision and recall not computed: {why}")
-        emit(result | {"samples": samples.count, "extractor": samples.extractor}, args.json)
+        evaluation = evaluator.evaluation(args.samples)
+        for why in dict.fromkeys(evaluation.skipped.values()):  # one note per reason, naming its metrics
+            titles = [title for title, reason in evaluation.skipped.items() if reason == why]
+            note(f"{', '.join(titles)} not computed: {why}")
+        samples = evaluation.samples
+        emit(evaluation.values | {"samples": samples.count, "extractor": samples.extractor}, args.json)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

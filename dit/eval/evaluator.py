@@ -1,26 +1,33 @@
 """One evaluator for FID during training and ``python -m dit.eval fid``: reference statistics
 (resolved from a stats npz, images or a dataset name, and cached), chunked feature extraction, and
-the metrics beside FID: class consistency for the domain metric, Inception Score for Inception, and
-(opt-in, ``extra_metrics``) KID and precision/recall, which need the reference's features, not only
-its statistics. IS, KID and precision/recall are torch-fidelity's own functions on our features."""
+every metric of the registry (dit.eval.metrics) that applies: FID, Inception Score for Inception,
+class consistency for the domain extractor, and (opt-in, ``extra_metrics``) KID and precision/recall,
+which need the reference's features, not only its statistics."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dit.eval.stats import ImageSource, Stats, extract_features, fid, is_stats_file, stats_from_features
+from dit.eval.extractors import EXTRACTORS, make_extractor
+from dit.eval.metrics import METRICS, Inputs, Metric
+from dit.eval.stats import ImageSource, Stats, extract_features, is_stats_file, stats_from_features
 
-__all__ = ["Evaluator", "TensorSource"]
+__all__ = ["Evaluation", "Evaluator", "TensorSource"]
 
-# Metrics whose classifier head predicts the dataset's own classes: class consistency is meaningful.
-CLASS_CONSISTENCY = ("fashion_mnist",)
-KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults; the subset shrinks to the smaller set
-PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkaenniemi et al. 2019; ADM's evaluator and torch-fidelity)
-EXTRA_METRICS = ("kid", "kid_std", "precision", "recall")
+
+@dataclass
+class Evaluation:
+    """One evaluation: the metrics' values (key -> value, in registry order), the metrics that apply but could not
+    be computed (title -> why), and the samples' statistics (their count and extractor)."""
+
+    values: dict[str, float | list]
+    skipped: dict[str, str]
+    samples: Stats
 
 
 class TensorSource:
@@ -40,21 +47,22 @@ class TensorSource:
 
 
 class Evaluator:
-    """FID of generated images against ``ref`` in the feature space of ``metric``.
+    """FID (and the other metrics) of generated images against ``ref`` in the feature space of ``extractor``
+    (a name in dit.eval.extractors.EXTRACTORS).
 
     ref: a stats npz (ours or ADM's), an image folder / ADM npz, or a dataset name (fashion_mnist[:split]).
     cache: where reference statistics computed from images are kept (reused while it loads; a damaged
     cache is rebuilt with a warning). distributed: split extraction over the processes of an
     accelerate / torchrun launch (every process must call); False when one process evaluates alone.
-    domain_classifier: the domain metric's classifier file (None: the shipped one, dit.eval.domain).
+    domain_classifier: the Fashion-MNIST extractor's classifier file (None: the shipped one, dit.eval.domain).
     extra_metrics: also KID and precision/recall (the CLI's default; off in training, where they would
     cost the reference's features in memory and k-NN distances at every evaluation). They need the
-    reference's images: a stats npz reference cannot give them (``extra_unavailable`` says why).
+    reference's images: a stats npz reference cannot give them (``Evaluation.skipped`` says why).
     """
 
     def __init__(
         self,
-        metric: str = "inception",
+        extractor: str = "inception",
         ref: str | None = None,
         inception_weights: str | None = None,
         device: torch.device | str = "cpu",
@@ -64,13 +72,11 @@ class Evaluator:
         extra_metrics: bool = False,
         domain_classifier: str | None = None,
     ):
-        from dit.eval import make_extractor
-
-        self.metric, self.ref, self.device, self.batch_size = metric, ref, device, batch_size
+        self.kind, self.ref, self.device, self.batch_size = EXTRACTORS[extractor], ref, device, batch_size
         self.cache, self.distributed, self.extra_metrics = Path(cache) if cache else None, distributed, extra_metrics
-        self.extractor = make_extractor(metric, inception_weights, device, domain_classifier)
+        self.extractor = make_extractor(extractor, inception_weights, device, domain_classifier)
         self._reference: Stats | None = None
-        self._reference_features: np.ndarray | None = None  # (N, D), kept only for the extra metrics
+        self._reference_features: np.ndarray | None = None  # (N, D), kept only for metrics that need them
 
     # --- features and statistics -----------------------------------------------------------------
 
@@ -106,7 +112,8 @@ class Evaluator:
             raise ValueError(
                 "FID needs a reference: a stats npz, an image folder / npz, or a dataset name (e.g. fashion_mnist)"
             )
-        if self.extra_metrics and not is_stats_file(self.ref):  # features wanted: the cache holds statistics only
+        wanted = any("reference_features" in m.needs for m in self.asked())
+        if wanted and not is_stats_file(self.ref):  # features wanted: the cache holds statistics only
             self._reference_features, _, _ = self.extract(self.ref)
             self._reference = stats_from_features(self._reference_features, self.extractor.name)
             if self.cache is not None:
@@ -134,94 +141,51 @@ class Evaluator:
 
     # --- metrics ---------------------------------------------------------------------------------
 
-    def extra_unavailable(self, features: np.ndarray | None) -> str | None:
-        """Why KID and precision/recall cannot be computed for these sample features (None: they can)."""
-        if not self.extra_metrics:
-            return "not asked for (extra_metrics=False)"
-        if features is None:
-            return "the samples are statistics only (mu, sigma); they need the images"
-        self.reference()
-        if self._reference_features is None:
-            return (
-                f"the reference {self.ref} is statistics only (mu, sigma); "
-                "they need its images (a folder, an npz with arr_0, a dataset name)"
-            )
-        if min(len(features), len(self._reference_features)) <= PRC_NEIGHBORHOOD:
-            return f"they need more than {PRC_NEIGHBORHOOD} images in each set"
-        return None
+    def asked(self) -> list[Metric]:
+        """The registered metrics that apply to this extractor's logits (and, if opt-in, were asked for)."""
+        metrics = [cls() for cls in METRICS.values()]
+        return [m for m in metrics if m.applies(self.kind.logits_of) and (self.extra_metrics or not m.opt_in)]
 
-    def metrics(
+    def measure(
         self,
         stats: Stats,
         logits: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         features: np.ndarray | None = None,
-    ) -> dict[str, float | list]:
-        """FID against the reference, plus what the metric's classifier says about the images (class
-        consistency: overall, worst class, and per class as a list by class id), plus KID and
-        precision/recall of the sample ``features`` (N, D) when extra_metrics is on and they can be had."""
-        from torch_fidelity.metric_isc import isc_features_to_metric
-
-        result = {"fid": fid(stats, self.reference())}
-        if logits is not None and self.metric == "inception":
-            logits = torch.from_numpy(np.asarray(logits))
-            isc = isc_features_to_metric(
-                logits, splits=min(10, len(logits))
-            )  # torch-fidelity's 10 splits (and shuffle)
-            result["inception_score"], result["inception_score_std"] = (
-                isc["inception_score_mean"],
-                isc["inception_score_std"],
-            )
-        if logits is not None and labels is not None and self.metric in CLASS_CONSISTENCY:
-            labels = np.asarray(labels)
-            hit = np.asarray(logits).argmax(1) == labels
-            result["class_consistency"] = float(hit.mean())
-            # the worst class: "every class recognisable" is a statement about this one, not about the mean
-            per_class = {int(k): float(hit[labels == k].mean()) for k in np.unique(labels)}
-            result["class_consistency_min"] = min(per_class.values())
-            # indexed by class id (None: no sample of that class); a list, so metrics.jsonl only: trackers take scalars
-            result["class_consistency_per_class"] = [per_class.get(k) for k in range(max(per_class) + 1)]
-        if self.extra_metrics and self.extra_unavailable(features) is None:
-            result.update(self.kid_precision_recall(features, self._reference_features))
-        return result
-
-    def kid_precision_recall(self, samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        """KID (unbiased MMD^2, cubic polynomial kernel, mean and std over subsets) and k-NN precision / recall
-        of sample features against reference features, by torch-fidelity's functions.
-
-        Precision/recall depend on the set sizes (the k-NN radii shrink as a set grows), so the larger set
-        is cut to a seeded random subset as large as the other, as in Kynkaenniemi et al. (2019)."""
-        from torch_fidelity.metric_kid import kid_features_to_metric
-        from torch_fidelity.metric_prc import prc_features_to_metric
-
-        fake, real = torch.from_numpy(np.asarray(samples)), torch.from_numpy(np.asarray(reference))
-        size = min(KID_SUBSET_SIZE, len(fake), len(real))
-        kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=size, verbose=False)
-        n, rng = min(len(fake), len(real)), np.random.default_rng(0)
-        fake, real = (x if len(x) == n else x[rng.choice(len(x), n, replace=False)] for x in (fake, real))
-        # save_cpu_ram: k-NN distances in (10,000 x N) blocks instead of one (N x N) matrix
-        prc = prc_features_to_metric(
-            fake.to(self.device),
-            real.to(self.device),
-            prc_neighborhood=PRC_NEIGHBORHOOD,
-            save_cpu_ram=True,
-            verbose=False,
-        )
-        return {
-            "kid": kid["kernel_inception_distance_mean"],
-            "kid_std": kid["kernel_inception_distance_std"],
-            "precision": prc["precision"],
-            "recall": prc["recall"],
+    ) -> Evaluation:
+        """Every registered metric that applies and can be computed from these (FID always), in registry order:
+        class consistency for the domain extractor, Inception Score for Inception, KID and precision/recall of the
+        sample ``features`` (N, D) when extra_metrics is on and the reference's features can be had."""
+        reference = self.reference()
+        images = "the samples are statistics only (mu, sigma); they need the images"
+        missing = {  # why a field a metric needs is missing
+            "features": images,
+            "logits": images,
+            "labels": "the samples have no labels",
+            "reference_features": f"the reference {self.ref} is statistics only (mu, sigma); "
+            "they need its images (a folder, an npz with arr_0, a dataset name)",
         }
+        inputs = Inputs(stats, reference, features, self._reference_features, logits, labels, self.device, missing)
+        values, skipped = {}, {}
+        for metric in self.asked():
+            if (why := metric.unavailable(inputs)) is None:
+                values |= metric.compute(inputs)
+            else:
+                skipped[metric.title] = why
+        return Evaluation(values, skipped, stats)
 
-    def evaluate(self, source, labels=None) -> dict[str, float | list]:
-        """Metrics of a spec (stats npz, images, dataset name) or of in-memory uint8 images with labels."""
+    def evaluation(self, source, labels=None) -> Evaluation:
+        """The metrics of a spec (stats npz, images, dataset name) or of in-memory uint8 images with labels."""
         if isinstance(source, str) and is_stats_file(source):
-            return self.metrics(self.stats(source)[0])
+            return self.measure(self.stats(source)[0])
         if isinstance(source, str):
             source = ImageSource(source)
         elif not isinstance(source, (ImageSource, TensorSource)):
             source = TensorSource(source, labels)
         features, logits = self.features(source)
         labels = source.labels if labels is None else labels
-        return self.metrics(stats_from_features(features, self.extractor.name), logits, labels, features)
+        return self.measure(stats_from_features(features, self.extractor.name), logits, labels, features)
+
+    def evaluate(self, source, labels=None) -> dict[str, float | list]:
+        """The metrics' values (metric key -> value) of ``source``, as ``evaluation`` measures them."""
+        return self.evaluation(source, labels).values

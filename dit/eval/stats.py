@@ -26,9 +26,9 @@ class ImageSource:
         path = Path(spec)
         name, _, split = spec.partition(":")
         if name == "fashion_mnist" and not path.exists():
-            from dit.data.fashion_mnist import FILES, read_idx
+            from dit.data.fashion_mnist import FILES, ROOT, read_idx
 
-            root = Path("/usr/share/datasets/fashion-mnist")
+            root = Path(ROOT)
             images_file, labels_file = (root / f for f in FILES[split or "train"])
             self.array = read_idx(images_file)[..., None]  # (N, 28, 28, 1)
             self.labels = read_idx(labels_file).astype(np.int64)
@@ -146,15 +146,3 @@ def fid(a: Stats, b: Stats) -> float:
     if a.extractor != b.extractor:
         raise ValueError(f"the statistics come from different feature extractors: {a.extractor} vs {b.extractor}")
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-
-
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))) over `splits` splits (Salimans et al. 2016), mean and std."""
-    p = torch.from_numpy(logits).double().softmax(1)
-    scores = []
-    for part in p.chunk(splits):
-        py = part.mean(0, keepdim=True)
-        scores.append(
-            torch.exp((part * (part.clamp_min(1e-30).log() - py.clamp_min(1e-30).log())).sum(1).mean()).item()
-        )
-    return float(np.mean(scores)), float(np.std(scores))

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from dit.atomic import fsync_dir, fsync_tree, replace_dir
-from dit.checkpoints import export_config
+from dit.checkpoints import export_config, objective_settings
 from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
 from dit.models.config import DiTConfig
 from dit.models.state_dict import load_state_dict_checked
@@ -205,13 +205,6 @@ def _prune(run_dir: Path, keep_last: int, saved: Path) -> None:
             shutil.rmtree(stale)
 
 
-def default_objective_settings() -> dict:
-    """What an objective-less (older) checkpoint was trained with: DiT's DDPM (sample.py reads it so too)."""
-    from dit.diffusion import build_objective
-
-    return build_objective().settings()
-
-
 def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None = None) -> dict:
     """Restore model, optimiser, RNG states and EMA in place; returns the trainer state.
 
@@ -226,8 +219,7 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     # Keys a checkpoint predates (e.g. backbone options added later) mean their default (DiTConfig.from_dict).
     saved = DiTConfig.from_dict(meta["model"], path / "config.json").architecture()
     diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}
-    # Checkpoints written before objectives were recorded were all trained with DiT's default DDPM.
-    saved_objective = meta.get("objective") or default_objective_settings()
+    saved_objective = objective_settings(meta)
     if objective is not None and saved_objective != objective:
         keys = sorted(set(saved_objective) | set(objective))
         diff.update(

@@ -8,17 +8,19 @@ what they change; ``python train.py --cfg job`` prints every key with its value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
-from dit.diffusion import SamplingSettings
+from dit.diffusion import OBJECTIVES, SamplingSettings
 from dit.models.config import ADDED_WITH_SCHEMA, DiTConfig
 from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
 
-__all__ = ["OptimConfig", "TrainConfig", "register_configs"]
+__all__ = [
+    "OBJECTIVE_SAMPLERS", "OptimConfig", "TrainConfig", "register_configs", "training_sampler", "training_sampling",
+]  # fmt: skip
 
 
 class OptimizerName(str, Enum):  # the keys of dit/training/optim.py's OPTIMIZERS
@@ -64,7 +66,7 @@ class TrainConfig:
     sample_every: int = 10_000
     sample_per_class: int = 8
     sample_max_classes: int = 10
-    # sampler null: the objective's default (ddpm for DDPM models, euler for flow models)
+    # sampler null: the objective's default_sampler (ddpm for DDPM models, euler for flow models)
     grid_sampling: SamplingSettings = field(
         default_factory=lambda: SamplingSettings(sampler=None, steps=100, cfg_scale=1.5)
     )
@@ -76,9 +78,8 @@ class TrainConfig:
     fid_final_samples: int | None = None
     fid_metric: str = "inception"  # inception | fashion_mnist (domain features, see dit.eval.domain)
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
-    fid_sampling: SamplingSettings = field(
-        default_factory=lambda: SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.0)
-    )  # flow: euler
+    # sampler null: the objective's eval_sampler (ddim for DDPM models, euler for flow models)
+    fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(steps=25, cfg_scale=1.0))
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
     num_workers: int = 4
@@ -87,12 +88,31 @@ class TrainConfig:
     token_routing: TokenRouting = field(default_factory=TokenRouting, metadata=ADDED_WITH_SCHEMA)
 
 
+# Which of the run's objective's samplers a null `sampler` means in each of TrainConfig's sampling settings.
+OBJECTIVE_SAMPLERS = {"grid_sampling": "default_sampler", "fid_sampling": "eval_sampler"}
+
+
+def training_sampler(key: str, sampler: str | None, objective: str) -> str:
+    """The sampler training.<key> uses for a run with the objective named ``objective``: the one it names, or
+    the objective's (OBJECTIVE_SAMPLERS). The loop builds it; the settings digest records it."""
+    return sampler if sampler is not None else getattr(OBJECTIVES[objective], OBJECTIVE_SAMPLERS[key])
+
+
+def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
+    """training.<key> (SamplingSettings, a config node or a run's recorded dict) as a run with the objective named
+    ``objective`` samples: its sampler resolved (training_sampler). For the loop and for studies that redraw a
+    run's samples."""
+    settings = SamplingSettings.from_config(settings)
+    return replace(settings, sampler=training_sampler(key, settings.sampler, objective))
+
+
 def register_configs() -> None:
     """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``),
     and ``${dit.blocks:}``: every registered conditioning block, comma-separated, as a sweep over all of
     them (configs/experiment/ablate_conditioning.yaml), so a block added to the registry joins the study."""
     from omegaconf import OmegaConf
 
+    from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
     from dit.models import BLOCKS, DIT_MODELS, config_name
 
     cs = ConfigStore.instance()
@@ -108,6 +128,7 @@ def register_configs() -> None:
         "dit.blocks": lambda: ",".join(BLOCKS),
         "dit.size": size_field,
         "dit.config_name": lambda name: config_name(name) if name else "dit",
+        "dit.fashion_mnist_root": lambda: FASHION_MNIST_ROOT,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -16,15 +16,9 @@ import json
 import uuid
 from pathlib import Path
 
-# Accelerate's tracker names and the package each needs.
-TRACKERS = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "comet_ml": "comet_ml",
-    "aim": "aim",
-    "clearml": "clearml",
-}
+from dit.eval.metrics import METRICS, SAMPLE_COUNT
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml")  # Accelerate's names = their packages
 TRACKING_DIR = "tracking"  # run_dir/tracking/<project>/: TensorBoard's event files (and Aim's repository)
 
 
@@ -32,8 +26,8 @@ def fid_curve(evals: list[dict]) -> list[dict]:
     """The FID records of one curve: those on the smallest sample count (FID falls as the count grows, so
     a final FID on more samples, training.fid_final_samples, is left out). Records older than the
     count (no fid_n) belong to the curve."""
-    n = min((r["fid_n"] for r in evals if "fid_n" in r), default=None)
-    return [r for r in evals if r.get("fid_n", n) == n]
+    n = min((r[SAMPLE_COUNT] for r in evals if SAMPLE_COUNT in r), default=None)
+    return [r for r in evals if r.get(SAMPLE_COUNT, n) == n]
 
 
 def trackers(logger_cfg: dict | None) -> list[str]:
@@ -49,8 +43,8 @@ def trackers(logger_cfg: dict | None) -> list[str]:
             raise ValueError(f"logger: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}")
         if name == "wandb" and (settings or {}).get("mode") == "disabled":
             continue
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ValueError(f"logger={name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"logger={name} needs the {name} package: pip install {name}")
         names.append(name)
     return names
 
@@ -116,9 +110,9 @@ class MetricsLogger:
             return
         with self.file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        scalars = {
-            k: v for k, v in metrics.items() if k != "fid_n" and not isinstance(v, (str, list, tuple, dict))
-        }  # the file only
+        scalars = {  # the sample count and texts / lists (e.g. class consistency per class) are for the file only
+            k: v for k, v in metrics.items() if k != SAMPLE_COUNT and not isinstance(v, (str, list, tuple, dict))
+        }
         self.accelerator.log({f"{tracker_prefix}{k}": v for k, v in scalars.items()}, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
@@ -166,23 +160,21 @@ class MetricsLogger:
         path = self.run_dir / "loss.png"
         fig.savefig(path)
         plt.close(fig)
-        evals = [r for r in self.records() if "fid" in r]
-        evals = fid_curve(evals)
+        (key, label), *others = [curve for metric in METRICS.values() for curve in metric.plot.items()]
+        evals = fid_curve([r for r in self.records() if key in r])  # the first (FID) on the left axis
         if evals:
             fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-            ax.plot([r["step"] for r in evals], [r["fid"] for r in evals], "o-", label="FID")
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
             ax.set_xlabel("step")
-            ax.set_ylabel("FID")
+            ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-            if any("class_consistency" in r for r in evals):
+            others = [(k, lab) for k, lab in others if any(k in r for r in evals)]  # e.g. class consistency
+            if others:
                 ax2 = ax.twinx()
-                ax2.plot(
-                    [r["step"] for r in evals],
-                    [r.get("class_consistency", float("nan")) for r in evals],
-                    "s--",
-                    color="C1",
-                )
-                ax2.set_ylabel("class consistency", color="C1")
+                for i, (k, lab) in enumerate(others, start=1):
+                    steps, values = [r["step"] for r in evals], [r.get(k, float("nan")) for r in evals]
+                    ax2.plot(steps, values, "s--", color=f"C{i}", label=lab)
+                ax2.set_ylabel(", ".join(lab for _, lab in others), color="C1" if len(others) == 1 else "black")
             fig.tight_layout()
             fig.savefig(self.run_dir / "fid.png")
             plt.close(fig)

@@ -20,7 +20,7 @@ from dit.diffusion import Objective, build_sampler
 from dit.models import DiT
 from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
-from dit.training.config import OptimConfig, TrainConfig
+from dit.training.config import OptimConfig, TrainConfig, training_sampling
 from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.optim import build_optimizer
@@ -31,8 +31,9 @@ EVAL_BATCH_SIZE = 250  # images per generate() batch in FID evaluations
 
 
 def eval_inputs(n: int, num_classes: int, seed: int) -> dict:
-    """What an FID evaluation of n samples draws: generate()'s labels, seed and batch size. The one place
-    these are decided; studies that redraw a run's evaluation samples (studies/ablation_per_class.py) call it."""
+    """What an FID evaluation of n samples draws: generate()'s labels, seed and batch size. The one place these
+    are decided; studies that redraw a run's evaluation samples (studies/ablation_conditioning/per_class.py) call
+    it."""
     return {"labels": torch.arange(n) % num_classes, "seed": seed + 1, "batch_size": EVAL_BATCH_SIZE}
 
 
@@ -160,8 +161,8 @@ class Trainer:
         objective.check_model(model)
         self.objective_settings = objective.settings()
         # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
-        self.grid_sampler = _training_sampler(objective, cfg.grid_sampling, model, "training.grid_sampling")
-        fid = _training_sampler(objective, cfg.fid_sampling, model, "training.fid_sampling") if cfg.fid_every else None
+        self.grid_sampler = _training_sampler(objective, cfg, "grid_sampling", model)
+        fid = _training_sampler(objective, cfg, "fid_sampling", model) if cfg.fid_every else None
         self.fid_sampler = fid
         self.resume_from = find_resume(self.resume, self.run_dir)  # before anything is written
         self.settings = settings_digest(self.config)
@@ -417,13 +418,14 @@ class Trainer:
         return {"step": self.step, "checkpoint": checkpoint, "export": self.export, "ema": ema, "model": raw}
 
 
-def _training_sampler(objective: Objective, settings, model, key: str):
-    """build_sampler + the model check, with errors that name the config key they come from."""
+def _training_sampler(objective: Objective, cfg: TrainConfig, key: str, model):
+    """The sampler of training.<key> (a null sampler: the objective's, training_sampler) + the model check,
+    with errors that name the config key they come from."""
     try:
-        sampler = build_sampler(objective, settings)
+        sampler = build_sampler(objective, training_sampling(key, getattr(cfg, key), objective.name))
         sampler.check_model(model)
     except ValueError as e:
-        raise ValueError(f"{key}: {e}") from None
+        raise ValueError(f"training.{key}: {e}") from None
     return sampler
 
 

@@ -42,7 +42,8 @@ RUNTIME_KEYS = {
 
 def settings_digest(config: dict) -> str:
     """SHA-256 of what a run's results depend on: its seed and model, data, objective, optimiser and training
-    settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS and the model's runtime fields."""
+    settings (the resolved config train.py passes to the loop), less RUNTIME_KEYS and the model's runtime fields,
+    with the samplers the training grids and FID use (a null sampler: the objective's, by name)."""
     import hashlib
 
     from dit.models.config import digest_view, omit_added_at_default
@@ -57,7 +58,20 @@ def settings_digest(config: dict) -> str:
     for group, keys in RUNTIME_KEYS.items():
         if isinstance(kept.get(group), dict):
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
+    if isinstance(kept["training"], dict) and isinstance(kept["diffusion"], dict):
+        kept["training"] = _effective_samplers(kept["training"], kept["diffusion"]["name"])
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _effective_samplers(training: dict, objective: str) -> dict:
+    """training with each sampling setting's null sampler replaced by the one the run uses."""
+    from dit.training.config import OBJECTIVE_SAMPLERS, training_sampler
+
+    out = dict(training)
+    for key in OBJECTIVE_SAMPLERS:
+        if isinstance(out.get(key), dict):
+            out[key] = {**out[key], "sampler": training_sampler(key, out[key].get("sampler"), objective)}
+    return out
 
 
 def mark_finished(run_dir: Path, step: int, settings: str, data: dict | None = None) -> None:

@@ -1,8 +1,9 @@
 """Samplers side by side on one model: wall-clock per image, domain FID with a bootstrap interval,
 class consistency. Every sampler gets the same labels and the same initial noise (same seed).
 
-    python benchmarks/sampler_study.py --checkpoint outputs/fashion_mnist-dit_ti4-adaln_zero/model \\
-        --samplers ddpm:250,ddim:50,dpmpp:20,dpmpp:10,unipc:10 --num-images 1000 --out studies/samplers
+    python studies/samplers/sampler_study.py --checkpoint outputs/fashion_mnist-dit_ti4-adaln_zero/model \\
+        --samplers ddpm:250,ddim:50,dpmpp:20,dpmpp:10,unipc:10 --num-images 1000 \\
+        --out outputs/studies/samplers/1000_images
 
 Each sampler's images (ADM npz) and result (JSON) are written under --out as soon as it finishes, so
 re-running the command skips what is done; the table (results.md) is rewritten at the end. FID is the
@@ -20,15 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import header
 
-from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmarks/common.py: the header
+from common import header  # noqa: E402
+
+from dit.checkpoints import load_model, objective_of
+from dit.diffusion import SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.eval.stats import fid, stats_from_features
 from dit.sampling import generate, make_labels, save_npz_atomic
@@ -107,7 +111,7 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
         images = torch.cat(chunks)
     save_npz_atomic(out / f"{name}-{steps}.npz", np.repeat(images.numpy(), 3, axis=-1), labels.numpy())
     features, logits = evaluator.features(TensorSource(images, labels))
-    metrics = evaluator.metrics(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy())
+    metrics = evaluator.measure(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy()).values
     fid_ci, cc_ci = bootstrap(metrics["fid"], features, logits, labels.numpy(), evaluator, args.bootstrap)
     result = {
         "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),
@@ -182,7 +186,7 @@ def main() -> None:
     ]
     model, meta = load_model(args.checkpoint)
     model.eval()
-    objective = build_objective(**(meta.get("objective") or {}))
+    objective = objective_of(meta)
     labels = make_labels(list(range(model.num_classes)), None, args.num_images, args.seed)
     evaluator = Evaluator("fashion_mnist", args.ref, batch_size=500, distributed=False)
     specs = args.samplers.split(",")

@@ -1,7 +1,10 @@
 """What the conditioning study's final EMA models draw for each class, and what the classifier calls it.
 
-    python studies/ablation_per_class.py studies/ablation_conditioning --blocks adain adaln_zero \\
+    python studies/ablation_conditioning/per_class.py studies/ablation_conditioning --blocks adain adaln_zero \\
         --cfg-scale 2 4 -o docs/ablation_guidance.md
+
+The study's directory (its runs under runs/) or a sweep directory of it (outputs/studies/ablation_conditioning,
+where the weights are).
 
 For every finished run (its EMA export in model/) and guidance scale it draws the samples of the run's
 final FID evaluation again (the same labels, seed and batches as the training loop: both take them from
@@ -25,10 +28,11 @@ import torch
 import yaml
 
 from dit.checkpoints import load_model
-from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.diffusion import build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
-from dit.report import run_config
+from dit.report import job_dirs, run_config
 from dit.sampling import generate
+from dit.training.config import training_sampling
 from dit.training.loop import eval_inputs
 
 
@@ -50,9 +54,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     n = t.get("fid_final_samples") or t["fid_samples"]
     model, meta = load_model(run / "model")
     model.eval()
-    sampler = build_sampler(
-        build_objective(**meta["objective"]), SamplingSettings(**{**t["fid_sampling"], "cfg_scale": scale})
-    )
+    objective = build_objective(**meta["objective"])
+    settings = training_sampling("fid_sampling", {**t["fid_sampling"], "cfg_scale": scale}, objective.name)
+    sampler = build_sampler(objective, settings)
     inputs = eval_inputs(n, model.num_classes, cfg["seed"])
     labels = inputs.pop("labels")
     images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, **inputs)])
@@ -126,7 +130,10 @@ def main() -> None:
     p.add_argument("--blocks", nargs="+", help="only these blocks (default: every block of the study)")
     p.add_argument("--cfg-scale", nargs="+", type=float, help="guidance scales to draw at (default: each run's own)")
     args = p.parse_args()
-    runs = sorted(d.parent.parent for d in args.multirun.glob("*/.hydra/config.yaml"))
+    try:
+        runs = job_dirs(args.multirun)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     runs = [r for r in runs if (r / "finished.json").exists() or (r / "model" / "config.json").exists()]
     if args.blocks:
         runs = [
@@ -156,7 +163,7 @@ def main() -> None:
     _, logits, labels = evaluator().extract("fashion_mnist:test")  # the classifier on real images, for scale
     real = [float((logits.argmax(1) == labels)[labels == k].mean()) for k in range(len(results[0]["per_class"]))]
     command = (
-        "python studies/ablation_per_class.py "
+        "python studies/ablation_conditioning/per_class.py "
         + str(args.multirun)
         + (f" --blocks {' '.join(args.blocks)}" if args.blocks else "")
         + (f" --cfg-scale {' '.join(f'{s:g}' for s in args.cfg_scale)}" if args.cfg_scale else "")
