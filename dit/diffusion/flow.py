@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+PREDICTIONS = ("velocity", "x")  # what the network outputs: the velocity (SiT), or the data x1 (JiT)
+X_PREDICTION_EPS = 0.05  # x-prediction: 1 - t is clipped at this in the velocity (x1 - x_t) / (1 - t) (JiT's t_eps)
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
@@ -85,21 +87,60 @@ class FlowMatching(Objective):
     loss_terms = ("loss",)
     default_sampler = "euler"  # SiT's ODE with Euler steps
     eval_sampler = "euler"
+    # Settings added after runs were recorded, with their defaults (SiT's objective): left out of settings() --
+    # so of checkpoints and exports -- and of the settings digest at their default, so older records still
+    # describe the same objective.
+    ADDED_SETTINGS = {"time_shift": 1.0, "contrastive_weight": 0.0, "prediction": "velocity"}
 
-    def __init__(self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
+    def __init__(
+        self,
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        time_shift: float = 1.0,
+        contrastive_weight: float = 0.0,
+        prediction: str = "velocity",
+    ):
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; valid: {', '.join(TIME_SAMPLINGS)}")
         if not float(logit_std) > 0:
             raise ValueError(f"logit_std={logit_std}: must be > 0")
+        if not float(time_shift) > 0:
+            raise ValueError(f"time_shift={time_shift}: must be > 0 (1 = no shift; SD3 uses 3 at 1024 px)")
+        if not 0.0 <= float(contrastive_weight) < 1.0:
+            raise ValueError(f"contrastive_weight={contrastive_weight}: need 0 <= weight < 1 (Stoica et al.: 0.05)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
+        self.time_shift, self.contrastive_weight = float(time_shift), float(contrastive_weight)
+        self.prediction = prediction
+        if self.contrastive_weight > 0:  # the optimised loss, then its two parts (logged)
+            self.loss_terms = ("loss", "flow_mse", "contrastive_mse")
 
     def settings(self) -> dict:
+        added = {k: getattr(self, k) for k, default in self.ADDED_SETTINGS.items() if getattr(self, k) != default}
         return {
             "name": self.name,
             "time_sampling": self.time_sampling,
             "logit_mean": self.logit_mean,
             "logit_std": self.logit_std,
+            **added,
         }
+
+    def shift(self, t):
+        """SD3's time shift (Esser et al. 2024, eq. 23) of the noise level s = 1 - t: s' = a s / (1 + (a - 1) s),
+        a = time_shift; a > 1 spends more of training and of the sampling grid at high noise. t: floats or a tensor."""
+        if self.time_shift == 1.0:
+            return t
+        s = 1 - t
+        return 1 - self.time_shift * s / (1 + (self.time_shift - 1) * s)
+
+    def velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity the network's output stands for: itself (velocity prediction), or, predicting the data x1
+        (Li & He 2025, "Back to Basics"), (x1 - x_t) / (1 - t), with 1 - t clipped at X_PREDICTION_EPS."""
+        if self.prediction == "velocity":
+            return out
+        return (out - xt) / (1 - _per_sample(t, xt)).clamp_min(X_PREDICTION_EPS)
 
     def check_model(self, model) -> None:
         """Any DiT: with learn_sigma its extra C output channels are ignored (SiT drops them too)."""
@@ -111,7 +152,7 @@ class FlowMatching(Objective):
             t = rng.rand(n)
         else:  # noise level s = sigmoid(N(mean, std)) as SD3; t = 1 - s = sigmoid(-N(mean, std))
             t = torch.sigmoid(-(self.logit_mean + self.logit_std * rng.randn((n,))))
-        return {"t": t, "noise": rng.randn(x.shape)}
+        return {"t": self.shift(t), "noise": rng.randn(x.shape)}
 
     def interpolate(self, x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t = t * x1 + (1 - t) * x0 and its velocity u_t = x1 - x0 (SiT ICPlan.plan)."""
@@ -121,8 +162,14 @@ class FlowMatching(Objective):
     def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
         t = draw["t"].to(x.device, x.dtype)
         xt, ut = self.interpolate(x, t, draw["noise"].to(x.dtype))
-        v = model(xt, t, **(model_kwargs or {}))[:, : x.shape[1]]
-        return {"loss": mean_flat((v - ut) ** 2)}
+        v = self.velocity(model(xt, t, **(model_kwargs or {}))[:, : x.shape[1]], xt, t)
+        mse = mean_flat((v - ut) ** 2)
+        if self.contrastive_weight == 0:
+            return {"loss": mse}
+        # Contrastive flow matching (Stoica et al. 2025, eq. 6): away from another sample's target, here the
+        # previous sample's of the micro-batch (so this term depends on the per-process batch, not the global one).
+        contrast = mean_flat((v - ut.roll(1, dims=0)) ** 2)
+        return {"loss": mse - self.contrastive_weight * contrast, "flow_mse": mse, "contrastive_mse": contrast}
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """Model time t in [0, 1] (1 = data) -> 1 - t (1 = pure noise)."""
@@ -134,14 +181,15 @@ class FlowSampler(Sampler):
 
     objectives = ("flow",)
 
-    @staticmethod
-    def velocity(denoiser, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+    def velocity(self, denoiser, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        """The (guided) model's velocity at x, t: its output as the objective reads it (FlowMatching.velocity)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)  # SiT: th.ones(N).to(x) * t
-        return denoiser(x, tt, y)[:, : x.shape[1]]
+        return self.objective.velocity(denoiser(x, tt, y)[:, : x.shape[1]], x, tt)
 
     def ode_grid(self) -> list[float]:
-        """SiT's linspace(t0=0, t1=1, num_steps) with num_steps = steps + 1 (float64)."""
-        return torch.linspace(0.0, 1.0, self.settings.steps + 1, dtype=torch.float64).tolist()
+        """SiT's linspace(t0=0, t1=1, num_steps) with num_steps = steps + 1 (float64), time-shifted as trained."""
+        grid = torch.linspace(0.0, 1.0, self.settings.steps + 1, dtype=torch.float64).tolist()
+        return [self.objective.shift(t) for t in grid]
 
 
 class EulerSampler(FlowSampler):
@@ -215,6 +263,11 @@ class EulerMaruyamaSampler(FlowSampler):
             )
         if t1 <= t0:
             raise ValueError(f"empty SDE interval [{t0}, {t1}]: lower last_step_size or sample_eps")
+        if objective.time_shift != 1.0:
+            raise ValueError(
+                f"euler_maruyama samples SiT's uniform SDE grid; this model was trained with time_shift="
+                f"{objective.time_shift}: sample it with euler or heun (their grids are shifted as trained)"
+            )
         self.diffusion_form, self.diffusion_norm = diffusion_form, float(diffusion_norm)
         self.last_step, self.last_step_size = last_step, float(last_step_size)
         self.t0, self.t1 = t0, t1

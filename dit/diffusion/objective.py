@@ -34,10 +34,18 @@ class Objective:
     loss_terms: tuple[str, ...] = ("loss",)
     default_sampler: ClassVar[str]  # what `sampler: null` means for its models (sample.py, the training grids)
     eval_sampler: ClassVar[str]  # ... for the in-training FID (TrainConfig.fid_sampling): a few-step one
+    # Settings added after runs were recorded -> their defaults: left out of the settings digest at the default
+    # (and, by the objective's settings(), of checkpoint records), so older records still describe their runs.
+    ADDED_SETTINGS: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_settings(cls, **settings: Any) -> Objective:
         return cls(**settings)
+
+    @classmethod
+    def digest_view(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """The composed ``diffusion`` settings as the settings digest sees them: ADDED_SETTINGS at default left out."""
+        return {k: v for k, v in settings.items() if not (k in cls.ADDED_SETTINGS and v == cls.ADDED_SETTINGS[k])}
 
     def settings(self) -> dict[str, Any]:
         """JSON-able; includes "name" so build_objective(**settings) rebuilds this objective."""

@@ -60,6 +60,10 @@ def settings_digest(config: dict) -> str:
             kept[group] = {k: v for k, v in kept[group].items() if k not in keys}
     if isinstance(kept["training"], dict) and isinstance(kept["diffusion"], dict):
         kept["training"] = _effective_samplers(kept["training"], kept["diffusion"]["name"])
+    if isinstance(kept["diffusion"], dict):
+        from dit.diffusion import OBJECTIVES
+
+        kept["diffusion"] = OBJECTIVES[kept["diffusion"]["name"]].digest_view(kept["diffusion"])
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
