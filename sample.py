@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.atomic import fsync_tree, replace_dir
-from dit.checkpoints import load_model, objective_of
 from dit.diffusion import SamplingSettings, build_sampler
+from dit.model_files import load_model, objective_of
 from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
 
 OUTPUTS = ("grid.png", "samples.npz", "images")

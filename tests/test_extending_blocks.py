@@ -8,14 +8,14 @@ import torch.nn as nn
 from conftest import compose_config, needs_fmnist
 
 import train
-from dit.checkpoints import load_model
+from dit.model_files import load_model
 from dit.models import BLOCKS, create_model
-from dit.models.blocks import AdaLNZeroBlock, DiTBlock, block_mlp, self_attention
+from dit.models.blocks import AdaLNZeroBlock, Block, block_mlp, self_attention
 from dit.models.config import DiTConfig
 from dit.zoo import count
 
 
-class FiLMBlock(DiTBlock):
+class FiLMBlock(Block):
     """The example of docs/extending.md: FiLM (Perez et al. 2018) on un-normalised tokens, gated like
     adaLN-Zero; no norm at all."""
 

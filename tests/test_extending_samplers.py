@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
-from helpers.tiny import GRID_RUN
+from helpers.tiny import GRID_RUN, GRID_SAMPLE
 from omegaconf import OmegaConf
 from PIL import Image
 
 import sample
 import train
-from dit.checkpoints import save_export
 from dit.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, SamplingSettings, build_objective, build_sampler
 from dit.diffusion.flow import FlowSampler
+from dit.model_files import save_export
 from dit.models import create_model
 from dit.training.randomness import SlicedRandom
 
@@ -189,16 +189,7 @@ def test_a_new_objective_through_train_py_and_sample_py(x_flow, tmp_path):
     assert json.loads((run / "model" / "config.json").read_text())["objective"]["name"] == "x_flow_example"
     out = sample.run(
         compose_config(
-            "sample",
-            [
-                f"checkpoint={run / 'model'}",
-                f"out_dir={tmp_path / 's'}",
-                "per_class=1",
-                "steps=4",
-                "cfg_scale=2.0",
-                "seed=0",
-                "batch_size=10",
-            ],
+            "sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE]
         )  # fmt: skip
     )
     assert np.array_equal(np.array(Image.open(out / "grid.png")), np.array(Image.open(run / "samples" / "latest.png")))

@@ -23,10 +23,10 @@ from helpers.tiny import tiny_diffusers_dit
 from safetensors.torch import save_file
 
 import train
-from dit.checkpoints import load_model
 from dit.data.latents import LatentShards
 from dit.eval.stats import ImageSource, Stats, is_stats_file
 from dit.integrity import DamagedFileError
+from dit.model_files import load_model
 from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
 
 # A checkpoint every step (more moments to kill), the last two kept.

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
-from helpers.tiny import GRID_RUN
+from helpers.tiny import GRID_RUN, GRID_SAMPLE
 
 import sample
 import train
@@ -152,16 +152,7 @@ def test_train_with_all_three_and_sample_with_sample_py(tmp_path):
     assert any("contrastive_mse" in r and "flow_mse" in r for r in logged)
     out = sample.run(
         compose_config(
-            "sample",
-            [
-                f"checkpoint={run / 'model'}",
-                f"out_dir={tmp_path / 's'}",
-                "per_class=1",
-                "steps=4",
-                "cfg_scale=2.0",
-                "seed=0",
-                "batch_size=10",
-            ],
+            "sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE]
         )  # fmt: skip
     )
     from PIL import Image

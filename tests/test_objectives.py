@@ -18,7 +18,6 @@ from PIL import Image
 
 import sample
 import train
-from dit.checkpoints import load_model
 from dit.diffusion import (
     OBJECTIVES,
     SAMPLERS,
@@ -30,6 +29,7 @@ from dit.diffusion import (
     create_diffusion,
     get_betas,
 )
+from dit.model_files import load_model
 from dit.models import DiT
 
 
@@ -218,7 +218,7 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
 
 
 def test_no_recorded_objective_means_dits_ddpm():
-    from dit.checkpoints import objective_of, objective_settings
+    from dit.model_files import objective_of, objective_settings
 
     ddpm = {"name": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000, "variance_type": "learned_range"}
     assert objective_settings({}) == objective_settings({"objective": {}}) == ddpm

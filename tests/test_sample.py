@@ -14,8 +14,8 @@ from helpers.tiny import tiny_vae
 from PIL import Image
 
 import sample
-from dit.checkpoints import save_export
 from dit.data.class_names import FASHION_MNIST_CLASSES
+from dit.model_files import save_export
 from dit.models import create_model
 from dit.models.convert import to_diffusers
 

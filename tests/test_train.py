@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from dit.checkpoints import load_model
 from dit.data import GlobalBatchSampler
+from dit.model_files import load_model
 from dit.training import OptimConfig, lr_at
 from dit.training.checkpointing import list_checkpoints
 from dit.training.ema import EMA

@@ -8,7 +8,7 @@ from helpers.tiny import randomize
 
 import train
 from dit.models import DiT
-from dit.models.blocks import DiTBlock
+from dit.models.blocks import Block
 from dit.models.routing import Route, TokenRouting
 from dit.training.randomness import SlicedRandom
 from dit.zoo import count
@@ -162,7 +162,7 @@ def test_training_routes_and_sampling_uses_every_token(tmp_path):
     seen = []
 
     def record(module, args):
-        if isinstance(module, DiTBlock):
+        if isinstance(module, Block):
             seen.append((module.training, args[0].shape[1]))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)

@@ -41,6 +41,7 @@ __all__ = [
     "POS_EMBEDS",
     "Attention",
     "CrossAttention",
+    "Block",
     "DiTBlock",
     "RoPE2d",
     "TimeDependentAttention",
@@ -324,8 +325,9 @@ class NoSharedConditioning(nn.Identity):
         """Nothing to initialise."""
 
 
-class DiTBlock(nn.Module):
-    """Base class: a transformer block conditioned on the timestep and class embeddings."""
+class Block(nn.Module):
+    """Base class of the conditioning variants: a transformer block conditioned on the timestep and class
+    embeddings. (DiTBlock, as in the official code, is the adaLN-Zero block below.)"""
 
     name: ClassVar[str]
     num_extra_tokens: ClassVar[int] = 0  # tokens add_tokens prepends (not on the grid: RoPE skips them)
@@ -362,7 +364,7 @@ class DiTBlock(nn.Module):
         """Variant-specific initialisation, run by DiT.initialize_weights after the generic one."""
 
 
-class InContextBlock(DiTBlock):
+class InContextBlock(Block):
     """In-context conditioning: t and c are two extra tokens in the sequence, treated like image
     tokens by a standard ViT block, and removed after the last block (like a ViT cls token)."""
 
@@ -390,7 +392,7 @@ class InContextBlock(DiTBlock):
         return x + self.mlp(self.norm2(x))
 
 
-class CrossAttentionBlock(DiTBlock):
+class CrossAttentionBlock(Block):
     """Cross-attention conditioning: t and c form a length-2 sequence apart from the image tokens; a
     multi-head cross-attention layer after self-attention reads it (the most Gflops, ~15% more)."""
 
@@ -411,7 +413,7 @@ class CrossAttentionBlock(DiTBlock):
         return x + self.mlp(self.norm3(x))
 
 
-class AdaLNBlock(DiTBlock):
+class AdaLNBlock(Block):
     """Adaptive layer norm: the LayerNorms' scale and shift (gamma, beta) are regressed from t + c,
     the same for every token (the fewest Gflops)."""
 
@@ -439,7 +441,7 @@ class AdaLNBlock(DiTBlock):
         return x + self.mlp(self.norm2(x, shift_mlp, scale_mlp))
 
 
-class AdaLNZeroBlock(DiTBlock):
+class AdaLNZeroBlock(Block):
     """adaLN-Zero: adaLN plus dimension-wise gates alpha before each residual connection; the
     modulation MLP is zero-initialised so alpha = 0 and the block starts as the identity.
     Parameter names, shapes and chunk order are those of the released DiT checkpoints."""
@@ -475,7 +477,10 @@ class AdaLNZeroBlock(DiTBlock):
 #################################################################################
 
 
-class DiffiTBlock(DiTBlock):
+DiTBlock = AdaLNZeroBlock  # the official DiT code's name for its block (models.py: DiTBlock is adaLN-Zero)
+
+
+class DiffiTBlock(Block):
     """DiffiT (Hatamizadeh et al. 2024, section 3.1, eqs. 7-8): conditioning inside self-attention
     (TMSA, see TimeDependentAttention), no adaLN:
 
@@ -551,7 +556,7 @@ class SharedModulation(nn.Module):
             nn.init.zeros_(linear.weight[gate * self.hidden_size : (gate + 1) * self.hidden_size])
 
 
-class AdaLNSingleBlock(DiTBlock):
+class AdaLNSingleBlock(Block):
     """adaLN-single (PixArt-alpha, Chen et al. 2023, section 2.3): the six modulation vectors
     S = [shift1, scale1, gate1, shift2, scale2, gate2] come from ONE MLP shared by all blocks
     (``shared_conditioning``); block i adds its own learned table E_i (6, D) (their
@@ -617,7 +622,7 @@ class AdaLNSingleFinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
 
-class AdaINBlock(DiTBlock):
+class AdaINBlock(Block):
     """AdaIN (Huang & Belongie 2017) carried into the transformer: each channel is normalised over the
     tokens of its own sample (instance statistics over T, not LayerNorm over D), then shifted and
     scaled from c, and gated, as adaLN-Zero (6D modulation, zero-initialised: identity at init).
@@ -650,12 +655,12 @@ class AdaINBlock(DiTBlock):
 
 
 # The conditioning variants, selectable as model.block=<name>: one line per class.
-BLOCKS: Registry[DiTBlock] = Registry(
+BLOCKS: Registry[Block] = Registry(
     "block",
     [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock],
 )
 
 
-def get_block(name: str) -> type[DiTBlock]:
+def get_block(name: str) -> type[Block]:
     """The block class registered as ``name``; a clear error listing the valid names otherwise."""
     return BLOCKS[name]

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from dit.atomic import fsync_dir, fsync_tree, replace_dir
-from dit.checkpoints import export_config, objective_settings
 from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
+from dit.model_files import export_config, objective_settings
 from dit.models.config import DiTConfig
 from dit.models.state_dict import load_state_dict_checked
 

@@ -397,7 +397,7 @@ class Trainer:
         self.write_samples(step)
         weights, ema_weights = acc.get_state_dict(self.model), self.ema.sync()  # collective: full weights under FSDP
         if acc.is_main_process:
-            from dit.checkpoints import save_export
+            from dit.model_files import save_export
 
             save_export(
                 self.export, self.raw, ema=ema_weights, data=self.data_meta, state_dict=weights,

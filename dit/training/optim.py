@@ -23,6 +23,14 @@ def muon_parameter(name: str, param: torch.Tensor) -> bool:
     return name.startswith("blocks.") and param.ndim == 2
 
 
+def _evaluate(closure: Callable | None):
+    """torch.optim's closure convention: the loss recomputed with gradients, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class FullMatrixMuon(torch.optim.Muon):
     """torch.optim.Muon, whose Newton-Schulz step sees the whole matrix when FSDP2 shards it (a DTensor): the
     update is gathered, orthogonalised, and sharded again, so each rank applies its rows of one process's update
@@ -30,10 +38,7 @@ class FullMatrixMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
@@ -79,10 +84,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for engine in self.engines.values():
             engine.step()
         return loss

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import yaml
 
-from dit.checkpoints import load_model
 from dit.diffusion import build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
+from dit.model_files import load_model
 from dit.report import job_dirs, run_config
 from dit.sampling import generate
 from dit.training.config import training_sampling

@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmarks/common.py: the header
 from common import header  # noqa: E402
 
-from dit.checkpoints import load_model, objective_of
 from dit.diffusion import SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.eval.stats import fid, stats_from_features
+from dit.model_files import load_model, objective_of
 from dit.sampling import generate, make_labels, save_npz_atomic
 
 

@@ -73,3 +73,6 @@ GRID_RUN = [
     "training.grid_sampling.steps=4",
     "training.grid_sampling.cfg_scale=2.0",
 ]
+
+# sample.py's settings that reproduce GRID_RUN's final grid (seed, batch, sampling); add checkpoint= and out_dir=.
+GRID_SAMPLE = ["per_class=1", "steps=4", "cfg_scale=2.0", "seed=0", "batch_size=10"]
