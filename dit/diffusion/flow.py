@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from dit.diffusion.objective import Objective
+from dit.diffusion.objective import Objective, mean_flat
 from dit.diffusion.sampler import Sampler, SamplingSettings
 
 __all__ = [
@@ -67,11 +67,6 @@ PREDICTIONS = ("velocity", "x")  # what the network outputs: the velocity (SiT),
 X_PREDICTION_EPS = 0.05  # x-prediction: 1 - t is clipped at this in the velocity (x1 - x_t) / (1 - t) (JiT's t_eps)
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch."""
-    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dit.diffusion.objective import Objective
+from dit.diffusion.objective import Objective, mean_flat
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 
 __all__ = ["GaussianDiffusion", "create_diffusion", "normal_kl", "discretized_gaussian_log_likelihood"]
 
 VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch."""
-    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:

@@ -24,7 +24,12 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "mean_flat"]
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 class Objective:
