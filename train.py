@@ -83,12 +83,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         vae=getattr(dataset, "vae", None),
         image_size=getattr(dataset, "image_size", None),
     )
-    t: TrainConfig = OmegaConf.to_object(cfg.training)  # typed by the schema (dit/training/config.py)
-    o: OptimConfig = OmegaConf.to_object(cfg.optim)
+    training: TrainConfig = OmegaConf.to_object(cfg.training)  # typed by the schema (dit/training/config.py)
+    optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     config = OmegaConf.to_container(cfg, resolve=True)
     return train(
-        model, dataset, objective, run_dir, t, o, resume=cfg.resume, config=config, data_meta=data_meta, vae=vae,
-        seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
+        model, dataset, objective, run_dir, training, optim, resume=cfg.resume, config=config, data_meta=data_meta,
+        vae=vae, seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
     )  # fmt: skip
 
 
