@@ -12,12 +12,13 @@ allocated, so even DiT-XL/2 is counted in about a second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit.models import BLOCKS, DIT_MODELS, create_model
+from dit.models import BLOCKS, DIT_MODELS, DiT, DiTConfig, create_model
 from dit.models.routing import Route, TokenRouting
 
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
@@ -72,6 +73,25 @@ def count(
         gflops=counter.get_total_flops() / 2 / 1e9,
         tokens=model.num_tokens,
     )
+
+
+def training_flops(config: DiTConfig, routing: TokenRouting | None = None) -> float:
+    """FLOPs of one training image through the DiT, forward and backward (torch.utils.flop_counter's count, i.e.
+    2 per multiply-add), with TREAD token routing when given; counted on the meta device (no weights allocated).
+    The loss, the optimiser and the EMA are left out: they do not grow with the tokens."""
+    with torch.device("meta"):
+        model = DiT(dataclasses.replace(config, fused_adaln="false"))
+        x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long)
+        route = None
+        if routing is not None and routing.enabled:
+            routing.check(model)
+            route = Route(torch.arange(routing.kept(model.num_tokens)).unsqueeze(0), *routing.span(len(model.blocks)))
+    model.eval()  # no label dropout draws: the count does not depend on them
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y, route=route).sum().backward()
+    return float(counter.get_total_flops())
 
 
 def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> list[dict]:

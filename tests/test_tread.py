@@ -4,14 +4,14 @@ FLOP count checked against the analytic count of a transformer block, and a trai
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
-from helpers.tiny import randomize
+from helpers.tiny import randomize, records
 
 import train
-from dit.models import DiT
+from dit.models import DiT, DiTConfig
 from dit.models.blocks import Block
 from dit.models.routing import Route, TokenRouting
 from dit.training.randomness import SlicedRandom
-from dit.zoo import count
+from dit.zoo import count, training_flops
 
 
 def tiny(block: str = "adaln_zero", **kw) -> DiT:
@@ -162,7 +162,7 @@ def test_training_routes_and_sampling_uses_every_token(tmp_path):
     seen = []
 
     def record(module, args):
-        if isinstance(module, Block):
+        if isinstance(module, Block) and args[0].device.type != "meta":  # not the FLOP count's meta model
             seen.append((module.training, args[0].shape[1]))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
@@ -184,3 +184,21 @@ def test_training_routes_and_sampling_uses_every_token(tmp_path):
     per_step = train_counts[:depth]
     assert depth == 4 and per_step == [tokens, kept, kept, tokens]
     assert {m for training, m in seen if not training} == {tokens}  # the grids sample with every token
+    # The cost axes: FLOPs counted with routing on, training seconds accumulated.
+    logged = [r for r in records(tmp_path) if "loss" in r]
+    per_step = training_flops(train.build(cfg.model).config, TokenRouting(ratio=0.5, start=1, end=-1)) * 16
+    assert per_step < training_flops(train.build(cfg.model).config) * 16
+    assert [r["train_flops"] for r in logged] == [r["step"] * per_step for r in logged]
+    assert all(0 < a["train_s"] < b["train_s"] for a, b in zip(logged, logged[1:]))
+
+
+def test_training_flops_are_forward_and_backward_and_follow_routing():
+    """Backward of a linear layer costs twice its forward: a training image costs about 3x the forward (the zoo's
+    GFLOPs are multiply-adds, torch's counter counts 2 per multiply-add); routing saves the same share of both."""
+    config = DiTConfig(size="XL/2", input_size=32, in_channels=4, num_classes=1000)
+    forward = 2e9 * count("DiT-XL/2", "adaln_zero")["gflops"]
+    assert 2.9 < training_flops(config) / forward < 3.05
+    routing = TokenRouting(ratio=0.5, start=2, end=-2)
+    forward_routed = 2e9 * count("DiT-XL/2", "adaln_zero", routing=routing)["gflops"]
+    ratio = training_flops(config, routing) / training_flops(config)
+    assert ratio == pytest.approx(forward_routed / forward, rel=0.01)

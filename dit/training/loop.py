@@ -26,6 +26,7 @@ from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.optim import build_optimizer
 from dit.training.randomness import SlicedRandom
 from dit.training.run import FINISHED, finished_info, mark_finished, settings_digest, unmark_finished
+from dit.zoo import training_flops
 
 EVAL_BATCH_SIZE = 250  # images per generate() batch in FID evaluations
 
@@ -112,7 +113,9 @@ class Trainer:
             return done
         cfg = self.cfg
         while self.step < cfg.total_steps:
+            tic = time.perf_counter()
             stepped = self.train_step()
+            self.state["train_s"] += time.perf_counter() - tic  # training time, without samples, FID, checkpoints
             if stepped is None:  # a non-finite step skipped: no logging, samples, evaluation or checkpoint
                 continue
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
@@ -207,6 +210,8 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, o, model = self.cfg, self.o, self.model
         cfg.token_routing.check(model)  # before anything is built: a clear error for a model it cannot route
+        # FLOPs of one optimiser step (forward and backward of the global batch, with routing), counted once
+        self.flops_per_step = training_flops(model.config, cfg.token_routing) * cfg.global_batch_size
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         optimizer = build_optimizer(model, o)
@@ -220,9 +225,11 @@ class Trainer:
 
     def _resume(self) -> dict | None:
         acc, run_dir = self.accelerator, self.run_dir
-        self.state = {"step": 0, "epoch": 0, "batch": 0}
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "train_s": 0.0}
         if self.resume_from is not None:
-            self.state = load_checkpoint(acc, self.model, self.ema, self.resume_from, self.objective_settings)
+            self.state = {"train_s": 0.0} | load_checkpoint(
+                acc, self.model, self.ema, self.resume_from, self.objective_settings
+            )
             acc.print(f"resumed from {self.resume_from} at step {self.state['step']}", file=sys.stderr)
         self.ema.shard_like(self.raw)  # under FSDP each process keeps its shard of the EMA
         self.batch_sampler.set_position(self.state["epoch"], self.state["batch"])
@@ -337,6 +344,9 @@ class Trainer:
             "images_per_s": steps_per_s * self.cfg.global_batch_size,
             "epoch": self.state["epoch"],
             "skipped_steps": self.skipped,
+            # the cost axes of a speed comparison: counted FLOPs and measured seconds of training, so far
+            "train_flops": self.step * self.flops_per_step,
+            "train_s": self.state["train_s"],
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -384,7 +394,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def checkpoint(self, at_step: int) -> Path:
-        pos = {"epoch": self.state["epoch"], "batch": self.state["batch"], "ema_num_updates": self.ema.num_updates}
+        pos = {"epoch": self.state["epoch"], "batch": self.state["batch"], "ema_num_updates": self.ema.num_updates,
+               "train_s": self.state["train_s"]}  # fmt: skip
         return save_checkpoint(
             self.accelerator, self.model, self.ema, self.run_dir, at_step, pos, self.data_meta or {},
             self.cfg.keep_last, self.objective_settings,
