@@ -105,6 +105,8 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
         )
     model = DiT(config)
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
+    if any(k.startswith("repa_projector.") for k in state):  # a REPA run's training state: the DiT is under dit.
+        state = {k[len("dit.") :]: v for k, v in state.items() if k.startswith("dit.")}
     load_state_dict_checked(model, state, weights)
     data = meta.get("data", {})
     return model, dict(format="dit", weights=str(weights), objective=objective_settings(meta), **data)

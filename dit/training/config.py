@@ -17,6 +17,7 @@ from dit.diffusion import OBJECTIVES, SamplingSettings
 from dit.models.config import ADDED_WITH_SCHEMA, DiTConfig
 from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
+from dit.training.repa import REPAConfig
 
 __all__ = [
     "OBJECTIVE_SAMPLERS", "OptimConfig", "TrainConfig", "register_configs", "training_sampler", "training_sampling",
@@ -86,6 +87,8 @@ class TrainConfig:
     # Training accelerators (ratio 0 / off by default; added after the committed studies: see ADDED_WITH_SCHEMA).
     # TREAD token routing (dit/models/routing.py): a share of the image tokens skips blocks [start, end).
     token_routing: TokenRouting = field(default_factory=TokenRouting, metadata=ADDED_WITH_SCHEMA)
+    # REPA (dit/training/repa.py): align block `block`'s tokens with a frozen encoder's patch features; weight 0: off.
+    repa: REPAConfig = field(default_factory=REPAConfig, metadata=ADDED_WITH_SCHEMA)
 
 
 # Which of the run's objective's samplers a null `sampler` means in each of TrainConfig's sampling settings.

@@ -25,6 +25,7 @@ from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.optim import build_optimizer
 from dit.training.randomness import SlicedRandom
+from dit.training.repa import REPAModel, build_teacher, dit_weights, repa_loss, teacher_tokens
 from dit.training.run import FINISHED, finished_info, mark_finished, settings_digest, unmark_finished
 from dit.zoo import training_flops
 
@@ -210,18 +211,25 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, o, model = self.cfg, self.o, self.model
         cfg.token_routing.check(model)  # before anything is built: a clear error for a model it cannot route
+        cfg.repa.check(model, self.dataset, cfg.token_routing)
         # FLOPs of one optimiser step (forward and backward of the global batch, with routing), counted once
         self.flops_per_step = training_flops(model.config, cfg.token_routing) * cfg.global_batch_size
         model.gradient_checkpointing = cfg.gradient_checkpointing
-        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-        optimizer = build_optimizer(model, o)
-        model.train()
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # of the DiT alone
+        trained = model
+        if cfg.repa.enabled:  # REPA: the DiT and its projector train together; the teacher is frozen
+            self.teacher = build_teacher(cfg.repa, self.device)
+            trained = REPAModel(model, cfg.repa, self.teacher.dim, self.seed)
+        optimizer = build_optimizer(trained, o)
+        trained.train()
         if cfg.compile:
             model.compile()  # in place: parameter and state-dict names stay those of the DiT
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(trained, optimizer)
         self.ema.model.to(self.device)
         # The DiT itself (its parameters are the live ones).
         self.raw = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if cfg.repa.enabled:
+            self.repa_model, self.raw = self.raw, self.raw.dit
 
     def _resume(self) -> dict | None:
         acc, run_dir = self.accelerator, self.run_dir
@@ -266,6 +274,8 @@ class Trainer:
             self.evaluator.reference()  # computed (or read from the run's cache) once, before training
         self.batches = iter(self.loader)
         self.terms_logged = self.objective.loss_terms  # e.g. ("loss", "mse", "vb"): what the objective reports
+        if cfg.repa.enabled:
+            self.terms_logged = (*self.terms_logged, "repa")
         # Sums of each term and the count over the log window.
         self.window = torch.zeros(len(self.terms_logged) + 1, device=device)
         self.skipped, self.tic, self.tic_step = 0, time.perf_counter(), self.step
@@ -322,6 +332,10 @@ class Trainer:
         with acc.no_sync(self.model) if not sync else nullcontext():
             with acc.autocast():
                 terms = self.objective.losses(self.model, x, draw, kwargs)
+                if self.cfg.repa.enabled:  # REPA: the projected block tokens against the encoder's, on clean x
+                    target = teacher_tokens(self.teacher, x, self.raw.config.grid_size)
+                    terms["repa"] = repa_loss(self.repa_model.projected, target)
+                    terms["loss"] = terms["loss"] + self.cfg.repa.weight * terms["repa"]
             loss = terms["loss"].mean()
             acc.backward(loss / self.cfg.grad_accum)
         return torch.stack([terms[k].mean().detach() for k in self.terms_logged] + [torch.ones((), device=device)])
@@ -407,6 +421,8 @@ class Trainer:
         self.last_ckpt = self.checkpoint(step)
         self.write_samples(step)
         weights, ema_weights = acc.get_state_dict(self.model), self.ema.sync()  # collective: full weights under FSDP
+        if self.cfg.repa.enabled:
+            weights = dit_weights(weights)  # the export is the DiT's: REPA's projector is training state
         if acc.is_main_process:
             from dit.model_files import save_export
 

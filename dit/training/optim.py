@@ -19,8 +19,9 @@ __all__ = ["FullMatrixMuon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "
 
 
 def muon_parameter(name: str, param: torch.Tensor) -> bool:
-    """Muon's share: the 2-D weight matrices inside the transformer blocks (attention, MLP, modulation)."""
-    return name.startswith("blocks.") and param.ndim == 2
+    """Muon's share: the 2-D weight matrices inside the transformer blocks (attention, MLP, modulation), also
+    as dit.blocks.* when the DiT trains inside REPA's module (whose projector stays with AdamW, as in REPA)."""
+    return name.removeprefix("dit.").startswith("blocks.") and param.ndim == 2
 
 
 def _evaluate(closure: Callable | None):

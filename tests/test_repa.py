@@ -1,0 +1,161 @@
+"""REPA (dit/training/repa.py): the alignment loss against float64 arithmetic, where its gradient goes, the
+encoders (a registered one, timm from a local file, a missing file named), and training runs that export a plain
+DiT, load, and resume exactly."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import compose_config, needs_fmnist
+from helpers.tiny import randomize, records, tiny_dit
+
+import train
+from dit.model_files import load_model
+from dit.models.routing import TokenRouting
+from dit.training.repa import TEACHERS, REPAConfig, REPAModel, TimmTeacher, repa_loss, teacher_tokens
+
+
+class ToyTeacher(nn.Module):
+    """A fixed random conv encoder: (N, 1, 32, 32) -> 4 x 4 patches of 16 features."""
+
+    name, grid, dim = "toy_teacher_test", 4, 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = nn.Conv2d(1, 16, kernel_size=8, stride=8)
+
+    def forward(self, images):
+        return self.conv(images).flatten(2).transpose(1, 2)  # (N, 16, 16)
+
+
+@pytest.fixture
+def toy_teacher():
+    TEACHERS.add(ToyTeacher)
+    yield ToyTeacher
+    TEACHERS.remove(ToyTeacher.name)
+
+
+def test_loss_is_minus_the_mean_cosine_similarity():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    an, bn = a.double().numpy(), b.double().numpy()
+    cos = (an * bn).sum(-1) / (np.linalg.norm(an, axis=-1) * np.linalg.norm(bn, axis=-1))
+    np.testing.assert_allclose(repa_loss(a, b).numpy(), -cos.mean(axis=1), rtol=1e-5)
+    assert torch.allclose(repa_loss(a, a), torch.full((3,), -1.0))  # aligned: the minimum, -1
+
+
+def test_the_alignment_trains_the_projector_and_the_blocks_up_to_the_aligned_one():
+    dit = randomize(tiny_dit(in_channels=1, input_size=32), 0.05, seed=0)
+    dit.blocks.append(type(dit.blocks[0])(dit.config))  # a third block, after the aligned one
+    model = REPAModel(dit, REPAConfig(weight=0.5, block=1, projector_dim=32), teacher_dim=16).train()
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 500]), torch.tensor([1, 2])
+    model(x, t, y)
+    assert model.projected.shape == (2, 64, 16)  # 8 x 8 tokens, the teacher's width
+    repa_loss(model.projected, torch.randn(2, 64, 16)).mean().backward()  # the REPA term alone
+    grad = {n: p.grad for n, p in model.named_parameters()}
+    assert grad["repa_projector.0.weight"].abs().sum() > 0
+    assert grad["dit.blocks.0.attn.qkv.weight"].abs().sum() > 0 and grad["dit.x_embedder.proj.weight"].abs().sum() > 0
+    assert all(grad[n] is None for n in grad if n.startswith(("dit.blocks.1.", "dit.blocks.2.", "dit.final_layer")))
+    model.eval()
+    model(x, t, y)  # sampling-style forwards leave nothing behind
+    assert model._hidden is None
+
+
+def test_teacher_features_follow_the_dits_grid():
+    teacher = ToyTeacher()
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    same = teacher_tokens(teacher, images, grid=4)
+    assert torch.equal(same, teacher(images))
+    finer = teacher_tokens(teacher, images, grid=8)
+    assert finer.shape == (2, 64, 16)
+    coarse = finer.transpose(1, 2).reshape(2, 16, 8, 8)
+    # bilinear 4 -> 8 (align_corners=False): the mean over each 2 x 2 block keeps the teacher's patch means closely
+    pooled = torch.nn.functional.avg_pool2d(coarse, 2).flatten(2).transpose(1, 2)
+    assert torch.corrcoef(torch.stack([pooled.flatten(), same.flatten()]))[0, 1] > 0.95
+
+
+def test_timm_encoder_from_a_local_file_and_a_missing_file_named(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    kw = dict(depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kw)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "vit.safetensors")
+    teacher = TimmTeacher("vit_tiny_patch16_224", tmp_path / "vit.safetensors", resolution=32, **kw)
+    out = teacher(torch.rand(2, 1, 28, 28) * 2 - 1)  # grey and another size: expanded to RGB, resized
+    assert out.shape == (2, 16, 48) and (teacher.grid, teacher.dim) == (4, 48)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        TimmTeacher("vit_base_patch14_dinov2", tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("repa", "routing", "latent", "message"),
+    [
+        (REPAConfig(weight=0.5, block=3), None, False, "block"),
+        (REPAConfig(weight=0.5, block=1), None, True, "latents"),
+        (REPAConfig(weight=0.5, block=1), TokenRouting(ratio=0.5, start=0, end=2), False, "routing"),
+        (REPAConfig(weight=-1.0), None, False, "weight"),
+    ],
+)
+def test_bad_settings_are_named(repa, routing, latent, message):
+    dataset = type("Data", (), {"latent": latent})()
+    with pytest.raises(ValueError, match=message):
+        repa.check(tiny_dit(), dataset, routing)
+
+
+@needs_fmnist
+def test_training_with_repa_exports_a_plain_dit_and_resumes_exactly(tmp_path, toy_teacher):
+    repa = {"weight": 0.5, "block": 1, "encoder": "toy_teacher_test", "projector_dim": 32}
+    arm = ["experiment=smoke", *(f"training.repa.{k}={v}" for k, v in repa.items())]
+    full = train.run(compose_config("train", arm), tmp_path / "full")
+    assert {"repa", "loss", "mse"} <= set(records(tmp_path / "full")[0])
+    assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path / "full") if "repa" in r)
+    # The export and the EMA are the DiT's alone, and load as any model; a checkpoint's raw weights too.
+    for path, use_ema in (
+        (tmp_path / "full" / "model", True),
+        (tmp_path / "full" / "checkpoints" / "step_0000006", False),
+    ):
+        model, _ = load_model(path, use_ema=use_ema)
+        assert not any("repa" in k for k in model.state_dict())
+    reference = full["model"].state_dict()
+    train.run(compose_config("train", [*arm, "training.total_steps=3"]), tmp_path / "half")
+    resumed = train.run(compose_config("train", [*arm, "resume=auto"]), tmp_path / "half")
+    for k, v in reference.items():
+        assert torch.equal(resumed["model"].state_dict()[k], v), k  # the projector's state came back too
+    plain = train.run(compose_config("train", ["experiment=smoke"]), tmp_path / "plain")
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(plain["model"].state_dict()[w], reference[w])  # the alignment changed the training
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_repa_on_two_processes_matches_one(tmp_path, launcher):
+    """A timm encoder from a local file, through train.py's overrides as a user gives them; DDP and FSDP2 keep the
+    projector in step across processes: the same losses and REPA terms as one process, and the same export."""
+    import timm
+    from safetensors.torch import load_file, save_file
+    from test_train import HELPER, SMOKE, accelerate_launch, run_all
+
+    kw = dict(depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kw)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "vit.safetensors")
+    encoder_kwargs = "{" + ",".join(f"{k}:{v}" for k, v in kw.items()) + "}"
+    repa = {"weight": 0.5, "block": 1, "projector_dim": 32, "encoder": "timm:vit_tiny_patch16_224",
+            "encoder_weights": tmp_path / "vit.safetensors", "encoder_resolution": 32}  # fmt: skip
+    overrides = [*SMOKE, *(f"training.repa.{k}={v}" for k, v in repa.items()),
+                 f"+training.repa.encoder_kwargs={encoder_kwargs}"]  # fmt: skip
+    extra = ["--fsdp-on-cpu"] if launcher == "fsdp" else []
+    port = {"ddp": "29581", "fsdp": "29582"}[launcher]
+    cmd = accelerate_launch(launcher, "--num_processes", "2", "--main_process_port", port, HELPER, *extra)
+    run_all([*cmd, str(tmp_path / "two"), *overrides])
+    one = train.run(compose_config("train", overrides), tmp_path / "one")
+    for key in ("loss", "repa"):
+        np.testing.assert_allclose(
+            [r[key] for r in records(tmp_path / "two")], [r[key] for r in records(tmp_path / "one")], rtol=1e-4
+        )
+    exported = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert set(exported) == set(one["model"].state_dict())  # the DiT's tensors only
+    for k, v in one["model"].state_dict().items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-6, msg=k)
