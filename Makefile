@@ -17,7 +17,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation publish report zoo fashion-mnist clean bench-sample \
+.PHONY: help setup test test-all lint format train fid ablation speedrun publish report zoo fashion-mnist clean bench-sample \
   bench-train bench-kernel
 
 help:
@@ -116,6 +116,16 @@ ablation: setup
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
 	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT) && exit $$status
+
+# The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
+# make ablation; ~8 arms x 3 seeds of ~25 min each, two at a time: about 5 h on the 2-core machine.
+speedrun: STUDY = speedrun
+speedrun: setup
+	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
+	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=speedrun hydra/launcher=pool \
+	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
+	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
+	$(PY) -m dit.report studies/$(STUDY) --by arm -o docs/speedrun.md && exit $$status
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -577,12 +577,21 @@ def significance_section(study: dict, claims: dict) -> list[str]:
     return text
 
 
-def write_report(multirun: Path, out: Path, by: list[str] | None = None) -> str:
-    """The report's Markdown for a study (or a sweep directory); its figures are written next to `out`."""
+def write_report(multirun: Path, out: Path, by: list[str] | None = None, baseline: str = "baseline") -> str:
+    """The report's Markdown for a study (or a sweep directory); its figures are written next to `out`. Runs that
+    logged their cost get the time-to-FID section against the arm labelled ``baseline`` (dit.time_to_fid)."""
+    from dit.time_to_fid import COSTS, cost_section, plot_cost
+
     study = collect(multirun, by)
     figures = draw_figures(study["ok_arms"], out)
+    costs = cost_section(study, baseline)
+    if costs:  # FID against counted FLOPs and measured training time
+        for key, (label, _, _) in COSTS.items():
+            png = out.with_name(f"{out.stem}_fid_vs_{key}.png")
+            if plot_cost(study["ok_arms"], key, png):
+                figures += [f"**FID against {label}**", "", f"![FID against {label}]({png.name})", ""]
     text = [*overview(multirun, study), *per_class_section(study), *significance_section(study, load_claims(multirun))]
-    return "\n".join(text + figures)
+    return "\n".join(text + costs + figures)
 
 
 def main(argv=None) -> None:
@@ -592,10 +601,11 @@ def main(argv=None) -> None:
     p.add_argument(
         "--by", nargs="+", default=None, help="config keys that define an arm (default: what varies apart from seed)"
     )
+    p.add_argument("--baseline", default="baseline", help="the arm time to FID is measured against (its label)")
     args = p.parse_args(argv)
     out = args.out or args.multirun / "report.md"
     try:
-        body = write_report(args.multirun, out, args.by)
+        body = write_report(args.multirun, out, args.by, args.baseline)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     if out.exists() and "<!-- report -->" in out.read_text():

@@ -1,0 +1,137 @@
+"""Time to FID: how much sooner, in training FLOPs and in training time, each arm of a study reaches the baseline
+arm's final FID (the speedrun's question). dit.report adds this section to a report when the runs logged their
+cost (``train_flops``, ``train_s``: dit/training/loop.py).
+
+For one run, the cost of reaching a target FID is read off its FID curve: the first evaluation at or below the
+target, linearly interpolated (in steps) from the evaluation before it, and the cost at that step interpolated
+from the logged records. A run that never reaches it within its budget counts as "not reached". Over the seeds of an
+arm: the mean cost with its Student-t interval, and the speed-up over the baseline as the ratio of geometric means,
+with a 95% interval and a Welch test on log cost (Holm-corrected over the arms); arms where a seed did not reach
+the target get no speed-up (it would be a lower bound).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["COSTS", "cost_at", "cost_section", "plot_cost", "reach"]
+
+# logged key -> (axis label, scale, unit)
+COSTS = {"train_flops": ("training FLOPs", 1e15, "PFLOP"), "train_s": ("training time", 60.0, "min")}
+
+
+def cost_at(run: dict, key: str, step: float) -> float | None:
+    """The logged cost ``key`` of a run at a (fractional) step, linear between its records; 0 at step 0."""
+    points = sorted((r["step"], r[key]) for r in run["records"] if key in r)
+    if not points:
+        return None
+    steps, costs = zip(*[(0, 0.0), *points])
+    return float(np.interp(step, steps, costs))
+
+
+def reach(run: dict, target: float, key: str) -> float | None:
+    """The cost at which the run's FID curve first reaches ``target`` (None: not within its budget)."""
+    from dit.report import curve
+
+    previous = None
+    for step, fid in sorted(curve(run, "fid").items()):
+        if fid <= target:
+            if previous is None:
+                return cost_at(run, key, step)
+            s0, f0 = previous
+            return cost_at(run, key, s0 + (f0 - target) / (f0 - fid) * (step - s0))
+        previous = (step, fid)
+    return None
+
+
+def _speedup(base: list[float], arm: list[float]) -> tuple[float, float, float, float]:
+    """exp(mean log base - mean log arm), its 95% interval, and Welch's p on the log costs."""
+    from dit.report import welch
+
+    lb, la = [math.log(c) for c in base], [math.log(c) for c in arm]
+    if len(lb) < 2 or len(la) < 2:
+        d = statistics.fmean(lb) - statistics.fmean(la)
+        return math.exp(d), math.nan, math.nan, math.nan
+    w = welch(lb, la)
+    return math.exp(w["diff"]), math.exp(w["diff"] - w["ci"]), math.exp(w["diff"] + w["ci"]), w["p"]
+
+
+def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
+    """Markdown: the time-to-FID table against the arm labelled ``baseline``; [] when the runs logged no cost."""
+    from dit.report import fmt_ci, holm
+
+    arms = study["ok_arms"]
+    if not any("train_flops" in r for runs in arms.values() for run in runs for r in run["records"]):
+        return []
+    if baseline not in arms:
+        return ["## Time to FID", "", f"No finished arm is labelled `{baseline}`: nothing to measure against.", ""]
+    target = statistics.fmean([s["fid"] for s in study["summaries"][baseline] if s["fid"] is not None])
+    rows, tests = [], []
+    for arm, runs in arms.items():
+        costs = {key: [reach(run, target, key) for run in runs] for key in COSTS}
+        cells = []
+        for key, (_, scale, unit) in COSTS.items():
+            reached = [c / scale for c in costs[key] if c is not None]
+            cells.append(f"{fmt_ci(reached, '.3g')} {unit} ({len(reached)}/{len(runs)})" if reached else "not reached")
+        ok = all(c is not None for c in costs["train_flops"])
+        base = [c for c in (reach(r, target, "train_flops") for r in arms[baseline]) if c is not None]
+        if ok and arm != baseline:
+            s, lo, hi, p = _speedup(base, costs["train_flops"])
+            tests.append((arm, p))
+            cells.append(f"{s:.2f}x" + ("" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"))
+        else:
+            cells.append("1x (baseline)" if arm == baseline else "-")
+        rows.append((arm, cells))
+    adjusted = dict(zip([a for a, _ in tests], holm([p if not math.isnan(p) else 1.0 for _, p in tests])[0]))
+    lines = [
+        "## Time to FID",
+        "",
+        f"Target: the baseline's final FID, **{target:.1f}** (mean over its seeds). Cost of reaching it: mean ± 95% "
+        "interval over the seeds that reached it (reached / seeds); speed-up in FLOPs over the baseline: ratio of "
+        "geometric means [95% interval]; p: Welch's test on log FLOPs, Holm-corrected over the arms.",
+        "",
+        f"| {study['header']} | FLOPs to target | training time to target | speed-up (FLOPs) | p (Holm) |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, cells in rows:
+        p = adjusted.get(arm)
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {'-' if p is None else f'{p:.3f}'} |")
+    return [*lines, ""]
+
+
+def plot_cost(arms: dict[str, list[dict]], key: str, path: Path) -> bool:
+    """FID against the cost ``key`` (mean over seeds at the shared evaluation steps), log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dit.report import curve
+
+    label, scale, unit = COSTS[key]
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
+    drawn = False
+    for arm, runs in arms.items():
+        curves = [curve(r, "fid") for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+        points = [(statistics.fmean(cost_at(r, key, s) or math.nan for r in runs) / scale,
+                   statistics.fmean(c[s] for c in curves)) for s in steps]  # fmt: skip
+        points = [(x, y) for x, y in points if x > 0 and not math.isnan(x)]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=f"{arm} (n={len(runs)})")
+            drawn = True
+    if drawn:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{label} ({unit})")
+        ax.set_ylabel("FID (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn

@@ -1,0 +1,66 @@
+"""Time to FID (dit/time_to_fid.py): the crossing read off a run's FID curve and cost records, checked by hand; the
+report's section against a baseline; and the speedrun study's configs compose with their arms."""
+
+import math
+
+import pytest
+from conftest import compose_config
+
+from dit.time_to_fid import cost_at, cost_section, reach
+
+
+def run(fids, per_step=10.0, seconds_per_step=0.5, seed=0):
+    """Evaluations at steps 100, 200, ... with these FIDs; cost records every 50 steps."""
+    records = [{"step": s, "loss": 1.0, "train_flops": s * per_step, "train_s": s * seconds_per_step}
+               for s in range(50, 100 * len(fids) + 1, 50)]  # fmt: skip
+    records += [{"step": 100 * (i + 1), "fid": f, "fid_n": 1000} for i, f in enumerate(fids)]
+    summary = {"fid": fids[-1], "seed": seed}
+    return {"records": records, "summary": summary}
+
+
+def test_the_crossing_is_interpolated_between_the_evaluations():
+    r = run([80.0, 40.0, 20.0])
+    # 30 lies between 40 (step 200) and 20 (step 300): half-way, step 250 -> 2,500 FLOPs, 125 s
+    assert reach(r, 30.0, "train_flops") == pytest.approx(2500.0)
+    assert reach(r, 30.0, "train_s") == pytest.approx(125.0)
+    assert reach(r, 90.0, "train_flops") == pytest.approx(1000.0)  # the first evaluation is already below
+    assert reach(r, 10.0, "train_flops") is None  # not within the budget
+    assert cost_at(r, "train_flops", 75) == pytest.approx(750.0)
+
+
+def test_section_against_the_baseline():
+    base = [run([80, 50, 30.0 + s], seed=s) for s in range(3)]
+    fast = [run([40, 30 - s, 25], seed=s) for s in range(3)]  # reaches ~31 between step 100 and 200
+    slow = [run([90, 80, 60], seed=s) for s in range(3)]  # never
+    arms = {"baseline": base, "fast": fast, "slow": slow}
+    study = {
+        "ok_arms": arms,
+        "summaries": {a: [r["summary"] for r in runs] for a, runs in arms.items()},
+        "header": "arm",
+    }
+    text = "\n".join(cost_section(study))
+    target = 31.0  # the baseline's mean final FID
+    assert f"**{target:.1f}**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fast |"))
+    # by hand: seed s crosses 31 between FID 40 (step 100) and 30 - s (step 200)
+    flops = [10.0 * (100 + (40 - target) / (40 - (30 - s)) * 100) for s in range(3)]
+    assert "(3/3)" in row
+    assert math.isclose(flops[0], 1900.0)  # step 190
+    mean = sum(flops) / 3
+    assert f"{mean:.3g}" in row.replace(" PFLOP", "") or f"{mean / 1e15:.3g}" in row
+    assert "| slow | not reached" in text
+    assert "x [" in row  # a speed-up with its interval
+    # the baseline: seed 0 crosses 31 at step 295, seed 1 at its last evaluation, seed 2 never (its final is 32)
+    assert "(2/3)" in next(line for line in text.splitlines() if line.startswith("| baseline |"))
+    assert cost_section({**study, "ok_arms": {"baseline": [{"records": [{"step": 1, "loss": 1.0}]}]}}) == []
+
+
+@pytest.mark.parametrize(
+    "arm", ["baseline", "tread", "repa", "muon", "time_shift", "contrastive", "x_prediction", "bf16"]
+)
+def test_every_speedrun_arm_composes_with_the_baseline_recipe(arm):
+    cfg = compose_config("train", ["experiment=speedrun", f"+speedrun={arm}"])
+    base = compose_config("train", ["experiment=fashion_mnist_cpu"])
+    assert cfg.arm == arm
+    assert cfg.training.total_steps == base.training.total_steps and cfg.optim.lr == base.optim.lr
+    assert cfg.training.fid_every == 500 and cfg.training.fid_samples == 1000
