@@ -159,3 +159,13 @@ def test_repa_on_two_processes_matches_one(tmp_path, launcher):
     assert set(exported) == set(one["model"].state_dict())  # the DiT's tensors only
     for k, v in one["model"].state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@needs_fmnist
+def test_the_teacher_trained_here_is_the_default_encoder(tmp_path):
+    """training.repa.weight=0.5 alone: the shipped Fashion-MNIST teacher (dit/training/teachers.py), 8 x 8 patches on
+    the smoke model's 8 x 8 tokens, no resize."""
+    result = train.run(compose_config("train", ["experiment=smoke", "training.repa.weight=0.5", "training.repa.block=1",
+                                                "training.repa.projector_dim=32"]), tmp_path)  # fmt: skip
+    assert result["step"] == 6
+    assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path) if "repa" in r)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit.registry import Registry
+from dit.training.teachers import FashionMNISTTeacher
 
 __all__ = [
     "REPAConfig",
@@ -115,7 +116,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Encoders by name (training.repa.encoder); timm:<name> builds a TimmTeacher. Adding one: a class, one entry.
-TEACHERS: Registry[nn.Module] = Registry("REPA encoder", [])
+TEACHERS: Registry[nn.Module] = Registry("REPA encoder", [FashionMNISTTeacher])
 
 
 def build_teacher(repa: REPAConfig, device) -> nn.Module:
