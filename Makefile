@@ -118,7 +118,7 @@ ablation: setup
 	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT) && exit $$status
 
 # The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
-# make ablation; ~8 arms x 3 seeds of ~25 min each, two at a time: about 5 h on the 2-core machine.
+# make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
 speedrun: STUDY = speedrun
 speedrun: setup
 	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
