@@ -96,6 +96,7 @@ STUDY ?= ablation_conditioning
 SWEEP = outputs/studies/$(STUDY)
 # where a study's report goes: studies/<name>/report.md, or the page that links it
 REPORT_ablation_conditioning := docs/ablation.md
+REPORT_speedrun := docs/speedrun.md
 REPORT = $(or $(REPORT_$(STUDY)),studies/$(STUDY)/report.md)
 publish: setup
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY)
@@ -109,23 +110,24 @@ report: setup
 # unfinished runs and skips finished ones. The report is written even when some runs failed (it lists them), and
 # make then exits non-zero.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-ablation: STUDY = ablation_conditioning
-ablation: setup
+# $(call study,<experiment>,<dit.report options>): restore, sweep (JOBS at a time), publish, report
+define study
 	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
-	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=ablate_conditioning hydra/launcher=pool \
+	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=$(1) hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
-	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT) && exit $$status
+	$(PY) -m dit.report studies/$(STUDY) $(2) -o $(REPORT) && exit $$status
+endef
+
+ablation: STUDY = ablation_conditioning
+ablation: setup
+	$(call study,ablate_conditioning,)
 
 # The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
 # make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
 speedrun: STUDY = speedrun
 speedrun: setup
-	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
-	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=speedrun hydra/launcher=pool \
-	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
-	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
-	$(PY) -m dit.report studies/$(STUDY) --by arm -o docs/speedrun.md && exit $$status
+	$(call study,speedrun,--by arm)
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -137,3 +137,31 @@ def load_npz(path: str | Path, keys: list[str] | None = None) -> dict[str, np.nd
             return {k: f[k] for k in wanted}
     except _NPZ_ERRORS as e:
         raise DamagedFileError(path, f"not a readable npz archive ({type(e).__name__}: {e})") from None
+
+
+def shipped_weights(path: str | Path | None, shipped: Path, sha256: str, what: str) -> tuple[Path, str, dict]:
+    """A weights file shipped with the code (path None: ``shipped``, whose SHA-256 must be ``sha256``) or another
+    one, taken as it is: (its path, its SHA-256, its safetensors metadata). A missing file, or a changed shipped
+    one, is one clear error naming it (``what``: "domain classifier", "teacher"...)."""
+    from safetensors import safe_open
+
+    from dit.eval.domain import sha256_of
+
+    path = shipped if path is None else Path(path)
+    is_shipped = path == shipped
+    restore = f"restore it with `git checkout -- {shipped.parent.relative_to(shipped.parents[3])}`"
+    if not path.is_file():
+        hint = f" (the shipped {what}: {restore})" if is_shipped else ""
+        raise FileNotFoundError(f"{what} weights not found: {path}{hint}")
+    digest = sha256_of(path)
+    if is_shipped and digest != sha256:
+        raise DamagedFileError(
+            path,
+            f"SHA-256 {digest}, expected {sha256}: the shipped {what} was changed "
+            f"({restore}; a new {what} is a new file, passed explicitly)",
+        )
+    if problem := safetensors_problem(path):
+        raise DamagedFileError(path, problem)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return path, digest, metadata

@@ -217,10 +217,19 @@ def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, 
                 steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.18, lw=0
             )
         drawn = True
+    return save_plot(fig, ax, drawn, path, "step", ylabel, ylog=log)
+
+
+def save_plot(fig, ax, drawn: bool, path: Path, xlabel: str, ylabel: str, xlog=False, ylog=False) -> bool:
+    """The report's figures alike: labels, log axes, grid, legend; saved only if something was drawn."""
+    import matplotlib.pyplot as plt
+
     if drawn:
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if log:
+        if xlog:
+            ax.set_xscale("log")
+        if ylog:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

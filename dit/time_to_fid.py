@@ -110,7 +110,7 @@ def plot_cost(arms: dict[str, list[dict]], key: str, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dit.report import curve
+    from dit.report import curve, save_plot
 
     label, scale, unit = COSTS[key]
     fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
@@ -124,14 +124,4 @@ def plot_cost(arms: dict[str, list[dict]], key: str, path: Path) -> bool:
         if points:
             ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=f"{arm} (n={len(runs)})")
             drawn = True
-    if drawn:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"{label} ({unit})")
-        ax.set_ylabel("FID (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
-    return drawn
+    return save_plot(fig, ax, drawn, path, f"{label} ({unit})", "FID (mean over seeds)", xlog=True, ylog=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit.integrity import DamagedFileError, load_safetensors
+from dit.integrity import DamagedFileError, load_safetensors, shipped_weights
 from dit.models.state_dict import load_state_dict_checked
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_cnn_v1.safetensors"
@@ -151,24 +151,9 @@ def sha256_of(path: str | Path) -> str:
 def load_classifier(path: str | Path | None = None) -> tuple[FashionCNN, float, str]:
     """(model in eval mode, its test accuracy, the file's SHA-256). path None: the shipped weights, whose
     hash must be WEIGHTS_SHA256; another file is taken as it is (its hash names its feature space)."""
-    from safetensors import safe_open
-
-    shipped = path is None
-    path = WEIGHTS if shipped else Path(path)
-    if not path.is_file():
-        hint = " (the shipped classifier: restore it with `git checkout -- dit/eval/weights`)" if shipped else ""
-        raise FileNotFoundError(f"domain classifier weights not found: {path}{hint}")
-    digest = sha256_of(path)
-    if shipped and digest != WEIGHTS_SHA256:
-        raise DamagedFileError(
-            path,
-            f"SHA-256 {digest}, expected {WEIGHTS_SHA256}: the shipped classifier was changed "
-            "(restore it with `git checkout -- dit/eval/weights`; a new classifier is a new file, passed explicitly)",
-        )
+    path, digest, metadata = shipped_weights(path, WEIGHTS, WEIGHTS_SHA256, "domain classifier")
     model = FashionCNN()
     load_state_dict_checked(model, load_safetensors(path), path)
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
     try:
         accuracy = float(metadata["test_accuracy"])
     except (KeyError, ValueError):

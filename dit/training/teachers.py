@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit.eval.domain import metadata_in_order, sha256_of
-from dit.integrity import DamagedFileError, load_safetensors
+from dit.integrity import load_safetensors, shipped_weights
 from dit.models.state_dict import load_state_dict_checked
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_ssl_v1.safetensors"
@@ -90,24 +90,9 @@ class FashionMNISTTeacher(nn.Module):
 
 def load_encoder(path: str | Path | None = None) -> tuple[Encoder, dict, str]:
     """(encoder in eval mode, the file's metadata, its SHA-256). path None: the shipped weights, hash checked."""
-    from safetensors import safe_open
-
-    shipped = path is None
-    path = WEIGHTS if shipped else Path(path)
-    if not path.is_file():
-        hint = " (the shipped teacher: restore it with `git checkout -- dit/training/weights`)" if shipped else ""
-        raise FileNotFoundError(f"teacher weights not found: {path}{hint}")
-    digest = sha256_of(path)
-    if shipped and digest != WEIGHTS_SHA256:
-        raise DamagedFileError(
-            path,
-            f"SHA-256 {digest}, expected {WEIGHTS_SHA256}: the shipped teacher was changed "
-            "(restore it with `git checkout -- dit/training/weights`; a new teacher is a new file, passed explicitly)",
-        )
+    path, digest, metadata = shipped_weights(path, WEIGHTS, WEIGHTS_SHA256, "teacher")
     encoder = Encoder()
     load_state_dict_checked(encoder, load_safetensors(path), path)
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
     return encoder.eval(), metadata, digest
 
 
