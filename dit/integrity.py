@@ -9,6 +9,7 @@ except zip members, whose CRC is checked when they are read).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 import zlib
@@ -139,13 +140,20 @@ def load_npz(path: str | Path, keys: list[str] | None = None) -> dict[str, np.nd
         raise DamagedFileError(path, f"not a readable npz archive ({type(e).__name__}: {e})") from None
 
 
+def sha256_of(path: str | Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def shipped_weights(path: str | Path | None, shipped: Path, sha256: str, what: str) -> tuple[Path, str, dict]:
     """A weights file shipped with the code (path None: ``shipped``, whose SHA-256 must be ``sha256``) or another
     one, taken as it is: (its path, its SHA-256, its safetensors metadata). A missing file, or a changed shipped
     one, is one clear error naming it (``what``: "domain classifier", "teacher"...)."""
     from safetensors import safe_open
-
-    from dit.eval.domain import sha256_of
 
     path = shipped if path is None else Path(path)
     is_shipped = path == shipped

@@ -113,14 +113,9 @@ class FlowMatching(Objective):
             self.loss_terms = ("loss", "flow_mse", "contrastive_mse")
 
     def settings(self) -> dict:
-        added = {k: getattr(self, k) for k, default in self.ADDED_SETTINGS.items() if getattr(self, k) != default}
-        return {
-            "name": self.name,
-            "time_sampling": self.time_sampling,
-            "logit_mean": self.logit_mean,
-            "logit_std": self.logit_std,
-            **added,
-        }
+        settings = {"name": self.name, "time_sampling": self.time_sampling, "logit_mean": self.logit_mean,
+                    "logit_std": self.logit_std, **{k: getattr(self, k) for k in self.ADDED_SETTINGS}}  # fmt: skip
+        return self.digest_view(settings)  # the added ones only where they differ from SiT's
 
     def shift(self, t):
         """SD3's time shift (Esser et al. 2024, eq. 23) of the noise level s = 1 - t: s' = a s / (1 + (a - 1) s),

@@ -50,7 +50,9 @@ class Objective:
     @classmethod
     def digest_view(cls, settings: dict[str, Any]) -> dict[str, Any]:
         """The composed ``diffusion`` settings as the settings digest sees them: ADDED_SETTINGS at default left out."""
-        return {k: v for k, v in settings.items() if not (k in cls.ADDED_SETTINGS and v == cls.ADDED_SETTINGS[k])}
+        from dit.models.config import omit_at_default
+
+        return omit_at_default(settings, cls.ADDED_SETTINGS)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able; includes "name" so build_objective(**settings) rebuilds this objective."""

@@ -19,7 +19,6 @@ dit.eval``, ``training.domain_classifier``); its figures carry its own hash.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit.integrity import DamagedFileError, load_safetensors, shipped_weights
+from dit.integrity import DamagedFileError, load_safetensors, sha256_of, shipped_weights
 from dit.models.state_dict import load_state_dict_checked
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_cnn_v1.safetensors"
@@ -138,14 +137,6 @@ def metadata_in_order(data: bytes, order: list[str]) -> bytes:
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
     assert len(text) <= n, "the reordered header is longer than safetensors' own"
     return data[:8] + text.ljust(n) + data[8 + n :]
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_classifier(path: str | Path | None = None) -> tuple[FashionCNN, float, str]:

@@ -55,6 +55,12 @@ def omit_added_at_default(schema, values: dict) -> dict:
         if f.metadata.get("added_with_schema"):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             defaults[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return omit_at_default(values, defaults)
+
+
+def omit_at_default(values: dict, defaults: dict) -> dict:
+    """``values`` without the keys of ``defaults`` whose value is that default (settings added after runs were
+    recorded, left out so the older records still describe those runs)."""
     return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
 
 

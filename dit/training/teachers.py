@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit.eval.domain import metadata_in_order, sha256_of
-from dit.integrity import load_safetensors, shipped_weights
+from dit.eval.domain import metadata_in_order
+from dit.integrity import load_safetensors, sha256_of, shipped_weights
 from dit.models.state_dict import load_state_dict_checked
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_ssl_v1.safetensors"
