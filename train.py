@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dit.data import Subset
 from dit.training import OptimConfig, TrainConfig, train  # also registers the training/optim config schemas
 from dit.training.checkpointing import list_checkpoints
+from dit.training.loop import LostProcess
+from dit.training.preemption import Stopped
 from dit.training.run import FAILURE_NOTE, note_failure
 
 
@@ -104,7 +106,16 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, run_dir)
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: e.g. disk full while saving a checkpoint
+    except Stopped as e:  # a stop signal: checkpoint written; submitit's requeue (if any), then exit EXIT_STOPPED
+        note_failure(run_dir, str(e))
+        print(f"{run_dir}: {e}", file=sys.stderr)
+        e.hand_over()
+    except (
+        ValueError,
+        OSError,
+        FloatingPointError,
+        LostProcess,
+    ) as e:  # OSError: e.g. disk full while saving a checkpoint
         note_failure(run_dir, f"{type(e).__name__}: {e}")
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # An exception, not an exit: Hydra marks this job failed and the sweep's other jobs go on

@@ -59,9 +59,19 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on GPU
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # min(decay, (1+n)/(10+n)): for short runs
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    # What a non-finite loss does: stop | skip (the step) | rollback (to the last checkpoint, skipping the global
+    # batches from there to the bad one; at most rollback_retries times, then stop naming the batches).
+    nan_policy: str = "stop"
+    rollback_retries: int = field(default=3, metadata=ADDED_WITH_SCHEMA)
     log_every: int = 100
     ckpt_every: int = 50_000
+    # Also a checkpoint when this many minutes have passed since the last one (0: only every ckpt_every steps),
+    # decided alike on every process. On SIGTERM/SIGINT/SIGUSR1/SIGUSR2 a run saves and exits (preemption.py).
+    ckpt_every_minutes: float = field(default=0.0, metadata=ADDED_WITH_SCHEMA)
+    # Seconds a collective may wait for the other processes (the process group's timeout) before this process
+    # stops with an error naming the lost process; null: torch's default (30 minutes). Longer than any
+    # evaluation the main process runs alone while the others wait.
+    collective_timeout_s: float | None = field(default=None, metadata=ADDED_WITH_SCHEMA)
     keep_last: int = 3
     # EMA sample grids, one row per class: every sample_every steps (0: only at the end).
     sample_every: int = 10_000

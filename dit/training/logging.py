@@ -79,13 +79,7 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.file.exists():
-            # Keep the trajectory true to the weights: drop records logged after the checkpoint.
-            kept = [
-                line
-                for line in self.file.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.file.write_text("".join(line + "\n" for line in kept))
+            self.drop_after(resume_step)
         elif resume_step is None and self.file.exists():
             self.file.unlink()
         logger_cfg = logger_cfg or {}
@@ -102,6 +96,15 @@ class MetricsLogger:
         # One project name for every tracker (wandb project, TensorBoard subdirectory); logger.wandb.project as before.
         project = (init_kwargs.get("wandb") or {}).pop("project", None) or logger_cfg.get("project") or "dit"
         accelerator.init_trackers(project, config=flat_config(config), init_kwargs=init_kwargs)
+
+    def drop_after(self, step: int) -> None:
+        """Keep the trajectory true to the weights (a resume or a rollback to the checkpoint at `step`): drop the
+        records logged after it from metrics.jsonl. (Trackers keep them: TensorBoard hides them on a resume.)"""
+        if not self.enabled or not self.file.exists():
+            return
+        lines = self.file.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
+        self.file.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict, tracker_prefix: str = "") -> None:
         """One record in metrics.jsonl, and the same to the trackers (keys prefixed with tracker_prefix,

@@ -24,6 +24,7 @@ from dit.training.config import OptimConfig, TrainConfig, training_sampling
 from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
 from dit.training.optim import build_optimizer
+from dit.training.preemption import CheckpointClock, Control, Stopped, StopRequest
 from dit.training.randomness import SlicedRandom
 from dit.training.repa import REPAModel, build_teacher, dit_weights, repa_loss, teacher_tokens
 from dit.training.run import FINISHED, finished_info, mark_finished, settings_digest, unmark_finished
@@ -54,8 +55,10 @@ def check_settings(cfg: TrainConfig, o: OptimConfig, world_size: int) -> int:
     """Clear errors before anything starts; returns the per-device batch size."""
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"training.mixed_precision={cfg.mixed_precision!r}; valid: no, bf16, fp16")
-    if cfg.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"training.nan_policy={cfg.nan_policy!r}; valid: stop, skip")
+    if cfg.nan_policy not in ("stop", "skip", "rollback"):
+        raise ValueError(f"training.nan_policy={cfg.nan_policy!r}; valid: stop, skip, rollback")
+    if cfg.ckpt_every_minutes < 0 or (cfg.collective_timeout_s is not None and cfg.collective_timeout_s <= 0):
+        raise ValueError("training.ckpt_every_minutes must be >= 0 and training.collective_timeout_s > 0 (or null)")
     if o.decay not in ("constant", "cosine", "linear"):
         raise ValueError(f"optim.decay={o.decay!r}; valid: constant, cosine, linear")
     if cfg.fid_final_samples is not None and cfg.fid_final_samples < cfg.fid_samples:
@@ -107,13 +110,30 @@ class Trainer:
         self.vae, self.seed, self.logger_config = vae, seed, logger_config
         self.export = self.run_dir / "model"
         self.last_ckpt = None
+        self.stop = StopRequest()  # SIGTERM, SIGINT, SIGUSR1, SIGUSR2: save at the step reached and exit
+        self.pending: list[str] = []  # work of the checkpoint's step that a stop interrupted ("evaluate")
 
     def fit(self) -> dict:
-        done = self.setup()
-        if done is not None:
-            return done
+        """Raises Stopped (after a checkpoint) on a stop signal, LostProcess when another process is gone."""
+        with self.stop:
+            done = self.setup()
+            if done is not None:
+                return done
+            try:
+                self._do_pending()
+                self._train()
+                return self.finish()
+            except RuntimeError as e:
+                if self.world > 1 and _collective_failure(e):
+                    raise LostProcess(self._lost_message(e)) from e
+                raise
+
+    def _train(self) -> None:
         cfg = self.cfg
-        while self.step < cfg.total_steps:
+        while True:
+            self._between_steps()
+            if self.step >= cfg.total_steps:
+                break
             tic = time.perf_counter()
             stepped = self.train_step()
             self.state["train_s"] += time.perf_counter() - tic  # training time, without samples, FID, checkpoints
@@ -128,7 +148,33 @@ class Trainer:
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.total_steps:
                 self.last_ckpt = self.checkpoint(self.step)
         self.bar.close()
-        return self.finish()
+
+    def _between_steps(self) -> None:
+        """The one decision per step that every process takes alike: stop (a signal reached some process), save
+        (training.ckpt_every_minutes passed on some process), and whether the checkpoint must record unfinished
+        work. On a stop: a checkpoint at this step (unless one holds it already), the trackers closed, Stopped."""
+        stop, due, pending = self.control.agree(self.stop.requested, self.clock.due(), bool(self.pending))
+        if (stop or due) and (self.saved_step != self.step or pending):
+            self.last_ckpt = self.checkpoint(self.step)
+        if stop:
+            self.bar.close()
+            self.accelerator.end_training()  # flushes and closes the trackers
+            raise Stopped(self.stop.signum, self.step, self.last_ckpt, self.stop.previous_handler())
+
+    def _do_pending(self) -> None:
+        """What the checkpoint's step left undone when it was stopped (its FID evaluation), before training on.
+        Every process read the same list from the checkpoint."""
+        if "evaluate" in self.pending and self.cfg.fid_every:
+            self.pending = []
+            self.evaluate(self.step)
+            self.saved_step = None  # the checkpoint still lists it: a stop now saves this step again
+
+    def _lost_message(self, e: RuntimeError) -> str:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            f"step {self.step}: another process of this run is gone or stopped answering ({first[:300]}); "
+            f"this process stops too. Last checkpoint: {self.last_ckpt or 'none'}; resume=auto continues from it"
+        )
 
     # --- setup -----------------------------------------------------------------------------
     def setup(self) -> dict | None:
@@ -146,17 +192,22 @@ class Trainer:
         return None
 
     def _setup_accelerator(self) -> None:
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         cfg, objective, model = self.cfg, self.objective, self.model
+        timeout = cfg.collective_timeout_s
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             log_with=trackers(self.logger_config) or None,
             project_config=tracking_config(self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else None,
         )
         acc = self.accelerator
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.control, self.clock = Control(cfg.collective_timeout_s), CheckpointClock(cfg.ckpt_every_minutes)
         self.batch_size = check_settings(cfg, self.o, self.world)
         if self.device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -234,10 +285,13 @@ class Trainer:
     def _resume(self) -> dict | None:
         acc, run_dir = self.accelerator, self.run_dir
         self.state = {"step": 0, "epoch": 0, "batch": 0, "train_s": 0.0}
+        self.saved_step = None  # the step of the checkpoint that holds the current weights, if any
+        self.since = (None, {})  # (a checkpoint's step, the data position training went on from after it)
         if self.resume_from is not None:
             self.state = {"train_s": 0.0} | load_checkpoint(
                 acc, self.model, self.ema, self.resume_from, self.objective_settings
             )
+            self.saved_step, self.pending = self.state["step"], list(self.state.pop("pending", []))
             acc.print(f"resumed from {self.resume_from} at step {self.state['step']}", file=sys.stderr)
         self.ema.shard_like(self.raw)  # under FSDP each process keeps its shard of the EMA
         self.batch_sampler.set_position(self.state["epoch"], self.state["batch"])
@@ -300,8 +354,12 @@ class Trainer:
             if cfg.nan_policy == "stop":
                 self.bar.close()
                 raise FloatingPointError(
-                    f"non-finite loss at step {step}; stopping (training.nan_policy=skip skips such steps)"
+                    f"non-finite loss at step {step} (global batch {self._position()}); stopping "
+                    "(training.nan_policy=skip skips such steps, rollback returns to the last checkpoint)"
                 )
+            if cfg.nan_policy == "rollback":
+                self._rollback()
+                return None
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
             self._next_step()
@@ -339,6 +397,58 @@ class Trainer:
             loss = terms["loss"].mean()
             acc.backward(loss / self.cfg.grad_accum)
         return torch.stack([terms[k].mean().detach() for k in self.terms_logged] + [torch.ones((), device=device)])
+
+    def _position(self) -> str:
+        """The global batch this step trains on, as epoch:batch (the data position)."""
+        return f"{self.state['epoch']}:{self.state['batch']}"
+
+    def _rollback(self) -> None:
+        """training.nan_policy=rollback: the weights, optimiser and EMA of the last whole checkpoint, the data
+        position just past the bad global batch (the batches from the checkpoint to it are skipped), the records
+        after the checkpoint dropped; at most training.rollback_retries times in a run."""
+        acc, step, bad = self.accelerator, self.step, self._position()
+        self.optimizer.zero_grad(set_to_none=True)
+        history = self.state.setdefault("rollbacks", [])
+        path = find_resume("auto", self.run_dir)  # the newest whole checkpoint
+        why = None
+        if len(history) >= self.cfg.rollback_retries:
+            why = f"after {len(history)} rollbacks (training.rollback_retries)"
+        elif path is None:
+            why = "and no checkpoint to roll back to"
+        if why:
+            self.bar.close()
+            earlier = "; ".join(f"step {r['step']}: batches {', '.join(r['skipped'])}" for r in history)
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (global batch {bad}) {why}; stopping"
+                + (f". Rolled back before at: {earlier}" if earlier else "")
+            )
+        restored = load_checkpoint(acc, self.model, self.ema, path, self.objective_settings)
+        # The batches trained on since the checkpoint: from its position, or from where the last rollback to it
+        # left the data (those before are skipped already)
+        since = self.since if self.since[0] == restored["step"] else (restored["step"], restored)
+        skipped, position = [], {"epoch": since[1]["epoch"], "batch": since[1]["batch"]}
+        while True:  # through the bad batch
+            skipped.append(f"{position['epoch']}:{position['batch']}")
+            at_bad = skipped[-1] == bad
+            _advance(position, self.batch_sampler)
+            if at_bad:
+                break
+        history.append({"step": step, "to_step": restored["step"], "skipped": skipped})
+        self.state = {**self.state, **position, "train_s": self.state["train_s"], "rollbacks": history}
+        self.state["step"] = self.step = restored["step"]
+        self.saved_step, self.since = None, (self.step, dict(position))  # the new data position is in no checkpoint
+        self.batch_sampler.set_position(position["epoch"], position["batch"])
+        self.batches = iter(self.loader)
+        self.window.zero_()
+        self.bar.n = self.step
+        self.bar.refresh()
+        self.logger.drop_after(self.step)
+        self.logger.log(self.step, {"rollback_from_step": step, "skipped_batches": skipped})
+        acc.print(
+            f"non-finite loss at step {step} (global batch {bad}): rolled back to {path} (step {self.step}), "
+            f"skipping global batches {', '.join(skipped)} (rollback {len(history)} of {self.cfg.rollback_retries})",
+            file=sys.stderr,
+        )
 
     def _next_step(self) -> None:
         _advance(self.state, self.batch_sampler)
@@ -388,32 +498,52 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def evaluate(self, at_step: int) -> None:
-        """FID (and what else the metric reports) of fid_samples EMA samples (fid_final_samples at the end)."""
-        cfg, logger, evaluator = self.cfg, self.logger, self.evaluator
+        """FID (and what else the metric reports) of fid_samples EMA samples (fid_final_samples at the end). A stop
+        signal abandons it between sampling batches: the checkpoint records it as pending, a resume runs it."""
+        cfg = self.cfg
         self.ema.sync()
         if self.accelerator.is_main_process:
             n = cfg.fid_final_samples if at_step == cfg.total_steps and cfg.fid_final_samples else cfg.fid_samples
             inputs = eval_inputs(n, self.raw.num_classes, self.seed)
             labels = inputs.pop("labels")
             batches = generate(self.ema.model, self.fid_sampler, labels, **inputs, vae=self.vae, device=self.device)
-            images = torch.cat([imgs for _, imgs in batches])
-            final = n > cfg.fid_samples
-            measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
-            if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
-                m = cfg.fid_samples
-                logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
-            prefix = "final/" if final else ""
-            logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix=prefix)
-            logger.plot()
+            chunks = []
+            for _, imgs in batches:
+                chunks.append(imgs)
+                if self.stop.requested and sum(map(len, chunks)) < n:
+                    self.pending = ["evaluate"]
+                    break
+            else:
+                self._score(at_step, torch.cat(chunks), labels)
         self.accelerator.wait_for_everyone()
+
+    def _score(self, at_step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Log the metrics of an evaluation's samples (and, for a final one on more samples, the curve's point)."""
+        cfg, logger, evaluator = self.cfg, self.logger, self.evaluator
+        final = len(images) > cfg.fid_samples
+        measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
+        if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
+            m = cfg.fid_samples
+            logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
+        prefix = "final/" if final else ""
+        n = len(images)
+        logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix=prefix)
+        logger.plot()
 
     def checkpoint(self, at_step: int) -> Path:
         pos = {"epoch": self.state["epoch"], "batch": self.state["batch"], "ema_num_updates": self.ema.num_updates,
                "train_s": self.state["train_s"]}  # fmt: skip
-        return save_checkpoint(
+        if self.pending:
+            pos["pending"] = self.pending
+        if self.state.get("rollbacks"):
+            pos["rollbacks"] = self.state["rollbacks"]
+        path = save_checkpoint(
             self.accelerator, self.model, self.ema, self.run_dir, at_step, pos, self.data_meta or {},
             self.cfg.keep_last, self.objective_settings,
         )  # fmt: skip
+        self.saved_step, self.since = at_step, (at_step, {"epoch": pos["epoch"], "batch": pos["batch"]})
+        self.clock.reset()
+        return path
 
     # --- end: checkpoint, samples, EMA export -------------------------------------------------
     def finish(self) -> dict:
@@ -443,6 +573,18 @@ class Trainer:
     def _result(self, checkpoint) -> dict:
         ema, raw = self.ema.model, self.raw
         return {"step": self.step, "checkpoint": checkpoint, "export": self.export, "ema": ema, "model": raw}
+
+
+class LostProcess(RuntimeError):
+    """Another process of the run died or stopped answering within training.collective_timeout_s."""
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    """An error raised by a collective (gloo's and NCCL's errors, torch.distributed's DistError)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(k in text for k in ("gloo", "NCCL", "Timed out"))
 
 
 def _training_sampler(objective: Objective, cfg: TrainConfig, key: str, model):

@@ -33,6 +33,8 @@ RUNTIME_KEYS = {
         "num_workers",
         "log_every",
         "ckpt_every",
+        "ckpt_every_minutes",
+        "collective_timeout_s",
         "keep_last",
         "inception_weights",
         "domain_classifier",
