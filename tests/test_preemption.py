@@ -22,7 +22,7 @@ from helpers.tiny import records
 
 import train
 from dit.training.checkpointing import list_checkpoints
-from dit.training.preemption import EXIT_STOPPED, StopRequest, Stopped
+from dit.training.preemption import EXIT_STOPPED, Stopped, StopRequest
 
 STEPS = 60
 RUN = ["training.total_steps=60", "training.ckpt_every=0", "training.log_every=1"]
@@ -120,7 +120,6 @@ def test_a_stop_during_an_evaluation_is_finished_on_resume(tmp_path, monkeypatch
     """A signal while the FID samples are drawn: the evaluation is abandoned between sampling batches, the
     checkpoint records it, and the resumed run evaluates that step first: the same figures as uninterrupted."""
     import dit.training.loop as loop
-
     from dit.eval.stats import ImageSource
 
     monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", 8)  # 20 samples in 3 batches: a moment between them
@@ -265,8 +264,12 @@ def test_a_killed_rank_ends_the_other_within_the_timeout(tmp_path):
         extra = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
         procs.append(
             subprocess.Popen(
-                command, cwd=tmp_path, env={**env(), **ranks, **extra}, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True,
+                command,
+                cwd=tmp_path,
+                env={**env(), **ranks, **extra},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
         )
     try:
