@@ -5,6 +5,7 @@ reached, exits with EXIT_STOPPED within the bound the README states, and resumed
 the weights of an uninterrupted run; one process here, two gloo processes and submitit's requeue in the slow tier.
 """
 
+import functools
 import json
 import os
 import random
@@ -52,12 +53,12 @@ def signal_when_training(proc, run: Path, sig, rng: random.Random, after_step: i
     """Send `sig` (to proc, or to `pids()`) at a random moment once the run has logged a step past after_step;
     returns when it was sent."""
     deadline = time.monotonic() + 300
-    while last_step(run) <= after_step:
+    while last_step(run) <= after_step or not (targets := pids() if pids else [proc.pid]):
         assert proc.poll() is None, f"the run ended before it was signalled: {proc.stderr.read()[-3000:]!r}"
         assert time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.01)
     time.sleep(rng.uniform(0, 0.4))
-    for pid in pids() if pids else [proc.pid]:
+    for pid in targets:
         os.kill(pid, sig)
     return time.monotonic()
 
@@ -283,3 +284,93 @@ def test_a_killed_rank_ends_the_other_within_the_timeout(tmp_path):
     assert procs[0].returncode not in (0, EXIT_STOPPED) and took < timeout + 15, (took, err[-3000:])
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "another process of this run is gone or stopped answering" in lines[0], err[-3000:]
+
+
+# --- launchers: two processes under torchrun, submitit's requeue (slow: several launches each) --------------
+
+
+def children(pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow  # three launches of two processes: ~1 min on the 2-core machine
+@needs_fmnist
+def test_two_processes_signalled_then_resumed_equal_an_uninterrupted_pair(tmp_path):
+    """torchrun, 2 gloo processes: SIGTERM to torchrun (which passes it on to its workers), then SIGUSR1 to the
+    workers themselves (as `scancel --signal=USR1` does); both times a checkpoint at the step reached; resumed
+    to the end, the weights equal those of an uninterrupted 2-process run."""
+    from safetensors.torch import load_file
+
+    rng = random.Random()
+    port = str(29900 + os.getpid() % 90)
+
+    def torchrun(run: Path) -> list[str]:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        return [*launcher, str(ROOT / "train.py"), *SMOKE, *RUN, f"hydra.run.dir={run}"]
+
+    ranks = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    for sig, to_workers in ((signal.SIGTERM, False), (signal.SIGUSR1, True)):
+        proc = subprocess.Popen(
+            torchrun(run), cwd=tmp_path, env=env(**ranks), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        before, workers = last_step(run), functools.partial(children, proc.pid)
+        sent = signal_when_training(proc, run, sig, rng, before, pids=workers if to_workers else None)
+        proc.wait(timeout=120)
+        err = proc.stderr.read().decode(errors="replace")
+        assert time.monotonic() - sent < EXIT_BOUND_S and proc.returncode != 0, err[-3000:]
+        reached = last_step(run)
+        assert before < reached < STEPS and list_checkpoints(run)[-1].name == f"step_{reached:07d}", err[-3000:]
+        assert f"stopped by {sig.name} at step {reached}" in err
+    for directory in (run, tmp_path / "uninterrupted"):
+        done = subprocess.run(torchrun(directory), cwd=tmp_path, env=env(**ranks), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(d / "model" / name) for d in (run, tmp_path / "uninterrupted"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow  # one job started three times through submitit: ~40 s
+@needs_fmnist
+def test_submitit_requeues_a_signalled_job_which_resumes(tmp_path):
+    """hydra/launcher=local (submitit's local executor, the same code path as hydra/launcher=slurm): USR2, the
+    signal submitit asks SLURM to send before the time limit, reaches the job's process twice; each time the run
+    saves, submitit requeues the job, and the requeued job resumes with resume=auto; the multirun succeeds with
+    the weights of an uninterrupted run."""
+    import psutil
+
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", *SMOKE, *RUN, "logger=none", "hydra/launcher=local",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=run", "seed=0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run, rng = sweep / "run", random.Random()
+
+    found = []
+
+    def task() -> list[int]:  # the job's process (a new one after each requeue)
+        found[:] = [
+            p for p in psutil.Process(proc.pid).children(recursive=True) if "submitit.core._submit" in p.cmdline()
+        ]
+        return [p.pid for p in found]
+
+    for _ in range(2):
+        saved = list_checkpoints(run)
+        resumed_from = int(saved[-1].name.split("_")[1]) if saved else 0
+        signal_when_training(proc, run, signal.SIGUSR2, rng, resumed_from, pids=task)  # once training again
+        psutil.wait_procs(found, timeout=60)  # saved and requeued
+    _, err = proc.communicate(timeout=300)
+    logs = "".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").rglob("*_log.*")))
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:] + logs[-4000:]
+    requeued = [line for line in logs.splitlines() if line.startswith("submitit INFO") and "Requeued job" in line]
+    assert len(requeued) == 2 and logs.count("stopped by SIGUSR2") == 2, logs[-3000:]
+    result = train.run(smoke_config(*RUN), tmp_path / "uninterrupted")
+    from safetensors.torch import load_file
+
+    exported = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in result["model"].state_dict().items())
+    assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))

@@ -37,6 +37,8 @@ class Stopped(BaseException):
     def hand_over(self) -> None:
         """The handler that was installed before the run (submitit's requeue: it exits itself), then exit."""
         previous = self.previous
+        for sig in STOP_SIGNALS[:1] + STOP_SIGNALS[2:]:  # already stopping: more of them (not Ctrl-C) change nothing
+            signal.signal(sig, signal.SIG_IGN)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
         sys.exit(EXIT_STOPPED)
