@@ -91,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return train(
         model, dataset, objective, run_dir, training, optim, resume=cfg.resume, config=config, data_meta=data_meta,
         vae=vae, seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
+        init_from=cfg.get("init_from"), init_from_class_map=config.get("init_from_class_map"),
     )  # fmt: skip
 
 

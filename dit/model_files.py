@@ -52,13 +52,15 @@ def save_export(
     extra_files: dict | None = None,
     state_dict: dict | None = None,
     objective: dict | None = None,
+    init_from: dict | None = None,
 ) -> Path:
     """Write model (and EMA) weights with their config as one atomic directory; returns the path.
     `state_dict` replaces model.state_dict() (the gathered full weights of a sharded model);
-    `objective`: the training objective's settings (Objective.settings())."""
+    `objective`: the training objective's settings (Objective.settings()); `init_from`: the weights the run
+    started from (dit.init_from's record)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(export_config(model, objective, data), indent=1))
+        (tmp / "config.json").write_text(json.dumps(export_config(model, objective, data, init_from), indent=1))
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "model.safetensors")
         if ema is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
@@ -67,9 +69,11 @@ def save_export(
     return Path(path)
 
 
-def export_config(model: DiT, objective: dict | None, data: dict | None) -> dict:
-    """What config.json holds: the format tag, the architecture, the objective and the data."""
-    return {"format": FORMAT, "model": model.config.architecture(), "objective": objective or {}, "data": data or {}}
+def export_config(model: DiT, objective: dict | None, data: dict | None, init_from: dict | None = None) -> dict:
+    """What config.json holds: the format tag, the architecture, the objective, the data, and for a fine-tune
+    the weights it started from ("init_from", dit.init_from)."""
+    config = {"format": FORMAT, "model": model.config.architecture(), "objective": objective or {}, "data": data or {}}
+    return config | ({"init_from": init_from} if init_from else {})
 
 
 def objective_settings(meta: dict) -> dict:

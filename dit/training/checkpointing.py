@@ -151,9 +151,11 @@ def save_checkpoint(
     data_meta: dict,
     keep_last: int,
     objective: dict | None = None,
+    init_from: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights.
-    objective: the objective's settings, saved in config.json beside the architecture."""
+    objective: the objective's settings, saved in config.json beside the architecture; init_from: where the run
+    started (dit.init_from), saved there too."""
     ema.sync()
     unwrapped = accelerator.unwrap_model(model)
     if not _all_finite(accelerator, unwrapped) or not all(torch.isfinite(p).all() for p in ema.model.parameters()):
@@ -171,7 +173,8 @@ def save_checkpoint(
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors"
             )
-            (tmp / "config.json").write_text(json.dumps(export_config(unwrapped, objective, data_meta), indent=1))
+            config = export_config(unwrapped, objective, data_meta, init_from)
+            (tmp / "config.json").write_text(json.dumps(config, indent=1))
             # Last, with every other file's size: marks the checkpoint complete and lets resume check it.
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "files": files}, indent=1))

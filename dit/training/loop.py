@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dit.data import GlobalBatchSampler
 from dit.diffusion import Objective, build_sampler
+from dit.integrity import read_json
 from dit.models import DiT
 from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
@@ -104,10 +105,13 @@ class Trainer:
         vae=None,
         seed: int = 0,
         logger_config: dict | None = None,
+        init_from: str | None = None,
+        init_from_class_map: list | None = None,
     ):
         self.model, self.dataset, self.objective, self.run_dir = model, dataset, objective, Path(run_dir)
         self.cfg, self.o, self.resume, self.config, self.data_meta = cfg, o, resume, config or {}, data_meta
         self.vae, self.seed, self.logger_config = vae, seed, logger_config
+        self.init_from, self.init_from_class_map, self.init_record = init_from, init_from_class_map, None
         self.export = self.run_dir / "model"
         self.last_ckpt = None
         self.stop = StopRequest()  # SIGTERM, SIGINT, SIGUSR1, SIGUSR2: save at the step reached and exit
@@ -183,6 +187,7 @@ class Trainer:
         done = self._finished_without_checkpoint()
         if done is not None:
             return done
+        self._init_weights()
         self._setup_data()
         self._setup_model()
         done = self._resume()
@@ -245,6 +250,20 @@ class Trainer:
             f"delete {run_dir / FINISHED} to train it again",
             {"step": total, "checkpoint": None, "export": export},
         )
+
+    def _init_weights(self) -> None:
+        """init_from: the source's weights into the model, before the EMA, the optimiser and the wrappers are built
+        from it. A run that resumes reads its checkpoint instead and keeps the record the checkpoint holds."""
+        if not self.init_from:
+            return
+        if self.resume_from is not None:
+            self.init_record = read_json(Path(self.resume_from) / "config.json").get("init_from")
+            return
+        from dit.init_from import initialize
+
+        done = initialize(self.model, self.init_from, self.init_from_class_map)
+        self.init_record = done.record()
+        self.accelerator.print(done.table(), file=sys.stderr)
 
     def _setup_data(self) -> None:
         cfg, device = self.cfg, self.device
@@ -539,7 +558,7 @@ class Trainer:
             pos["rollbacks"] = self.state["rollbacks"]
         path = save_checkpoint(
             self.accelerator, self.model, self.ema, self.run_dir, at_step, pos, self.data_meta or {},
-            self.cfg.keep_last, self.objective_settings,
+            self.cfg.keep_last, self.objective_settings, self.init_record,
         )  # fmt: skip
         self.saved_step, self.since = at_step, (at_step, {"epoch": pos["epoch"], "batch": pos["batch"]})
         self.clock.reset()
@@ -558,7 +577,7 @@ class Trainer:
 
             save_export(
                 self.export, self.raw, ema=ema_weights, data=self.data_meta, state_dict=weights,
-                objective=self.objective_settings,
+                objective=self.objective_settings, init_from=self.init_record,
             )  # fmt: skip
             mark_finished(run_dir, step, self.settings, self.data_meta)
             self.logger.plot()  # accelerator.end_training() below closes the trackers

@@ -66,6 +66,8 @@ def settings_digest(config: dict) -> str:
         from dit.diffusion import OBJECTIVES
 
         kept["diffusion"] = OBJECTIVES[kept["diffusion"]["name"]].digest_view(kept["diffusion"])
+    if config.get("init_from"):  # a fine-tune (absent otherwise, so the digests recorded before it still hold)
+        kept["init_from"] = [config["init_from"], config.get("init_from_class_map")]
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
