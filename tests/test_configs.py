@@ -9,7 +9,7 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dit.models import BLOCKS, DIT_MODELS, MLPS, NORMS, POS_EMBEDS, config_name
+from dit.models import BLOCKS, DIT_MODELS, MLPS, NORMS, POS_EMBEDS, config_name, get_block
 from train import build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,7 +89,7 @@ def test_any_size_with_any_block_instantiates(name, block):
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_every_block_with_the_modern_options_instantiates(block):
     options = ["model.qk_norm=true", "model.mlp=swiglu", "model.pos_embed=rope"]
-    if block != "adain":  # adain's norm is its instance norm: norm=rmsnorm is refused (tests/test_zoo_blocks.py)
+    if get_block(block).statistics is None:  # adain, cbn, ...: their own normalisation, norm=rmsnorm is refused
         options.append("model.norm=rmsnorm")
     cfg = compose_config("train", ["model=dit_debug4", f"model.block={block}", *options])
     model = instantiate(cfg.model)

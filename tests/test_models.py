@@ -130,9 +130,9 @@ def test_unknown_model_lists_valid_names():
 def test_unknown_block_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown block 'film'.*adain, adaln, adaln_single, adaln_zero, cross_attn, diffit, in_context",
+        match=r"unknown block 'spade'.*adagn, adain, adaln, adaln_single, adaln_zero, cbn, cross_attn, diffit, film",
     ):
-        create_model("DiT-Debug/2", block="film")
+        create_model("DiT-Debug/2", block="spade")
 
 
 def test_input_size_not_divisible_by_patch():

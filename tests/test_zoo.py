@@ -69,5 +69,7 @@ def test_adaln_single_saves_the_per_block_modulation():
     assert single["gflops"] < zero["gflops"]
 
 
-def test_adain_has_adaln_zero_size():
-    assert count("DiT-B/4", "adain")["params"] == count("DiT-B/4", "adaln_zero")["params"]
+@pytest.mark.parametrize("block", ["adain", "cbn", "adagn", "film"])
+def test_normalisation_arms_have_adaln_zero_size(block):
+    assert count("DiT-B/4", block)["params"] == count("DiT-B/4", "adaln_zero")["params"]
+    assert count("DiT-B/4", block)["gflops"] == count("DiT-B/4", "adaln_zero")["gflops"]

@@ -24,6 +24,11 @@ OLD_BLOCKS = ("in_context", "cross_attn", "adaln", "adaln_zero")
 MODERN = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", pos_embed="rope")
 
 
+def options_for(block: str, kw: dict) -> dict:
+    """kw without model.norm for the blocks whose normalisation is their own (NormalisedBlock refuses it)."""
+    return kw if get_block(block).statistics is None else {k: v for k, v in kw.items() if k != "norm"}
+
+
 # Seeded: the same weights whatever ran before.
 randomize = partial(randomize_weights, std=0.3, seed=1)
 
@@ -340,12 +345,10 @@ def test_swiglu_width_keeps_parameters_comparable():
 # --- init: identity blocks ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", ["adaln_zero", "adaln_single", "adain"])
+@pytest.mark.parametrize("block", ["adaln_zero", "adaln_single", "adain", "cbn", "adagn", "film"])
 @pytest.mark.parametrize("kw", [dict(), MODERN], ids=["defaults", "modern"])
 def test_gated_variants_start_as_identity(block, kw):
-    if block == "adain":
-        kw = {k: v for k, v in kw.items() if k != "norm"}
-    model = tiny(block, **kw)
+    model = tiny(block, **options_for(block, kw))
     x = torch.randn(2, model.num_tokens, 64)
     c = model.shared_conditioning(torch.randn(2, 64))  # what the blocks receive
     for b in model.blocks:
@@ -358,8 +361,7 @@ def test_gated_variants_start_as_identity(block, kw):
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_every_block_with_modern_options_trains(block):
-    kw = dict(MODERN, norm="layernorm") if block == "adain" else MODERN
-    model = randomize(tiny(block, **kw), std=0.1).train()
+    model = randomize(tiny(block, **options_for(block, MODERN)), std=0.1).train()
     model(*inputs()).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -371,7 +373,7 @@ def test_every_block_with_modern_options_trains(block):
 def test_flop_counting_on_meta_with_options(block):
     from torch.utils.flop_counter import FlopCounterMode
 
-    kw = dict(MODERN, norm="layernorm") if block == "adain" else MODERN
+    kw = options_for(block, MODERN)
     with torch.device("meta"):
         model = create_model("DiT-XL/2", block=block, num_classes=1000, **kw).eval()
         x, t, y = torch.empty(1, 4, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
@@ -545,7 +547,7 @@ def test_fused_mode_is_resolved_once():
         (dict(pos_embed="learned"), r"unknown pos_embed 'learned'; valid: sincos, rope"),
         (dict(qk_norm="yes"), r"unknown qk_norm 'yes'; valid: true, false"),
         (dict(fused_adaln="maybe"), r"fused_adaln='maybe'; valid: auto, true, false"),
-        (dict(block="dit"), r"unknown block 'dit'; valid blocks: adain, adaln, adaln_single"),
+        (dict(block="dit"), r"unknown block 'dit'; valid blocks: adagn, adain, adaln, adaln_single, adaln_zero, cbn"),
     ],
 )
 def test_unknown_values_list_the_valid_ones(kw, message):

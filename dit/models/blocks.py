@@ -1,5 +1,6 @@
 """Conditioning blocks, one class each, one registry: the four variants of the DiT paper (section 3.2,
-Figure 3) and three from later work (DiffiT's TMSA, PixArt-alpha's adaLN-single, AdaIN).
+Figure 3), three from later work (DiffiT's TMSA, PixArt-alpha's adaLN-single, AdaIN), and the normalisation
+arms around adaLN-Zero's modulation (NormalisedBlock: AdaIN, conditional BatchNorm, AdaGN, FiLM).
 
 Every block has the same signature, ``forward(x, c) -> x`` with x: (N, T, D). What ``c`` is, whether
 extra tokens ride along in x, which final layer decodes the tokens, and whether one module shared by
@@ -100,6 +101,88 @@ class InstanceNormModulate(nn.Module):
         mean = x.mean(dim=1, keepdim=True)  # (N, 1, D)
         var = x.var(dim=1, keepdim=True, unbiased=False)
         return (x - mean) * torch.rsqrt(var + self.eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class BatchNormModulate(nn.Module):
+    """Conditional BatchNorm on tokens (de Vries et al. 2017; BigGAN): each channel normalised by its mean and
+    variance over the whole batch and every token (N x T values), then x_hat * (1 + scale) + shift. The
+    statistics are dit.nn.ConditionalBatchNorm2d's with the token axis as the spatial one.
+
+    Training: the batch's statistics, synchronised over the processes of a distributed run (one differentiable
+    all-reduce of per-channel sums, so 2 processes x 8 images normalise exactly as 1 x 16 would), and the running
+    statistics (momentum 0.1, unbiased variance, as torch's BatchNorm) updated. Evaluation (sampling, FID): the
+    running statistics, so a sample does not depend on the others in its batch, nor on classifier-free guidance
+    doubling the batch with unconditional copies. Gradient accumulation: statistics per micro-batch."""
+
+    def __init__(self, dim: int, eps: float, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, biased variance (in fp32 at least: bf16 autocast too) and count over every process's tokens."""
+        import torch.distributed as dist
+
+        flat = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, x.shape[-1])
+        count = torch.full((1,), float(flat.shape[0]), device=x.device, dtype=flat.dtype)
+        sums = torch.cat([flat.sum(0), flat.square().sum(0), count])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import warnings
+
+            from torch.distributed.nn.functional import all_reduce  # differentiable: gradients flow to every rank
+
+            with warnings.catch_warnings():  # deprecated in favour of _functional_collectives; the autograd one
+                warnings.simplefilter("ignore", FutureWarning)
+                sums = all_reduce(sums)
+        d = x.shape[-1]
+        n = sums[-1]
+        mean = sums[:d] / n
+        return mean, (sums[d : 2 * d] / n - mean.square()).clamp_min(0), n
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var, n = self.batch_statistics(x)
+            with torch.no_grad():
+                buffers = self.running_mean.dtype
+                self.running_mean.lerp_(mean.detach().to(buffers), self.momentum)
+                self.running_var.lerp_((var.detach() * n / (n - 1).clamp_min(1)).to(buffers), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        x_hat = ((x.to(mean.dtype) - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return x_hat * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"batch statistics, eps={self.eps}, momentum={self.momentum}"
+
+
+class GroupNormModulate(nn.Module):
+    """AdaGN on tokens (ADM, Dhariwal & Nichol 2021, moved into the transformer): the channels of each token in
+    `groups` groups, each normalised by its own mean and variance (torch's group_norm on the token as an image of
+    one pixel), then x_hat * (1 + scale) + shift. groups=1 is LayerNorm without affine."""
+
+    def __init__(self, dim: int, groups: int, eps: float):
+        super().__init__()
+        if groups < 1 or dim % groups:
+            raise ValueError(f"model.norm_groups={groups} must divide the width {dim}")
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x_hat = F.group_norm(x.reshape(-1, x.shape[-1]), self.groups, eps=self.eps).reshape(x.shape)
+        return x_hat * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, eps={self.eps}"
+
+
+class FiLMModulate(nn.Module):
+    """FiLM (Perez et al. 2018) with no normalisation at all: x * (1 + scale) + shift (dit.nn.FiLM's formula)."""
+
+    def __init__(self, *_):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def set_fused_adaln(module: nn.Module, mode: str | bool) -> str:
@@ -333,6 +416,8 @@ class Block(nn.Module):
     num_extra_tokens: ClassVar[int] = 0  # tokens add_tokens prepends (not on the grid: RoPE skips them)
     # Why TREAD token routing (routing.py) cannot run a subset of the tokens through this block, or None.
     routing_refusal: ClassVar[str | None] = None
+    # The statistics the block's own normalisation takes (NormalisedBlock), or None: it uses model.norm.
+    statistics: ClassVar[str | None] = None
 
     @staticmethod
     def condition(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
@@ -622,42 +707,105 @@ class AdaLNSingleFinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
 
-class AdaINBlock(Block):
-    """AdaIN (Huang & Belongie 2017) carried into the transformer: each channel is normalised over the
-    tokens of its own sample (instance statistics over T, not LayerNorm over D), then shifted and
-    scaled from c, and gated, as adaLN-Zero (6D modulation, zero-initialised: identity at init).
-    The final layer normalises the same way. There is no fused kernel for it (fused_adaln ignores it).
-    Only norm=layernorm (the default) is accepted: the block's norm is the instance norm itself."""
-
-    name = "adain"
+class NormalisedBlock(Block):
+    """adaLN-Zero's modulation (shift, scale and gate regressed from c, zero-initialised: identity at init) around
+    a parameter-free normalisation whose statistics are the variant's (``make_norm``), in the blocks and the final
+    layer alike. Everything else is adaLN-Zero's, so comparing these blocks compares the statistics alone: the
+    normalisation design space of the conditioning lineage (BatchNorm -> CBN, GroupNorm -> AdaGN, InstanceNorm ->
+    AdaIN, none -> FiLM; LayerNorm -> adaLN-Zero itself). model.norm does not apply (only layernorm, the default,
+    is accepted); there is no fused kernel for these norms (fused_adaln ignores them)."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         if config.norm != "layernorm":
             raise ValueError(
-                f"block adain normalises with instance statistics over the tokens; norm={config.norm!r} does not apply "
+                f"block {self.name} normalises with {self.statistics}; norm={config.norm!r} does not apply "
                 "(leave norm=layernorm, the default)"
             )
         self.attn = self_attention(config)
         self.mlp = block_mlp(config)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
-        self.norm1 = InstanceNormModulate(config.norm_eps)
-        self.norm2 = InstanceNormModulate(config.norm_eps)
+        self.norm1 = self.make_norm(config, config.norm_eps)
+        self.norm2 = self.make_norm(config, config.norm_eps)
+
+    @staticmethod
+    def make_norm(config: DiTConfig, eps: float) -> nn.Module:
+        """The block's normalisation: forward(x, shift, scale) -> x_hat * (1 + scale) + shift."""
+        raise NotImplementedError
 
     condition = staticmethod(AdaLNBlock.condition)
 
-    @staticmethod
-    def final_layer(config: DiTConfig) -> nn.Module:
-        return AdaLNFinalLayer(config, True, InstanceNormModulate(1e-6))
+    @classmethod
+    def final_layer(cls, config: DiTConfig) -> nn.Module:
+        return AdaLNFinalLayer(config, True, cls.make_norm(config, 1e-6))
 
     forward = AdaLNZeroBlock.forward
     initialize_conditioning = AdaLNZeroBlock.initialize_conditioning
 
 
+class AdaINBlock(NormalisedBlock):
+    """AdaIN (Huang & Belongie 2017) carried into the transformer: each channel is normalised over the
+    tokens of its own sample (instance statistics over T, not LayerNorm over D), then shifted and
+    scaled from c, and gated, as adaLN-Zero."""
+
+    name = "adain"
+    statistics = "instance statistics over the tokens"
+
+    @staticmethod
+    def make_norm(config: DiTConfig, eps: float) -> nn.Module:
+        return InstanceNormModulate(eps)
+
+
+class CBNBlock(NormalisedBlock):
+    """Conditional BatchNorm: each channel normalised over the batch and the tokens (BatchNormModulate: running
+    statistics at sampling time, synchronised over processes in training)."""
+
+    name = "cbn"
+    statistics = "batch statistics"
+
+    @staticmethod
+    def make_norm(config: DiTConfig, eps: float) -> nn.Module:
+        return BatchNormModulate(config.hidden_size, eps)
+
+
+class AdaGNBlock(NormalisedBlock):
+    """AdaGN (ADM's adaptive GroupNorm) in the transformer: each token's channels in model.norm_groups groups."""
+
+    name = "adagn"
+    statistics = "group statistics over each token's channels"
+
+    @staticmethod
+    def make_norm(config: DiTConfig, eps: float) -> nn.Module:
+        return GroupNormModulate(config.hidden_size, config.norm_groups, eps)
+
+
+class FiLMBlock(NormalisedBlock):
+    """FiLM: adaLN-Zero's scale, shift and gate on tokens that are not normalised at all (is the norm doing
+    anything?)."""
+
+    name = "film"
+    statistics = "no statistics (no normalisation)"
+
+    @staticmethod
+    def make_norm(config: DiTConfig, eps: float) -> nn.Module:
+        return FiLMModulate()
+
+
 # The conditioning variants, selectable as model.block=<name>: one line per class.
 BLOCKS: Registry[Block] = Registry(
     "block",
-    [InContextBlock, CrossAttentionBlock, AdaLNBlock, AdaLNZeroBlock, DiffiTBlock, AdaLNSingleBlock, AdaINBlock],
+    [
+        InContextBlock,
+        CrossAttentionBlock,
+        AdaLNBlock,
+        AdaLNZeroBlock,
+        DiffiTBlock,
+        AdaLNSingleBlock,
+        AdaINBlock,
+        CBNBlock,
+        AdaGNBlock,
+        FiLMBlock,
+    ],  # fmt: skip
 )
 
 

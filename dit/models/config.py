@@ -82,7 +82,8 @@ class DiTConfig:
     block: str = "adaln_zero"  # conditioning variant, a name in dit.models.BLOCKS (an open registry)
     timestep_freq_shift: int = field(default=0, metadata=ADDED_WITH_SCHEMA)  # 0: DiT's embedding; 1: diffusers'
     norm_eps: float = field(default=1e-6, metadata=ADDED_WITH_SCHEMA)  # eps of the blocks' norms (DiT: 1e-6)
-    norm: Norm = "layernorm"  # every norm in the blocks and the final layer (adain: layernorm only)
+    norm: Norm = "layernorm"  # every norm in the blocks and the final layer (adain, cbn, adagn, film: their own)
+    norm_groups: int = field(default=32, metadata=ADDED_WITH_SCHEMA)  # block adagn: channel groups per token
     qk_norm: bool = False  # RMSNorm on q and k per head in self-attention (LightningDiT)
     mlp: Mlp = "gelu"
     pos_embed: PosEmbed = "sincos"

@@ -9,8 +9,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA:
-    """ema = decay * ema + (1 - decay) * param over trainable parameters only; frozen buffers (the
-    position embedding) are copied, not averaged. warmup=True uses min(decay, (1 + n) / (10 + n))
+    """ema = decay * ema + (1 - decay) * param over trainable parameters, and over the buffers training changes
+    (BatchNorm's running statistics); constant buffers (the position embedding) stay as they are.
+    warmup=True uses min(decay, (1 + n) / (10 + n))
     for short runs, where 0.9999 would average over far more steps than the run has.
 
     Under FSDP2 (`shard_like` with the prepared model) each process averages only its own shard of
@@ -56,6 +57,12 @@ class EMA:
                 # A DTensor without a shard here (shard_like not called): gather it (all ranks call this).
                 params.append((p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()).float())
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        # Buffers that training changes (block cbn's running statistics) are averaged alike, as timm's ModelEmaV2
+        # does; the constant ones (the position embedding) stay what they are (lerp of equal values is exact).
+        buffers = zip(self.model.buffers(), model.buffers())
+        pairs = [(e, b.detach().float()) for e, b in buffers if e.is_floating_point()]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [b for _, b in pairs], 1.0 - decay)
         self.num_updates += 1
 
     @torch.no_grad()
