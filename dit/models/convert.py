@@ -21,7 +21,9 @@ from dit.models.dit import DiT
 from dit.models.sizes import DIT_MODELS
 from dit.models.state_dict import load_state_dict_checked
 
-__all__ = ["infer_official_config", "load_official_checkpoint", "to_diffusers", "from_diffusers"]
+__all__ = [
+    "diffusers_obstacle", "infer_official_config", "load_official_checkpoint", "to_diffusers", "from_diffusers",
+]  # fmt: skip
 
 
 def _zoo_name(depth: int, hidden_size: int, patch_size: int) -> tuple[str | None, int | None]:
@@ -86,19 +88,35 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = True, **overrides
     return model
 
 
-def to_diffusers(model: DiT):
-    """Our adaLN-Zero DiT -> diffusers DiTTransformer2DModel computing the same function."""
-    from diffusers import DiTTransformer2DModel
-
+def diffusers_obstacle(model: DiT) -> str | None:
+    """Why to_diffusers cannot convert this model (None: it can)."""
     if model.block != "adaln_zero":
-        raise ValueError(f"diffusers' DiTTransformer2DModel only has adaLN-Zero blocks, not {model.block!r}")
+        return f"diffusers' DiTTransformer2DModel only has adaLN-Zero blocks, not {model.block!r}"
     plain = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos"}
     other = {k: getattr(model.config, k) for k, v in plain.items() if getattr(model.config, k) != v}
     if other:
         listing = ", ".join(f"{k}={v}" for k, v in other.items())
-        raise ValueError(f"diffusers' DiT has only layernorm, gelu, sincos and no qk_norm; this model has {listing}")
+        return f"diffusers' DiT has only layernorm, gelu, sincos and no qk_norm; this model has {listing}"
     if not model.y_embedder.has_null_class:
-        raise ValueError("diffusers' DiT always has a null class; build the model with class_dropout_prob > 0")
+        return "diffusers' DiT always has a null class; build the model with class_dropout_prob > 0"
+    return None
+
+
+def to_diffusers(model: DiT, num_embeds: int | None = None):
+    """Our adaLN-Zero DiT -> diffusers DiTTransformer2DModel computing the same function.
+
+    num_embeds: the label table's class count (its null row is at that index; default: the model's classes).
+    DiTPipeline hard-codes the null class as 1000, so a K-class model runs in it with num_embeds=1000: rows
+    0..K-1 are the classes, rows K..999 copies of the null row (never a real class), row 1000 the null row.
+    from_diffusers drops such copies again.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    if why := diffusers_obstacle(model):
+        raise ValueError(why)
+    num_embeds = model.num_classes if num_embeds is None else num_embeds
+    if num_embeds < model.num_classes:
+        raise ValueError(f"a label table of {num_embeds} classes cannot hold this model's {model.num_classes}")
     if model.t_embedder.freq_shift != 1:
         warnings.warn(
             "diffusers' DiT embeds timesteps with downscale_freq_shift=1 while this model uses "
@@ -115,10 +133,13 @@ def to_diffusers(model: DiT):
         num_layers=c.depth,
         sample_size=c.input_size,
         patch_size=c.patch_size,
-        num_embeds_ada_norm=c.num_classes,
+        num_embeds_ada_norm=num_embeds,
         norm_eps=c.norm_eps,
     )
     sd = model.state_dict()
+    table = sd["y_embedder.embedding_table.weight"]  # (K + 1, D), the null class last
+    null = table[-1:]
+    table = torch.cat([table[:-1], null.expand(num_embeds - model.num_classes + 1, -1)])  # (num_embeds + 1, D)
     new = {
         "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
         "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
@@ -133,7 +154,7 @@ def to_diffusers(model: DiT):
         for ours, theirs in (("mlp.0", "linear_1"), ("mlp.2", "linear_2")):
             for p in ("weight", "bias"):
                 new[f"{d}norm1.emb.timestep_embedder.{theirs}.{p}"] = sd[f"t_embedder.{ours}.{p}"]
-        new[f"{d}norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        new[f"{d}norm1.emb.class_embedder.embedding_table.weight"] = table
         for p in ("weight", "bias"):
             new[f"{d}norm1.linear.{p}"] = sd[f"{o}adaLN_modulation.1.{p}"]
             q, k, v = sd[f"{o}attn.qkv.{p}"].chunk(3, dim=0)
@@ -147,8 +168,19 @@ def to_diffusers(model: DiT):
     return dmodel.to(next(model.parameters()).dtype)
 
 
+def _without_null_copies(table: torch.Tensor) -> torch.Tensor:
+    """A diffusers label table (classes, then the null row) without the rows just before the null row that are
+    exact copies of it: the padding to_diffusers(num_embeds=1000) writes for DiTPipeline (a trained or randomly
+    initialised class row never equals the null row exactly)."""
+    num_classes = len(table) - 1
+    while num_classes > 1 and torch.equal(table[num_classes - 1], table[-1]):
+        num_classes -= 1
+    return torch.cat([table[:num_classes], table[-1:]])
+
+
 def from_diffusers(dmodel, name: str | None = None) -> DiT:
-    """diffusers DiTTransformer2DModel -> our adaLN-Zero DiT computing the same function."""
+    """diffusers DiTTransformer2DModel -> our adaLN-Zero DiT computing the same function (a label table padded for
+    DiTPipeline, to_diffusers(num_embeds=1000), loses its padding: the model has its own K classes again)."""
     cfg = dmodel.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     if cfg.norm_eps != 1e-6:
@@ -165,6 +197,7 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
         if any(not torch.equal(v, ref[k]) for k, v in block.norm1.emb.state_dict().items()):
             raise ValueError(f"transformer_blocks.{i} has timestep/label embedders unlike block 0's; cannot share them")
     zoo_name, _ = _zoo_name(cfg.num_layers, hidden, cfg.patch_size)
+    table = _without_null_copies(sd["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"])
     model = DiT(
         DiTConfig(
             input_size=cfg.sample_size,
@@ -173,7 +206,7 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
             hidden_size=hidden,
             depth=cfg.num_layers,
             num_heads=cfg.num_attention_heads,
-            num_classes=cfg.num_embeds_ada_norm,
+            num_classes=len(table) - 1,
             class_dropout_prob=0.1,
             learn_sigma=dmodel.out_channels == 2 * cfg.in_channels,
             block="adaln_zero",
@@ -186,7 +219,7 @@ def from_diffusers(dmodel, name: str | None = None) -> DiT:
         "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
         "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
         "pos_embed": model.pos_embed,
-        "y_embedder.embedding_table.weight": sd["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"],
+        "y_embedder.embedding_table.weight": table,
         "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
         "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
         "final_layer.linear.weight": sd["proj_out_2.weight"],
