@@ -17,8 +17,8 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation speedrun publish report zoo fashion-mnist clean bench-sample \
-  bench-train bench-kernel
+.PHONY: help setup test test-all lint format train fid ablation speedrun publish report zoo fashion-mnist chromium demo clean \
+  bench-sample bench-train bench-kernel
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
@@ -27,6 +27,7 @@ help:
 	@echo "make lint      ruff: lint and formatting check (CI runs it)"
 	@echo "make format    ruff: fix imports and format the tree"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
+	@echo "make demo      the model of make train in a browser page (Gradio, on 127.0.0.1:7860; ARGS=\"checkpoint=[A,B]\" ...)"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
 	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 50 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
@@ -36,13 +37,13 @@ help:
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
 	@echo "make bench-kernel   fused adaLN kernel vs eager and torch.compile (needs a CUDA GPU)"
 
-setup: $(STAMP) fashion-mnist
+setup: $(STAMP) fashion-mnist chromium
 
 # requirements.lock: the versions CI tested, as constraints (a new machine gets the same torch, numpy, ...).
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(ENV_DIR)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev,demo]'
 	@mkdir -p .make && touch $@
 
 # Debian's dataset-fashion-mnist package: the four idx files under $(FMNIST_DIR).
@@ -53,6 +54,17 @@ fashion-mnist:
 	    $$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist; \
 	  else \
 	    echo "warning: no apt-get; put the Fashion-MNIST idx files in $(FMNIST_DIR) or set data.root=" >&2; \
+	  fi; \
+	fi
+
+# Debian's chromium and its driver, for the demo's browser test (tests/test_demo.py; no browser is downloaded).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  else \
+	    echo "warning: no apt-get; install chromium and chromedriver for the demo's browser test (else it is skipped)" >&2; \
 	  fi; \
 	fi
 
@@ -76,6 +88,10 @@ format: setup
 
 train: setup
 	$(PY) train.py experiment=fashion_mnist_cpu $(ARGS)
+
+# python -m dit.demo on make train's model (RUN=...), or on what ARGS names (ARGS="checkpoint=[A,B] port=8000").
+demo: setup
+	$(PY) -m dit.demo checkpoint=$(RUN)/model $(ARGS)
 
 # Sampling + FID on what `make train` wrote: the Fashion-MNIST domain metric always, Inception FID
 # too when its weights are in the torch hub cache.

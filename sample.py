@@ -24,21 +24,9 @@ from tqdm import tqdm
 from dit.atomic import fsync_tree, replace_dir
 from dit.diffusion import SamplingSettings, build_sampler
 from dit.model_files import load_model, objective_of
-from dit.sampling import generate, make_labels, resolve_classes, save_grid, save_npz_atomic
+from dit.sampling import generate, load_vae, make_labels, resolve_classes, save_grid, save_npz_atomic
 
 OUTPUTS = ("grid.png", "samples.npz", "images")
-
-
-def load_vae(spec: str, device):
-    """A diffusers AutoencoderKL from a local directory or a hub id (offline: local only)."""
-    from diffusers import AutoencoderKL
-
-    try:
-        return AutoencoderKL.from_pretrained(spec).to(device).eval()
-    except Exception as e:
-        raise SystemExit(
-            f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>"
-        ) from None
 
 
 def run(cfg: DictConfig) -> Path:

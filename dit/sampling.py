@@ -7,7 +7,7 @@ the same images whatever the number of processes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from dit.atomic import atomic_file
 from dit.diffusion import Sampler, SamplingSettings
 
 __all__ = [
-    "SampleConfig", "resolve_classes", "make_labels", "generate", "decode", "to_uint8", "save_grid", "save_npz_atomic",
+    "SampleConfig", "resolve_classes", "make_labels", "generate", "decode", "to_uint8", "grid_array", "save_grid",
+    "save_npz_atomic", "load_vae",
 ]  # fmt: skip
 
 
@@ -115,11 +116,14 @@ def generate(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    on_eval: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first global index, uint8 NHWC images) for this rank's batches, b = rank, rank + world, ..., one at a time.
 
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings). The model is
-    checked against it here, once, when generate() is called (not at the first batch)."""
+    checked against it here, once, when generate() is called (not at the first batch).
+    on_eval(first index of the batch, model evaluations of the batch so far): called after every (guided) model
+    evaluation, for progress bars (python -m dit.demo); it does not change the images."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
@@ -127,25 +131,57 @@ def generate(
         )
     batches = range(rank, (len(labels) + batch_size - 1) // batch_size, world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
-    return _batches(sampler, sampler.denoiser(model), shape, labels, batches, batch_size, seed, vae, device)
+    return _batches(sampler, sampler.denoiser(model), shape, labels, batches, batch_size, seed, vae, device, on_eval)
 
 
 @torch.no_grad()
-def _batches(sampler, denoiser, shape, labels, batches, batch_size, seed, vae, device):
+def _batches(sampler, denoiser, shape, labels, batches, batch_size, seed, vae, device, on_eval):
     for b in batches:
         y = labels[b * batch_size : (b + 1) * batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(y), *shape, generator=g, device=device)
-        x = sampler.run(denoiser, noise, y, g)
+        fn = denoiser if on_eval is None else _reporting(denoiser, lambda n, start=b * batch_size: on_eval(start, n))
+        x = sampler.run(fn, noise, y, g)
         yield b * batch_size, to_uint8(decode(x, vae))
+
+
+def _reporting(denoiser: Callable, report: Callable[[int], None]) -> Callable:
+    """denoiser(x, t, y), calling report(evaluations so far) after each evaluation."""
+    count = 0
+
+    def fn(x, t, y):
+        nonlocal count
+        out = denoiser(x, t, y)
+        count += 1
+        report(count)
+        return out
+
+    return fn
+
+
+def grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """uint8 NHWC images -> one (H', W', 3) uint8 grid with nrow images per row, 2 white pixels between them."""
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
+    return grid.permute(1, 2, 0).numpy()
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: str | Path) -> None:
     """uint8 NHWC images -> one PNG grid with nrow images per row (atomic write)."""
-    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
-    atomic_file(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save, suffix=".png")
+    atomic_file(path, Image.fromarray(grid_array(images, nrow)).save, suffix=".png")
 
 
 def save_npz_atomic(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     """ADM-format npz (arr_0 uint8 NHWC, arr_1 labels), written to a temporary file then renamed."""
     atomic_file(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=labels), suffix=".npz")
+
+
+def load_vae(spec: str, device):
+    """A diffusers AutoencoderKL from a local directory or a hub id (offline: local only)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(spec).to(device).eval()
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>"
+        ) from None

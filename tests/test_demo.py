@@ -1,0 +1,259 @@
+"""python -m dit.demo: the page's logic (bounds, checkpoints by label only, images = sample.py's), the Gradio server
+function and its API, and the page itself in headless Debian Chromium (Selenium), on tiny pixel models."""
+
+import os
+import shutil
+import socket
+from io import BytesIO
+
+import numpy as np
+import pytest
+from conftest import compose_config
+from helpers.tiny import randomize, tiny_dit
+from PIL import Image
+
+import sample
+from dit import demo as dit_demo
+from dit.data.class_names import FASHION_MNIST_CLASSES
+from dit.demo import NONE, Demo, DemoConfig, RequestError, checkpoint_label, host_warning, parse_args
+from dit.diffusion import build_objective
+from dit.model_files import save_export
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: nothing phones home
+os.environ["SE_OFFLINE"] = "true"  # Selenium Manager never looks for (or downloads) a driver
+try:
+    import gradio as gr
+except ImportError:
+    gr = None
+needs_gradio = pytest.mark.skipif(gr is None, reason="gradio not installed (the demo extra: pip install -e '.[demo]')")
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two pixel models with Fashion-MNIST's class names: a flow export <runA>/model and a DDPM training-checkpoint
+    -like directory <runB>/checkpoints/step_0001000."""
+    root = tmp_path_factory.mktemp("runs")
+    data = dict(class_names=FASHION_MNIST_CLASSES, latent=False)
+    flow = randomize(tiny_dit(in_channels=1), seed=0)
+    save_export(root / "runA" / "model", flow, ema=flow, data=data, objective=build_objective("flow").settings())
+    ddpm = randomize(tiny_dit(in_channels=1, learn_sigma=True), seed=1)
+    save_export(root / "runB" / "checkpoints" / "step_0001000", ddpm, ema=ddpm, data=data)
+    return root / "runA" / "model", root / "runB" / "checkpoints" / "step_0001000"
+
+
+@pytest.fixture(scope="module")
+def demo(runs):
+    return Demo.load(DemoConfig(checkpoint=[str(p) for p in runs], device="cpu", max_images=16, max_steps=8, steps=4))
+
+
+GOOD = dict(sampler="euler", classes=["Sneaker", "Bag"], per_class=2, steps=3, cfg_scale=2.0, seed=0)
+
+
+def test_cli_defaults_are_safe():
+    config = parse_args(["checkpoint=a"])
+    assert config.host == "127.0.0.1" and config.checkpoint == ["a"]
+    assert (config.max_images, config.max_steps, config.cfg_range) == (16, 100, [1.0, 10.0])
+    assert parse_args(["checkpoint=[a,b]", "port=8000"]).checkpoint == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown key hots"):
+        parse_args(["checkpoint=a", "hots=0.0.0.0"])
+    with pytest.raises(ValueError, match="checkpoint=<path>"):
+        parse_args(["host=127.0.0.1"])
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert host_warning(host) is None
+    for host in ("0.0.0.0", "192.168.1.5", "myhost"):
+        assert "warning: host=" + host in host_warning(host)
+
+
+def test_labels_name_runs_not_paths(runs, tmp_path):
+    assert [checkpoint_label(p) for p in runs] == ["runA export", "runB step 1000"]
+    (tmp_path / "DiT-XL-2-256x256.pt").touch()
+    assert checkpoint_label(tmp_path / "DiT-XL-2-256x256.pt") == "DiT-XL-2-256x256"
+    loaded = [c for _ in range(2) for c in Demo.load(DemoConfig(str(runs[0]), device="cpu")).checkpoints.values()]
+    assert Demo(loaded, DemoConfig("x")).labels == ["runA export", "runA export (2)"]  # the same run given twice
+
+
+def test_only_the_given_checkpoints(demo, runs):
+    assert demo.labels == ["runA export", "runB step 1000"]
+    for typed in (str(runs[0]), "/etc/passwd", "../runA/model", NONE):  # a path (even a given one's) is no label
+        with pytest.raises(RequestError, match="unknown checkpoint"):
+            demo.check(typed, **GOOD)
+
+
+def test_samplers_of_each_objective(demo):
+    flow, ddpm = demo.checkpoints.values()
+    assert flow.samplers == ["euler", "euler_maruyama", "heun"]
+    assert ddpm.samplers == ["ddpm", "ddim", "dpmpp", "unipc"]
+    with pytest.raises(RequestError, match="sampler 'ddim' cannot sample runA export"):
+        demo.check("runA export", **GOOD | dict(sampler="ddim"))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(classes=["Sneaker", "Bag", "Coat"], per_class=6), "18 images: at most 16"),
+        (dict(per_class=0), "at most 16"),
+        (dict(per_class=2.5), "images per class 2.5: a whole number"),
+        (dict(steps=9), "steps=9: need 1 to 8"),
+        (dict(steps=0), "steps=0: need 1 to 8"),
+        (dict(cfg_scale=10.5), "guidance scale 10.5: need 1.0 to 10.0"),
+        (dict(cfg_scale=0.5), "guidance scale 0.5: need 1.0 to 10.0"),
+        (dict(cfg_scale=float("nan")), "a number"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(classes=[]), "choose at least one class"),
+    ],
+)
+def test_bounds_are_enforced(demo, bad, message):
+    with pytest.raises(RequestError, match=message):
+        demo.grid("runA export", **GOOD | bad)
+
+
+def test_grid_is_sample_py_grid(demo, runs, tmp_path):
+    """The same settings and seed give sample.py's grid.png, pixel for pixel; progress counts every evaluation."""
+    evaluations = []
+    for label, path, sampler in (("runA export", runs[0], "euler"), ("runB step 1000", runs[1], "ddim")):
+        grid = demo.grid(label, **GOOD | dict(sampler=sampler, seed=3), on_eval=evaluations.append)
+        overrides = dict(checkpoint=path, out_dir=tmp_path / label, classes="[Sneaker,Bag]", per_class=2, steps=3,
+                         cfg_scale=2.0, seed=3, sampler=sampler)  # fmt: skip
+        out = sample.run(compose_config("sample", [f"{k}={v}" for k, v in overrides.items()]))
+        np.testing.assert_array_equal(grid, np.array(Image.open(out / "grid.png")))
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3) and evaluations == [1, 2, 3] * 2
+    with pytest.raises(RequestError, match="unknown class name 'Sneakers'; close names: 'Sneaker'"):
+        demo.grid("runA export", **GOOD | dict(classes=["Sneakers"]))
+
+
+def server_function(app):
+    (fn,) = [f for f in app.fns.values() if f.api_name == "generate"]
+    return fn.fn
+
+
+@needs_gradio
+def test_server_function_two_grids_and_messages(demo):
+    run = server_function(dit_demo.build_app(demo))
+    args = [["Sneaker"], 2, 3, 1.0, 0]
+    shown = []  # what the page's progress bar is told: (evaluations done, of total), per model evaluation
+    a, b = run("runA export", "euler", "runB step 1000", "ddpm", *args, progress=lambda p, **kw: shown.append(p))
+    assert shown == [(0, 6), (1, 6), (2, 6), (3, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    assert a.shape == b.shape == (18 + 2, 2 * 18 + 2, 3) and not np.array_equal(a, b)
+    a_only, none = run("runA export", "euler", NONE, None, *args)
+    assert none is None and np.array_equal(a_only, a)
+    for bad, message in (
+        (("runA export", "euler", NONE, None, ["Sneaker"], 2, 500, 1.0, 0), "steps=500: need 1 to 8"),
+        (("runA export", "euler", "/etc/passwd", "ddpm", *args), "unknown checkpoint '/etc/passwd'"),
+        (("runA export", "euler", NONE, None, ["Sneaker"], 2, 3, 99.0, 0), "guidance scale 99.0"),
+    ):
+        with pytest.raises(gr.Error, match=message):
+            run(*bad)
+
+
+@needs_gradio
+def test_main_listens_on_loopback_unless_told(runs, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(dit_demo, "launch", lambda app, host, port, block: launched.append((host, port)))
+    dit_demo.main([f"checkpoint={runs[0]}", "device=cpu"], block=False)
+    assert launched[-1] == ("127.0.0.1", 7860) and "warning" not in capsys.readouterr().err
+    dit_demo.main([f"checkpoint={runs[0]}", "device=cpu", "host=0.0.0.0", "port=9000"], block=False)
+    assert launched[-1] == ("0.0.0.0", 9000) and "warning: host=0.0.0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="error: checkpoint not found"):
+        dit_demo.main(["checkpoint=/no/such/run/model"], block=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page in a real browser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """The demo served on a free port of 127.0.0.1 (as main() serves it), in this process."""
+    if gr is None:
+        pytest.skip("gradio not installed (the demo extra: pip install -e '.[demo]')")
+    config = DemoConfig(checkpoint=[str(runs[0])], device="cpu", port=free_port(), steps=4, per_class=2, max_steps=8)
+    demo = Demo.load(config)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # the images it serves
+        app = dit_demo.build_app(demo)
+        dit_demo.launch(app, config.host, config.port, block=False)
+        yield demo, f"http://127.0.0.1:{config.port}"
+        app.close()
+
+
+def api_call(url: str, data: list) -> tuple[str, str]:
+    """POST to the generate endpoint as any HTTP client can (no slider in the way) -> (event, data)."""
+    import requests
+
+    event_id = requests.post(f"{url}/gradio_api/call/generate", json={"data": data}, timeout=30).json()["event_id"]
+    lines = requests.get(f"{url}/gradio_api/call/generate/{event_id}", timeout=60).text.strip().splitlines()
+    return lines[0].removeprefix("event: "), lines[1].removeprefix("data: ")
+
+
+def test_server_binds_loopback_and_api_is_bounded(server):
+    import psutil
+
+    demo, url = server
+    port = int(url.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]
+    good = ["runA export", "euler", NONE, None, ["Sneaker"], 2, 4, 2.0, 0]
+    assert api_call(url, good)[0] == "complete"
+    # Gradio refuses values outside a slider's or a dropdown's range; the server function what only it can judge
+    for changes, message in (
+        ({0: "/etc/passwd"}, "/etc/passwd is not in the list"),
+        ({6: 500}, "500 is greater than maximum value 8"),
+        ({7: 50.0}, "50.0 is greater than maximum value 10.0"),
+        ({4: ["Sneaker", "Bag"], 5: 16}, "2 classes x 16 per class = 32 images: at most 16 a request"),
+        ({4: []}, "choose at least one class"),
+    ):
+        event, data = api_call(url, [changes.get(i, v) for i, v in enumerate(good)])
+        assert event == "error" and message in data and "Traceback" not in data, data
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (make setup installs them where apt is available)",
+)
+def test_page_in_headless_chromium(server):
+    """Load the page, add a class, press Generate, read the grid back from the page: its size and its pixels."""
+    import requests
+
+    pytest.importorskip("selenium", reason="selenium not installed (the demo extra: pip install -e '.[demo]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    demo, url = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # --no-sandbox: the tests run as root here
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#classes input")))
+        box.click()
+        box.send_keys("Sneaker")
+        box.send_keys(Keys.ENTER)
+        box.send_keys(Keys.ESCAPE)
+        wait.until(lambda d: "Sneaker" in d.find_element(By.ID, "classes").text)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        img = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#grid-0 img")))
+        src = wait.until(lambda d: img.get_attribute("src") if "file=" in (img.get_attribute("src") or "") else None)
+        page = np.array(Image.open(BytesIO(requests.get(src, timeout=30).content)).convert("RGB"))
+    finally:
+        driver.quit()
+    classes = [*FASHION_MNIST_CLASSES[:4], "Sneaker"]  # the page's first 4 classes, and the one added
+    assert page.shape == (5 * 18 + 2, 2 * 18 + 2, 3)  # 5 rows of 2 images of 16x16, 2-pixel padding
+    np.testing.assert_array_equal(page, demo.grid("runA export", "euler", classes, 2, 4, 4.0, 0))
