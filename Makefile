@@ -29,7 +29,7 @@ help:
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make demo      the model of make train in a browser page (Gradio, on 127.0.0.1:7860; ARGS=\"checkpoint=[A,B]\" ...)"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
-	@echo "make ablation  the conditioning study: every block x 3 seeds (~2 h 50 min on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
+	@echo "make ablation  the conditioning study: every block x 3 seeds (~16 min a run, two at a time on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
 	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"

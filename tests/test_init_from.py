@@ -119,6 +119,10 @@ def test_fine_tune_from_an_official_checkpoint_to_new_classes_through_train_py(t
     assert record["source"] == str(pt) and record["class_map"] == mapping and record["format"] == "official"
     ckpt = json.loads((tmp_path / "run" / "checkpoints" / "step_0000006" / "config.json").read_text())
     assert ckpt["init_from"] == record
+    from dit.export import export
+
+    out, _ = export(tmp_path / "run", tmp_path / "shared", say=lambda line: None)  # the model card names it
+    assert f"Fine-tuned from {pt}." in (out / "README.md").read_text()
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
     assert state["ema_num_updates"] == 3  # the step, the EMA and the data started fresh (not the source's)
 
