@@ -202,3 +202,24 @@ def test_training_flops_are_forward_and_backward_and_follow_routing():
     forward_routed = 2e9 * count("DiT-XL/2", "adaln_zero", routing=routing)["gflops"]
     ratio = training_flops(config, routing) / training_flops(config)
     assert ratio == pytest.approx(forward_routed / forward, rel=0.01)
+
+
+@needs_fmnist
+@pytest.mark.parametrize(
+    "recipe, objective", [("tread_dit_xl2_imagenet256", "ddpm"), ("tread_sit_xl2_imagenet256", "flow")]
+)
+def test_imagenet_recipes_compose_and_train_at_tiny_size(tmp_path, recipe, objective):
+    """The shipped ImageNet-scale TREAD recipes: their settings (DiT-XL/2, latents, the paper's routing) as composed,
+    then two steps with the model and data swapped for CPU sizes."""
+    full = compose_config("train", [f"experiment={recipe}"])
+    assert (full.model.name, full.data.name, full.diffusion.name) == ("DiT-XL/2", "latents", objective)
+    assert dict(full.training.token_routing) == {"ratio": 0.5, "start": 2, "end": -2}
+    tiny = [
+        "model=dit_debug4", "data=fashion_mnist", "data.limit=32", "training.total_steps=2",
+        "training.global_batch_size=8", "training.mixed_precision=no", "training.num_workers=0",
+        "training.ckpt_every=0", "training.sample_every=0", "training.grid_sampling.steps=2", "model.depth=5",
+        "model.size=null", "model.name=null",
+    ]  # fmt: skip
+    cfg = compose_config("train", [f"experiment={recipe}", *tiny])
+    assert cfg.training.token_routing.ratio == 0.5 and cfg.diffusion.name == objective
+    assert train.run(cfg, tmp_path)["step"] == 2
