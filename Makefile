@@ -44,6 +44,8 @@ $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(ENV_DIR)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev,demo]'
+	@# gradio writes a hash seed into its own package on first import: done here, as part of installing it
+	$(PY) -c "from gradio.utils import get_hash_seed; get_hash_seed()"
 	@mkdir -p .make && touch $@
 
 # Debian's dataset-fashion-mnist package: the four idx files under $(FMNIST_DIR).

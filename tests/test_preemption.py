@@ -249,6 +249,7 @@ def test_rollback_is_bounded_and_names_the_batches(tmp_path, monkeypatch, case):
 # --- a dead rank -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two gloo processes, one killed, the other waits out its 20 s timeout
 @needs_fmnist
 def test_a_killed_rank_ends_the_other_within_the_timeout(tmp_path):
     """Two gloo processes started as a scheduler starts them (RANK, WORLD_SIZE, MASTER_ADDR set); one is killed

@@ -65,6 +65,7 @@ def test_resume_is_bit_exact(tmp_path):
             assert torch.equal(va, vb), k
 
 
+@pytest.mark.slow  # ~40 s: torch.compile of the model on CPU
 @needs_fmnist
 def test_compiled_training_matches_eager_and_resumes_without_compile(tmp_path):
     from torch._dynamo.utils import counters
@@ -153,7 +154,8 @@ def assert_ranks_match_one_process(run_dir: Path, one_dir: Path) -> None:
 
 
 @needs_fmnist
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+# accelerate launch: the same gloo processes as torchrun (~18 s): slow tier; torchrun stays in make test
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_processes_match_one(tmp_path, launcher):
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
@@ -169,6 +171,7 @@ def test_two_processes_match_one(tmp_path, launcher):
     )
 
 
+@pytest.mark.slow  # ~15 s each: two "nodes" of one process each; two processes on one node stay in make test
 @needs_fmnist
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
@@ -214,6 +217,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, launcher):
     assert_ranks_match_one_process(tmp_path / "two", tmp_path / "one")
 
 
+@pytest.mark.slow  # ~27 s: two gloo processes under FSDP2, then a resume
 @needs_fmnist
 def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     """The shipped FSDP config through Accelerate's FSDP2 path (fully_shard on a CPU mesh, see
@@ -632,6 +636,7 @@ def test_a_finished_run_kept_without_its_weights_is_not_trained_again(tmp_path, 
     assert not (run / "finished.json").exists()
 
 
+@pytest.mark.slow  # ~27 s: a multirun that fails, then succeeds
 @needs_fmnist
 def test_a_failed_run_notes_why_and_a_later_success_clears_it(tmp_path):
     run_dir = tmp_path / "run"
