@@ -2,6 +2,7 @@
 
     python sample.py checkpoint=<dir-or-.pt> classes=[0,3,7] per_class=8 cfg_scale=4
     python sample.py checkpoint=<...> num_images=50000 out_dir=samples/fid     # PNGs + ADM npz
+    python sample.py checkpoint=<silhouette model> maps=fashion_mnist:test per_class=8     # + maps.png, map_iou
     accelerate launch sample.py checkpoint=<...> num_images=50000            # several GPUs
 
 Writes <out_dir>/grid.png (one row per class) and, for FID, <out_dir>/images/*.png and
@@ -10,6 +11,7 @@ Writes <out_dir>/grid.png (one row per class) and, for FID, <out_dir>/images/*.p
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,12 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from dit.atomic import fsync_tree, replace_dir
+from dit.atomic import atomic_file, fsync_tree, replace_dir
 from dit.diffusion import SamplingSettings, build_sampler
 from dit.model_files import load_model, objective_of
-from dit.sampling import generate, load_vae, make_labels, resolve_classes, save_grid, save_npz_atomic
+from dit.models.spatial import map_images, map_iou
+from dit.sampling import (
+    condition_maps,
+    generate,
+    load_vae,
+    make_labels,
+    resolve_classes,
+    save_grid,
+    save_npz_atomic,
+)  # fmt: skip
 
-OUTPUTS = ("grid.png", "samples.npz", "images")
+OUTPUTS = ("grid.png", "samples.npz", "images", "maps.png", "map_iou.json")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -51,12 +62,22 @@ def run(cfg: DictConfig) -> Path:
         OmegaConf.to_object(cfg.classes) if cfg.classes is not None else None, class_names, model.num_classes
     )
     labels = make_labels(classes, cfg.per_class, cfg.num_images, cfg.seed)
+    maps, per_row = None, cfg.per_class
+    if model.map_kind is not None:  # a spatial condition: the labels and maps of the images in cfg.maps
+        if cfg.maps is None:
+            raise ValueError(
+                f"this model reads a {model.map_kind.name} map with each image: give maps= (a dataset split such as "
+                "fashion_mnist:test, an image folder or an npz)"
+            )
+        labels, maps, per_row = condition_maps(cfg.maps, model, classes, cfg.per_class, cfg.num_images)
+    elif cfg.maps is not None:
+        raise ValueError(f"maps={cfg.maps}: this model takes no spatial condition (its model.cond_map is null)")
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
     write_images = cfg.num_images is not None if cfg.write_images is None else cfg.write_images
     # generate() checks the model against the sampler now, before anything is written
     batches = generate(
         model, sampler, labels, batch_size=cfg.batch_size, seed=cfg.seed, vae=vae, rank=rank, world_size=world,
-        device=accelerator.device,
+        device=accelerator.device, maps=maps,
     )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
@@ -81,26 +102,41 @@ def run(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        write_outputs(out, parts, labels, classes, cfg, write_images, class_names, world)
+        write_outputs(out, parts, labels, classes, cfg, write_images, class_names, world, per_row, maps, model)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
 def write_outputs(out: Path, parts: Path, labels: torch.Tensor, classes: list[int], cfg: DictConfig, write_images: bool,
-                  class_names: list[str] | None, world: int) -> None:  # fmt: skip
-    """The main process: the ranks' shards in global order -> grid.png, and with write_images samples.npz and
-    images/ (each written whole, then moved into place)."""
+                  class_names: list[str] | None, world: int, per_row: int | None, maps: torch.Tensor | None = None,
+                  model=None) -> None:  # fmt: skip
+    """The main process: the ranks' shards in global order -> grid.png (and maps.png, the maps in the same places,
+    with map_iou printed and written to map_iou.json), and with write_images samples.npz and images/ (each written
+    whole, then moved into place)."""
     shards = [np.load(p) for p in sorted(parts.glob("rank*.npz"))]
     order = np.concatenate([s["index"] for s in shards])
     images = np.concatenate([s["images"] for s in shards])[np.argsort(order)]
     assert len(images) == len(labels), (len(images), len(labels))
     # One row per class (classes absent from a small random draw are left out), short rows padded blank.
-    rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[: cfg.per_class])]
+    rows = [ix for c in classes if len(ix := np.flatnonzero(labels.numpy() == c)[:per_row])]
     per_row = max(len(ix) for ix in rows)
     blank = np.full_like(images[0], 255)
     grid = [images[ix[j]] if j < len(ix) else blank for ix in rows for j in range(per_row)]
     save_grid(torch.from_numpy(np.stack(grid)), nrow=per_row, path=out / "grid.png")
+    iou_note = ""
+    if maps is not None:
+        shown = map_images(maps, model.input_size).numpy()
+        cells = [shown[ix[j]] if j < len(ix) else np.full_like(shown[0], 255) for ix in rows for j in range(per_row)]
+        save_grid(torch.from_numpy(np.stack(cells)), nrow=per_row, path=out / "maps.png")
+        own = model.map_kind(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, model.map_size)
+        iou = map_iou(own, maps.cpu())
+        record = {"map_iou": float(iou.mean()), "map_iou_std": float(iou.std()) if len(iou) > 1 else 0.0,
+                  "n": len(iou), "maps": cfg.maps}  # fmt: skip
+        atomic_file(out / "map_iou.json", lambda p: Path(p).write_text(json.dumps(record, indent=1) + "\n"))
+        iou_note = (
+            f"; map_iou {record['map_iou']:.3f} (the IoU of each sample's own map with its map, mean of {len(iou)})"
+        )
     if write_images:
         rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)  # ADM tools expect RGB
         save_npz_atomic(out / "samples.npz", rgb, labels.numpy())
@@ -114,7 +150,7 @@ def write_outputs(out: Path, parts: Path, labels: torch.Tensor, classes: list[in
     print(
         f"wrote {len(labels)} images of {len(classes)} classes "
         f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}) "
-        f"to {out} ({world} process{'es' if world > 1 else ''})"
+        f"to {out} ({world} process{'es' if world > 1 else ''}){iou_note}"
     )
 
 

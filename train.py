@@ -64,6 +64,22 @@ def build_data(cfg: DictConfig):
     return dataset
 
 
+def build_map_images(cfg: DictConfig):
+    """For a model with a spatial condition (model.cond_map): data.dataset at split training.map_split, the held-out
+    images whose maps condition the evaluation samples and the grids; None otherwise."""
+    if not cfg.model.get("cond_map"):
+        return None
+    if "split" not in cfg.data.dataset:
+        raise ValueError(
+            f"model.cond_map={cfg.model.cond_map}: the samples are conditioned on held-out images' maps "
+            f"(training.map_split), but data.dataset ({cfg.data.name}) has no split"
+        )
+    node = cfg.data.dataset.copy()
+    with open_dict(node):
+        node.split = cfg.training.map_split
+    return build(node)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.resume in (None, "none") and list_checkpoints(run_dir):
         raise ValueError(
@@ -92,6 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         model, dataset, objective, run_dir, training, optim, resume=cfg.resume, config=config, data_meta=data_meta,
         vae=vae, seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
         init_from=cfg.get("init_from"), init_from_class_map=config.get("init_from_class_map"),
+        map_images=build_map_images(cfg),
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ the same images whatever the number of processes.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from dit.atomic import atomic_file
 from dit.diffusion import Sampler, SamplingSettings
 
 __all__ = [
-    "SampleConfig", "resolve_classes", "make_labels", "generate", "decode", "to_uint8", "grid_array", "save_grid",
-    "save_npz_atomic", "load_vae",
+    "SampleConfig", "resolve_classes", "make_labels", "condition_maps", "generate", "decode", "to_uint8", "grid_array",
+    "save_grid", "save_npz_atomic", "load_vae",
 ]  # fmt: skip
 
 
@@ -51,6 +52,10 @@ class SampleConfig(SamplingSettings):
     cfg_scale: float = 4.0  # classifier-free guidance; 1 = unguided
     vae: str | None = None  # latent models: diffusers AutoencoderKL hub id or local path (default: from checkpoint)
     write_images: bool | None = None  # PNG files + npz; null = only when num_images is set
+    # A model with a spatial condition (model.cond_map): the images whose maps it samples from: a dataset split
+    # (fashion_mnist:test: each map with its own label), an image folder or an ADM npz (labelled: the same; no labels:
+    # every map with every class of `classes`). Writes maps.png beside grid.png and reports map_iou.
+    maps: str | None = None
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)  # configs/sample.yaml: defaults [sample_schema]
@@ -92,6 +97,47 @@ def make_labels(classes: list[int], per_class: int | None, num_images: int | Non
 
 
 @torch.no_grad()
+def condition_maps(
+    spec: str, model, classes: list[int], per_class: int | None, num_images: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(labels, maps, images per grid row) to sample a spatial-condition model from the images of ``spec`` (an
+    ImageSource: dataset split, image folder, npz). Labelled images: each map with its own label, the first
+    ``per_class`` of every class in ``classes`` (or the first ``num_images`` of those classes). Unlabelled: every
+    map with every class (rows = classes, one column per image). Images smaller than the model's input are centred
+    on a black canvas (as the Fashion-MNIST data is padded), others resized."""
+    from dit.eval.stats import ImageSource
+
+    source = ImageSource(spec)
+    size = model.input_size
+
+    def canvas(x: torch.Tensor) -> torch.Tensor:  # uint8 (n, 3, H, W) -> (n, 3, size, size) in [-1, 1]
+        x, side = x.float() / 127.5 - 1, x.shape[-1]
+        if side < size and (size - side) % 2 == 0:
+            return torch.nn.functional.pad(x, ((size - side) // 2,) * 4, value=-1.0)
+        if x.shape[-2:] != (size, size):
+            return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return x
+
+    step = 1 if source.files is not None else len(source)  # files may differ in size: one at a time
+    x = torch.cat([canvas(source.batch(i, i + step)) for i in range(0, len(source), step)])
+    maps = model.map_kind(x, model.map_size)
+    if source.labels is None:
+        n = len(maps)
+        if num_images is not None:
+            raise ValueError(f"maps={spec}: unlabelled images; give classes (each map is sampled with each class)")
+        return torch.tensor(classes).repeat_interleave(n), maps.repeat(len(classes), 1, 1, 1), n
+    labels = torch.as_tensor(source.labels)
+    if num_images is not None:
+        index = torch.isin(labels, torch.tensor(classes)).nonzero().flatten()[:num_images]
+        if len(index) < num_images:
+            raise ValueError(f"maps={spec}: {len(index)} images of the classes asked for, fewer than {num_images}")
+    else:
+        index = torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in classes])
+        if len(index) == 0:
+            raise ValueError(f"maps={spec}: no images of the classes asked for")
+    return labels[index], maps[index], per_class or 1
+
+
 def decode(x: torch.Tensor, vae=None) -> torch.Tensor:
     """Latents -> images in [-1, 1] through the VAE (scaling factor from its config); pixels pass through."""
     if vae is None:
@@ -117,30 +163,40 @@ def generate(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     on_eval: Callable[[int, int], None] | None = None,
+    maps: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first global index, uint8 NHWC images) for this rank's batches, b = rank, rank + world, ..., one at a time.
 
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings). The model is
     checked against it here, once, when generate() is called (not at the first batch).
     on_eval(first index of the batch, model evaluations of the batch so far): called after every (guided) model
-    evaluation, for progress bars (python -m dit.demo); it does not change the images."""
+    evaluation, for progress bars (python -m dit.demo); it does not change the images.
+    maps: one spatial condition per label (N, C_m, s, s), for a model with model.cond_map (dit/models/spatial.py)."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
             f"not {type(sampler).__name__}"
         )
+    if maps is not None and len(maps) != len(labels):
+        raise ValueError(f"{len(maps)} maps for {len(labels)} labels: one map per image")
     batches = range(rank, (len(labels) + batch_size - 1) // batch_size, world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
-    return _batches(sampler, sampler.denoiser(model), shape, labels, batches, batch_size, seed, vae, device, on_eval)
+    return _batches(
+        sampler, sampler.denoiser(model), shape, labels, maps, batches, batch_size, seed, vae, device, on_eval
+    )
 
 
 @torch.no_grad()
-def _batches(sampler, denoiser, shape, labels, batches, batch_size, seed, vae, device, on_eval):
+def _batches(sampler, denoiser, shape, labels, maps, batches, batch_size, seed, vae, device, on_eval):
     for b in batches:
         y = labels[b * batch_size : (b + 1) * batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(y), *shape, generator=g, device=device)
-        fn = denoiser if on_eval is None else _reporting(denoiser, lambda n, start=b * batch_size: on_eval(start, n))
+        fn = denoiser
+        if maps is not None:
+            fn = functools.partial(fn, cond_map=maps[b * batch_size : (b + 1) * batch_size].to(device))
+        if on_eval is not None:
+            fn = _reporting(fn, lambda n, start=b * batch_size: on_eval(start, n))
         x = sampler.run(fn, noise, y, g)
         yield b * batch_size, to_uint8(decode(x, vae))
 

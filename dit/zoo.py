@@ -54,10 +54,15 @@ def count(
     """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry; with ``routing``
     (TREAD), the GFLOPs of a training forward with that share of the tokens routed past its blocks."""
     with torch.device("meta"):
-        model = create_model(name, block=block, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+        # a block that reads a spatial map (spade) is counted with its one-channel 8x8 map (Block.needs)
+        model = create_model(
+            name, block=block, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+            **BLOCKS[block].needs,
+        )  # fmt: skip
         x = torch.empty(1, in_channels, input_size, input_size)
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long)
+        kwargs = model.example_conditions(1)
         route = None
         if routing is not None and routing.enabled:
             routing.check(model)
@@ -65,7 +70,7 @@ def count(
             route = Route(keep, *routing.span(len(model.blocks)))
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(x, t, y, route=route)
+        model(x, t, y, route=route, **kwargs)
     return dict(
         model=name,
         block=block,
@@ -84,13 +89,14 @@ def training_flops(config: DiTConfig, routing: TokenRouting | None = None) -> fl
         x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long)
+        kwargs = model.example_conditions(1)
         route = None
         if routing is not None and routing.enabled:
             routing.check(model)
             route = Route(torch.arange(routing.kept(model.num_tokens)).unsqueeze(0), *routing.span(len(model.blocks)))
     model.eval()  # no label dropout draws: the count does not depend on them
     with FlopCounterMode(display=False) as counter:
-        model(x, t, y, route=route).sum().backward()
+        model(x, t, y, route=route, **kwargs).sum().backward()
     return float(counter.get_total_flops())
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config
+from helpers.tiny import needs_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -79,7 +80,7 @@ def test_config_agrees_with_registry(name):
 @pytest.mark.parametrize("name", list(DIT_MODELS))
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_any_size_with_any_block_instantiates(name, block):
-    cfg = compose_config("train", [f"model={config_name(name)}", f"model.block={block}"])
+    cfg = compose_config("train", [f"model={config_name(name)}", f"model.block={block}", *needs_overrides(block)])
     with torch.device("meta"):
         model = instantiate(cfg.model)
     assert model.block == block and model.name == name
@@ -91,7 +92,7 @@ def test_every_block_with_the_modern_options_instantiates(block):
     options = ["model.qk_norm=true", "model.mlp=swiglu", "model.pos_embed=rope"]
     if get_block(block).statistics is None:  # adain, cbn, ...: their own normalisation, norm=rmsnorm is refused
         options.append("model.norm=rmsnorm")
-    cfg = compose_config("train", ["model=dit_debug4", f"model.block={block}", *options])
+    cfg = compose_config("train", ["model=dit_debug4", f"model.block={block}", *options, *needs_overrides(block)])
     model = instantiate(cfg.model)
     assert model.config.qk_norm is True and model.config.pos_embed == "rope"
 

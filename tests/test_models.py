@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.tiny import randomize, tiny_dit
+from helpers.tiny import conditions, randomize, tiny_dit
 
 from dit.models import BLOCKS, DIT_MODELS, create_model, get_block
 from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
@@ -20,7 +20,7 @@ def inputs(n=3, c=3, size=16, num_classes=10):
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_shape(block, patch_size, learn_sigma):
     model = tiny_dit(block, patch_size, learn_sigma=learn_sigma)
-    out = model(*inputs())
+    out = model(*inputs(), **conditions(model, 3))
     assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
     assert torch.isfinite(out).all()
 
@@ -29,8 +29,9 @@ def test_output_shape(block, patch_size, learn_sigma):
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_every_size_on_meta(name, block):
     with torch.device("meta"):
-        model = create_model(name, block=block, input_size=32, in_channels=4, num_classes=1000)
-        out = model(torch.empty(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+        model = create_model(name, block=block, input_size=32, in_channels=4, num_classes=1000, **BLOCKS[block].needs)
+        x, t, y = torch.empty(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+        out = model(x, t, y, **conditions(model, 2))
     assert out.shape == (2, 8, 32, 32)
     assert len(model.blocks) == DIT_MODELS[name]["depth"]
 
@@ -39,7 +40,7 @@ def test_every_size_on_meta(name, block):
 def test_backward_reaches_every_trainable_parameter(block):
     model = randomize(tiny_dit(block, 2)).train()
     x, t, y = inputs()
-    model(x, t, y).square().mean().backward()
+    model(x, t, y, **conditions(model, 3)).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -110,11 +111,12 @@ def test_cross_attention_reads_the_condition():
 def test_gradient_checkpointing_gives_the_same_gradients(block):
     model = randomize(tiny_dit(block, 2, class_dropout_prob=0.0)).train()
     x, t, y = inputs()
-    model(x, t, y).square().mean().backward()
+    kw = conditions(model, 3)
+    model(x, t, y, **kw).square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.gradient_checkpointing = True
-    model(x, t, y).square().mean().backward()
+    model(x, t, y, **kw).square().mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
 
@@ -130,9 +132,10 @@ def test_unknown_model_lists_valid_names():
 def test_unknown_block_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown block 'spade'.*adagn, adain, adaln, adaln_single, adaln_zero, cbn, cross_attn, diffit, film",
+        match=r"unknown block 'spadex'.*adagn, adain, adaln, adaln_single, adaln_zero, cbn, cross_attn, diffit, film, "
+        "in_context, spade",
     ):
-        create_model("DiT-Debug/2", block="spade")
+        create_model("DiT-Debug/2", block="spadex")
 
 
 def test_input_size_not_divisible_by_patch():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, needs_fmnist
+from helpers.tiny import conditions, records
 from helpers.tiny import randomize as randomize_weights
-from helpers.tiny import records
 from helpers.tiny import tiny_dit as tiny
 from safetensors.torch import load_file
 
@@ -362,7 +362,7 @@ def test_gated_variants_start_as_identity(block, kw):
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_every_block_with_modern_options_trains(block):
     model = randomize(tiny(block, **options_for(block, MODERN)), std=0.1).train()
-    model(*inputs()).square().mean().backward()
+    model(*inputs(), **conditions(model, 3)).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if "embedding_table" not in name:
@@ -375,10 +375,11 @@ def test_flop_counting_on_meta_with_options(block):
 
     kw = options_for(block, MODERN)
     with torch.device("meta"):
-        model = create_model("DiT-XL/2", block=block, num_classes=1000, **kw).eval()
+        model = create_model("DiT-XL/2", block=block, num_classes=1000, **kw, **BLOCKS[block].needs).eval()
         x, t, y = torch.empty(1, 4, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        kw = conditions(model, 1)
     with FlopCounterMode(display=False) as counter:
-        out = model(x, t, y)
+        out = model(x, t, y, **kw)
     assert out.shape == (1, 8, 32, 32)
     assert 110e9 < counter.get_total_flops() / 2 < 145e9
 

@@ -23,6 +23,7 @@ import torch
 
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
+from dit.models.spatial import null_map
 
 __all__ = ["ChainSampler", "DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model"]
 
@@ -92,21 +93,24 @@ def guided_model(
     interval: list[float] | None = None,
     noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable:
-    """Wrap model(x, t, y) so that it returns guided outputs for N images from ONE forward of 2N.
+    """Wrap model(x, t, y, **conditions) so that it returns guided outputs for N images from ONE forward of 2N.
 
     out = out(x | null) + cfg_scale * (out(x | y) - out(x | null)) on the first ``guidance_channels``
     output channels (all of the input's channels by default; 3 reproduces the original DiT code, which
     guided only the first three of the four latent channels). The remaining channels (v, and unguided
     channels) come from the conditional branch. With ``interval`` = [lo, hi], steps whose noise level
     (``noise_level(t)``, 1 = pure noise) lies outside it run the conditional model alone (one forward of N).
+    ``conditions``: the model's other conditions (a spatial map: cond_map), dropped with the label in the
+    unconditional branch (their null is dit.models.spatial.null_map).
     """
 
-    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         if interval is not None:
             level = float(noise_level(t[:1])[0])
             if not interval[0] <= level <= interval[1]:
-                return model(x, t, y)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+                return model(x, t, y, **conditions)
+        both = {k: torch.cat([v, null_map(v)]) for k, v in conditions.items()}  # e.g. cond_map: the map, no map
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]), **both)
         cond, uncond = out.chunk(2)
         g = x.shape[1] if guidance_channels is None else guidance_channels
         guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])

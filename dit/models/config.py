@@ -84,6 +84,12 @@ class DiTConfig:
     norm_eps: float = field(default=1e-6, metadata=ADDED_WITH_SCHEMA)  # eps of the blocks' norms (DiT: 1e-6)
     norm: Norm = "layernorm"  # every norm in the blocks and the final layer (adain, cbn, adagn, film: their own)
     norm_groups: int = field(default=32, metadata=ADDED_WITH_SCHEMA)  # block adagn: channel groups per token
+    # A spatial condition (dit/models/spatial.py): a map kind of MAPS (silhouette) given with each image at
+    # map_size x map_size, entering as map_input (MAP_INPUTS: channels | tokens | blocks, for blocks that read it:
+    # spade); none = class-conditional only
+    cond_map: str | None = field(default=None, metadata=ADDED_WITH_SCHEMA)
+    map_size: int = field(default=8, metadata=ADDED_WITH_SCHEMA)
+    map_input: str = field(default="none", metadata=ADDED_WITH_SCHEMA)
     qk_norm: bool = False  # RMSNorm on q and k per head in self-attention (LightningDiT)
     mlp: Mlp = "gelu"
     pos_embed: PosEmbed = "sincos"
@@ -105,6 +111,7 @@ class DiTConfig:
         if not isinstance(self.qk_norm, bool):
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; valid: true, false")
         BLOCKS[self.block]  # an unknown block: one line naming the valid ones
+        self._check_map()
         self.fused_adaln = check_mode(self.fused_adaln)
         self._apply_size()
         missing = [k for k in ("patch_size", "hidden_size", "depth", "num_heads") if getattr(self, k) is None]
@@ -114,6 +121,36 @@ class DiTConfig:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    def _check_map(self) -> None:
+        """The spatial-condition fields agree with each other and with the block (one line naming the key)."""
+        from dit.models.blocks import BLOCKS
+        from dit.models.spatial import MAP_INPUTS, MAPS
+
+        MAP_INPUTS[self.map_input]  # unknown map input 'x'; valid map inputs: ...
+        reads_map = BLOCKS[self.block].reads_map
+        if self.cond_map is None:
+            if self.map_input != "none" or reads_map:
+                raise ValueError(
+                    f"model.{'block=' + self.block if reads_map else 'map_input=' + self.map_input} needs a spatial "
+                    f"condition: set model.cond_map (a map kind: {', '.join(MAPS)})"
+                )
+            return
+        MAPS[self.cond_map]  # unknown map kind
+        if isinstance(self.map_size, bool) or not isinstance(self.map_size, int) or self.map_size < 1:
+            raise ValueError(f"model.map_size={self.map_size!r}: the map's side in cells, a positive integer")
+        if self.map_input == "none":
+            raise ValueError(
+                f"model.cond_map={self.cond_map} needs model.map_input: how the map enters "
+                f"({', '.join(n for n in MAP_INPUTS if n != 'none')})"
+            )
+        if (self.map_input == "blocks") != reads_map:
+            raise ValueError(
+                f"model.block={self.block} reads the map in every block: set model.map_input=blocks"
+                if reads_map
+                else f"model.map_input=blocks: block {self.block} does not read a map (block=spade does); "
+                "use map_input=channels or tokens"
+            )
 
     def _apply_size(self) -> None:
         """Fill the sizes from `size`; a given value that disagrees with it is an error (not a silent mix)."""

@@ -15,6 +15,7 @@ from dit.models.blocks import get_block, set_fused_adaln
 from dit.models.config import DiTConfig
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from dit.models.routing import Route
+from dit.models.spatial import MAP_INPUTS, MAPS, drop_maps
 
 __all__ = ["DiT"]
 
@@ -45,7 +46,12 @@ class DiT(nn.Module):
         self.gradient_checkpointing = False
 
         hidden_size = config.hidden_size
-        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size, bias=True)
+        # A spatial condition (spatial.py): how maps are made from images, and how they enter (none: no map).
+        self.map_kind = MAPS[config.cond_map]() if config.cond_map else None
+        self.map_size = config.map_size
+        self.map_input = MAP_INPUTS[config.map_input](config)
+        embed_channels = config.in_channels + self.map_input.extra_channels
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, embed_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         self.num_tokens = self.x_embedder.num_patches  # T = (input_size / patch_size)^2
@@ -87,7 +93,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # Variant-specific: adaLN-Zero zeroes its modulations and the output layer (identity blocks).
-        for module in (*self.blocks, self.final_layer, self.shared_conditioning):
+        for module in (*self.blocks, self.final_layer, self.shared_conditioning, self.map_input):
             module.initialize_conditioning()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ class DiT(nn.Module):
         h = self.input_size // self.patch_size
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
-    def check_input(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond_map: torch.Tensor | None) -> None:
         """Clear errors for inputs that would otherwise fail as a shape crash deep inside."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -103,6 +109,24 @@ class DiT(nn.Module):
         for arg, v in (("t", t), ("y", y)):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
+        if self.map_kind is None:
+            if cond_map is not None:
+                raise ValueError("cond_map given, but this model takes no spatial condition (model.cond_map=null)")
+            return
+        expected = (x.shape[0], self.map_kind.channels, self.map_size, self.map_size)
+        if cond_map is None or tuple(cond_map.shape) != expected:
+            got = "none" if cond_map is None else tuple(cond_map.shape)
+            raise ValueError(
+                f"this model reads a {self.map_kind.name} map with each image: cond_map of shape {expected}, got {got} "
+                "(zeros = no map)"
+            )
+
+    def example_conditions(self, n: int) -> dict:
+        """forward's keyword conditions beyond y for n images, empty (on the current default device): the null map
+        of a model with a spatial condition, nothing otherwise. For counting FLOPs and shape checks."""
+        if self.map_kind is None:
+            return {}
+        return {"cond_map": torch.zeros(n, self.map_kind.channels, self.map_size, self.map_size)}
 
     def routing_refusal(self) -> str | None:
         """Why TREAD token routing (routing.py) cannot skip tokens past blocks of this model, or None."""
@@ -117,13 +141,21 @@ class DiT(nn.Module):
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
         route: Route | None = None,
+        cond_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null).
-        route: TREAD token routing for this training step (routing.py); None = every token through every block."""
-        self.check_input(x, t, y)
+        route: TREAD token routing for this training step (routing.py); None = every token through every block.
+        cond_map: (N, C_m, s, s) spatial condition of a model with model.cond_map (zeros = none); label dropout
+        drops a label's map with it."""
+        self.check_input(x, t, y, cond_map)
         if route is not None and not 0 <= route.start < route.end <= len(self.blocks):
             raise ValueError(f"route spans blocks [{route.start}, {route.end}) of a model of depth {len(self.blocks)}")
-        x = self.x_embedder(x)  # (N, T, D)
+        if cond_map is not None and self.y_embedder.has_null_class:
+            if force_drop_ids is None and self.training:  # the embedder's rule, drawn here to drop maps alike
+                force_drop_ids = self.y_embedder.drops(torch.rand(len(y), device=y.device))
+            if force_drop_ids is not None:
+                cond_map = drop_maps(cond_map, force_drop_ids)
+        x = self.x_embedder(self.map_input.embed_input(x, cond_map))  # (N, T, D)
         if self.pos_embed is not None:  # backbone option (sincos | rope), not the block variant
             x = x + self.pos_embed
         t_emb = self.t_embedder(t)  # (N, D)
@@ -131,7 +163,8 @@ class DiT(nn.Module):
         c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN-like variants, (N, 2, D) otherwise
         c_blocks = self.shared_conditioning(c)  # c itself, or adaLN-single's (N, 6, D)
         x = self.block_cls.add_tokens(x, c)
-        extra = self.block_cls.num_extra_tokens
+        x, c_blocks = self.map_input.add(x, c_blocks, cond_map)  # map tokens in front, or (c_blocks, map)
+        extra = self.block_cls.num_extra_tokens + self.map_input.num_tokens
         for i, block in enumerate(self.blocks):
             if route is not None and i == route.start:
                 x, held = route.split(x, extra)  # (N, E + K, D): the routed tokens wait in `held`
@@ -141,6 +174,7 @@ class DiT(nn.Module):
                 x = block(x, c_blocks)  # (N, E + T, D)
             if route is not None and i == route.end - 1:
                 x = route.merge(x, held, extra)
+        x = self.map_input.remove_tokens(x)
         x = self.block_cls.remove_tokens(x)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)

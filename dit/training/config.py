@@ -93,6 +93,9 @@ class TrainConfig:
     fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(steps=25, cfg_scale=1.0))
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
+    # model.cond_map (a spatial condition): the split of data.dataset whose images' maps and labels condition the
+    # evaluation samples (the first fid_samples of them, in order) and the sample grids
+    map_split: str = field(default="test", metadata=ADDED_WITH_SCHEMA)
     num_workers: int = 4
     # Training accelerators (ratio 0 / off by default; added after the committed studies: see ADDED_WITH_SCHEMA).
     # TREAD token routing (dit/models/routing.py): a share of the image tokens skips blocks [start, end).
@@ -121,8 +124,9 @@ def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
 
 def register_configs() -> None:
     """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``),
-    and ``${dit.blocks:}``: every registered conditioning block, comma-separated, as a sweep over all of
-    them (configs/experiment/ablate_conditioning.yaml), so a block added to the registry joins the study."""
+    and ``${dit.blocks:}``: every registered conditioning block that needs no spatial map (spade reads one: the
+    silhouette study), comma-separated, as a sweep over all of them (configs/experiment/ablate_conditioning.yaml),
+    so a block added to the registry joins the study."""
     from omegaconf import OmegaConf
 
     from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
@@ -138,7 +142,7 @@ def register_configs() -> None:
         node = {"defaults": ["dit", "_self_"], "size": name[4:], "name": name, **sizes}
         cs.store(group="model", name=config_name(name), node=node)
     resolvers = {
-        "dit.blocks": lambda: ",".join(BLOCKS),
+        "dit.blocks": lambda: ",".join(name for name in BLOCKS if not BLOCKS[name].reads_map),
         "dit.size": size_field,
         "dit.config_name": lambda name: config_name(name) if name else "dit",
         "dit.fashion_mnist_root": lambda: FASHION_MNIST_ROOT,

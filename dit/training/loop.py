@@ -19,6 +19,7 @@ from dit.data import GlobalBatchSampler
 from dit.diffusion import Objective, build_sampler
 from dit.integrity import read_json
 from dit.models import DiT
+from dit.models.spatial import map_images, map_iou
 from dit.sampling import generate, save_grid
 from dit.training.checkpointing import all_processes, find_resume, load_checkpoint, main_process_says, save_checkpoint
 from dit.training.config import OptimConfig, TrainConfig, training_sampling
@@ -107,7 +108,11 @@ class Trainer:
         logger_config: dict | None = None,
         init_from: str | None = None,
         init_from_class_map: list | None = None,
+        map_images=None,
     ):
+        """map_images: for a model with a spatial condition (model.cond_map), the held-out images (a dataset of
+        (image, label)) whose maps and labels condition the evaluation samples and the grids (training.map_split)."""
+        self.map_images = map_images
         self.model, self.dataset, self.objective, self.run_dir = model, dataset, objective, Path(run_dir)
         self.cfg, self.o, self.resume, self.config, self.data_meta = cfg, o, resume, config or {}, data_meta
         self.vae, self.seed, self.logger_config = vae, seed, logger_config
@@ -282,6 +287,17 @@ class Trainer:
         cfg, o, model = self.cfg, self.o, self.model
         cfg.token_routing.check(model)  # before anything is built: a clear error for a model it cannot route
         cfg.repa.check(model, self.dataset, cfg.token_routing)
+        if model.map_kind is not None:  # the maps are made from the images: pixels, and held-out ones to sample with
+            if getattr(self.dataset, "latent", False):
+                raise ValueError(
+                    f"model.cond_map={model.map_kind.name} makes its maps from the training images; latent data "
+                    "has none (use a pixel dataset)"
+                )
+            if self.map_images is None:
+                raise ValueError(
+                    f"model.cond_map={model.map_kind.name}: no held-out images to condition the samples with "
+                    "(training.map_split)"
+                )
         # FLOPs of one optimiser step (forward and backward of the global batch, with routing), counted once
         self.flops_per_step = training_flops(model.config, cfg.token_routing) * cfg.global_batch_size
         model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -331,6 +347,12 @@ class Trainer:
         self.logger = MetricsLogger(acc, run_dir, self.logger_config, self.config, resume_step)
         n_classes = min(self.raw.num_classes, cfg.sample_max_classes)
         self.sample_labels = torch.arange(n_classes).repeat_interleave(cfg.sample_per_class)
+        self.sample_maps = None
+        if self.raw.map_kind is not None:  # each grid cell: the map of a held-out image of its row's class
+            self.sample_maps = self._held_out_maps(self.sample_labels)
+            if acc.is_main_process:
+                save_grid(map_images(self.sample_maps, self.raw.input_size), cfg.sample_per_class,
+                          run_dir / "samples" / "maps.png")  # fmt: skip
         self.evaluator = None
         if cfg.fid_every and acc.is_main_process:
             from dit.eval.evaluator import Evaluator
@@ -404,6 +426,8 @@ class Trainer:
         kwargs = {"y": y}
         if self.raw.y_embedder.has_null_class:  # label dropout (the embedder's rule) from the step randomness
             kwargs["force_drop_ids"] = self.raw.y_embedder.drops(rng.rand(len(x)))
+        if self.raw.map_kind is not None:  # a spatial condition: the map of each (flipped) training image
+            kwargs["cond_map"] = self.raw.map_kind(x, self.raw.map_size)
         if self.cfg.token_routing.enabled:  # TREAD: which tokens skip the routed blocks, drawn after the drops
             kwargs["route"] = self.cfg.token_routing.draw(rng, len(x), self.raw.num_tokens, len(self.raw.blocks))
         with acc.no_sync(self.model) if not sync else nullcontext():
@@ -506,7 +530,7 @@ class Trainer:
             labels, per_class = self.sample_labels, self.cfg.sample_per_class
             batches = generate(
                 self.ema.model, self.grid_sampler, labels, batch_size=len(labels), seed=self.seed, vae=self.vae,
-                device=self.device,
+                device=self.device, maps=self.sample_maps,
             )  # fmt: skip
             images = torch.cat([imgs for _, imgs in batches])
             path = self.run_dir / "samples" / f"step_{at_step:07d}.png"
@@ -524,8 +548,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             n = cfg.fid_final_samples if at_step == cfg.total_steps and cfg.fid_final_samples else cfg.fid_samples
             inputs = eval_inputs(n, self.raw.num_classes, self.seed)
+            maps = None
+            if self.raw.map_kind is not None:  # the labels and maps of the first n held-out images
+                inputs["labels"], maps = self._held_out(n)
             labels = inputs.pop("labels")
-            batches = generate(self.ema.model, self.fid_sampler, labels, **inputs, vae=self.vae, device=self.device)
+            batches = generate(
+                self.ema.model, self.fid_sampler, labels, **inputs, vae=self.vae, device=self.device, maps=maps
+            )
             chunks = []
             for _, imgs in batches:
                 chunks.append(imgs)
@@ -533,21 +562,54 @@ class Trainer:
                     self.pending = ["evaluate"]
                     break
             else:
-                self._score(at_step, torch.cat(chunks), labels)
+                self._score(at_step, torch.cat(chunks), labels, maps)
         self.accelerator.wait_for_everyone()
 
-    def _score(self, at_step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Log the metrics of an evaluation's samples (and, for a final one on more samples, the curve's point)."""
+    def _held_out(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and maps of the first n held-out images (training.map_split)."""
+        if len(self.map_images) < n:
+            raise ValueError(f"training.map_split has {len(self.map_images)} images; an evaluation of {n} needs n")
+        images, labels = zip(*(self.map_images[i] for i in range(n)), strict=True)
+        return torch.as_tensor(labels), self.raw.map_kind(torch.stack(images), self.raw.map_size)
+
+    def _held_out_maps(self, labels: torch.Tensor) -> torch.Tensor:
+        """For each label, the map of the next held-out image of that class (in the split's order)."""
+        wanted = {int(k): int((labels == k).sum()) for k in labels.unique()}
+        found: dict[int, list] = {k: [] for k in wanted}
+        for i in range(len(self.map_images)):
+            image, label = self.map_images[i]
+            if len(found.get(int(label), ())) < wanted.get(int(label), 0):
+                found[int(label)].append(image)
+        missing = sorted(k for k in wanted if len(found[k]) < wanted[k])
+        if missing:
+            raise ValueError(f"training.map_split has too few images of classes {missing} for the sample grid")
+        return self.raw.map_kind(torch.stack([found[int(k)].pop(0) for k in labels]), self.raw.map_size)
+
+    def _score(self, at_step: int, images: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor | None) -> None:
+        """Log the metrics of an evaluation's samples (and, for a final one on more samples, the curve's point); with
+        maps, how well the samples follow them (map_iou: the mean IoU of each sample's own map with its map)."""
         cfg, logger, evaluator = self.cfg, self.logger, self.evaluator
         final = len(images) > cfg.fid_samples
         measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
+
+        def metrics(k: int) -> dict:
+            values = evaluator.evaluate(images[:k], labels[:k]) | {"fid_n": k}
+            if maps is not None:
+                values |= {"map_iou": float(self._iou(images[:k], maps[:k]).mean())}
+            return values | measured
+
         if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
-            m = cfg.fid_samples
-            logger.log(at_step, evaluator.evaluate(images[:m], labels[:m]) | {"fid_n": m} | measured)
+            logger.log(at_step, metrics(cfg.fid_samples))
         prefix = "final/" if final else ""
-        n = len(images)
-        logger.log(at_step, evaluator.evaluate(images, labels) | {"fid_n": n} | measured, tracker_prefix=prefix)
+        logger.log(at_step, metrics(len(images)), tracker_prefix=prefix)
+        if final and maps is not None:  # per sample, for intervals (the report's silhouette table)
+            logger.log(at_step, {"final_map_iou_per_sample": self._iou(images, maps).tolist()})
         logger.plot()
+
+    def _iou(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Per-sample IoU of the map of each uint8 NHWC sample with the map it was given."""
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return map_iou(self.raw.map_kind(x, self.raw.map_size), maps.cpu())
 
     def checkpoint(self, at_step: int) -> Path:
         pos = {"epoch": self.state["epoch"], "batch": self.state["batch"], "ema_num_updates": self.ema.num_updates,

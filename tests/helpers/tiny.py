@@ -9,14 +9,29 @@ from pathlib import Path
 
 import torch
 
-from dit.models import DiT, create_model
+from dit.models import BLOCKS, DiT, create_model
 
 
 def tiny_dit(block: str = "adaln_zero", patch_size: int = 4, **kw) -> DiT:
     """DiT-Debug/<patch_size> (2 blocks, width 64) on 16x16 RGB images with 10 classes; any DiTConfig field
     (block options, in_channels, num_classes, learn_sigma, ...) can be given."""
-    kw = dict(input_size=16, in_channels=3, num_classes=10) | kw
+    kw = dict(input_size=16, in_channels=3, num_classes=10) | BLOCKS[block].needs | kw
     return create_model(f"DiT-Debug/{patch_size}", block=block, **kw)
+
+
+def conditions(model: DiT, n: int, seed: int = 0) -> dict:
+    """forward's conditions beyond y for n images: a random +-1 map for a model with a spatial condition (spade's
+    Block.needs), nothing otherwise; on the default device (meta inside ``with torch.device("meta")``)."""
+    kw = model.example_conditions(n)
+    if "cond_map" in kw and kw["cond_map"].device.type != "meta":
+        g = torch.Generator().manual_seed(seed)
+        kw["cond_map"] = torch.randint(0, 2, kw["cond_map"].shape, generator=g).float() * 2 - 1
+    return kw
+
+
+def needs_overrides(block: str) -> list[str]:
+    """The Hydra overrides of the model settings the block cannot be built without (Block.needs)."""
+    return [f"model.{k}={v}" for k, v in BLOCKS[block].needs.items()]
 
 
 def randomize(module: torch.nn.Module, std: float = 0.1, seed: int | torch.Generator | None = None):
