@@ -17,7 +17,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation speedrun publish report zoo fashion-mnist chromium demo clean \
+.PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report zoo fashion-mnist chromium demo clean \
   bench-sample bench-train bench-kernel
 
 help:
@@ -30,6 +30,8 @@ help:
 	@echo "make demo      the model of make train in a browser page (Gradio, on 127.0.0.1:7860; ARGS=\"checkpoint=[A,B]\" ...)"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
 	@echo "make ablation  the conditioning study: every block x 3 seeds (~16 min a run, two at a time on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
+	@echo "make normalisation  which statistics the condition should modulate: 6 arms x 3 seeds (~2 h 30 min), report in docs/normalisation.md"
+	@echo "make silhouette     Fashion-MNIST from silhouettes: spade vs map as channels vs map as tokens, 3 seeds (~40 min)"
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
 	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
@@ -115,6 +117,7 @@ SWEEP = outputs/studies/$(STUDY)
 # where a study's report goes: studies/<name>/report.md, or the page that links it
 REPORT_ablation_conditioning := docs/ablation.md
 REPORT_speedrun := docs/speedrun.md
+REPORT_normalisation := docs/normalisation.md
 REPORT = $(or $(REPORT_$(STUDY)),studies/$(STUDY)/report.md)
 publish: setup
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY)
@@ -140,6 +143,18 @@ endef
 ablation: STUDY = ablation_conditioning
 ablation: setup
 	$(call study,ablate_conditioning,)
+
+# The normalisation study (issue 28): six arms that differ only in the statistics the condition modulates, 3 seeds,
+# the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); report in docs/normalisation.md.
+normalisation: STUDY = normalisation
+normalisation: setup
+	$(call study,ablate_normalisation,)
+
+# The silhouette task (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds,
+# 2,000 steps each (~8 min a run, two at a time: ~40 min); its table in docs/normalisation.md.
+silhouette: STUDY = silhouette
+silhouette: setup
+	$(call study,silhouette,)
 
 # The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
 # make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
