@@ -123,14 +123,12 @@ def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
 
 
 def register_configs() -> None:
-    """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``),
-    and ``${dit.blocks:}``: every registered conditioning block that needs no spatial map (spade reads one: the
-    silhouette study), comma-separated, as a sweep over all of them (configs/experiment/ablate_conditioning.yaml),
-    so a block added to the registry joins the study."""
+    """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``), and the
+    ``dit.*`` resolvers the configs use."""
     from omegaconf import OmegaConf
 
     from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
-    from dit.models import BLOCKS, DIT_MODELS, config_name
+    from dit.models import DIT_MODELS, config_name
 
     cs = ConfigStore.instance()
     cs.store(group="training", name="schema", node=TrainConfig)
@@ -142,7 +140,6 @@ def register_configs() -> None:
         node = {"defaults": ["dit", "_self_"], "size": name[4:], "name": name, **sizes}
         cs.store(group="model", name=config_name(name), node=node)
     resolvers = {
-        "dit.blocks": lambda: ",".join(name for name in BLOCKS if not BLOCKS[name].reads_map),
         "dit.size": size_field,
         "dit.config_name": lambda name: config_name(name) if name else "dit",
         "dit.fashion_mnist_root": lambda: FASHION_MNIST_ROOT,
