@@ -154,7 +154,7 @@ normalisation: setup
 # 2,000 steps each (~8 min a run, two at a time: ~40 min); its table in docs/normalisation.md.
 silhouette: STUDY = silhouette
 silhouette: setup
-	$(call study,silhouette,)
+	$(call study,silhouette,--by arm)
 
 # The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
 # make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.

@@ -117,13 +117,15 @@ def arm_label(run: dict, keys: list[str]) -> str:
 
 def summarize(run: dict) -> dict:
     """The figures of one finished run. The final FID is the last record with the most samples."""
-    from dit.zoo import count
+    import dataclasses
+
+    from dit.models import DiTConfig
+    from dit.zoo import count_config
 
     cfg, recs = run["config"], run["records"]
-    m, d = cfg["model"], cfg["data"]
-    size = count(
-        m["name"], m["block"], input_size=d["input_size"], in_channels=d["in_channels"], num_classes=d["num_classes"]
-    )
+    m = cfg["model"]
+    fields = {f.name for f in dataclasses.fields(DiTConfig)} - {"fused_adaln"}
+    size = count_config(DiTConfig(**{k: v for k, v in m.items() if k in fields}))  # as recorded, map inputs too
     losses = [r["loss"] for r in recs if "loss" in r]
     # the final FID: taken at the last step, on the most samples evaluated there
     evals = [r for r in recs if "fid" in r and r["step"] == cfg["training"]["total_steps"]]
@@ -143,6 +145,7 @@ def summarize(run: dict) -> dict:
         class_consistency=final.get("class_consistency"),
         class_consistency_min=final.get("class_consistency_min"),
         per_class=final.get("class_consistency_per_class"),
+        map_iou=final.get("map_iou"),  # a spatial condition: how well the samples follow their maps
         images_per_s=statistics.median(speeds) if speeds else None,
     )
 
@@ -491,11 +494,14 @@ def draw_figures(ok_arms: dict[str, list[dict]], out: Path) -> list[str]:
 
 
 def main_table(study: dict) -> list[str]:
-    """One row per arm: size, final FID, class consistency and its worst class, final loss, speed (mean ± CI)."""
+    """One row per arm: size, final FID, class consistency and its worst class, map IoU (models with a spatial
+    condition), final loss, speed (mean ± CI)."""
+    iou = any(s.get("map_iou") is not None for ss in study["summaries"].values() for s in ss)
     lines = [
-        f"| {study['header']} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | final loss "
-        "| images/s |",
-        "|---|---:|---:|---:|---|---|---|---|---|",
+        f"| {study['header']} | seeds | params (M) | GFLOPs | final FID | class consistency | worst class | "
+        + ("map IoU | " if iou else "")
+        + "final loss | images/s |",
+        "|---|---:|---:|---:|---|---|---|" + ("---|" if iou else "") + "---|---|",
     ]
     for a in study["order"]:
         ss = study["summaries"][a]
@@ -504,7 +510,8 @@ def main_table(study: dict) -> list[str]:
             f"{fmt_ci([s['fid'] for s in ss], '.1f')} | "
             f"{fmt_ci([s['class_consistency'] for s in ss], '.1f', 100, '%')} | "
             f"{fmt_ci([s['class_consistency_min'] for s in ss], '.1f', 100, '%')} | "
-            f"{fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
+            + (f"{fmt_ci([s['map_iou'] for s in ss], '.3f')} | " if iou else "")
+            + f"{fmt_ci([s['final_loss'] for s in ss], '.4f')} | "
             f"{fmt_ci([s['images_per_s'] for s in ss], '.1f')} |"
         )
     return lines
@@ -600,7 +607,41 @@ def write_report(multirun: Path, out: Path, by: list[str] | None = None, baselin
             if plot_cost(study["ok_arms"], key, png):
                 figures += [f"**FID against {label}**", "", f"![FID against {label}]({png.name})", ""]
     text = [*overview(multirun, study), *per_class_section(study), *significance_section(study, load_claims(multirun))]
-    return "\n".join(text + costs + figures)
+    return "\n".join(text + map_iou_section(study) + costs + figures)
+
+
+def map_iou_section(study: dict) -> list[str]:
+    """Models with a spatial condition: pairwise Welch tests on the final map IoU (seeds as replicates, Holm)."""
+    ious = {a: [s["map_iou"] for s in ss if s.get("map_iou") is not None] for a, ss in study["summaries"].items()}
+    ious = {a: v for a, v in ious.items() if len(v) >= 2}
+    if not any(s.get("map_iou") is not None for ss in study["summaries"].values() for s in ss):
+        return []
+    if len(ious) < 2:
+        return ["**Map IoU**: fewer than two arms with two or more seeds: no significance test.", ""]
+    pairs = [
+        dict(a=a, b=b, **welch(ious[a], ious[b]))
+        for a, b in itertools.combinations(sorted(ious, key=lambda k: -statistics.fmean(ious[k])), 2)
+    ]
+    testable = [p for p in pairs if not math.isnan(p["p"])]
+    adjusted, reject = holm([p["p"] for p in testable])
+    for p in pairs:
+        p["p_holm"], p["significant"] = math.nan, False
+    for p, adj, rej in zip(testable, adjusted, reject, strict=True):
+        p["p_holm"], p["significant"] = adj, rej
+    return [
+        "**Map IoU** (how well the samples follow their maps: the IoU of each sample's own map with the one it was "
+        f"given, on the final evaluation's samples; higher is better). Welch's t-test per pair, seeds as replicates, "
+        f"Holm's correction over the {len(testable)} pairs, familywise level {ALPHA:.0%}.",
+        "",
+        "| higher IoU | lower IoU | difference (unadjusted 95% CI) | p (Welch) | p (Holm) | significant |",
+        "|---|---|---|---:|---:|---|",
+        *[
+            f"| {p['a']} | {p['b']} | {p['diff']:.3f} ({p['diff'] - p['ci']:.3f} to {p['diff'] + p['ci']:.3f}) | "
+            f"{p['p']:.3g} | {p['p_holm']:.3g} | {'**yes**' if p['significant'] else 'no'} |"
+            for p in pairs
+        ],
+        "",
+    ]
 
 
 def main(argv=None) -> None:

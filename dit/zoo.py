@@ -18,7 +18,7 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit.models import BLOCKS, DIT_MODELS, DiT, DiTConfig, create_model
+from dit.models import BLOCKS, DIT_MODELS, DiT, DiTConfig, model_config
 from dit.models.routing import Route, TokenRouting
 
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
@@ -52,14 +52,21 @@ def count(
     routing: TokenRouting | None = None,
 ) -> dict:
     """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry; with ``routing``
-    (TREAD), the GFLOPs of a training forward with that share of the tokens routed past its blocks."""
+    (TREAD), the GFLOPs of a training forward with that share of the tokens routed past its blocks. A block that
+    reads a spatial map (spade) is counted with its one-channel 8x8 map (Block.needs)."""
+    config = DiTConfig(
+        **model_config(name), name=name, block=block, input_size=input_size, in_channels=in_channels,
+        num_classes=num_classes, **BLOCKS[block].needs,
+    )  # fmt: skip
+    return count_config(config, routing) | {"model": name, "block": block}
+
+
+def count_config(config: DiTConfig, routing: TokenRouting | None = None) -> dict:
+    """count() of any architecture (a run's recorded model config, e.g. with a spatial map): params, gflops,
+    tokens."""
     with torch.device("meta"):
-        # a block that reads a spatial map (spade) is counted with its one-channel 8x8 map (Block.needs)
-        model = create_model(
-            name, block=block, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-            **BLOCKS[block].needs,
-        )  # fmt: skip
-        x = torch.empty(1, in_channels, input_size, input_size)
+        model = DiT(config)
+        x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long)
         kwargs = model.example_conditions(1)
@@ -72,8 +79,8 @@ def count(
     with FlopCounterMode(display=False) as counter:
         model(x, t, y, route=route, **kwargs)
     return dict(
-        model=name,
-        block=block,
+        model=config.name,
+        block=config.block,
         params=sum(p.numel() for p in model.parameters()),
         gflops=counter.get_total_flops() / 2 / 1e9,
         tokens=model.num_tokens,

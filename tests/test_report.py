@@ -108,7 +108,7 @@ def test_holm_step_down():
     assert holm([0.5, 0.9])[0] == pytest.approx([1.0, 1.0])  # capped at 1
 
 
-def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8, extractor=None):
+def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8, extractor=None, map_iou=None):
     """A run directory as train.py leaves it: config, metrics (cheap FIDs, then the final one), export."""
     run = root / f"{block}_seed{seed}"
     (run / ".hydra").mkdir(parents=True)
@@ -127,6 +127,8 @@ def fake_run(root, block, seed, fid, loss=0.3, finished=True, consistency=0.8, e
     }
     if extractor:
         final["fid_extractor"] = extractor
+    if map_iou is not None:
+        final["map_iou"] = map_iou
     recs.append({"step": 20, "fid": fid, "fid_n": 1000, **final})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if finished or r["step"] <= 10))
     if finished:
@@ -376,3 +378,30 @@ def test_the_normalisation_and_silhouette_studies_sweep_their_arms_seeds_outermo
         assert (cfg.model.block, cfg.model.norm) == (block, norm)
         cfg.model.block, cfg.model.norm = base.model.block, base.model.norm
         assert cfg == base
+
+
+def test_map_iou_gets_a_column_and_its_own_tests(tmp_path):
+    multirun = tmp_path / "multirun"
+    ious = {"adaln_zero": [0.95, 0.96, 0.955], "adaln": [0.60, 0.62, 0.61], "in_context": [0.94, 0.97, 0.955]}
+    for block, values in ious.items():
+        for seed, iou in enumerate(values):
+            fake_run(multirun, block, seed, fid=20.0 + seed, map_iou=iou)
+    report_main([str(multirun), "-o", str(tmp_path / "report.md")])
+    text = (tmp_path / "report.md").read_text()
+    assert "| map IoU |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| adaln |"))
+    assert "0.610 ± 0.025" in row  # mean ± t(0.975, 2) * sd / sqrt(3) = 4.303 * 0.01 / 1.732
+    lines = text.splitlines()
+    table = lines[
+        lines.index(
+            "| higher IoU | lower IoU | difference (unadjusted 95% CI) | p (Welch) | p (Holm) | significant |"
+        ) :
+    ]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:5]}
+    assert "**yes**" in rows[("adaln_zero", "adaln")] and "**yes**" in rows[("in_context", "adaln")]
+    assert rows[("adaln_zero", "in_context")].endswith("| no |")
+    no_maps = tmp_path / "plain"
+    for seed in range(2):
+        fake_run(no_maps, "adaln_zero", seed, fid=20.0)
+    report_main([str(no_maps), "-o", str(tmp_path / "plain.md")])
+    assert "map IoU" not in (tmp_path / "plain.md").read_text()

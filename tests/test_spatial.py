@@ -119,7 +119,7 @@ def test_guidance_gives_the_unconditional_branch_the_null_map():
     x, t, y = torch.ones(2, 1, 4, 4), torch.tensor([5, 5]), torch.tensor([3, 4])
     m = torch.ones(2, 1, 2, 2)
     out = guided_model(model, 3.0, null_class=10)(x, t, y, cond_map=m)
-    (labels, maps), = calls
+    ((labels, maps),) = calls
     assert labels.tolist() == [3, 4, 10, 10]
     assert torch.equal(maps[:2], m) and torch.equal(maps[2:], torch.zeros_like(m))
     torch.testing.assert_close(out, 1.0 + 3.0 * (2.0 - 1.0) * x)  # uncond + s (cond - uncond)
