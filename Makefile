@@ -148,7 +148,7 @@ ablation: setup
 # the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); report in docs/normalisation.md.
 normalisation: STUDY = normalisation
 normalisation: setup
-	$(call study,ablate_normalisation,)
+	$(call study,ablate_normalisation,--by model.block model.norm)
 
 # The silhouette task (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds,
 # 2,000 steps each (~8 min a run, two at a time: ~40 min); its table in docs/normalisation.md.
