@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=5)
     args = p.parse_args()
     mean, sd = class_only_iou(args.n, args.draws)
-    print(f"class only (another test image of the same class): map IoU {mean:.3f} (sd over {args.draws} draws {sd:.3f})")
+    print(f"class only (another image of the class): map IoU {mean:.3f} (sd over {args.draws} draws {sd:.3f})")
 
 
 if __name__ == "__main__":
