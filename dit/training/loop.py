@@ -592,10 +592,12 @@ class Trainer:
         final = len(images) > cfg.fid_samples
         measured = {"fid_extractor": evaluator.extractor.name}  # what measured it (the feature network, its hash)
 
+        ious = None if maps is None else self._iou(images, maps)  # per sample, once
+
         def metrics(k: int) -> dict:
             values = evaluator.evaluate(images[:k], labels[:k]) | {"fid_n": k}
-            if maps is not None:
-                values |= {"map_iou": float(self._iou(images[:k], maps[:k]).mean())}
+            if ious is not None:
+                values |= {"map_iou": float(ious[:k].mean())}
             return values | measured
 
         if final:  # the curve's point at this step, from fid_samples of them (FID depends on the count)
@@ -603,7 +605,7 @@ class Trainer:
         prefix = "final/" if final else ""
         logger.log(at_step, metrics(len(images)), tracker_prefix=prefix)
         if final and maps is not None:  # per sample, for intervals (the report's silhouette table)
-            logger.log(at_step, {"final_map_iou_per_sample": self._iou(images, maps).tolist()})
+            logger.log(at_step, {"final_map_iou_per_sample": ious.tolist()})
         logger.plot()
 
     def _iou(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
