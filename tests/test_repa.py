@@ -102,6 +102,104 @@ def test_bad_settings_are_named(repa, routing, latent, message):
     dataset = type("Data", (), {"latent": latent})()
     with pytest.raises(ValueError, match=message):
         repa.check(tiny_dit(), dataset, routing)
+    if latent:  # latents with their images stored beside them (extract --pixels) are what REPA reads at scale
+        with pytest.raises(ValueError, match="--pixels"):
+            repa.check(tiny_dit(), dataset, routing)
+        repa.check(tiny_dit(), type("Data", (), {"latent": True, "pixels": 224})(), routing)
+
+
+def _tiny_timm_encoder(path):
+    """A 2-block ViT of timm's saved as a local weights file (what a user downloads for DINOv2), and the overrides
+    that select it."""
+    import timm
+    from safetensors.torch import save_file
+
+    kw = dict(depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kw)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return [
+        "training.repa.encoder=timm:vit_tiny_patch16_224", f"training.repa.encoder_weights={path}",
+        "training.repa.encoder_resolution=32",
+        "+training.repa.encoder_kwargs={" + ",".join(f"{k}:{v}" for k, v in kw.items()) + "}",
+    ]  # fmt: skip
+
+
+def test_latents_extracted_with_their_pixels_give_the_images_flipped_as_their_latents(tmp_path):
+    """extract --pixels stores each image exactly (uint8); a batch's images are flipped by the same draw as its
+    latents; without --pixels there are none."""
+    from helpers.tiny import tiny_vae
+    from test_train import image_folder
+
+    from dit.data import ImageFolder, LatentShards, with_images
+    from dit.data.extract import main as extract
+    from dit.training.randomness import SlicedRandom
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    root = image_folder(tmp_path / "data", size=16)
+    common = ["--root", str(root), "--image-size", "16", "--vae", str(tmp_path / "vae"), "--shard-size", "5"]
+    extract([*common, "--out", str(tmp_path / "px"), "--pixels"])
+    extract([*common, "--out", str(tmp_path / "small"), "--pixels", "--pixel-size", "12"])
+    extract([*common, "--out", str(tmp_path / "bare")])
+    with pytest.raises(SystemExit, match="--pixel-size"):
+        extract([*common, "--out", str(tmp_path / "no"), "--pixel-size", "12"])
+    images = ImageFolder(root, image_size=16, hflip=False)
+    ds = LatentShards(tmp_path / "px")
+    assert (
+        ds.pixels == 16
+        and LatentShards(tmp_path / "small").pixels == 12
+        and LatentShards(tmp_path / "bare").pixels is None
+    )
+    for i in (0, 7, 11):  # across shards
+        item, label = ds[i]
+        assert torch.equal(item["pixels"].float() / 127.5 - 1, images[i][0]) and label == images[i][1]
+        assert torch.equal(item["stats"], LatentShards(tmp_path / "bare")[i][0])
+    assert LatentShards(tmp_path / "small")[3][0]["pixels"].shape == (3, 12, 12)
+    # A batch whose two flips' latents are told apart by their value (std 0): each image follows its latent's flip.
+    n = 64
+    stats = torch.zeros(n, 2, 2, 4, 8, 8)
+    stats[:, 0, 1] = 1.0  # mean of the flipped copy: 1, of the original: 0
+    pixels = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)
+    rng = lambda: SlicedRandom(0, 5, 0, 1, 0, torch.device("cpu"))  # noqa: E731
+    latents, imgs = with_images(ds, {"stats": stats, "pixels": pixels}, rng())
+    flipped = latents.flatten(1).mean(1) > 0
+    assert 10 < flipped.sum() < n - 10
+    original = pixels.float() / 127.5 - 1
+    assert torch.equal(imgs[~flipped], original[~flipped]) and torch.equal(imgs[flipped], original[flipped].flip(-1))
+    assert torch.equal(ds.batch_transform({"stats": stats, "pixels": pixels}, rng()), latents)  # the same draw
+    bare_latents, none = with_images(LatentShards(tmp_path / "bare"), stats, rng())
+    assert none is None and torch.equal(bare_latents, latents)
+
+
+def test_the_imagenet_recipes_compose_and_train_on_latents_with_pixels_at_tiny_size(tmp_path):
+    """configs/experiment/repa_{sit,dit}_xl2_imagenet256: the paper's settings as composed; then REPA on latents
+    extracted with --pixels, the encoder a timm ViT from a local file, two steps at CPU size."""
+    from helpers.tiny import tiny_vae
+    from test_train import image_folder
+
+    from dit.data.extract import main as extract
+
+    for recipe, objective in (("repa_sit_xl2_imagenet256", "flow"), ("repa_dit_xl2_imagenet256", "ddpm")):
+        full = compose_config("train", [f"experiment={recipe}"])
+        assert (full.model.name, full.data.name, full.diffusion.name) == ("DiT-XL/2", "latents", objective)
+        repa = full.training.repa
+        assert (repa.weight, repa.block, repa.encoder, repa.encoder_resolution, repa.projector_dim) == (
+            0.5, 8, "timm:vit_base_patch14_dinov2", 224, 2048)  # fmt: skip
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    root = image_folder(tmp_path / "data", size=32)
+    extract(["--root", str(root), "--image-size", "32", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat"),
+             "--pixels"])  # fmt: skip
+    tiny = [
+        "model=dit_debug2", f"data.dataset.root={tmp_path / 'lat'}", "training.total_steps=2",
+        "training.global_batch_size=4", "training.mixed_precision=no", "training.num_workers=0",
+        "training.ckpt_every=0", "training.sample_every=0", "training.grid_sampling.steps=2", "model.depth=2",
+        "model.size=null", "model.name=null", "training.repa.block=1", "training.repa.projector_dim=32",
+    ]  # fmt: skip
+    encoder = _tiny_timm_encoder(tmp_path / "vit.safetensors")
+    train.run(compose_config("train", ["experiment=repa_sit_xl2_imagenet256", *tiny, *encoder]), tmp_path / "run")
+    recs = records(tmp_path / "run")
+    assert recs[-1]["step"] == 2 and all(-1 <= r["repa"] <= 1 for r in recs)
+    with pytest.raises(FileNotFoundError, match="dinov2_vitb14.safetensors"):  # the recipe's weights, absent here
+        train.run(compose_config("train", ["experiment=repa_sit_xl2_imagenet256", *tiny]), tmp_path / "absent")
 
 
 @needs_fmnist
@@ -134,18 +232,11 @@ def test_training_with_repa_exports_a_plain_dit_and_resumes_exactly(tmp_path, to
 def test_repa_on_two_processes_matches_one(tmp_path, launcher):
     """A timm encoder from a local file, through train.py's overrides as a user gives them; DDP and FSDP2 keep the
     projector in step across processes: the same losses and REPA terms as one process, and the same export."""
-    import timm
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from test_train import HELPER, SMOKE, accelerate_launch, run_all
 
-    kw = dict(depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32)
-    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kw)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "vit.safetensors")
-    encoder_kwargs = "{" + ",".join(f"{k}:{v}" for k, v in kw.items()) + "}"
-    repa = {"weight": 0.5, "block": 1, "projector_dim": 32, "encoder": "timm:vit_tiny_patch16_224",
-            "encoder_weights": tmp_path / "vit.safetensors", "encoder_resolution": 32}  # fmt: skip
-    overrides = [*SMOKE, *(f"training.repa.{k}={v}" for k, v in repa.items()),
-                 f"+training.repa.encoder_kwargs={encoder_kwargs}"]  # fmt: skip
+    repa = ["training.repa.weight=0.5", "training.repa.block=1", "training.repa.projector_dim=32"]
+    overrides = [*SMOKE, *repa, *_tiny_timm_encoder(tmp_path / "vit.safetensors")]
     extra = ["--fsdp-on-cpu"] if launcher == "fsdp" else []
     port = {"ddp": "29581", "fsdp": "29582"}[launcher]
     cmd = accelerate_launch(launcher, "--num_processes", "2", "--main_process_port", port, HELPER, *extra)

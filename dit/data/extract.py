@@ -5,8 +5,10 @@
     accelerate launch -m dit.data.extract ...        # several processes split the images
 
 Stores, for both horizontal flips of every image, the posterior mean and std (fp16), so training
-samples the latent anew each time (see dit.data.latents). Written into <out>.tmp and renamed when
-complete; an existing <out> is refused unless --overwrite.
+samples the latent anew each time (see dit.data.latents). With --pixels it also stores each image itself
+(uint8, center-cropped, optionally resized to --pixel-size): what REPA's encoder reads during training
+(ImageNet 256: about 196 KB per image, 250 GB in all; --pixel-size 224, REPA's encoder resolution: 150 KB).
+Written into <out>.tmp and renamed when complete; an existing <out> is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of failing"
     )
+    p.add_argument("--pixels", action="store_true", help="store the images too (uint8), for training.repa")
+    p.add_argument(
+        "--pixel-size", type=int, help="with --pixels: resize the stored images to this (default: as cropped)"
+    )
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
 
@@ -52,45 +58,52 @@ class ShardWriter:
 
     def __init__(self, tmp: Path, process_index: int, shard_size: int):
         self.tmp, self.process_index, self.shard_size = tmp, process_index, shard_size
-        self.means, self.stds, self.labels, self.shard = [], [], [], 0
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.shard = 0
 
-    def add(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor) -> None:
-        self.means.append(mean)
-        self.stds.append(std)
-        self.labels.append(labels)
-        if sum(len(lb) for lb in self.labels) >= self.shard_size:
+    def add(self, **tensors: torch.Tensor) -> None:
+        """One batch: mean, std, labels, and pixels if stored."""
+        for key, value in tensors.items():
+            self.parts.setdefault(key, []).append(value)
+        if sum(len(lb) for lb in self.parts["labels"]) >= self.shard_size:
             self.flush()
 
     def flush(self) -> None:
-        if self.labels:
+        if self.parts:
             save_file(
-                {
-                    "mean": torch.cat(self.means).contiguous(),
-                    "std": torch.cat(self.stds).contiguous(),
-                    "labels": torch.cat(self.labels),
-                },
+                {key: torch.cat(values).contiguous() for key, values in self.parts.items()},
                 self.tmp / f"shard_{self.process_index:03d}_{self.shard:05d}.safetensors",
             )
-            self.means, self.stds, self.labels, self.shard = [], [], [], self.shard + 1
+            self.parts, self.shard = {}, self.shard + 1
 
 
-def encode(dataset, vae, accelerator, writer: ShardWriter, batch_size: int) -> None:
-    """This process's share of the images (every num_processes-th), both flips, posterior mean and std in fp16."""
+def to_pixels(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 (exact for images that were uint8), resized (bicubic, antialiased) if asked."""
+    if size is not None and size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def encode(dataset, vae, accelerator, writer: ShardWriter, batch_size: int, pixels: bool, pixel_size) -> None:
+    """This process's share of the images (every num_processes-th), both flips, posterior mean and std in fp16;
+    the images themselves (unflipped, uint8) with ``pixels``."""
     mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     bar = tqdm(total=len(mine), unit="img", desc="encoding", disable=not accelerator.is_main_process)
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             items = [dataset[i] for i in mine[start : start + batch_size]]
             x = torch.stack([it[0] for it in items]).to(accelerator.device)
+            stored = {"pixels": to_pixels(x, pixel_size).cpu()} if pixels else {}
             if x.shape[1] == 1 and vae.config.in_channels == 3:
                 x = x.repeat(1, 3, 1, 1)  # grey -> RGB for an RGB VAE
             both = torch.cat([x, x.flip(-1)])  # (2n, 3, H, W): original, flipped
             dist = vae.encode(both.to(vae.dtype)).latent_dist
             n = len(items)
             writer.add(
-                torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu(),  # (n, 2, C, h, w)
-                torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu(),
-                torch.tensor([int(it[1]) for it in items]),
+                mean=torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu(),  # (n, 2, C, h, w)
+                std=torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu(),
+                labels=torch.tensor([int(it[1]) for it in items]),
+                **stored,  # (n, channels, H, W) uint8
             )
             bar.update(n)
     writer.flush()
@@ -108,6 +121,7 @@ def finalize(dataset, vae, args, tmp: Path, out: Path, processes: int) -> None:
         scaling_factor=getattr(vae.config, "scaling_factor", 0.18215),
         source=args.source,
         root=args.root,
+        pixels=(args.pixel_size or args.image_size) if args.pixels else None,  # the stored images' size
     )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
@@ -123,6 +137,8 @@ def main(argv=None) -> None:
 
     accelerator = Accelerator()
     out, tmp = Path(args.out), Path(args.out + ".tmp")
+    if args.pixel_size is not None and (not args.pixels or args.pixel_size < 1):
+        raise SystemExit(f"error: --pixel-size {args.pixel_size}: needs --pixels and a size >= 1")
     if (out / "meta.json").exists() and not args.overwrite:
         raise SystemExit(f"error: {out} already holds latents; pass --overwrite")
     try:
@@ -134,7 +150,8 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    encode(dataset, vae, accelerator, ShardWriter(tmp, accelerator.process_index, args.shard_size), args.batch_size)
+    writer = ShardWriter(tmp, accelerator.process_index, args.shard_size)
+    encode(dataset, vae, accelerator, writer, args.batch_size, args.pixels, args.pixel_size)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finalize(dataset, vae, args, tmp, out, accelerator.num_processes)

@@ -1,7 +1,8 @@
 """Pre-extracted VAE latents (python -m dit.data.extract): both flips' posterior mean and std per image.
 
 Training draws the flip and samples z = (mean + std * eps) * scaling_factor on the fly, so the
-VAE's posterior is sampled anew each epoch, as when encoding online.
+VAE's posterior is sampled anew each epoch, as when encoding online. Shards extracted with --pixels also
+hold the images (uint8), flipped with the same draw as their latents, for an encoder that reads pixels (REPA).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _shape(path: Path, key: str) -> list[int]:
 
 
 class LatentShards(Dataset):
-    """Reads <root>/meta.json and <root>/shard_*.safetensors (mean, std: (n, 2, C, h, w) fp16; labels)."""
+    """Reads <root>/meta.json and <root>/shard_*.safetensors (mean, std: (n, 2, C, h, w) fp16; labels; pixels:
+    (n, channels, H, W) uint8 if extracted with --pixels)."""
 
     latent = True
 
@@ -70,6 +72,10 @@ class LatentShards(Dataset):
         self.image_size = self.meta["image_size"]
         self.vae = self.meta["vae"]
         self.scaling_factor = self.meta["scaling_factor"]
+        self.pixels = self.meta.get("pixels")  # the stored images' size, or None
+        for shard in self.shards if self.pixels else ():
+            if _shape(shard, "pixels")[0] != _shape(shard, "labels")[0]:
+                raise DamagedFileError(shard, "its pixels and labels differ in number")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,12 +87,24 @@ class LatentShards(Dataset):
             self._handles[shard] = safe_open(self.shards[shard], framework="pt")
         f = self._handles[shard]
         mean, std = f.get_slice("mean")[j : j + 1][0], f.get_slice("std")[j : j + 1][0]
-        return torch.stack([mean, std]).float(), self.labels[i]  # (2 [mean, std], 2 [flips], C, h, w)
+        stats = torch.stack([mean, std]).float()  # (2 [mean, std], 2 [flips], C, h, w)
+        if self.pixels:
+            return {"stats": stats, "pixels": f.get_slice("pixels")[j : j + 1][0]}, self.labels[i]
+        return stats, self.labels[i]
 
-    def batch_transform(self, x: torch.Tensor, rng) -> torch.Tensor:
+    def batch_transform(self, x, rng) -> torch.Tensor:
         """(N, 2, 2, C, h, w) -> (N, C, h, w): pick a flip, sample the posterior, scale."""
-        n = len(x)
+        return self.batch_transform_with_images(x, rng)[0]
+
+    def batch_transform_with_images(self, x, rng) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latents (as batch_transform) and, with stored pixels, the images in [-1, 1] flipped as their latents."""
+        stats, pixels = (x["stats"], x["pixels"]) if isinstance(x, dict) else (x, None)
+        n = len(stats)
         flip = (rng.rand(n) < 0.5).long()
-        picked = x[torch.arange(n, device=x.device), :, flip]  # (N, 2, C, h, w)
+        picked = stats[torch.arange(n, device=stats.device), :, flip]  # (N, 2, C, h, w)
         mean, std = picked[:, 0], picked[:, 1]
-        return (mean + std * rng.randn(mean.shape)) * self.scaling_factor
+        latents = (mean + std * rng.randn(mean.shape)) * self.scaling_factor
+        if pixels is None:
+            return latents, None
+        images = pixels.float() / 127.5 - 1
+        return latents, torch.where(flip.bool()[:, None, None, None], images.flip(-1), images)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dit.data import GlobalBatchSampler
+from dit.data import GlobalBatchSampler, to_device, with_images
 from dit.diffusion import Objective, build_sampler
 from dit.integrity import read_json
 from dit.models import DiT
@@ -419,9 +419,9 @@ class Trainer:
         """Forward and backward of one micro-batch; returns its loss terms' means and a 1 (the count)."""
         acc, device = self.accelerator, self.device
         x, y = next(self.batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         rng = SlicedRandom(self.seed, self.step, micro, self.world, self.rank, device)
-        x = self.dataset.batch_transform(x, rng)
+        x, images = with_images(self.dataset, x, rng)  # images: what REPA's encoder reads (None for bare latents)
         draw = self.objective.draw(rng, x)  # timesteps, noise: before the label drops, in this order
         kwargs = {"y": y}
         if self.raw.y_embedder.has_null_class:  # label dropout (the embedder's rule) from the step randomness
@@ -434,7 +434,7 @@ class Trainer:
             with acc.autocast():
                 terms = self.objective.losses(self.model, x, draw, kwargs)
                 if self.cfg.repa.enabled:  # REPA: the projected block tokens against the encoder's, on clean x
-                    target = teacher_tokens(self.teacher, x, self.raw.config.grid_size)
+                    target = teacher_tokens(self.teacher, images, self.raw.config.grid_size)
                     terms["repa"] = repa_loss(self.repa_model.projected, target)
                     terms["loss"] = terms["loss"] + self.cfg.repa.weight * terms["repa"]
             loss = terms["loss"].mean()

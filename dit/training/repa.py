@@ -10,7 +10,7 @@ The encoder is a TEACHERS name, or ``timm:<model name>`` with its weights as a l
 a missing file is an error naming it). Its feature grid is resized (bilinear) to the DiT's token grid when they
 differ. The projector is trained with the DiT (same optimiser, synchronised like it under DDP/FSDP, in the
 checkpoints so a resume is exact), and left out of the EMA and of the export: sampling never uses it. REPA needs the
-images: latent datasets are refused (their images are not at hand in the loop).
+images: latents are used with the images stored beside them (python -m dit.data.extract --pixels), else refused.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dit.data import has_images
 from dit.registry import Registry
 from dit.training.teachers import FashionMNISTTeacher
 
@@ -62,8 +63,11 @@ class REPAConfig:
             return
         if not 1 <= self.block <= len(model.blocks):
             raise ValueError(f"training.repa.block={self.block}: need 1 <= block <= depth ({len(model.blocks)})")
-        if getattr(dataset, "latent", False):
-            raise ValueError("training.repa needs the images for its encoder; this dataset holds VAE latents only")
+        if not has_images(dataset):
+            raise ValueError(
+                "training.repa needs the images for its encoder; this dataset holds VAE latents only "
+                "(extract them with --pixels: python -m dit.data.extract ... --pixels --pixel-size 224)"
+            )
         if token_routing is not None and token_routing.enabled:
             start, end = token_routing.span(len(model.blocks))
             if start <= self.block - 1 < end - 1:
