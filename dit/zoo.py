@@ -3,6 +3,7 @@
     python -m dit.zoo                 # table, 256x256 images = 32x32x4 latents
     python -m dit.zoo --json          # the same as a JSON list
     python -m dit.zoo --markdown      # a Markdown table (docs/zoo.md)
+    python -m dit.zoo --model DiT-XL/2 --block adaln_zero spade   # some rows only
 
 GFLOPs are counted as the DiT paper counts them: multiply-adds of one forward pass of one image,
 i.e. torch.utils.flop_counter's FLOPs / 2. Models are built on the meta device: no weights are
@@ -107,9 +108,13 @@ def training_flops(config: DiTConfig, routing: TokenRouting | None = None) -> fl
     return float(counter.get_total_flops())
 
 
-def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> list[dict]:
-    """count() for every size x block, sizes in registry order."""
-    return [count(n, b, input_size, in_channels, num_classes) for n in DIT_MODELS for b in BLOCKS]
+def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, models=None, blocks=None) -> list:
+    """count() for every size x block (or those of ``models`` x ``blocks``), in registry order."""
+    models, blocks = (
+        [n for n in DIT_MODELS if n in (models or DIT_MODELS)],
+        [b for b in BLOCKS if b in (blocks or BLOCKS)],
+    )
+    return [count(n, b, input_size, in_channels, num_classes) for n in models for b in blocks]
 
 
 def _gflops(g: float) -> str:
@@ -127,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--model", nargs="+", choices=list(DIT_MODELS), help="these sizes only (default: all)")
+    parser.add_argument("--block", nargs="+", choices=list(BLOCKS), help="these blocks only (default: all)")
     args = parser.parse_args(argv)
-    rows = zoo_table(args.input_size, args.in_channels, args.num_classes)
+    rows = zoo_table(args.input_size, args.in_channels, args.num_classes, args.model, args.block)
     if args.json:
         print(json.dumps(rows, indent=1))
         return

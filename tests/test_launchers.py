@@ -40,6 +40,7 @@ def report(sweep, tmp_path) -> str:
     return out.read_text()
 
 
+@pytest.mark.slow  # ~75 s of two submitit jobs; the pool launcher's test (make ablation's path) stays in make test
 @needs_fmnist
 def test_local_launcher_runs_jobs_as_processes_and_report_collects_them(tmp_path):
     sweep = tmp_path / "sweep"

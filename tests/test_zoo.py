@@ -41,12 +41,21 @@ def test_dit_xl2_parameter_count():
 
 
 def test_json_output(capsys):
-    main(["--json"])
+    main(["--json", "--model", "DiT-S/8", "DiT-XL/2", "--block", "adaln_zero", "in_context"])
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == len(DIT_MODELS) * len(BLOCKS)
+    assert [(r["model"], r["block"]) for r in rows] == [  # registry order, whatever the order asked in
+        ("DiT-S/8", "in_context"), ("DiT-S/8", "adaln_zero"), ("DiT-XL/2", "in_context"), ("DiT-XL/2", "adaln_zero"),
+    ]  # fmt: skip
     assert set(rows[0]) == {"model", "block", "params", "gflops", "tokens"}
     xl2 = next(r for r in rows if r["model"] == "DiT-XL/2" and r["block"] == "adaln_zero")
     assert xl2["gflops"] == pytest.approx(118.6, abs=0.05)
+
+
+@pytest.mark.slow
+def test_json_output_of_the_whole_zoo(capsys):
+    main(["--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["block"]) for r in rows] == [(n, b) for n in DIT_MODELS for b in BLOCKS]
 
 
 # --- beyond the paper (docs/zoo.md) ---------------------------------------------------------

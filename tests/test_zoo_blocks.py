@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, needs_fmnist
+from conftest import needs_fmnist
 from helpers.tiny import conditions, records
 from helpers.tiny import randomize as randomize_weights
 from helpers.tiny import tiny_dit as tiny
@@ -562,8 +562,11 @@ def test_unknown_values_list_the_valid_ones(kw, message):
 
 @needs_fmnist
 def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
-    import subprocess
-    import sys
+    """In process, as train.py and sample.py run their configs: 2 steps, a resume to 4, then sampling the export."""
+    from conftest import compose_config
+
+    import sample
+    import train
 
     run = tmp_path / "run"
     model = [
@@ -573,48 +576,18 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
         "model.pos_embed=rope",
         "model.mlp=swiglu",
     ]
-
-    def train(total_steps):
-        cmd = [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "experiment=smoke",
-            *model,
-            "data.limit=32",
-            "training.global_batch_size=8",
-        ]
-        cmd += [
-            f"training.total_steps={total_steps}",
-            "training.ckpt_every=2",
-            "training.log_every=1",
-            f"hydra.run.dir={run}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    train(2)
-    train(4)  # resume=auto continues from step 2
+    common = ["experiment=smoke", *model, "data.limit=32", "training.global_batch_size=8", "training.ckpt_every=2",
+              "training.log_every=1"]  # fmt: skip
+    train.run(compose_config("train", [*common, "training.total_steps=2"]), run)
+    train.run(compose_config("train", [*common, "training.total_steps=4", "resume=auto"]), run)  # from step 2
     steps = [r["step"] for r in records(run) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     config = json.loads((run / "model" / "config.json").read_text())["model"]
     assert (config["block"], config["norm"], config["qk_norm"], config["pos_embed"], config["mlp"]) == (
-        "diffit",
-        "rmsnorm",
-        True,
-        "rope",
-        "swiglu",
-    )
+        "diffit", "rmsnorm", True, "rope", "swiglu",
+    )  # fmt: skip
     assert "fused_adaln" not in config
     out = tmp_path / "samples"
-    cmd = [
-        sys.executable,
-        str(ROOT / "sample.py"),
-        f"checkpoint={run / 'model'}",
-        f"out_dir={out}",
-        "classes=[0,1]",
-        "per_class=1",
-        "steps=2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "classes=[0,1]", "per_class=1", "steps=2"]
+    sample.run(compose_config("sample", overrides))
     assert list(out.glob("*.png"))
