@@ -119,11 +119,15 @@ REPORT_ablation_conditioning := docs/ablation.md
 REPORT_speedrun := docs/speedrun.md
 REPORT_normalisation := docs/normalisation.md
 REPORT = $(or $(REPORT_$(STUDY)),studies/$(STUDY)/report.md)
+# how a study's report groups its runs into arms (dit.report --by), and the arm time to FID is measured against
+REPORT_ARGS_speedrun := --by arm
+REPORT_ARGS_silhouette := --by arm
+REPORT_ARGS_normalisation := --by model.block model.norm --baseline "block=adaln_zero, norm=layernorm"
 publish: setup
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY)
 
 report: setup
-	$(PY) -m dit.report studies/$(STUDY) -o $(REPORT)
+	$(PY) -m dit.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) -o $(REPORT)
 
 # The conditioning study (configs/experiment/ablate_conditioning.yaml): every block x 3 seeds, JOBS runs at a
 # time with one thread each, then the results published and the report. The committed runs are restored into the
@@ -131,36 +135,36 @@ report: setup
 # unfinished runs and skips finished ones. The report is written even when some runs failed (it lists them), and
 # make then exits non-zero.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# $(call study,<experiment>,<dit.report options>): restore, sweep (JOBS at a time), publish, report
+# $(call study,<experiment>): restore, sweep (JOBS at a time), publish, report
 define study
 	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
 	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=$(1) hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
 	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
-	$(PY) -m dit.report studies/$(STUDY) $(2) -o $(REPORT) && exit $$status
+	$(PY) -m dit.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) -o $(REPORT) && exit $$status
 endef
 
 ablation: STUDY = ablation_conditioning
 ablation: setup
-	$(call study,ablate_conditioning,)
+	$(call study,ablate_conditioning)
 
 # The normalisation study (issue 28): six arms that differ only in the statistics the condition modulates, 3 seeds,
 # the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); report in docs/normalisation.md.
 normalisation: STUDY = normalisation
 normalisation: setup
-	$(call study,ablate_normalisation,--by model.block model.norm)
+	$(call study,ablate_normalisation)
 
 # The silhouette task (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds,
 # 2,000 steps each (~8 min a run, two at a time: ~40 min); its table in docs/normalisation.md.
 silhouette: STUDY = silhouette
 silhouette: setup
-	$(call study,silhouette,--by arm)
+	$(call study,silhouette)
 
 # The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
 # make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
 speedrun: STUDY = speedrun
 speedrun: setup
-	$(call study,speedrun,--by arm)
+	$(call study,speedrun)
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -2,12 +2,14 @@
 arm's final FID (the speedrun's question). dit.report adds this section to a report when the runs logged their
 cost (``train_flops``, ``train_s``: dit/training/loop.py).
 
-For one run, the cost of reaching a target FID is read off its FID curve: the first evaluation at or below the
-target, linearly interpolated (in steps) from the evaluation before it, and the cost at that step interpolated
-from the logged records. A run that never reaches it within its budget counts as "not reached". Over the seeds of an
-arm: the mean cost with its Student-t interval, and the speed-up over the baseline as the ratio of geometric means,
-with a 95% interval and a Welch test on log cost (Holm-corrected over the arms); arms where a seed did not reach
-the target get no speed-up (it would be a lower bound).
+The target is the baseline's FID at the end of its curve, on the curve's sample count (FID falls as the count grows,
+so a final FID on more samples, training.fid_final_samples, is no target for a curve on fewer; with the speedrun's
+1,000 samples throughout the two are one). For one run, the cost of reaching it is read off its FID curve: the first
+evaluation at or below the target, linearly interpolated (in steps) from the evaluation before it, and the cost at
+that step interpolated from the logged records. A run that never reaches it within its budget counts as "not
+reached". Over the seeds of an arm: the mean cost with its Student-t interval, and the speed-up over the baseline as
+the ratio of geometric means, with a 95% interval and a Welch test on log cost (Holm-corrected over the arms); arms
+where a seed did not reach the target get no speed-up (it would be a lower bound).
 """
 
 from __future__ import annotations
@@ -69,29 +71,49 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
         return []
     if baseline not in arms:
         return ["## Time to FID", "", f"No finished arm is labelled `{baseline}`: nothing to measure against.", ""]
-    target = statistics.fmean([s["fid"] for s in study["summaries"][baseline] if s["fid"] is not None])
+    from dit.report import curve
+    from dit.training.logging import SAMPLE_COUNT, fid_curve
+
+    curves = [c for c in (curve(run, "fid") for run in arms[baseline]) if c]
+    if not curves:
+        return ["## Time to FID", "", f"The baseline `{baseline}` logged no FID curve: nothing to measure against.", ""]
+    target = statistics.fmean(c[max(c)] for c in curves)
+    counts = sorted({r[SAMPLE_COUNT] for run in arms[baseline] for r in fid_curve(
+        [r for r in run["records"] if "fid" in r]) if SAMPLE_COUNT in r})  # fmt: skip
+    on = f" on {'/'.join(map(str, counts))} samples" if counts else ""
+
+    def budget(run: dict, key: str) -> float | None:
+        """The cost of a run's whole curve: where the baseline reaches its own mean final FID, by definition."""
+        c = curve(run, "fid")
+        return cost_at(run, key, max(c)) if c else None
+
     rows, tests = [], []
     for arm, runs in arms.items():
-        costs = {key: [reach(run, target, key) for run in runs] for key in COSTS}
+        costs = {
+            key: [budget(run, key) if arm == baseline else reach(run, target, key) for run in runs] for key in COSTS
+        }
         cells = []
         for key, (_, scale, unit) in COSTS.items():
             reached = [c / scale for c in costs[key] if c is not None]
             cells.append(f"{fmt_ci(reached, '.3g')} {unit} ({len(reached)}/{len(runs)})" if reached else "not reached")
-        ok = all(c is not None for c in costs["train_flops"])
-        base = [c for c in (reach(r, target, "train_flops") for r in arms[baseline]) if c is not None]
-        if ok and arm != baseline:
+        if arm == baseline:
+            cells.append("1x (baseline: its whole budget)")
+        elif all(c is not None for c in costs["train_flops"]):
+            base = [c for c in (budget(r, "train_flops") for r in arms[baseline]) if c is not None]
             s, lo, hi, p = _speedup(base, costs["train_flops"])
             tests.append((arm, p))
             cells.append(f"{s:.2f}x" + ("" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"))
         else:
-            cells.append("1x (baseline)" if arm == baseline else "-")
+            cells.append("-")
         rows.append((arm, cells))
     adjusted = dict(zip([a for a, _ in tests], holm([p if not math.isnan(p) else 1.0 for _, p in tests])[0]))
     lines = [
         "## Time to FID",
         "",
-        f"Target: the baseline's final FID, **{target:.1f}** (mean over its seeds). Cost of reaching it: mean ± 95% "
-        "interval over the seeds that reached it (reached / seeds); speed-up in FLOPs over the baseline: ratio of "
+        f"Target: the baseline's FID at the end of its curve{on}, **{target:.1f}** (mean over its seeds; the curves' "
+        "sample count, which a final FID on more samples does not share). Cost of reaching it: mean ± 95% "
+        "interval over the seeds that reached it (reached / seeds); the baseline's is its whole budget (it reaches "
+        "its own mean final FID at its end, by definition). Speed-up in FLOPs over the baseline: ratio of "
         "geometric means [95% interval]; p: Welch's test on log FLOPs, Holm-corrected over the arms.",
         "",
         f"| {study['header']} | FLOPs to target | training time to target | speed-up (FLOPs) | p (Holm) |",
