@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist
-from helpers.tiny import randomize, tiny_dit
+from helpers.tiny import randomize, records, tiny_dit
 from omegaconf import OmegaConf
 
 import train
 from dit.training.config import OptimConfig
-from dit.training.optim import FullMatrixMuon, MuonWithAdamW, build_optimizer, muon_parameter
+from dit.training.optim import FullMatrixMuon, MuonWithAdamW, build_optimizer, muon_parameter, optimizer_flops
+from dit.zoo import training_flops
 
 
 def model_and_grads(seed=0):
@@ -108,6 +109,12 @@ def test_muon_training_resumes_bit_exact(tmp_path):
     assert resumed["step"] == full["step"] == 6
     for k, v in full["model"].state_dict().items():
         assert torch.equal(resumed["model"].state_dict()[k], v), k
+    # The cost axis: the DiT's forward and backward of the global batch and Muon's Newton-Schulz, every step.
+    per_step = training_flops(full["model"].config) * 16 + optimizer_flops(
+        build_optimizer(full["model"], muon_config())
+    )
+    logged = [r for r in records(tmp_path / "full") if "loss" in r]
+    assert [r["train_flops"] for r in logged] == [r["step"] * per_step for r in logged]
     adamw = train.run(compose_config("train", ["experiment=smoke", "optim.lr=1e-3"]), tmp_path / "adamw")
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(adamw["model"].state_dict()[w], full["model"].state_dict()[w])  # Muon did the steps
@@ -158,3 +165,18 @@ def test_full_matrix_muon_is_torchs_muon_on_one_process():
             opt.zero_grad()
     for k, v in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_muon_step_flops_are_newton_schulz_on_each_matrix_and_adamw_counts_none():
+    """Muon's matrix work per step: for each block matrix (m <= n after transposing), ns_steps iterations of
+    X X^T (2 m^2 n), a b A + c A A (2 m^3) and B X (2 m^2 n), as torch.optim.Muon's Newton-Schulz runs them."""
+    model = tiny_dit(in_channels=1)
+    o = muon_config()
+    expected = 0
+    for name, p in model.named_parameters():
+        if muon_parameter(name, p):
+            m, n = sorted(p.shape)
+            expected += o.muon_ns_steps * (4 * m * m * n + 2 * m**3)
+    assert expected > 0 and optimizer_flops(build_optimizer(model, o)) == expected
+    adamw = OmegaConf.to_object(compose_config("train", []).optim)
+    assert optimizer_flops(build_optimizer(model, adamw)) == 0

@@ -13,12 +13,14 @@ import train
 from dit.model_files import load_model
 from dit.models.routing import TokenRouting
 from dit.training.repa import TEACHERS, REPAConfig, REPAModel, TimmTeacher, repa_loss, teacher_tokens
+from dit.zoo import training_flops
 
 
 class ToyTeacher(nn.Module):
     """A fixed random conv encoder: (N, 1, 32, 32) -> 4 x 4 patches of 16 features."""
 
     name, grid, dim = "toy_teacher_test", 4, 16
+    input_shape = (1, 32, 32)
 
     def __init__(self):
         super().__init__()
@@ -206,8 +208,19 @@ def test_the_imagenet_recipes_compose_and_train_on_latents_with_pixels_at_tiny_s
 def test_training_with_repa_exports_a_plain_dit_and_resumes_exactly(tmp_path, toy_teacher):
     repa = {"weight": 0.5, "block": 1, "encoder": "toy_teacher_test", "projector_dim": 32}
     arm = ["experiment=smoke", *(f"training.repa.{k}={v}" for k, v in repa.items())]
-    full = train.run(compose_config("train", arm), tmp_path / "full")
+    cfg = compose_config("train", arm)
+    full = train.run(cfg, tmp_path / "full")
     assert {"repa", "loss", "mse"} <= set(records(tmp_path / "full")[0])
+    # The cost axis counts REPA's work beside the DiT's: the projector's forward and backward on every token (3 x
+    # 2 FLOPs per multiply-add of its three layers) and the encoder's forward (its 8x8 convolution, 16 outputs
+    # at 4x4 positions), per image of the global batch (16).
+    config = full["model"].config
+    d, p, e, tokens = config.hidden_size, 32, ToyTeacher.dim, config.grid_size**2
+    per_image = training_flops(config) + 3 * 2 * tokens * (d * p + p * p + p * e) + 2 * 16 * 4 * 4 * 8 * 8
+    logged = [r for r in records(tmp_path / "full") if "loss" in r]
+    assert [r["train_flops"] for r in logged] == [
+        r["step"] * per_image * cfg.training.global_batch_size for r in logged
+    ]
     assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path / "full") if "repa" in r)
     # The export and the EMA are the DiT's alone, and load as any model; a checkpoint's raw weights too.
     for path, use_ema in (

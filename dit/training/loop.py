@@ -25,7 +25,7 @@ from dit.training.checkpointing import all_processes, find_resume, load_checkpoi
 from dit.training.config import OptimConfig, TrainConfig, training_sampling
 from dit.training.ema import EMA
 from dit.training.logging import MetricsLogger, trackers, tracking_config
-from dit.training.optim import build_optimizer
+from dit.training.optim import build_optimizer, optimizer_flops
 from dit.training.preemption import CheckpointClock, Control, Stopped, StopRequest
 from dit.training.randomness import SlicedRandom
 from dit.training.repa import REPAModel, build_teacher, dit_weights, repa_loss, teacher_tokens
@@ -298,15 +298,18 @@ class Trainer:
                     f"model.cond_map={model.map_kind.name}: no held-out images to condition the samples with "
                     "(training.map_split)"
                 )
-        # FLOPs of one optimiser step (forward and backward of the global batch, with routing), counted once
-        self.flops_per_step = training_flops(model.config, cfg.token_routing) * cfg.global_batch_size
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # of the DiT alone
         trained = model
+        per_image = training_flops(model.config, cfg.token_routing)  # the DiT's forward and backward, with routing
         if cfg.repa.enabled:  # REPA: the DiT and its projector train together; the teacher is frozen
             self.teacher = build_teacher(cfg.repa, self.device)
             trained = REPAModel(model, cfg.repa, self.teacher.dim, self.seed)
+            per_image += trained.flops_per_image(self.teacher)
         optimizer = build_optimizer(trained, o)
+        # FLOPs of one optimiser step, counted once: the global batch through the DiT (and REPA's encoder and
+        # projector), and the optimiser's matrix work on every process (Muon's Newton-Schulz)
+        self.flops_per_step = per_image * cfg.global_batch_size + optimizer_flops(optimizer) * self.world
         trained.train()
         if cfg.compile:
             model.compile()  # in place: parameter and state-dict names stay those of the DiT

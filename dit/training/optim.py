@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's Muon, pinned in requirements.lock
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FullMatrixMuon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "muon_parameter"]
+__all__ = ["FullMatrixMuon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "muon_parameter", "optimizer_flops"]
 
 
 def muon_parameter(name: str, param: torch.Tensor) -> bool:
@@ -60,6 +61,15 @@ class FullMatrixMuon(torch.optim.Muon):
             return distribute_tensor(newton_schulz(update.full_tensor()), update.device_mesh, update.placements)
         return newton_schulz(update)
 
+    def flops_per_step(self) -> float:
+        """The matrix FLOPs of one step on one process: every matrix's Newton-Schulz iterations (each process runs
+        them on the whole matrix, sharded or not), counted on the meta device; the elementwise work is left out."""
+        with FlopCounterMode(display=False) as counter:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.orthogonalise(torch.empty(p.shape, device="meta"), group)
+        return float(counter.get_total_flops())
+
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon on some parameters and torch.optim.AdamW on the others, as ONE optimiser: one list of
@@ -89,6 +99,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for engine in self.engines.values():
             engine.step()
         return loss
+
+    def flops_per_step(self) -> float:
+        return sum(optimizer_flops(engine) for engine in self.engines.values())
+
+
+def optimizer_flops(optimizer: torch.optim.Optimizer) -> float:
+    """Matrix FLOPs of one optimiser step on one process (Muon's Newton-Schulz); 0 for an optimiser whose step is
+    elementwise only (AdamW: a few FLOPs per parameter, nothing beside a training step's)."""
+    flops = getattr(optimizer, "flops_per_step", None)
+    return flops() if flops is not None else 0.0
 
 
 def adamw(model: torch.nn.Module, o) -> torch.optim.Optimizer:

@@ -15,6 +15,7 @@ images: latents are used with the images stored beside them (python -m dit.data.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from dit.data import has_images
 from dit.registry import Registry
@@ -96,6 +98,7 @@ class TimmTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
         self.resolution = resolution
+        self.input_shape = (3, resolution, resolution)  # what the network sees (after the resize in forward)
         patch = self.net.patch_embed.patch_size
         self.grid = resolution // (patch[0] if isinstance(patch, tuple) else patch)
         self.dim = self.net.num_features
@@ -165,6 +168,19 @@ class REPAModel(nn.Module):
 
     def _keep(self, module, args, output) -> None:
         self._hidden = output
+
+    def flops_per_image(self, teacher: nn.Module) -> float:
+        """REPA's FLOPs per training image beside the DiT's: the frozen encoder's forward on one image of its input
+        and the projector's forward and backward on the DiT's tokens (its gradient into the DiT adds no matrix
+        work: the DiT's backward is counted with the DiT). The projector is counted on the meta device, the encoder
+        on one blank image where it is (its autocast guard has no meta device)."""
+        tokens = torch.empty(1, self.dit.num_tokens, self.dit.config.hidden_size, device="meta", requires_grad=True)
+        device = next(iter(teacher.state_dict().values())).device
+        with FlopCounterMode(display=False) as counter:
+            copy.deepcopy(self.repa_projector).to("meta")(tokens).sum().backward()
+            with torch.no_grad():
+                teacher(torch.zeros(1, *teacher.input_shape, device=device))
+        return float(counter.get_total_flops())
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         out = self.dit(*args, **kwargs)

@@ -68,6 +68,7 @@ class FashionMNISTTeacher(nn.Module):
     name = "fashion_mnist_ssl"
     grid = 8
     dim = 128
+    input_shape = (1, 32, 32)  # one image, as forward takes it
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
@@ -81,7 +82,7 @@ class FashionMNISTTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, 32, 32) float in [-1, 1] -> (N, grid*grid, dim) float32 patch features, row-major."""
-        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 32, 32):
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(f"the Fashion-MNIST teacher takes (N, 1, 32, 32) images, got {tuple(images.shape)}")
         with torch.autocast(images.device.type, enabled=False):  # float32 even inside the DiT's bf16 autocast
             features = self.encoder(images.float())  # (N, dim, grid, grid)
