@@ -181,3 +181,39 @@ def test_block_trains_checkpoints_resumes_exactly_and_samples(tmp_path, name):
     sampler = build_sampler(objective_of(meta), SamplingSettings(steps=2, cfg_scale=2.0))
     _, images = next(iter(generate(model.eval(), sampler, torch.tensor([0, 9]), batch_size=2, seed=0, device="cpu")))
     assert images.shape == (2, 32, 32, 1) and images.dtype == torch.uint8 and images.float().std() > 0
+
+
+def test_failure_mode_script_samples_with_batch_statistics_and_restores_the_model():
+    """studies/normalisation/cbn_failure_modes.py's switch: inside it a sample depends on the others in its batch
+    (the statistics are the batch's), the running statistics stay as trained; after it, sampling is per-sample again."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "studies" / "normalisation" / "cbn_failure_modes.py"
+    spec = importlib.util.spec_from_file_location("cbn_failure_modes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    model = tiny("cbn", patch_size=4, in_channels=1, input_size=16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 1, 16, 16), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,)))
+    model.eval()
+    running = [b.clone() for n, b in model.named_buffers() if "running" in n]
+    x, t, y = torch.randn(4, 1, 16, 16), torch.full((4,), 500), torch.tensor([1, 4, 7, 2])
+    with torch.no_grad():
+        alone = model(x[:1], t[:1], y[:1])
+        with script.batch_statistics(model, True):
+            together = model(x, t, y)[:1]
+            other_partners = model(torch.cat([x[:1], 3 * x[1:]]), t, y)[:1]
+        assert not torch.allclose(together, other_partners, atol=1e-4)  # the partners change the sample
+        assert not torch.allclose(together, alone, atol=1e-4)
+        torch.testing.assert_close(model(x, t, y)[:1], alone)  # restored: running statistics, per sample
+    assert not any(m.training for m in model.modules())
+    for before, after in zip(running, [b for n, b in model.named_buffers() if "running" in n], strict=True):
+        torch.testing.assert_close(before, after, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="no conditional BatchNorm"):
+        with script.batch_statistics(tiny("adaln_zero"), True):
+            pass
