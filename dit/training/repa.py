@@ -122,7 +122,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("model", state) if isinstance(state, dict) else state
 
 
-# Encoders by name (training.repa.encoder); timm:<name> builds a TimmTeacher. Adding one: a class, one entry.
+# Encoders by name (training.repa.encoder); timm:<name> builds a TimmTeacher. Adding one: a class (with name, grid,
+# dim and input_shape, the shape of one image it takes, for the FLOPs count), one entry.
 TEACHERS: Registry[nn.Module] = Registry("REPA encoder", [FashionMNISTTeacher])
 
 
@@ -175,7 +176,7 @@ class REPAModel(nn.Module):
         work: the DiT's backward is counted with the DiT). The projector is counted on the meta device, the encoder
         on one blank image where it is (its autocast guard has no meta device)."""
         tokens = torch.empty(1, self.dit.num_tokens, self.dit.config.hidden_size, device="meta", requires_grad=True)
-        device = next(iter(teacher.state_dict().values())).device
+        device = next(iter(teacher.state_dict().values()), torch.empty(0)).device  # cpu for one with no tensors
         with FlopCounterMode(display=False) as counter:
             copy.deepcopy(self.repa_projector).to("meta")(tokens).sum().backward()
             with torch.no_grad():
