@@ -2,6 +2,7 @@
 report's section against a baseline; and the speedrun study's configs compose with their arms."""
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import compose_config
@@ -72,12 +73,24 @@ def test_the_target_is_on_the_curves_sample_count_not_the_final_evaluations():
     assert "on 250 samples, **30.5**" in text
 
 
-@pytest.mark.parametrize(
-    "arm", ["baseline", "tread", "repa", "muon", "time_shift", "contrastive", "x_prediction", "bf16"]
-)
+ARMS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "speedrun").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("arm", ARMS)
 def test_every_speedrun_arm_composes_with_the_baseline_recipe(arm):
     cfg = compose_config("train", ["experiment=speedrun", f"+speedrun={arm}"])
     base = compose_config("train", ["experiment=fashion_mnist_cpu"])
     assert cfg.arm == arm
     assert cfg.training.total_steps == base.training.total_steps and cfg.optim.lr == base.optim.lr
     assert cfg.training.fid_every == 500 and cfg.training.fid_samples == 1000
+
+
+def test_the_stack_arm_is_its_arms_composed():
+    """The stack names its arms in its defaults list: it carries each arm's settings as that arm's file has them,
+    so a change to an arm changes the stack with it, and it is its own arm in the report."""
+    stack = compose_config("train", ["experiment=speedrun", "+speedrun=stack"])
+    assert stack.arm == "stack"
+    repa = compose_config("train", ["experiment=speedrun", "+speedrun=repa"])
+    muon = compose_config("train", ["experiment=speedrun", "+speedrun=muon"])
+    assert stack.training.repa == repa.training.repa and stack.training.repa.weight > 0
+    assert stack.optim == muon.optim and stack.optim.name == "muon"
