@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import compose_config
 
 from dit.time_to_fid import cost_at, cost_section, reach
@@ -94,3 +95,9 @@ def test_the_stack_arm_is_its_arms_composed():
     muon = compose_config("train", ["experiment=speedrun", "+speedrun=muon"])
     assert stack.training.repa == repa.training.repa and stack.training.repa.weight > 0
     assert stack.optim == muon.optim and stack.optim.name == "muon"
+
+
+def test_make_speedrun_sweeps_every_arm():
+    """An arm file the sweep does not list would never be trained by make speedrun."""
+    experiment = yaml.safe_load((Path(__file__).parents[1] / "configs" / "experiment" / "speedrun.yaml").read_text())
+    assert sorted(experiment["hydra"]["sweeper"]["params"]["+speedrun"].split(",")) == ARMS
