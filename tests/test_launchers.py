@@ -120,3 +120,19 @@ def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished
     assert (sweep / "adaln" / "model" / "ema.safetensors").stat().st_mtime_ns == weights
     text = report(sweep, tmp_path)
     assert "1 of 2 runs finished" in text and "`bogus`: failed" in text and "unknown block 'bogus'" in text
+
+
+@needs_fmnist
+def test_pool_launcher_runs_a_bf16_job_after_an_fp32_job_in_the_same_process(tmp_path):
+    """One pool worker runs its jobs one after another in one process (make speedrun's bf16 arm after an fp32 arm):
+    each job starts from its own Accelerate settings, not the previous job's (Accelerate refuses to change them)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "training.total_steps=2", "logger=none"]
+    cmd += ["hydra/launcher=pool", "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={sweep}"]
+    cmd += ["hydra.sweep.subdir=${training.mixed_precision}", "training.mixed_precision=no,bf16"]
+    done = launch(cmd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for precision in ("no", "bf16"):
+        assert (sweep / precision / "model" / "config.json").exists()
+        assert OmegaConf.load(sweep / precision / ".hydra" / "config.yaml").training.mixed_precision == precision

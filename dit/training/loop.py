@@ -205,10 +205,16 @@ class Trainer:
         from datetime import timedelta
 
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         cfg, objective, model = self.cfg, self.objective, self.model
         timeout = cfg.collective_timeout_s
+        # A run owns its process's Accelerate settings: a worker that runs sweep jobs one after another (the pool
+        # launcher) still holds the previous job's, and Accelerate refuses a new mixed precision against them. The
+        # process group (PartialState) stays: it belongs to the process, not to the run.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             log_with=trackers(self.logger_config) or None,
@@ -219,9 +225,10 @@ class Trainer:
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.control, self.clock = Control(cfg.collective_timeout_s), CheckpointClock(cfg.ckpt_every_minutes)
         self.batch_size = check_settings(cfg, self.o, self.world)
-        if self.device.type == "cuda" and cfg.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == "cuda":  # set either way: the previous job in this process may have turned it on
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+            if cfg.tf32:
+                torch.backends.cudnn.allow_tf32 = True  # torch's default; only matmuls are fp32 unless asked
         set_seed(self.seed + self.rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
         objective.check_model(model)
         self.objective_settings = objective.settings()
