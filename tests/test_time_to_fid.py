@@ -95,6 +95,7 @@ def test_the_stack_arm_is_its_arms_composed():
     muon = compose_config("train", ["experiment=speedrun", "+speedrun=muon"])
     assert stack.training.repa == repa.training.repa and stack.training.repa.weight > 0
     assert stack.optim == muon.optim and stack.optim.name == "muon"
+    assert stack.training.mixed_precision == "bf16"
 
 
 def test_make_speedrun_sweeps_every_arm():
