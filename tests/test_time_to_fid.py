@@ -2,11 +2,10 @@
 report's section against a baseline; and the speedrun study's configs compose with their arms."""
 
 import math
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 from dit.time_to_fid import cost_at, cost_section, reach
 
@@ -74,7 +73,7 @@ def test_the_target_is_on_the_curves_sample_count_not_the_final_evaluations():
     assert "on 250 samples, **30.5**" in text
 
 
-ARMS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "speedrun").glob("*.yaml"))
+ARMS = sorted(p.stem for p in (ROOT / "configs" / "speedrun").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -100,5 +99,5 @@ def test_the_stack_arm_is_its_arms_composed():
 
 def test_make_speedrun_sweeps_every_arm():
     """An arm file the sweep does not list would never be trained by make speedrun."""
-    experiment = yaml.safe_load((Path(__file__).parents[1] / "configs" / "experiment" / "speedrun.yaml").read_text())
+    experiment = yaml.safe_load((ROOT / "configs" / "experiment" / "speedrun.yaml").read_text())
     assert sorted(experiment["hydra"]["sweeper"]["params"]["+speedrun"].split(",")) == ARMS
