@@ -31,7 +31,7 @@ def test_the_crossing_is_interpolated_between_the_evaluations():
 
 def test_section_against_the_baseline():
     base = [run([80, 50, 30.0 + s], seed=s) for s in range(3)]
-    fast = [run([40, 30 - s, 25], seed=s) for s in range(3)]  # reaches ~31 between step 100 and 200
+    fast = [run([40, 30 - s, 25], seconds_per_step=0.25, seed=s) for s in range(3)]  # ~31 between steps 100-200
     slow = [run([90, 80, 60], seed=s) for s in range(3)]  # never
     arms = {"baseline": base, "fast": fast, "slow": slow}
     study = {
@@ -54,7 +54,11 @@ def test_section_against_the_baseline():
     # the baseline's cost: its whole budget, 3,000 FLOPs for each seed (whether its own curve crosses 31 or not)
     assert "| baseline | 3e-12 ± 0 PFLOP (3/3) | 2.5 ± 0 min (3/3) | 1x (baseline: its whole budget) |" in text
     speedup = 3000 / math.exp(sum(math.log(f) for f in flops) / 3)  # ratio of geometric means
-    assert f"{speedup:.2f}x" in row
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith(f"{speedup:.2f}x [")
+    # in time: its steps take half the baseline's seconds (0.25 s against 0.5 s), so twice the speed-up in FLOPs
+    assert cells[5].startswith(f"{2 * speedup:.2f}x [")
+    assert float(cells[4]) < 0.05 and float(cells[6]) < 0.05  # three seeds each, far apart: significant
     assert cost_section({**study, "ok_arms": {"baseline": [{"records": [{"step": 1, "loss": 1.0}]}]}}) == []
 
 
