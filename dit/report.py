@@ -233,7 +233,9 @@ def save_plot(fig, ax, drawn: bool, path: Path, xlabel: str, ylabel: str, xlog=F
         if xlog:
             ax.set_xscale("log")
         if ylog:
-            ax.set_yscale("log")
+            from dit.training.logging import log_scale_if_positive
+
+            log_scale_if_positive(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()

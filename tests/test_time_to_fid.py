@@ -83,7 +83,7 @@ ARMS = sorted(p.stem for p in (ROOT / "configs" / "speedrun").glob("*.yaml"))
 @pytest.mark.parametrize("arm", ARMS)
 def test_every_speedrun_arm_composes_with_the_baseline_recipe(arm):
     cfg = compose_config("train", ["experiment=speedrun", f"+speedrun={arm}"])
-    base = compose_config("train", ["experiment=fashion_mnist_cpu"])
+    base = compose_config("train", ["experiment=fashion_mnist_cpu_2024"])
     assert cfg.arm == arm
     assert cfg.training.total_steps == base.training.total_steps and cfg.optim.lr == base.optim.lr
     assert cfg.training.fid_every == 500 and cfg.training.fid_samples == 1000
@@ -99,6 +99,32 @@ def test_the_stack_arm_is_its_arms_composed():
     assert stack.training.repa == repa.training.repa and stack.training.repa.weight > 0
     assert stack.optim == muon.optim and stack.optim.name == "muon"
     assert stack.training.mixed_precision == "bf16"
+
+
+def test_make_train_is_the_2024_recipe_with_the_stack():
+    """make train adopted the speedrun's stack: its model, objective, optimiser and training settings are the stack
+    arm's, less what only the study sets (FID every 500 steps on 1,000 samples, no sample grids) and make train's
+    shorter budget, which the study measured: a step it evaluated, under a constant learning rate (so make train's
+    steps are the study's first ones). The 2024 recipe, the speedrun's baseline, is still what the study measures."""
+    train = compose_config("train", ["experiment=fashion_mnist_cpu"])
+    stack = compose_config("train", ["experiment=speedrun", "+speedrun=stack"])
+    old = compose_config("train", ["experiment=fashion_mnist_cpu_2024"])
+    baseline = compose_config("train", ["experiment=speedrun", "+speedrun=baseline"])
+    study_only = {"fid_every", "fid_samples", "fid_ref", "sample_every"}
+    budget = {"total_steps", "ckpt_every"}
+    for group in ("model", "data", "diffusion", "optim"):
+        assert train[group] == stack[group] and old[group] == baseline[group], group
+
+    def kept(cfg, leave):
+        return {k: v for k, v in cfg.training.items() if k not in leave}
+
+    assert kept(train, study_only | budget) == kept(stack, study_only | budget)
+    assert kept(old, study_only) == kept(baseline, study_only)
+    steps = train.training.total_steps
+    assert steps <= stack.training.total_steps and steps % stack.training.fid_every == 0
+    assert train.optim.decay == "constant"
+    assert train.training.repa.weight > 0 and train.optim.name == "muon" and train.training.mixed_precision == "bf16"
+    assert old.training.repa.weight == 0 and old.optim.name == "adamw" and old.training.mixed_precision == "no"
 
 
 def test_make_speedrun_sweeps_every_arm():

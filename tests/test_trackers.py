@@ -92,3 +92,23 @@ def test_wandb_offline_and_tensorboard_together_resume_the_same_run(tmp_path):
     assert (run / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same run id, continued
     assert [e.step for e in tensorboard_events(run).Scalars("loss")] == [1, 2, 3, 4, 5]
+
+
+def test_loss_axis_is_log_only_when_every_value_is_positive():
+    """REPA's term (-cosine) makes the total loss negative: a log axis would drop those points and draw a line that
+    ends at step ~350 (make train's loss.png did); the axis is linear then, log when every value is positive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dit.training.logging import log_scale_if_positive
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [1.0, 0.1, 0.01])
+    log_scale_if_positive(ax)
+    assert ax.get_yscale() == "log"
+    ax.plot([1, 2, 3], [0.5, -0.1, -0.2])
+    log_scale_if_positive(ax)
+    assert ax.get_yscale() == "linear"
+    plt.close(fig)

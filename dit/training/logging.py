@@ -30,6 +30,13 @@ def fid_curve(evals: list[dict]) -> list[dict]:
     return [r for r in evals if r.get(SAMPLE_COUNT, n) == n]
 
 
+def log_scale_if_positive(ax) -> None:
+    """A log y axis when every plotted value is positive; linear otherwise (REPA's term, -cosine, makes the total
+    loss negative, and a log axis would drop those points)."""
+    values = [v for line in ax.get_lines() for v in line.get_ydata()]
+    ax.set_yscale("log" if values and min(values) > 0 else "linear")
+
+
 def trackers(logger_cfg: dict | None) -> list[str]:
     """The tracker names the logger group selects, for Accelerator(log_with=...). wandb with
     mode=disabled is none. Unknown or uninstalled trackers are errors (Accelerate skips those silently)."""
@@ -152,11 +159,13 @@ class MetricsLogger:
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
-        if any("mse" in r for r in records):
-            ax.plot([r["step"] for r in records], [r["mse"] for r in records], label="mse", alpha=0.7)
+        for key, label in (("mse", "mse"), ("repa", "repa (-cosine)")):  # terms of the loss, where logged
+            if any(key in r for r in records):
+                ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r], label=label,
+                        alpha=0.7)  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.set_yscale("log")
+        log_scale_if_positive(ax)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -4,7 +4,7 @@ patch features of the clean image; the loss gains ``weight * (-mean cosine simil
 
     python train.py training.repa.weight=0.5 training.repa.block=8 training.repa.encoder=timm:vit_base_patch14_dinov2 \\
         training.repa.encoder_weights=/models/dinov2_vitb14.safetensors        # ImageNet scale: REPA's DINOv2-B
-    python train.py experiment=fashion_mnist_cpu training.repa.weight=0.5      # the teacher trained here (teachers.py)
+    python train.py experiment=fashion_mnist_cpu_2024 training.repa.weight=0.5  # the teacher trained here (teachers.py)
 
 The encoder is a TEACHERS name, or ``timm:<model name>`` with its weights as a local file (nothing is downloaded;
 a missing file is an error naming it). Its feature grid is resized (bilinear) to the DiT's token grid when they
