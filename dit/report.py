@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from dit.eval.metrics import metric_keys
-from dit.training.logging import fid_curve
+from dit.training.logging import fid_curve, log_scale_if_positive
 from dit.training.run import FAILURE_NOTE, finished_info
 
 # What runs from before the Fashion-MNIST classifier was shipped (issue 27) were measured with: they recorded no
@@ -233,8 +233,6 @@ def save_plot(fig, ax, drawn: bool, path: Path, xlabel: str, ylabel: str, xlog=F
         if xlog:
             ax.set_xscale("log")
         if ylog:
-            from dit.training.logging import log_scale_if_positive
-
             log_scale_if_positive(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
