@@ -130,6 +130,36 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
             p = adjusted[key].get(arm)
             tail += [speedups[key], "-" if p is None else f"{p:.3f}"]
         lines.append(f"| {arm} | " + " | ".join(cells + tail) + " |")
+    per_step = [budget(r, "train_flops") / max(curve(r, "fid")) for r in arms[baseline] if budget(r, "train_flops")]
+    return [*lines, "", *runs_table(study, statistics.fmean(per_step) if per_step else None, budget, on)]
+
+
+def runs_table(study: dict, base_per_step: float | None, budget, on: str) -> list[str]:
+    """Markdown: one row per finished run, its FID at every evaluation and the costs of its whole curve (budget:
+    run, key -> that cost); its FLOPs per step as a multiple of the baseline's mean (base_per_step)."""
+    from dit.report import curve, fmt
+
+    arms = study["ok_arms"]
+    steps = sorted({s for runs in arms.values() for run in runs for s in curve(run, "fid")})
+    lines = [
+        f"**Per run**: FID{on} at steps {' / '.join(f'{s:,}' for s in steps)}, and the costs of the whole curve.",
+        "",
+        f"| {study['header']} | seed | FID curve | training FLOPs (PFLOP) | FLOPs per step vs baseline "
+        "| training time (min) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for arm, runs in arms.items():
+        for run in sorted(runs, key=lambda r: r["summary"]["seed"]):
+            c = curve(run, "fid")
+            flops, seconds = budget(run, "train_flops"), budget(run, "train_s")
+            ratio = flops / max(c) / base_per_step if c and flops and base_per_step else None
+            cells = [
+                " / ".join(f"{c[s]:.1f}" if s in c else "-" for s in steps),
+                fmt(flops and flops / 1e15, ".3g"),
+                fmt(ratio, ".2f"),
+                fmt(seconds and seconds / 60, ".1f"),
+            ]
+            lines.append(f"| {arm} | {run['summary']['seed']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

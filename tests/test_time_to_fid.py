@@ -59,6 +59,10 @@ def test_section_against_the_baseline():
     # in time: its steps take half the baseline's seconds (0.25 s against 0.5 s), so twice the speed-up in FLOPs
     assert cells[5].startswith(f"{2 * speedup:.2f}x [")
     assert float(cells[4]) < 0.05 and float(cells[6]) < 0.05  # three seeds each, far apart: significant
+    # one row per run: its curve, and the costs of its 300 steps (fast: the baseline's FLOPs per step, half its time)
+    assert "FID on 1000 samples at steps 100 / 200 / 300" in text
+    assert "| fast | 1 | 40.0 / 29.0 / 25.0 | 3e-12 | 1.00 | 1.2 |" in text  # 300 x 0.25 s = 1.25 min
+    assert "| baseline | 2 | 80.0 / 50.0 / 32.0 | 3e-12 | 1.00 | 2.5 |" in text
     assert cost_section({**study, "ok_arms": {"baseline": [{"records": [{"step": 1, "loss": 1.0}]}]}}) == []
 
 
@@ -103,23 +107,25 @@ def test_the_stack_arm_is_its_arms_composed():
 
 def test_make_train_is_the_2024_recipe_with_the_stack():
     """make train adopted the speedrun's stack: its model, objective, optimiser and training settings are the stack
-    arm's, less what only the study sets (FID every 500 steps on 1,000 samples, no sample grids) and make train's
-    shorter budget, which the study measured: a step it evaluated, under a constant learning rate (so make train's
-    steps are the study's first ones). The 2024 recipe, the speedrun's baseline, is still what the study measures."""
+    arm's, less what only the study sets (FID every 500 steps on 1,000 samples, no sample grids, so the grids'
+    sampler is make train's own) and make train's shorter budget, which the study measured: a step it evaluated,
+    under a constant learning rate (so make train's steps are the study's first ones). The 2024 recipe, the
+    speedrun's baseline, is still what the study measures."""
     train = compose_config("train", ["experiment=fashion_mnist_cpu"])
     stack = compose_config("train", ["experiment=speedrun", "+speedrun=stack"])
     old = compose_config("train", ["experiment=fashion_mnist_cpu_2024"])
     baseline = compose_config("train", ["experiment=speedrun", "+speedrun=baseline"])
     study_only = {"fid_every", "fid_samples", "fid_ref", "sample_every"}
-    budget = {"total_steps", "ckpt_every"}
+    own = {"total_steps", "ckpt_every", "grid_sampling"}  # make train's budget and its grids' sampler
     for group in ("model", "data", "diffusion", "optim"):
         assert train[group] == stack[group] and old[group] == baseline[group], group
 
     def kept(cfg, leave):
         return {k: v for k, v in cfg.training.items() if k not in leave}
 
-    assert kept(train, study_only | budget) == kept(stack, study_only | budget)
+    assert kept(train, study_only | own) == kept(stack, study_only | own)
     assert kept(old, study_only) == kept(baseline, study_only)
+    assert stack.training.sample_every == 0 and train.training.sample_every == train.training.total_steps
     steps = train.training.total_steps
     assert steps <= stack.training.total_steps and steps % stack.training.fid_every == 0
     assert train.optim.decay == "constant"
