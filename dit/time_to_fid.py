@@ -131,7 +131,34 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
             tail += [speedups[key], "-" if p is None else f"{p:.3f}"]
         lines.append(f"| {arm} | " + " | ".join(cells + tail) + " |")
     per_step = [budget(r, "train_flops") / max(curve(r, "fid")) for r in arms[baseline] if budget(r, "train_flops")]
-    return [*lines, "", *runs_table(study, statistics.fmean(per_step) if per_step else None, budget, on)]
+    per_step = statistics.fmean(per_step) if per_step else None
+    return [*lines, "", *against_baseline(study, baseline), *runs_table(study, per_step, budget, on)]
+
+
+def against_baseline(study: dict, baseline: str) -> list[str]:
+    """Markdown: each arm's final FID against the baseline's, Welch's test, Holm-corrected over these arms only (the
+    family of the question "does it beat the baseline?", smaller than the report's all-pairs family)."""
+    from dit.report import ALPHA, holm, welch
+
+    finals = {a: [s["fid"] for s in ss if s["fid"] is not None] for a, ss in study["summaries"].items()}
+    tested = [a for a in study["ok_arms"] if a != baseline and len(finals.get(a, [])) >= 2]
+    if len(finals.get(baseline, [])) < 2 or not tested:
+        return []
+    tests = {a: welch(finals[a], finals[baseline]) for a in tested}
+    adjusted, reject = holm([1.0 if math.isnan(t["p"]) else t["p"] for t in tests.values()])
+    lines = [
+        f"**Final FID against the baseline**: Welch's test per arm (seeds as replicates), Holm's correction over the "
+        f"{len(tested)} arms with two or more seeds, familywise level {ALPHA:.0%}; the intervals are unadjusted.",
+        "",
+        f"| {study['header']} | difference to baseline (95% CI) | p (Welch) | p (Holm) | significant |",
+        "|---|---|---:|---:|---|",
+    ]
+    for (arm, t), adj, rej in zip(tests.items(), adjusted, reject, strict=True):
+        lines.append(
+            f"| {arm} | {t['diff']:+.1f} ({t['diff'] - t['ci']:+.1f} to {t['diff'] + t['ci']:+.1f}) | {t['p']:.3g} | "
+            f"{adj:.3g} | {'**yes**' if rej else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def runs_table(study: dict, base_per_step: float | None, budget, on: str) -> list[str]:

@@ -59,6 +59,10 @@ def test_section_against_the_baseline():
     # in time: its steps take half the baseline's seconds (0.25 s against 0.5 s), so twice the speed-up in FLOPs
     assert cells[5].startswith(f"{2 * speedup:.2f}x [")
     assert float(cells[4]) < 0.05 and float(cells[6]) < 0.05  # three seeds each, far apart: significant
+    # the final FID against the baseline, Holm over the two arms only: fast (25 vs 30, 31, 32) and slow (60)
+    assert "Holm's correction over the 2 arms" in text
+    fast_row = next(line for line in text.splitlines() if line.startswith("| fast | -6.0 ("))
+    assert fast_row.endswith("| **yes** |")
     # one row per run: its curve, and the costs of its 300 steps (fast: the baseline's FLOPs per step, half its time)
     assert "FID on 1000 samples at steps 100 / 200 / 300" in text
     assert "| fast | 1 | 40.0 / 29.0 / 25.0 | 3e-12 | 1.00 | 1.2 |" in text  # 300 x 0.25 s = 1.25 min
