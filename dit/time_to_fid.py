@@ -9,7 +9,9 @@ evaluation at or below the target, linearly interpolated (in steps) from the eva
 that step interpolated from the logged records. A run that never reaches it within its budget counts as "not
 reached". Over the seeds of an arm: the mean cost with its Student-t interval, and for each cost the speed-up over
 the baseline as the ratio of geometric means, with a 95% interval and a Welch test on log cost (Holm-corrected over
-the arms); arms where a seed did not reach the target get no speed-up (it would be a lower bound).
+the arms); arms where a seed did not reach the target get no speed-up (it would be a lower bound). Then each arm's
+final FID against the baseline's (Welch, Holm over these arms: the family of "does it beat the baseline?") and one
+row per run: its FID curve and the costs of its whole budget.
 """
 
 from __future__ import annotations
@@ -171,20 +173,21 @@ def runs_table(study: dict, base_per_step: float | None, budget, on: str) -> lis
     lines = [
         f"**Per run**: FID{on} at steps {' / '.join(f'{s:,}' for s in steps)}, and the costs of the whole curve.",
         "",
-        f"| {study['header']} | seed | FID curve | training FLOPs (PFLOP) | FLOPs per step vs baseline "
-        "| training time (min) |",
-        "|---|---:|---|---:|---:|---:|",
+        f"| {study['header']} | seed | FID curve | "
+        + " | ".join(f"{label} ({unit})" for label, _, unit in COSTS.values())
+        + " | FLOPs per step vs baseline |",
+        "|---|---:|---|" + "---:|" * (len(COSTS) + 1),
     ]
     for arm, runs in arms.items():
         for run in sorted(runs, key=lambda r: r["summary"]["seed"]):
             c = curve(run, "fid")
-            flops, seconds = budget(run, "train_flops"), budget(run, "train_s")
+            costs = {key: budget(run, key) for key in COSTS}
+            flops = costs["train_flops"]
             ratio = flops / max(c) / base_per_step if c and flops and base_per_step else None
             cells = [
                 " / ".join(f"{c[s]:.1f}" if s in c else "-" for s in steps),
-                fmt(flops and flops / 1e15, ".3g"),
+                *(fmt(v if v is None else v / COSTS[key][1], "#.3g") for key, v in costs.items()),  # 26.0, not 26
                 fmt(ratio, ".2f"),
-                fmt(seconds and seconds / 60, ".1f"),
             ]
             lines.append(f"| {arm} | {run['summary']['seed']} | " + " | ".join(cells) + " |")
     return [*lines, ""]

@@ -65,8 +65,8 @@ def test_section_against_the_baseline():
     assert fast_row.endswith("| **yes** |")
     # one row per run: its curve, and the costs of its 300 steps (fast: the baseline's FLOPs per step, half its time)
     assert "FID on 1000 samples at steps 100 / 200 / 300" in text
-    assert "| fast | 1 | 40.0 / 29.0 / 25.0 | 3e-12 | 1.00 | 1.2 |" in text  # 300 x 0.25 s = 1.25 min
-    assert "| baseline | 2 | 80.0 / 50.0 / 32.0 | 3e-12 | 1.00 | 2.5 |" in text
+    assert "| fast | 1 | 40.0 / 29.0 / 25.0 | 3.00e-12 | 1.25 | 1.00 |" in text  # 300 x 0.25 s = 1.25 min
+    assert "| baseline | 2 | 80.0 / 50.0 / 32.0 | 3.00e-12 | 2.50 | 1.00 |" in text
     assert cost_section({**study, "ok_arms": {"baseline": [{"records": [{"step": 1, "loss": 1.0}]}]}}) == []
 
 
