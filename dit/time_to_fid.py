@@ -52,6 +52,14 @@ def reach(run: dict, target: float, key: str) -> float | None:
     return None
 
 
+def budget(run: dict, key: str) -> float | None:
+    """The cost of a run's whole FID curve (the baseline reaches its own mean final FID there, by definition)."""
+    from dit.report import curve
+
+    c = curve(run, "fid")
+    return cost_at(run, key, max(c)) if c else None
+
+
 def _speedup(base: list[float], arm: list[float]) -> tuple[float, float, float, float]:
     """exp(mean log base - mean log arm), its 95% interval, and Welch's p on the log costs."""
     from dit.report import welch
@@ -83,11 +91,6 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
     counts = sorted({r[SAMPLE_COUNT] for run in arms[baseline] for r in fid_curve(
         [r for r in run["records"] if "fid" in r]) if SAMPLE_COUNT in r})  # fmt: skip
     on = f" on {'/'.join(map(str, counts))} samples" if counts else ""
-
-    def budget(run: dict, key: str) -> float | None:
-        """The cost of a run's whole curve: where the baseline reaches its own mean final FID, by definition."""
-        c = curve(run, "fid")
-        return cost_at(run, key, max(c)) if c else None
 
     bases = {key: [c for c in (budget(r, key) for r in arms[baseline]) if c is not None] for key in COSTS}
     rows, tests = [], {key: [] for key in COSTS}
@@ -132,9 +135,7 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
             p = adjusted[key].get(arm)
             tail += [speedups[key], "-" if p is None else f"{p:.3f}"]
         lines.append(f"| {arm} | " + " | ".join(cells + tail) + " |")
-    per_step = [budget(r, "train_flops") / max(curve(r, "fid")) for r in arms[baseline] if budget(r, "train_flops")]
-    per_step = statistics.fmean(per_step) if per_step else None
-    return [*lines, "", *against_baseline(study, baseline), *runs_table(study, per_step, budget, on)]
+    return [*lines, "", *against_baseline(study, baseline), *runs_table(study, baseline, on)]
 
 
 def against_baseline(study: dict, baseline: str) -> list[str]:
@@ -163,12 +164,14 @@ def against_baseline(study: dict, baseline: str) -> list[str]:
     return [*lines, ""]
 
 
-def runs_table(study: dict, base_per_step: float | None, budget, on: str) -> list[str]:
-    """Markdown: one row per finished run, its FID at every evaluation and the costs of its whole curve (budget:
-    run, key -> that cost); its FLOPs per step as a multiple of the baseline's mean (base_per_step)."""
+def runs_table(study: dict, baseline: str, on: str) -> list[str]:
+    """Markdown: one row per finished run, its FID at every evaluation and the costs of its whole curve; its FLOPs
+    per step as a multiple of the baseline's mean."""
     from dit.report import curve, fmt
 
     arms = study["ok_arms"]
+    per_step = [budget(r, "train_flops") / max(curve(r, "fid")) for r in arms[baseline] if budget(r, "train_flops")]
+    base_per_step = statistics.fmean(per_step) if per_step else None
     steps = sorted({s for runs in arms.values() for run in runs for s in curve(run, "fid")})
     lines = [
         f"**Per run**: FID{on} at steps {' / '.join(f'{s:,}' for s in steps)}, and the costs of the whole curve.",
