@@ -170,7 +170,7 @@ def runs_table(study: dict, baseline: str, on: str) -> list[str]:
     from dit.report import curve, fmt
 
     arms = study["ok_arms"]
-    per_step = [budget(r, "train_flops") / max(curve(r, "fid")) for r in arms[baseline] if budget(r, "train_flops")]
+    per_step = [f / max(curve(r, "fid")) for r in arms[baseline] if (f := budget(r, "train_flops"))]
     base_per_step = statistics.fmean(per_step) if per_step else None
     steps = sorted({s for runs in arms.values() for run in runs for s in curve(run, "fid")})
     lines = [
