@@ -29,8 +29,8 @@ help:
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make demo      the model of make train in a browser page (Gradio, on 127.0.0.1:7860; ARGS=\"checkpoint=[A,B]\" ...)"
 	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
-	@echo "make ablation  the conditioning study: every block x 3 seeds (~16 min a run, two at a time on 2 cores; results committed, a re-run trains only what is unfinished), report in docs/ablation.md"
-	@echo "make normalisation  which statistics the condition should modulate: 6 arms x 3 seeds (~2 h 30 min), report in docs/normalisation.md"
+	@echo "make ablation  the conditioning study: every block x 3 seeds (~16 min a run, two at a time on 2 cores; results committed, a re-run trains only what is unfinished), report in studies/ablation_conditioning/report.md"
+	@echo "make normalisation  which statistics the condition should modulate: 6 arms x 3 seeds (~2 h 30 min), report in studies/normalisation/report.md"
 	@echo "make silhouette     Fashion-MNIST from silhouettes: spade vs map as channels vs map as tokens, 3 seeds (~40 min)"
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
 	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
@@ -111,23 +111,19 @@ fid: setup
 	else echo "(Inception FID skipped: $(INCEPTION) not found; see README)"; fi
 
 # Studies (studies/README.md): a sweep trains into outputs/studies/<name>/ (ignored, with the weights);
-# `make publish` copies its results into studies/<name>/runs/ (committed), `make report` renders them.
+# `make publish` copies its results into studies/<name>/runs/ (committed), `make report` renders them into
+# studies/<name>/report.md, its figures beside it (docs/ has the hand-written pages that discuss them).
 STUDY ?= ablation_conditioning
 SWEEP = outputs/studies/$(STUDY)
-# where a study's report goes: studies/<name>/report.md, or the page that links it
-REPORT_ablation_conditioning := docs/ablation.md
-REPORT_speedrun := docs/speedrun.md
-REPORT_normalisation := docs/normalisation.md
-REPORT = $(or $(REPORT_$(STUDY)),studies/$(STUDY)/report.md)
-# how a study's report groups its runs into arms (dit.report --by), and the arm time to FID is measured against
+# how a study's report groups its runs into arms (dit.analysis.report --by), and the arm time to FID is measured against
 REPORT_ARGS_speedrun := --by arm
 REPORT_ARGS_silhouette := --by arm
 REPORT_ARGS_normalisation := --by model.block model.norm --baseline "block=adaln_zero, norm=layernorm"
 publish: setup
-	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY)
+	$(PY) -m dit.analysis.study publish $(SWEEP) studies/$(STUDY)
 
 report: setup
-	$(PY) -m dit.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) -o $(REPORT)
+	$(PY) -m dit.analysis.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY))
 
 # The conditioning study (configs/experiment/ablate_conditioning.yaml): every block x 3 seeds, JOBS runs at a
 # time with one thread each, then the results published and the report. The committed runs are restored into the
@@ -137,11 +133,11 @@ report: setup
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # $(call study,<experiment>): restore, sweep (JOBS at a time), publish, report
 define study
-	$(PY) -m dit.study restore studies/$(STUDY) $(SWEEP)
+	$(PY) -m dit.analysis.study restore studies/$(STUDY) $(SWEEP)
 	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=$(1) hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
-	$(PY) -m dit.study publish $(SWEEP) studies/$(STUDY); \
-	$(PY) -m dit.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) -o $(REPORT) && exit $$status
+	$(PY) -m dit.analysis.study publish $(SWEEP) studies/$(STUDY); \
+	$(PY) -m dit.analysis.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) && exit $$status
 endef
 
 ablation: STUDY = ablation_conditioning
@@ -149,13 +145,13 @@ ablation: setup
 	$(call study,ablate_conditioning)
 
 # The normalisation study (issue 28): six arms that differ only in the statistics the condition modulates, 3 seeds,
-# the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); report in docs/normalisation.md.
+# the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); discussed in docs/normalisation.md.
 normalisation: STUDY = normalisation
 normalisation: setup
 	$(call study,ablate_normalisation)
 
 # The silhouette task (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds,
-# 2,000 steps each (~8 min a run, two at a time: ~40 min); its table in docs/normalisation.md.
+# 2,000 steps each (~8 min a run, two at a time: ~40 min); discussed in docs/normalisation.md.
 silhouette: STUDY = silhouette
 silhouette: setup
 	$(call study,silhouette)

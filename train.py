@@ -25,11 +25,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dit.data import Subset
-from dit.training import OptimConfig, TrainConfig, train  # also registers the training/optim config schemas
+from dit.training import OptimConfig, TrainConfig, TrainingJob, train
 from dit.training.checkpointing import list_checkpoints
-from dit.training.loop import LostProcess
+from dit.training.config import register_configs
 from dit.training.preemption import Stopped
+from dit.training.processes import LostProcess
 from dit.training.run import FAILURE_NOTE, note_failure
+
+register_configs()  # the schemas and resolvers configs/ is composed with (here: also in a launcher's workers)
 
 
 class RunFailed(RuntimeError):
@@ -80,7 +83,9 @@ def build_map_images(cfg: DictConfig):
     return build(node)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def build_job(cfg: DictConfig, run_dir: Path) -> TrainingJob:
+    """What the Trainer trains: the data, model, objective (and VAE) built from the composed config, with the typed
+    settings."""
     if cfg.resume in (None, "none") and list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir} already has checkpoints; resume=auto continues them, or choose another run directory"
@@ -91,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     objective = build(cfg.diffusion)  # the training objective (configs/diffusion/)
     vae = None
     if dataset.latent:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # latent data only: diffusers' import costs seconds
 
         vae = AutoencoderKL.from_pretrained(dataset.vae).eval()  # for the sample grids
     data_meta = dict(
@@ -104,12 +109,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     training: TrainConfig = OmegaConf.to_object(cfg.training)  # typed by the schema (dit/training/config.py)
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return train(
-        model, dataset, objective, run_dir, training, optim, resume=cfg.resume, config=config, data_meta=data_meta,
-        vae=vae, seed=cfg.seed, logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
-        init_from=cfg.get("init_from"), init_from_class_map=config.get("init_from_class_map"),
+    return TrainingJob(
+        model,
+        dataset,
+        objective,
+        run_dir,
+        training,
+        optim,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        config=config,
+        data_meta=data_meta,
+        vae=vae,
+        logger_config=OmegaConf.to_container(cfg.logger, resolve=True),
+        init_from=cfg.get("init_from"),
+        init_from_class_map=config.get("init_from_class_map"),
         map_images=build_map_images(cfg),
-    )  # fmt: skip
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train the run cfg composes, in run_dir; returns train()'s result (dit.training.train)."""
+    return train(build_job(cfg, run_dir))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -140,7 +161,7 @@ def main(cfg: DictConfig) -> None:
             # (SystemExit would end a multirun, the pool launcher's workers included, at the first error).
             raise RunFailed(f"{run_dir}: {e}") from None
         sys.exit(f"error: {e}")
-    except BaseException as e:  # a bug, Ctrl-C, a launcher's timeout signal: recorded for dit.report, then raised
+    except BaseException as e:  # a bug, Ctrl-C, a launcher's timeout signal: noted for the report, then raised
         note_failure(run_dir, f"{type(e).__name__}: {e}".rstrip(": "))
         raise
     (run_dir / FAILURE_NOTE).unlink(missing_ok=True)  # an earlier attempt's note no longer applies

@@ -16,9 +16,9 @@ from common import header, median_time, setup_tf32, tiny_vae
 from diffusers import DDPMScheduler, DiTPipeline
 
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
+from dit.hub import to_diffusers
 from dit.models import create_model
-from dit.models.convert import to_diffusers
-from dit.sampling import generate
+from dit.sampling import GenerationSpec, generate
 
 
 def main() -> None:
@@ -46,9 +46,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     sampler = build_sampler(build_objective(), SamplingSettings(sampler="ddpm", steps=args.steps, cfg_scale=args.cfg))
     labels = torch.arange(args.batch) % 1000
+    spec = GenerationSpec(labels, batch_size=args.batch, seed=0)
 
     def ours(_call: int) -> None:
-        for _ in generate(model, sampler, labels, batch_size=args.batch, seed=0, vae=vae, device=device):
+        for _ in generate(model, sampler, spec, vae=vae, device=device):
             pass
 
     def theirs(_call: int) -> None:

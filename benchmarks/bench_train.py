@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from dit.diffusion import SamplingSettings, build_objective
 from dit.models import create_model, model_config
-from dit.training import OptimConfig, TrainConfig, train
+from dit.training import OptimConfig, TrainConfig, TrainingJob, train
 from dit.zoo import count
 
 
@@ -68,7 +68,7 @@ def ours(args, variant: str) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
-        train(model, data, build_objective(), run_dir, t, OptimConfig(), seed=0)
+        train(TrainingJob(model, data, build_objective(), run_dir, t, OptimConfig(), seed=0))
         recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     per_step = [1 / r["steps_per_s"] for r in recs[args.warmup :]]
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None

@@ -29,10 +29,20 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from dit.diffusion import SAMPLERS, SamplingSettings, build_sampler
-from dit.model_files import load_model, objective_of
-from dit.sampling import generate, grid_array, load_vae, make_labels, resolve_classes
+from dit.hub import load_model, objective_of
+from dit.sampling import GenerationSpec, generate, grid_array, load_vae, make_labels, resolve_classes
 
-__all__ = ["Checkpoint", "Demo", "DemoConfig", "RequestError", "build_app", "checkpoint_label", "host_warning", "main"]
+__all__ = [
+    "Checkpoint",
+    "Demo",
+    "DemoConfig",
+    "Request",
+    "RequestError",
+    "build_app",
+    "checkpoint_label",
+    "host_warning",
+    "main",
+]
 
 NONE = "(none)"  # the second panel's choice for "only one grid"
 MAX_SEED = 2**32 - 1
@@ -123,6 +133,17 @@ class RequestError(ValueError):
     """A request the demo refuses (out of bounds, unknown choice, a bad setting): shown in the page as a message."""
 
 
+@dataclass(frozen=True)
+class Request:
+    """What one Generate asks of every panel, as the page (or any API call) sends it: Demo.check checks it."""
+
+    classes: Sequence[str]  # class names, one grid row each
+    per_class: float  # images per class (Gradio sends numbers as floats: 4.0 is 4)
+    steps: float
+    cfg_scale: float
+    seed: float
+
+
 @dataclass
 class Checkpoint:
     """One loaded model, what the page calls it and what it can be sampled with."""
@@ -184,7 +205,7 @@ class Demo:
         """The class choices of the page: the first checkpoint's (another must know the same names)."""
         return next(iter(self.checkpoints.values())).class_names
 
-    def check(self, label, sampler, classes, per_class, steps, cfg_scale, seed) -> tuple[Checkpoint, SamplingSettings]:
+    def check(self, label: str, sampler: str, request: Request) -> tuple[Checkpoint, SamplingSettings]:
         """The request's values, checked as the sliders would (an API call can send anything) -> what to sample."""
         c = self.config
         if label not in self.checkpoints:
@@ -195,17 +216,18 @@ class Demo:
                 f"sampler {sampler!r} cannot sample {label} ({ckpt.objective.name} objective); "
                 f"valid: {', '.join(ckpt.samplers)}"
             )
-        if not classes:
+        if not request.classes:
             raise RequestError("choose at least one class")
-        per_class, steps, seed = (_integer(name, v) for name, v in (("images per class", per_class), ("steps", steps),
-                                                                   ("seed", seed)))  # fmt: skip
-        n = len(classes) * per_class
+        per_class = _integer("images per class", request.per_class)
+        steps, seed = _integer("steps", request.steps), _integer("seed", request.seed)
+        n = len(request.classes) * per_class
         if per_class < 1 or n > c.max_images:
             raise RequestError(
-                f"{len(classes)} classes x {per_class} per class = {n} images: at most {c.max_images} a request"
+                f"{len(request.classes)} classes x {per_class} per class = {n} images: at most {c.max_images} a request"
             )
         if not 1 <= steps <= c.max_steps:
             raise RequestError(f"steps={steps}: need 1 to {c.max_steps}")
+        cfg_scale = request.cfg_scale
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not np.isfinite(cfg_scale):
             raise RequestError(f"guidance scale {cfg_scale!r}: a number")
         lo, hi = c.cfg_range
@@ -220,31 +242,40 @@ class Demo:
         return ckpt, settings
 
     def grid(
-        self,
-        label: str,
-        sampler: str,
-        classes: Sequence[str],
-        per_class: int,
-        steps: int,
-        cfg_scale: float,
-        seed: int,
-        on_eval: Callable[[int], None] | None = None,
+        self, label: str, sampler: str, request: Request, on_eval: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """One grid (H, W, 3) uint8, one row per class, per_class images in each: sample.py's grid.png for the
         same settings. on_eval(model evaluations so far) after each evaluation, for a progress bar."""
-        ckpt, settings = self.check(label, sampler, classes, per_class, steps, cfg_scale, seed)
+        ckpt, settings = self.check(label, sampler, request)
+        per_class, seed = int(request.per_class), int(request.seed)
         try:
-            ids = resolve_classes(list(classes), ckpt.meta.get("class_names"), ckpt.model.num_classes)
-            labels = make_labels(ids, int(per_class), None, int(seed))
-            batches = generate(
-                ckpt.model, build_sampler(ckpt.objective, settings), labels, batch_size=self.config.batch_size,
-                seed=int(seed), vae=ckpt.vae, device=self.device,
-                on_eval=None if on_eval is None else _counting(on_eval),
-            )  # fmt: skip
+            ids = resolve_classes(list(request.classes), ckpt.meta.get("class_names"), ckpt.model.num_classes)
+            spec = GenerationSpec(make_labels(ids, per_class, None, seed), self.config.batch_size, seed)
+            counting = None if on_eval is None else _counting(on_eval)
+            built_sampler = build_sampler(ckpt.objective, settings)
+            batches = generate(ckpt.model, built_sampler, spec, vae=ckpt.vae, device=self.device, on_eval=counting)
             images = torch.cat([images for _, images in batches])
         except ValueError as e:  # e.g. a class the other checkpoint lacks, guidance on a model without a null class
             raise RequestError(f"{label}: {e}") from None
-        return grid_array(images, nrow=int(per_class))
+        return grid_array(images, nrow=per_class)
+
+    def grids(self, panels: Sequence[tuple[str, str]], request: Request, progress: Callable) -> list[np.ndarray]:
+        """The grid of every (checkpoint label, sampler) panel, all checked before any sampling starts.
+        progress((evaluations done, of total), desc=, unit=): one bar over every panel (Gradio's gr.Progress)."""
+        for label, sampler in panels:
+            self.check(label, sampler, request)
+        n = len(request.classes) * int(request.per_class)
+        batches = -(-n // self.config.batch_size)  # of each panel
+        total = sum(evaluations(int(request.steps), sampler) * batches for _, sampler in panels)
+        grids, before = [], 0
+        for label, sampler in panels:
+            report = lambda k, label=label, before=before: progress(
+                (min(before + k, total), total), desc=f"sampling {label}", unit="model evaluations"
+            )
+            progress((before, total), desc=f"sampling {label}", unit="model evaluations")
+            grids.append(self.grid(label, sampler, request, on_eval=report))
+            before += evaluations(int(request.steps), sampler) * batches
+        return grids
 
 
 def evaluations(steps: int, sampler: str) -> int:
@@ -284,12 +315,10 @@ CSS = "#grid-0 img, #grid-1 img { image-rendering: pixelated; width: 100%; heigh
 def build_app(demo: Demo):
     """The Gradio Blocks of the page: one or two panels (checkpoint + sampler each), shared classes, images per
     class, steps, guidance and seed, one Generate button, one grid per panel."""
-    import gradio as gr
+    import gradio as gr  # the demo extra (pip install -e '.[demo]'): optional, and seconds to import
 
     c = demo.config
-    labels = demo.labels
-    names = demo.class_names
-    lo, hi = c.cfg_range
+    labels, names = demo.labels, demo.class_names
 
     def sampler_choices(label: str):
         if label not in demo.checkpoints:
@@ -297,40 +326,18 @@ def build_app(demo: Demo):
         samplers = demo.checkpoints[label].samplers
         return gr.Dropdown(choices=samplers, value=samplers[0], interactive=True)
 
-    tracked = gr.Progress()  # Gradio passes a request's progress bar to the parameter whose default it is
-
-    def run(label_a, sampler_a, label_b, sampler_b, classes, per_class, steps, cfg_scale, seed, progress=tracked):
-        panels = [(label_a, sampler_a)] + ([] if label_b in (None, NONE) else [(label_b, sampler_b)])
-        try:
-            for label, sampler in panels:  # every panel checked before any sampling starts
-                demo.check(label, sampler, classes, per_class, steps, cfg_scale, seed)
-            n = len(classes) * int(per_class)
-            batches = -(-n // c.batch_size)
-            total = sum(evaluations(int(steps), s) * batches for _, s in panels)
-            grids, before = [], 0
-            for label, sampler in panels:
-                report = lambda k, label=label, before=before: progress(
-                    (min(before + k, total), total), desc=f"sampling {label}", unit="model evaluations"
-                )
-                progress((before, total), desc=f"sampling {label}", unit="model evaluations")
-                grids.append(demo.grid(label, sampler, classes, per_class, steps, cfg_scale, seed, on_eval=report))
-                before += evaluations(int(steps), sampler) * batches
-        except RequestError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        return grids[0], (grids[1] if len(grids) > 1 else None)
-
     system_fonts = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     theme = gr.themes.Default(**system_fonts)  # the page loads no web fonts (it works offline)
     with gr.Blocks(title="dit demo", analytics_enabled=False) as app:
         app.dit_launch = dict(theme=theme, css=CSS)  # launch() takes theme and css in Gradio 6
         gr.Markdown("### dit: sample a grid (one row per class)")
+        # The generate endpoint takes the inputs' values in the order they are created here (Gradio sorts a set of
+        # inputs by creation): the panels' checkpoint and sampler, then classes, per class, steps, guidance, seed.
         with gr.Row():
             with gr.Column():
+                first = demo.checkpoints[labels[0]].samplers
                 ckpt_a = gr.Dropdown(labels, value=labels[0], label="checkpoint", elem_id="checkpoint-0")
-                sampler_a = gr.Dropdown(
-                    demo.checkpoints[labels[0]].samplers, value=demo.checkpoints[labels[0]].samplers[0],
-                    label="sampler", elem_id="sampler-0",
-                )  # fmt: skip
+                sampler_a = gr.Dropdown(first, value=first[0], label="sampler", elem_id="sampler-0")
             with gr.Column(visible=len(labels) > 1):
                 second = labels[1] if len(labels) > 1 else NONE
                 ckpt_b = gr.Dropdown([NONE, *labels], value=second, label="second checkpoint", elem_id="checkpoint-1")
@@ -339,27 +346,41 @@ def build_app(demo: Demo):
                     first_b, value=first_b[0] if first_b else None, label="sampler", elem_id="sampler-1"
                 )
         classes = gr.Dropdown(
-            names, value=names[: min(len(names), c.max_images // c.per_class, 4)], multiselect=True,
-            label=f"classes (one row each; at most {c.max_images} images in all)", elem_id="classes",
-        )  # fmt: skip
+            names,
+            value=names[: min(len(names), c.max_images // c.per_class, 4)],
+            multiselect=True,
+            label=f"classes (one row each; at most {c.max_images} images in all)",
+            elem_id="classes",
+        )
         with gr.Row():
             per_class = gr.Slider(1, c.max_images, value=c.per_class, step=1, label="per class", elem_id="per-class")
             steps = gr.Slider(1, c.max_steps, value=c.steps, step=1, label="steps", elem_id="steps")
-            cfg_scale = gr.Slider(lo, hi, value=c.cfg_scale, step=0.1, label="guidance scale (1 = none)", elem_id="cfg")
+            cfg_scale = gr.Slider(
+                *c.cfg_range, value=c.cfg_scale, step=0.1, label="guidance scale (1 = none)", elem_id="cfg"
+            )
             seed = gr.Number(value=c.seed, precision=0, minimum=0, maximum=MAX_SEED, label="seed", elem_id="seed")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
-            grid_a = gr.Image(label="grid", type="numpy", format="png", interactive=False, height=480, elem_id="grid-0")
-            grid_b = gr.Image(
-                label="second grid", type="numpy", format="png", interactive=False, height=480, elem_id="grid-1",
-                visible=len(labels) > 1,
-            )  # fmt: skip
+            image = dict(type="numpy", format="png", interactive=False, height=480)
+            grid_a = gr.Image(label="grid", elem_id="grid-0", **image)
+            grid_b = gr.Image(label="second grid", elem_id="grid-1", visible=len(labels) > 1, **image)
         ckpt_a.change(sampler_choices, ckpt_a, sampler_a, api_visibility="private")
         ckpt_b.change(sampler_choices, ckpt_b, sampler_b, api_visibility="private")
-        button.click(
-            run, [ckpt_a, sampler_a, ckpt_b, sampler_b, classes, per_class, steps, cfg_scale, seed], [grid_a, grid_b],
-            api_name="generate", concurrency_limit=1,  # one model on one device: requests wait in the queue
-        )  # fmt: skip
+        tracked = gr.Progress()  # Gradio passes a request's progress bar to the parameter whose default it is
+
+        def run(values: dict, progress=tracked):  # values: {input component: its value}
+            panels = [(values[ckpt_a], values[sampler_a])]
+            panels += [] if values[ckpt_b] in (None, NONE) else [(values[ckpt_b], values[sampler_b])]
+            request = Request(*(values[x] for x in (classes, per_class, steps, cfg_scale, seed)))
+            try:
+                grids = demo.grids(panels, request, progress)
+            except RequestError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            return grids[0], (grids[1] if len(grids) > 1 else None)
+
+        inputs = {ckpt_a, sampler_a, ckpt_b, sampler_b, classes, per_class, steps, cfg_scale, seed}
+        # one model on one device: requests wait in the queue
+        button.click(run, inputs, [grid_a, grid_b], api_name="generate", concurrency_limit=1)
     app.queue(max_size=16, default_concurrency_limit=1)
     return app
 
@@ -368,10 +389,19 @@ def launch(app, host: str, port: int, block: bool = True):
     """Serve the page on host:port (never a share link; no analytics; no server-side rendering process)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     return app.launch(
-        server_name=host, server_port=port, share=False, show_error=True, prevent_thread_lock=not block,
-        quiet=not block, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, footer_links=[],
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=True,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        enable_monitoring=False,
+        footer_links=[],
         **getattr(app, "dit_launch", {}),
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None, block: bool = True):
@@ -382,7 +412,7 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
         return None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401  (the optional demo extra: said before the checkpoints load)
     except ImportError:
         raise SystemExit("error: the demo needs Gradio: pip install -e '.[demo]'") from None
     try:

@@ -4,7 +4,8 @@ Every reader of our files goes through these, so a damaged file ends in one line
 says what is wrong (DamagedFileError, a ValueError: the entry points print it and exit 1) instead of
 a library's traceback. The checks read headers and sizes, not every byte: a truncated, empty or
 foreign file is caught; flipped bits inside tensor data are not (no format here has checksums,
-except zip members, whose CRC is checked when they are read).
+except zip members, whose CRC is checked when they are read). Weights read into a model are loaded strictly, with
+an error naming the file and every mismatched key or shape (load_state_dict_checked).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = [
     "DamagedFileError",
+    "load_state_dict_checked",
     "load_npz",
     "load_safetensors",
     "npz_keys",
@@ -173,3 +176,29 @@ def shipped_weights(path: str | Path | None, shipped: Path, sha256: str, what: s
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     return path, digest, metadata
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
+    """load_state_dict(strict=True), with an error that names the file and every mismatched key/shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        lines = [f"checkpoint {source} does not fit the model config:"]
+        if shapes:
+            lines.append(f"  shape mismatches: {show(shapes)}")
+        if missing:
+            lines.append(f"  missing keys: {show(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {show(unexpected)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)

@@ -1,7 +1,8 @@
 """Class-conditional image generation: labels, batched sampling, VAE decoding, grids and files.
 
-Seeding is per batch of the global image list (batch b uses seed (seed, b)), so the same seed gives
-the same images whatever the number of processes.
+What to draw travels as a GenerationSpec (the labels, with a spatial condition's maps, the batch size, the
+seed, this process's share). Seeding is per batch of the global image list (batch b uses seed (seed, b)), so
+the same seed gives the same images whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -22,11 +23,22 @@ from torchvision.utils import make_grid
 
 from dit.atomic import atomic_file
 from dit.diffusion import Sampler, SamplingSettings
+from dit.eval.stats import ImageSource
 
 __all__ = [
-    "SampleConfig", "resolve_classes", "make_labels", "condition_maps", "generate", "decode", "to_uint8", "grid_array",
-    "save_grid", "save_npz_atomic", "load_vae",
-]  # fmt: skip
+    "GenerationSpec",
+    "SampleConfig",
+    "condition_maps",
+    "decode",
+    "generate",
+    "grid_array",
+    "load_vae",
+    "make_labels",
+    "resolve_classes",
+    "save_grid",
+    "save_npz_atomic",
+    "to_uint8",
+]
 
 
 @dataclass
@@ -105,8 +117,6 @@ def condition_maps(
     ``per_class`` of every class in ``classes`` (or the first ``num_images`` of those classes). Unlabelled: every
     map with every class (rows = classes, one column per image). Images smaller than the model's input are centred
     on a black canvas (as the Fashion-MNIST data is padded), others resized."""
-    from dit.eval.stats import ImageSource
-
     source = ImageSource(spec)
     size = model.input_size
 
@@ -151,54 +161,66 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What generate() draws: one image per label, in batches of batch_size; this process draws batches rank,
+    rank + world_size, ... of them."""
+
+    labels: torch.Tensor  # (N,) class ids
+    batch_size: int
+    seed: int  # batch b draws its noise from seed (seed, b): the images do not depend on world_size
+    maps: torch.Tensor | None = None  # one spatial condition per label (N, C_m, s, s): a model with model.cond_map
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.maps is not None and len(self.maps) != len(self.labels):
+            raise ValueError(f"{len(self.maps)} maps for {len(self.labels)} labels: one map per image")
+
+    @property
+    def batches(self) -> range:
+        """This process's batches (indices into the global list of batches)."""
+        return range(self.rank, (len(self.labels) + self.batch_size - 1) // self.batch_size, self.world_size)
+
+
 def generate(
     model: torch.nn.Module,
     sampler: Sampler,
-    labels: torch.Tensor,
+    spec: GenerationSpec,
     *,
-    batch_size: int,
-    seed: int,
     vae=None,
-    rank: int = 0,
-    world_size: int = 1,
     device: torch.device | str = "cpu",
     on_eval: Callable[[int, int], None] | None = None,
-    maps: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first global index, uint8 NHWC images) for this rank's batches, b = rank, rank + world, ..., one at a time.
+    """(first global index, uint8 NHWC images) for this rank's batches of spec, one at a time.
 
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings). The model is
     checked against it here, once, when generate() is called (not at the first batch).
     on_eval(first index of the batch, model evaluations of the batch so far): called after every (guided) model
-    evaluation, for progress bars (python -m dit.demo); it does not change the images.
-    maps: one spatial condition per label (N, C_m, s, s), for a model with model.cond_map (dit/models/spatial.py)."""
+    evaluation, for progress bars (python -m dit.demo); it does not change the images."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
             f"not {type(sampler).__name__}"
         )
-    if maps is not None and len(maps) != len(labels):
-        raise ValueError(f"{len(maps)} maps for {len(labels)} labels: one map per image")
-    batches = range(rank, (len(labels) + batch_size - 1) // batch_size, world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
-    return _batches(
-        sampler, sampler.denoiser(model), shape, labels, maps, batches, batch_size, seed, vae, device, on_eval
-    )
+    return _batches(sampler, sampler.denoiser(model), shape, spec, vae=vae, device=device, on_eval=on_eval)
 
 
 @torch.no_grad()
-def _batches(sampler, denoiser, shape, labels, maps, batches, batch_size, seed, vae, device, on_eval):
-    for b in batches:
-        y = labels[b * batch_size : (b + 1) * batch_size].to(device)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+def _batches(sampler, denoiser, shape, spec: GenerationSpec, *, vae, device, on_eval):
+    for b in spec.batches:
+        first, last = b * spec.batch_size, (b + 1) * spec.batch_size
+        y = spec.labels[first:last].to(device)
+        g = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + b)
         noise = torch.randn(len(y), *shape, generator=g, device=device)
         fn = denoiser
-        if maps is not None:
-            fn = functools.partial(fn, cond_map=maps[b * batch_size : (b + 1) * batch_size].to(device))
+        if spec.maps is not None:
+            fn = functools.partial(fn, cond_map=spec.maps[first:last].to(device))
         if on_eval is not None:
-            fn = _reporting(fn, lambda n, start=b * batch_size: on_eval(start, n))
+            fn = _reporting(fn, lambda n, start=first: on_eval(start, n))
         x = sampler.run(fn, noise, y, g)
-        yield b * batch_size, to_uint8(decode(x, vae))
+        yield first, to_uint8(decode(x, vae))
 
 
 def _reporting(denoiser: Callable, report: Callable[[int], None]) -> Callable:
@@ -233,7 +255,7 @@ def save_npz_atomic(path: str | Path, images: np.ndarray, labels: np.ndarray) ->
 
 def load_vae(spec: str, device):
     """A diffusers AutoencoderKL from a local directory or a hub id (offline: local only)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # diffusers takes seconds to import: only latent models need it
 
     try:
         return AutoencoderKL.from_pretrained(spec).to(device).eval()

@@ -6,21 +6,18 @@
     python -m dit.zoo --model DiT-XL/2 --block adaln_zero spade   # some rows only
 
 GFLOPs are counted as the DiT paper counts them: multiply-adds of one forward pass of one image,
-i.e. torch.utils.flop_counter's FLOPs / 2. Models are built on the meta device: no weights are
-allocated, so even DiT-XL/2 is counted in about a second.
+i.e. torch.utils.flop_counter's FLOPs / 2 (dit/models/flops.py: models are built on the meta device, no
+weights are allocated, so even DiT-XL/2 is counted in about a second).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from dit.models import BLOCKS, DIT_MODELS, DiT, DiTConfig, model_config
-from dit.models.routing import Route, TokenRouting
+from dit.models import BLOCKS, DIT_MODELS, DiTConfig, model_config
+from dit.models.flops import count_config
+from dit.models.routing import TokenRouting
 
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
 # column, Table 4 for the other adaLN-Zero entries. Shown beside our counts in --markdown.
@@ -55,57 +52,9 @@ def count(
     """Trainable parameters, forward GFLOPs (multiply-adds) and tokens of one zoo entry; with ``routing``
     (TREAD), the GFLOPs of a training forward with that share of the tokens routed past its blocks. A block that
     reads a spatial map (spade) is counted with its one-channel 8x8 map (Block.needs)."""
-    config = DiTConfig(
-        **model_config(name), name=name, block=block, input_size=input_size, in_channels=in_channels,
-        num_classes=num_classes, **BLOCKS[block].needs,
-    )  # fmt: skip
+    data = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    config = DiTConfig(**model_config(name), **data, name=name, block=block, **BLOCKS[block].needs)
     return count_config(config, routing) | {"model": name, "block": block}
-
-
-def count_config(config: DiTConfig, routing: TokenRouting | None = None) -> dict:
-    """count() of any architecture (a run's recorded model config, e.g. with a spatial map): params, gflops,
-    tokens."""
-    with torch.device("meta"):
-        model = DiT(config)
-        x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
-        t = torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long)
-        kwargs = model.example_conditions(1)
-        route = None
-        if routing is not None and routing.enabled:
-            routing.check(model)
-            keep = torch.arange(routing.kept(model.num_tokens)).unsqueeze(0)  # which ones does not change the count
-            route = Route(keep, *routing.span(len(model.blocks)))
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(x, t, y, route=route, **kwargs)
-    return dict(
-        model=config.name,
-        block=config.block,
-        params=sum(p.numel() for p in model.parameters()),
-        gflops=counter.get_total_flops() / 2 / 1e9,
-        tokens=model.num_tokens,
-    )
-
-
-def training_flops(config: DiTConfig, routing: TokenRouting | None = None) -> float:
-    """FLOPs of one training image through the DiT, forward and backward (torch.utils.flop_counter's count, i.e.
-    2 per multiply-add), with TREAD token routing when given; counted on the meta device (no weights allocated).
-    The loss, the optimiser and the EMA are left out: they do not grow with the tokens."""
-    with torch.device("meta"):
-        model = DiT(dataclasses.replace(config, fused_adaln="false"))
-        x = torch.empty(1, config.in_channels, config.input_size, config.input_size)
-        t = torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long)
-        kwargs = model.example_conditions(1)
-        route = None
-        if routing is not None and routing.enabled:
-            routing.check(model)
-            route = Route(torch.arange(routing.kept(model.num_tokens)).unsqueeze(0), *routing.span(len(model.blocks)))
-    model.eval()  # no label dropout draws: the count does not depend on them
-    with FlopCounterMode(display=False) as counter:
-        model(x, t, y, route=route, **kwargs).sum().backward()
-    return float(counter.get_total_flops())
 
 
 def zoo_table(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, models=None, blocks=None) -> list:

@@ -22,8 +22,10 @@ from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import dit.training.config  # noqa: E402,F401  registers the training/optim schemas that compose() needs
 from dit.data import fashion_mnist  # noqa: E402
+from dit.training.config import register_configs  # noqa: E402
+
+register_configs()  # the training/optim/model schemas and the dit.* resolvers that compose() needs
 
 # Shared by the test modules (``from conftest import ...``): the repository, the dataset, composing configs.
 # Tiny models, VAEs and metrics reading: tests/helpers/tiny.py.

@@ -45,6 +45,24 @@ def test_bad_model_values_fail_at_composition_with_the_valid_ones():
     assert "Value 'deep' of type 'str' could not be converted to Integer" in str(err.value.__cause__)
 
 
+def test_closed_training_choices_fail_at_composition_with_the_valid_ones():
+    """The training and optimiser settings with a fixed set of values are Enums too: a bad value is refused when the
+    config is composed, naming the valid ones (no hand-written check in the loop)."""
+    for override, valid in (
+        ("training.mixed_precision=fp8", "no, bf16, fp16"),
+        ("training.nan_policy=sometimes", "stop, skip, rollback"),
+        ("optim.decay=step", "constant, cosine, linear"),
+        ("optim.name=sgd", "adamw, muon"),
+        ("optim.muon_adjust_lr=sometimes", "match_rms_adamw, original"),
+    ):
+        with pytest.raises(Exception, match=f"Error merging override {override}") as err:
+            compose_config("train", ["experiment=smoke", override])
+        assert f"expected one of [{valid}]" in str(err.value.__cause__)
+    cfg = compose_config("train", ["experiment=smoke", "training.mixed_precision=bf16", "optim.decay=cosine"])
+    training, optim = OmegaConf.to_object(cfg.training), OmegaConf.to_object(cfg.optim)
+    assert (training.mixed_precision, optim.decay) == ("bf16", "cosine")  # str Enums: compared and saved as text
+
+
 def test_a_size_field_against_the_size_is_refused_and_a_custom_size_builds():
     cfg = compose_config("train", ["model=dit", "model.size=S/2", "model.depth=4"])
     with pytest.raises(ValueError, match=r"model.depth=4 but size S/2 has 12: set model.size=null"):

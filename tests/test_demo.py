@@ -15,9 +15,9 @@ from PIL import Image
 import sample
 from dit import demo as dit_demo
 from dit.data.class_names import FASHION_MNIST_CLASSES
-from dit.demo import NONE, Demo, DemoConfig, RequestError, checkpoint_label, host_warning, parse_args
+from dit.demo import NONE, Demo, DemoConfig, Request, RequestError, checkpoint_label, host_warning, parse_args
 from dit.diffusion import build_objective
-from dit.model_files import save_export
+from dit.hub import ModelRecord, save_export
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: nothing phones home
 os.environ["SE_OFFLINE"] = "true"  # Selenium Manager never looks for (or downloads) a driver
@@ -38,9 +38,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = dict(class_names=FASHION_MNIST_CLASSES, latent=False)
     flow = randomize(tiny_dit(in_channels=1), seed=0)
-    save_export(root / "runA" / "model", flow, ema=flow, data=data, objective=build_objective("flow").settings())
+    save_export(root / "runA" / "model", flow, ModelRecord(build_objective("flow").settings(), data), ema=flow)
     ddpm = randomize(tiny_dit(in_channels=1, learn_sigma=True), seed=1)
-    save_export(root / "runB" / "checkpoints" / "step_0001000", ddpm, ema=ddpm, data=data)
+    save_export(root / "runB" / "checkpoints" / "step_0001000", ddpm, ModelRecord(data=data), ema=ddpm)
     return root / "runA" / "model", root / "runB" / "checkpoints" / "step_0001000"
 
 
@@ -50,6 +50,12 @@ def demo(runs):
 
 
 GOOD = dict(sampler="euler", classes=["Sneaker", "Bag"], per_class=2, steps=3, cfg_scale=2.0, seed=0)
+
+
+def asked(**values) -> tuple[str, Request]:
+    """(sampler, request) of GOOD with values changed: a panel's sampler and what the page asks of every panel."""
+    values = GOOD | values
+    return values.pop("sampler"), Request(**values)
 
 
 def test_cli_defaults_are_safe():
@@ -79,7 +85,7 @@ def test_only_the_given_checkpoints(demo, runs):
     assert demo.labels == ["runA export", "runB step 1000"]
     for typed in (str(runs[0]), "/etc/passwd", "../runA/model", NONE):  # a path (even a given one's) is no label
         with pytest.raises(RequestError, match="unknown checkpoint"):
-            demo.check(typed, **GOOD)
+            demo.check(typed, *asked())
 
 
 def test_samplers_of_each_objective(demo):
@@ -87,7 +93,7 @@ def test_samplers_of_each_objective(demo):
     assert flow.samplers == ["euler", "euler_maruyama", "heun"]
     assert ddpm.samplers == ["ddpm", "ddim", "dpmpp", "unipc"]
     with pytest.raises(RequestError, match="sampler 'ddim' cannot sample runA export"):
-        demo.check("runA export", **GOOD | dict(sampler="ddim"))
+        demo.check("runA export", *asked(sampler="ddim"))
 
 
 @pytest.mark.parametrize(
@@ -107,26 +113,28 @@ def test_samplers_of_each_objective(demo):
 )
 def test_bounds_are_enforced(demo, bad, message):
     with pytest.raises(RequestError, match=message):
-        demo.grid("runA export", **GOOD | bad)
+        demo.grid("runA export", *asked(**bad))
 
 
 def test_grid_is_sample_py_grid(demo, runs, tmp_path):
     """The same settings and seed give sample.py's grid.png, pixel for pixel; progress counts every evaluation."""
     evaluations = []
     for label, path, sampler in (("runA export", runs[0], "euler"), ("runB step 1000", runs[1], "ddim")):
-        grid = demo.grid(label, **GOOD | dict(sampler=sampler, seed=3), on_eval=evaluations.append)
-        overrides = dict(checkpoint=path, out_dir=tmp_path / label, classes="[Sneaker,Bag]", per_class=2, steps=3,
-                         cfg_scale=2.0, seed=3, sampler=sampler)  # fmt: skip
+        grid = demo.grid(label, *asked(sampler=sampler, seed=3), on_eval=evaluations.append)
+        settings = dict(classes="[Sneaker,Bag]", per_class=2, steps=3, cfg_scale=2.0, seed=3, sampler=sampler)
+        overrides = dict(checkpoint=path, out_dir=tmp_path / label) | settings
         out = sample.run(compose_config("sample", [f"{k}={v}" for k, v in overrides.items()]))
         np.testing.assert_array_equal(grid, np.array(Image.open(out / "grid.png")))
     assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3) and evaluations == [1, 2, 3] * 2
     with pytest.raises(RequestError, match="unknown class name 'Sneakers'; close names: 'Sneaker'"):
-        demo.grid("runA export", **GOOD | dict(classes=["Sneakers"]))
+        demo.grid("runA export", *asked(classes=["Sneakers"]))
 
 
 def server_function(app):
+    """The generate endpoint's function, called with its inputs' values in the endpoint's order (the page gives
+    Gradio its inputs as a set: the function gets them as one {component: value} dict)."""
     (fn,) = [f for f in app.fns.values() if f.api_name == "generate"]
-    return fn.fn
+    return lambda *values, **kw: fn.fn(dict(zip(fn.inputs, values)), **kw)
 
 
 @needs_gradio
@@ -256,4 +264,4 @@ def test_page_in_headless_chromium(server):
         driver.quit()
     classes = [*FASHION_MNIST_CLASSES[:4], "Sneaker"]  # the page's first 4 classes, and the one added
     assert page.shape == (5 * 18 + 2, 2 * 18 + 2, 3)  # 5 rows of 2 images of 16x16, 2-pixel padding
-    np.testing.assert_array_equal(page, demo.grid("runA export", "euler", classes, 2, 4, 4.0, 0))
+    np.testing.assert_array_equal(page, demo.grid("runA export", "euler", Request(classes, 2, 4, 4.0, 0)))

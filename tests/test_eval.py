@@ -437,10 +437,8 @@ def test_the_documented_recipe_remakes_the_shipped_classifier(tmp_path):
     from dit.eval.domain import WEIGHTS, WEIGHTS_SHA256
 
     out = tmp_path / "remade.safetensors"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dit.eval", "train-domain-classifier", "-o", str(out), "--json"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "dit.eval", "train-domain-classifier", "-o", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)  # stdout: the result only; the epochs' progress went to stderr
     assert "epoch 2/2" in proc.stderr and result["test_accuracy"] >= 0.88

@@ -1,4 +1,4 @@
-"""python -m dit.export: our format and diffusers' DiTPipeline, the model card, --push without a Hub.
+"""python -m dit.hub.export: our format and diffusers' DiTPipeline, the model card, --push without a Hub.
 
 Tiny random-weight models with the real layouts; a run directory laid out as train.py writes it (model/,
 checkpoints/, metrics.jsonl with the keys the loop logs, samples/, .hydra/); a tiny random VAE. No downloads.
@@ -22,8 +22,8 @@ from PIL import Image
 import sample
 from dit.data.class_names import FASHION_MNIST_CLASSES
 from dit.diffusion import build_objective
-from dit.export import main
-from dit.model_files import load_model, save_export
+from dit.hub import ModelRecord, load_model, save_export
+from dit.hub.export import main
 
 EXTRACTOR = "fashion-mnist-cnn-v1@20767b53ac99/fc1-128"
 DDPM = build_objective("ddpm").settings()
@@ -48,9 +48,9 @@ def run_dir(tmp_path_factory):
     data = dict(name="fashion_mnist", class_names=FASHION_MNIST_CLASSES, latent=False, vae=None, image_size=32)
     for step in (4, 6):
         ckpt = run / "checkpoints" / f"step_{step:07d}"
-        save_export(ckpt, pixel_model(step), ema=pixel_model(100 + step), objective=DDPM, data=data)
+        save_export(ckpt, pixel_model(step), ModelRecord(DDPM, data), ema=pixel_model(100 + step))
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "train_s": 0.1 * step}))
-    save_export(run / "model", pixel_model(6), ema=pixel_model(106), objective=DDPM, data=data)
+    save_export(run / "model", pixel_model(6), ModelRecord(DDPM, data), ema=pixel_model(106))
     (run / "finished.json").write_text(json.dumps({"step": 6, "settings": "0" * 64}))
     evaluation = dict(class_consistency=0.5, class_consistency_min=0.0, class_consistency_per_class=[0.5] * 10)
     records = [
@@ -84,7 +84,7 @@ def latent_export(path, vae_dir, num_classes=10, objective=DDPM, **kw):
     model = randomize(tiny_dit(patch_size=2, in_channels=4, num_classes=num_classes, **kw), 0.05, seed=0).eval()
     names = FASHION_MNIST_CLASSES if num_classes == 10 else [f"class {i}" for i in range(num_classes)]
     data = dict(name="latents", class_names=names, latent=True, vae=str(vae_dir))
-    return save_export(path, model, ema=model, objective=objective, data=data), model
+    return save_export(path, model, ModelRecord(objective, data), ema=model), model
 
 
 def export(capsys, *args):
@@ -158,7 +158,7 @@ def test_card_sample_command_runs(run_dir, tmp_path, capsys):
 
 def test_init_from_is_named(tmp_path, capsys):
     model = pixel_model(0)
-    save_export(tmp_path / "ft", model, ema=model, objective=DDPM, data=dict(latent=False))
+    save_export(tmp_path / "ft", model, ModelRecord(DDPM, dict(latent=False)), ema=model)
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     config["init_from"] = {"source": "someone/dit-fmnist", "step": 1000}
     (tmp_path / "ft" / "config.json").write_text(json.dumps(config))
@@ -169,8 +169,13 @@ def test_init_from_is_named(tmp_path, capsys):
 
 def pipeline_images(pipe, labels, steps, cfg_scale, seed=0):
     """The DiTPipeline's images as sample.py rounds them (uint8 NHWC: round(255 x), x in [0, 1])."""
-    out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=cfg_scale,
-               generator=torch.Generator().manual_seed(seed), output_type="np")  # fmt: skip
+    out = pipe(
+        class_labels=labels,
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
     return np.floor(255 * out.images + 0.5).astype(np.uint8)
 
 
@@ -223,8 +228,10 @@ def test_diffusers_card_snippet_and_command_give_the_same_images(tmp_path, vae_d
     snippet = card.text.split("```python\n")[1].split("```")[0]
     (line,) = [x for x in card.text.splitlines() if x.startswith("python sample.py ")]
     assert f"DiTPipeline.from_pretrained('{out}')" in snippet and "num_inference_steps=25" in snippet
-    assert line == f"python sample.py checkpoint={out} sampler=dpmpp steps=25 cfg_scale=4.0 'classes=[0,1,2,3]' " \
-        "per_class=1 seed=0"  # fmt: skip
+    assert (
+        line == f"python sample.py checkpoint={out} sampler=dpmpp steps=25 cfg_scale=4.0 'classes=[0,1,2,3]' "
+        "per_class=1 seed=0"
+    )
     # Both as the card has them but for the step count (25 steps take ~15 s each on the 2-core machine).
     monkeypatch.chdir(tmp_path)
     scope = {}
@@ -260,10 +267,11 @@ def test_what_cannot_be_a_pipeline_is_written_ours(tmp_path, vae_dir, capsys, ki
     src = tmp_path / "src"
     if kind == "pixel":
         model = pixel_model(0)
-        save_export(src, model, ema=model, objective=DDPM, data=dict(name="fashion_mnist", latent=False))
+        save_export(src, model, ModelRecord(DDPM, dict(name="fashion_mnist", latent=False)), ema=model)
     else:
-        _, model = latent_export(src, vae_dir, objective=FLOW if kind == "flow" else DDPM,
-                                 block="adaln_zero" if kind == "flow" else kind)  # fmt: skip
+        _, model = latent_export(
+            src, vae_dir, objective=FLOW if kind == "flow" else DDPM, block="adaln_zero" if kind == "flow" else kind
+        )
     out = tmp_path / "export"
     code, err = export(capsys, src, "-o", out, "--format", "diffusers")
     assert code == 0 and len(err) == 1, err
@@ -278,7 +286,7 @@ def test_push_without_token_or_network_says_so_and_keeps_the_export(run_dir, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # no stored token either
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "dit.export", str(run_dir), "-o", str(out), "--push", "someone/dit-test"]
+    cmd = [sys.executable, "-m", "dit.hub.export", str(run_dir), "-o", str(out), "--push", "someone/dit-test"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
@@ -312,11 +320,10 @@ def test_an_existing_output_is_refused(run_dir, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
-    assert export(capsys, tmp_path / "nowhere", "-o", tmp_path / "a") == (
-        1, [f"error: {tmp_path / 'nowhere'} not found (a run directory, a checkpoint or an export)"]
-    )  # fmt: skip
+    missing = f"error: {tmp_path / 'nowhere'} not found (a run directory, a checkpoint or an export)"
+    assert export(capsys, tmp_path / "nowhere", "-o", tmp_path / "a") == (1, [missing])
     model = pixel_model(0)
-    save_export(tmp_path / "damaged", model, ema=model, objective=DDPM)
+    save_export(tmp_path / "damaged", model, ModelRecord(DDPM), ema=model)
     weights = tmp_path / "damaged" / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, err = export(capsys, tmp_path / "damaged", "-o", tmp_path / "b")

@@ -8,7 +8,7 @@ import torch.nn as nn
 from conftest import compose_config, needs_fmnist
 
 import train
-from dit.model_files import load_model
+from dit.hub import load_model
 from dit.models import BLOCKS, create_model
 from dit.models.blocks import AdaLNZeroBlock, Block, block_mlp, self_attention
 from dit.models.config import DiTConfig
@@ -42,7 +42,7 @@ class FiLMBlock(Block):
 
 @pytest.fixture
 def film_registered():
-    BLOCKS.add(FiLMBlock)  # the one registry line (in the tree: one entry in blocks.py's BLOCKS list)
+    BLOCKS.add(FiLMBlock)  # the one registry line (in the tree: an entry of BLOCKS in dit/models/blocks/__init__.py)
     yield FiLMBlock
     BLOCKS.remove(FiLMBlock.name)
 

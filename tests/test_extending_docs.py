@@ -9,7 +9,7 @@ from conftest import ROOT
 def test_every_example_in_extending_md_is_tested_code():
     doc = (ROOT / "docs" / "extending.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) >= 4  # a block, an objective (+ its sampler), a sampler, a metric
+    assert len(blocks) >= 5  # a block, an objective (+ its sampler), a sampler, a metric, a training accelerator
     tests = "\n".join(p.read_text() for p in sorted((ROOT / "tests").glob("test_extending_*.py")))
     for block in blocks:
         for chunk in block.strip().split("\n\n\n"):  # one class per chunk

@@ -14,9 +14,17 @@ from PIL import Image
 
 import sample
 import train
-from dit.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, SamplingSettings, build_objective, build_sampler
+from dit.diffusion import (
+    OBJECTIVES,
+    SAMPLERS,
+    FlowMatching,
+    SamplingSettings,
+    build_objective,
+    build_sampler,
+    check_sampling,
+)
 from dit.diffusion.flow import FlowSampler
-from dit.model_files import save_export
+from dit.hub import ModelRecord, save_export
 from dit.models import create_model
 from dit.training.randomness import SlicedRandom
 
@@ -92,7 +100,7 @@ def tiny_model():
 
 def export(path, objective):
     model = tiny_model()
-    save_export(path, model, ema=model, objective=objective.settings(), data={"latent": False})
+    save_export(path, model, ModelRecord(objective.settings(), {"latent": False}), ema=model)
     return path
 
 
@@ -122,8 +130,8 @@ def test_a_new_sampler_in_sample_py_and_the_training_configs(midpoint, tmp_path)
     flow = export(tmp_path / "flow", FlowMatching())
     grids = {}
     for name in ("midpoint_example", "euler"):
-        cfg = compose_config("sample", [f"checkpoint={flow}", f"out_dir={tmp_path / name}", f"sampler={name}",
-                                        "steps=3", "cfg_scale=2", "per_class=2"])  # fmt: skip
+        settings = [f"sampler={name}", "steps=3", "cfg_scale=2", "per_class=2"]
+        cfg = compose_config("sample", [f"checkpoint={flow}", f"out_dir={tmp_path / name}", *settings])
         grids[name] = np.array(Image.open(sample.run(cfg) / "grid.png"))
     assert grids["midpoint_example"].shape[:2] == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)  # 3 rows of 2 images of 8x8
     assert not np.array_equal(grids["midpoint_example"], grids["euler"])  # sample.py ran the new one
@@ -141,7 +149,7 @@ def test_a_new_sampler_in_sample_py_and_the_training_configs(midpoint, tmp_path)
     SAMPLERS.remove("midpoint_example")
     try:
         with pytest.raises(ValueError, match="unknown sampler 'midpoint_example'; valid samplers: ddim"):
-            SamplingSettings(sampler="midpoint_example")
+            check_sampling(SamplingSettings(sampler="midpoint_example"))  # what sample.py checks before loading
     finally:
         SAMPLERS.add(MidpointSampler)
 
@@ -181,15 +189,10 @@ def test_a_new_objective_through_train_py_and_sample_py(x_flow, tmp_path):
     """diffusion.name=x_flow_example (configs/diffusion/flow.yaml's keys fit it): train, the export records
     it, sample.py rebuilds it and samples with its default sampler, the training grid's pixels."""
     run = tmp_path / "run"
-    cfg = compose_config(
-        "train",
-        ["experiment=smoke", "diffusion=flow", "diffusion.name=x_flow_example", *GRID_RUN],
-    )  # fmt: skip
+    cfg = compose_config("train", ["experiment=smoke", "diffusion=flow", "diffusion.name=x_flow_example", *GRID_RUN])
     assert train.run(cfg, run)["step"] == 2
     assert json.loads((run / "model" / "config.json").read_text())["objective"]["name"] == "x_flow_example"
     out = sample.run(
-        compose_config(
-            "sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE]
-        )  # fmt: skip
+        compose_config("sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE])
     )
     assert np.array_equal(np.array(Image.open(out / "grid.png")), np.array(Image.open(run / "samples" / "latest.png")))

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FMNIST, ROOT, SMOKE, needs_fmnist, smoke_config
-from helpers.tiny import tiny_diffusers_dit
+from helpers.tiny import randomize, tiny_diffusers_dit, tiny_dit
 from safetensors.torch import save_file
 
 import train
 from dit.data.latents import LatentShards
 from dit.eval.stats import ImageSource, Stats, is_stats_file
+from dit.hub import ModelRecord, load_model, save_export
 from dit.integrity import DamagedFileError
-from dit.model_files import load_model
 from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
 
 # A checkpoint every step (more moments to kill), the last two kept.
@@ -118,6 +118,21 @@ def test_damaged_export(trained, tmp_path, name, how):
         load_model(export, use_ema=use_ema)
     assert_names(e.value, export / name)
     assert snapshot(export) == before
+
+
+def test_a_wrapped_models_checkpoint_loads_the_dit_under_its_prefix(tmp_path):
+    """A training add-on that wraps the DiT (its own head beside it) saves the DiT's weights under a prefix: they
+    load, the add-on's are left out; a key under the prefix that does not fit the DiT still fails, named."""
+    model = randomize(tiny_dit(in_channels=1), seed=0)
+    path = save_export(tmp_path / "checkpoint", model, ModelRecord(data=dict(latent=False)))
+    wrapped = {f"module.dit.{k}": v for k, v in model.state_dict().items()} | {"module.head.weight": torch.ones(3)}
+    save_file(wrapped, path / "model.safetensors")
+    loaded = load_model(path, use_ema=False)[0].state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+    save_file(wrapped | {"module.dit.blocks.0.extra": torch.ones(1)}, path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected keys: blocks.0.extra"):
+        load_model(path, use_ema=False)
 
 
 @pytest.mark.parametrize("how", DAMAGE)

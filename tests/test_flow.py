@@ -220,9 +220,15 @@ def sit_sde(
 
 @pytest.mark.parametrize(
     "net,method,steps,cfg_scale",
-    [("random", "euler", 7, 1.0), ("random", "heun", 5, 1.0), ("random", "euler", 4, 2.5), ("random", "heun", 3, 3.0),
-     ("dit", "euler", 3, 2.5), ("dit", "heun", 2, 3.0)],
-)  # fmt: skip
+    [
+        ("random", "euler", 7, 1.0),
+        ("random", "heun", 5, 1.0),
+        ("random", "euler", 4, 2.5),
+        ("random", "heun", 3, 3.0),
+        ("dit", "euler", 3, 2.5),
+        ("dit", "heun", 2, 3.0),
+    ],
+)
 def test_ode_samplers_equal_sit(net, method, steps, cfg_scale):
     """Our `steps` = SiT's num_steps - 1 (the grid has steps + 1 points); every step matches, the last included."""
     model = RandomVelocity() if net == "random" else tiny_dit()
@@ -438,9 +444,17 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
     pixels here: the samplers' numerics are tested above.) No sampler is named for the in-training FID: a flow
     run's is its objective's (euler), see test_objectives."""
     run = tmp_path / "run"
-    base = ["experiment=smoke", "diffusion=flow", "diffusion.time_sampling=logit_normal", "training.ckpt_every=2",
-            "training.sample_per_class=1", "training.sample_max_classes=10", "training.grid_sampling.sampler=euler",
-            "training.grid_sampling.steps=4", "training.grid_sampling.cfg_scale=2.0"]  # fmt: skip
+    base = [
+        "experiment=smoke",
+        "diffusion=flow",
+        "diffusion.time_sampling=logit_normal",
+        "training.ckpt_every=2",
+        "training.sample_per_class=1",
+        "training.sample_max_classes=10",
+        "training.grid_sampling.sampler=euler",
+        "training.grid_sampling.steps=4",
+        "training.grid_sampling.cfg_scale=2.0",
+    ]
     first = train.run(compose_config("train", [*base, "training.total_steps=2"]), run)
     assert first["step"] == 2
     result = train.run(compose_config("train", [*base, "training.total_steps=4"]), run)
@@ -453,8 +467,16 @@ def test_train_resume_and_sample_a_flow_model(tmp_path):
         )
 
     def sample_grid(out, *extra):
-        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "seed=0", "batch_size=10",
-                     "steps=4", "cfg_scale=2.0", *extra]  # fmt: skip
+        overrides = [
+            f"checkpoint={run / 'model'}",
+            f"out_dir={out}",
+            "per_class=1",
+            "seed=0",
+            "batch_size=10",
+            "steps=4",
+            "cfg_scale=2.0",
+            *extra,
+        ]
         sample.run(compose_config("sample", overrides))
         return np.array(Image.open(Path(out) / "grid.png"))
 

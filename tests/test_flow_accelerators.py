@@ -12,8 +12,8 @@ import sample
 import train
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.diffusion.flow import X_PREDICTION_EPS, FlowMatching
+from dit.training.digest import settings_digest
 from dit.training.randomness import SlicedRandom
-from dit.training.run import settings_digest
 
 
 def rng(step=0):
@@ -147,13 +147,14 @@ def test_train_with_all_three_and_sample_with_sample_py(tmp_path):
     assert train.run(cfg, run)["step"] == 2
     meta = json.loads((run / "model" / "config.json").read_text())
     assert {k: meta["objective"][k] for k in FlowMatching.ADDED_SETTINGS} == {
-        "time_shift": 3.0, "contrastive_weight": 0.05, "prediction": "x"}  # fmt: skip
+        "time_shift": 3.0,
+        "contrastive_weight": 0.05,
+        "prediction": "x",
+    }
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("contrastive_mse" in r and "flow_mse" in r for r in logged)
     out = sample.run(
-        compose_config(
-            "sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE]
-        )  # fmt: skip
+        compose_config("sample", [f"checkpoint={run / 'model'}", f"out_dir={tmp_path / 's'}", *GRID_SAMPLE])
     )
     from PIL import Image
 

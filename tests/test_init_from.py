@@ -9,10 +9,11 @@ from conftest import needs_fmnist, smoke_config
 from helpers.tiny import randomize
 
 import train
-from dit.init_from import initialize
+from dit.hub import save_export, to_diffusers
+from dit.hub.export import export
 from dit.models import DiT
-from dit.models.convert import to_diffusers
-from dit.training.run import settings_digest
+from dit.training.digest import settings_digest
+from dit.training.init_from import initialize
 
 DEBUG4 = dict(size="Debug/4", in_channels=1, input_size=32, num_classes=10)  # the smoke run's model (Fashion-MNIST)
 
@@ -64,9 +65,10 @@ def test_output_channels_keep_the_epsilon_half_and_input_channels_reset(tmp_path
     rgb = DiT(**{**DEBUG4, "in_channels": 3})
     done = initialize(rgb, official_pt(tmp_path, src))
     assert {(r.action, r.key) for r in done.rows} == {
-        ("reset", "x_embedder.proj.weight"), ("reset", "final_layer.linear.weight"),
+        ("reset", "x_embedder.proj.weight"),
+        ("reset", "final_layer.linear.weight"),
         ("reset", "final_layer.linear.bias"),
-    }  # fmt: skip
+    }
 
 
 def test_what_does_not_correspond_is_refused_naming_the_setting(tmp_path):
@@ -74,8 +76,6 @@ def test_what_does_not_correspond_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="model.hidden_size=64, this run model.hidden_size=96"):
         initialize(DiT(**{**DEBUG4, "size": None, "hidden_size": 96, "depth": 2, "num_heads": 2, "patch_size": 4}), pt)
     ours = tmp_path / "cross"
-    from dit.model_files import save_export
-
     save_export(ours, source(block="cross_attn"))
     with pytest.raises(ValueError, match="it has model.block=cross_attn, this run model.block=adaln_zero"):
         initialize(DiT(**DEBUG4), ours)
@@ -119,7 +119,6 @@ def test_fine_tune_from_an_official_checkpoint_to_new_classes_through_train_py(t
     assert record["source"] == str(pt) and record["class_map"] == mapping and record["format"] == "official"
     ckpt = json.loads((tmp_path / "run" / "checkpoints" / "step_0000006" / "config.json").read_text())
     assert ckpt["init_from"] == record
-    from dit.export import export
 
     out, _ = export(tmp_path / "run", tmp_path / "shared", say=lambda line: None)  # the model card names it
     assert f"Fine-tuned from {pt}." in (out / "README.md").read_text()

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from helpers.tiny import randomize, tiny_diffusers_dit, tiny_dit, tiny_vae
 
+from dit.hub.convert import from_diffusers, infer_official_config, load_official_checkpoint, to_diffusers
 from dit.models import DiTConfig, create_model
-from dit.models.convert import from_diffusers, infer_official_config, load_official_checkpoint, to_diffusers
 
 
 def official_xl2_shapes():

@@ -1,5 +1,5 @@
 """Hydra launchers (configs/hydra/launcher/): a real multirun through submitit's local executor, whose
-runs dit.report collects, one job over two processes, and the sbatch script hydra/launcher=slurm asks for."""
+runs dit.analysis.report collects, one job over two processes, and the sbatch script hydra/launcher=slurm asks for."""
 
 import os
 import subprocess
@@ -32,11 +32,10 @@ def multirun(sweep_dir, *overrides, env=None):
 
 
 def report(sweep, tmp_path) -> str:
-    """python -m dit.report <sweep>: the markdown it writes."""
+    """python -m dit.analysis.report <sweep>: the markdown it writes."""
     out = tmp_path / "report.md"
-    subprocess.run(
-        [sys.executable, "-m", "dit.report", str(sweep), "-o", str(out)], cwd=ROOT, check=True, capture_output=True
-    )
+    cmd = [sys.executable, "-m", "dit.analysis.report", str(sweep), "-o", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return out.read_text()
 
 

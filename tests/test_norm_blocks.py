@@ -13,10 +13,10 @@ from helpers.tiny import tiny_dit as tiny
 from test_zoo_blocks import adaln_zero_like_formula, block_inputs, build_block, layer_norm, opts, six_modulations
 
 import train
-from dit.model_files import load_model
+from dit.hub import load_model
 from dit.models import DiTConfig, get_block
 from dit.models.blocks import BatchNormModulate
-from dit.sampling import generate
+from dit.sampling import GenerationSpec, generate
 
 EPS = 1e-6
 
@@ -175,11 +175,12 @@ def test_block_trains_checkpoints_resumes_exactly_and_samples(tmp_path, name):
     model, meta = load_model(tmp_path / "run" / "model")
     assert model.block == name
     from dit.diffusion import build_sampler
-    from dit.model_files import objective_of
+    from dit.hub import objective_of
     from dit.sampling import SamplingSettings
 
     sampler = build_sampler(objective_of(meta), SamplingSettings(steps=2, cfg_scale=2.0))
-    _, images = next(iter(generate(model.eval(), sampler, torch.tensor([0, 9]), batch_size=2, seed=0, device="cpu")))
+    spec = GenerationSpec(torch.tensor([0, 9]), batch_size=2, seed=0)
+    _, images = next(iter(generate(model.eval(), sampler, spec, device="cpu")))
     assert images.shape == (2, 32, 32, 1) and images.dtype == torch.uint8 and images.float().std() > 0
 
 

@@ -26,10 +26,11 @@ from dit.diffusion import (
     SamplingSettings,
     build_objective,
     build_sampler,
+    check_sampling,
     create_diffusion,
     get_betas,
 )
-from dit.model_files import load_model
+from dit.hub import load_model
 from dit.models import DiT
 
 
@@ -136,7 +137,7 @@ def test_sampling_settings_are_checked_and_converted_once():
         ),
     ]:
         with pytest.raises(ValueError, match=match):
-            SamplingSettings(**bad)
+            check_sampling(SamplingSettings(**bad))  # the values when made, the sampler's name beside the registry
 
 
 def test_sampling_settings_from_a_config_node_keep_only_their_keys():
@@ -188,14 +189,14 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
 
     from dit.diffusion import FlowMatching
     from dit.training.config import TrainConfig, training_sampling
-    from dit.training.loop import _training_sampler
-    from dit.training.run import settings_digest
+    from dit.training.digest import settings_digest
+    from dit.training.evaluation import training_sampler
 
     model, cfg = tiny_model(), TrainConfig(fid_every=1)
     for objective, grid, fid in [(create_diffusion(), "ddpm", "ddim"), (FlowMatching(), "euler", "euler")]:
         assert build_sampler(objective, SamplingSettings()).name == grid  # sample.py
-        assert _training_sampler(objective, cfg, "grid_sampling", model).name == grid
-        assert _training_sampler(objective, cfg, "fid_sampling", model).name == fid
+        assert training_sampler(objective, cfg, "grid_sampling", model).name == grid
+        assert training_sampler(objective, cfg, "fid_sampling", model).name == fid
         recorded = {"sampler": None, "steps": 10, "cfg_scale": 2.0, "options": {}}  # a run's config.yaml
         assert training_sampling("fid_sampling", recorded, objective.name) == SamplingSettings(fid, 10, 2.0)
 
@@ -212,13 +213,13 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
     )
     assert flow != digest("diffusion=flow", "training.fid_sampling.sampler=heun")
     with pytest.raises(ValueError, match="training.fid_sampling: sampler 'ddim' cannot sample .* 'flow' objective"):
-        _training_sampler(
+        training_sampler(
             FlowMatching(), TrainConfig(fid_sampling=SamplingSettings(sampler="ddim")), "fid_sampling", model
         )
 
 
 def test_no_recorded_objective_means_dits_ddpm():
-    from dit.model_files import objective_of, objective_settings
+    from dit.hub import objective_of, objective_settings
 
     ddpm = {"name": "ddpm", "noise_schedule": "linear", "diffusion_steps": 1000, "variance_type": "learned_range"}
     assert objective_settings({}) == objective_settings({"objective": {}}) == ddpm
@@ -239,7 +240,7 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
     cfg = compose_config(
         "train",
         ["experiment=smoke", "diffusion.noise_schedule=cosine", "training.grid_sampling.sampler=ddim", *GRID_RUN],
-    )  # fmt: skip
+    )
     train.run(cfg, run)
     meta = json.loads((run / "model" / "config.json").read_text())
     assert meta["objective"] == {
@@ -254,8 +255,16 @@ def test_cosine_model_samples_with_its_own_schedule_everywhere(tmp_path):
     assert build_objective(**loaded["objective"]).settings()["noise_schedule"] == "cosine"
 
     def sample_grid(out, objective=None):
-        overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "per_class=1", "sampler=ddim", "steps=4",
-                     "cfg_scale=2.0", "seed=0", "batch_size=10"]  # fmt: skip
+        overrides = [
+            f"checkpoint={run / 'model'}",
+            f"out_dir={out}",
+            "per_class=1",
+            "sampler=ddim",
+            "steps=4",
+            "cfg_scale=2.0",
+            "seed=0",
+            "batch_size=10",
+        ]
         if objective is not None:  # pretend the export had not recorded its objective
             cfg_json = json.loads((run / "model" / "config.json").read_text())
             cfg_json["objective"] = objective

@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers.tiny import randomize, tiny_dit
 
+from dit.models import DiTConfig
+from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
 from dit.ops import (
     layernorm_modulate,
     layernorm_modulate_fused,
@@ -157,9 +159,6 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict(block, options):
 
 @pytest.mark.parametrize("norm", KERNELS)
 def test_torch_compile_of_a_block_with_the_fused_op(norm):
-    from dit.models import DiTConfig
-    from dit.models.blocks import AdaLNZeroBlock, set_fused_adaln
-
     block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2, norm=norm))
     set_fused_adaln(block, "true")
     randomize(block)
@@ -173,9 +172,6 @@ def test_torch_compile_of_a_block_with_the_fused_op(norm):
 
 @pytest.mark.gpu
 def test_torch_compile_fused_block_on_cuda():
-    from dit.models import DiTConfig
-    from dit.models.blocks import AdaLNZeroBlock
-
     block = randomize(AdaLNZeroBlock(DiTConfig(size="XL/2")).cuda(), 0.02)
     x, c = torch.randn(4, 256, 1152, device="cuda"), torch.randn(4, 1152, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -12,9 +12,9 @@ from helpers.tiny import randomize, records, tiny_dit
 from omegaconf import OmegaConf
 
 import train
+from dit.models.flops import training_flops
 from dit.training.config import OptimConfig
 from dit.training.optim import FullMatrixMuon, MuonWithAdamW, build_optimizer, muon_parameter, optimizer_flops
-from dit.zoo import training_flops
 
 
 def model_and_grads(seed=0):
@@ -41,8 +41,13 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest():
     muon = {n for n, p in named.items() if kinds[id(p)] == "muon"}
     assert "blocks.0.attn.qkv.weight" in muon and "blocks.1.mlp.fc2.weight" in muon
     assert "blocks.0.adaLN_modulation.1.weight" in muon
-    for name in ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight",
-                 "final_layer.linear.weight", "blocks.0.attn.qkv.bias"):  # fmt: skip
+    for name in (
+        "x_embedder.proj.weight",
+        "y_embedder.embedding_table.weight",
+        "t_embedder.mlp.0.weight",
+        "final_layer.linear.weight",
+        "blocks.0.attn.qkv.bias",
+    ):
         assert name not in muon and not muon_parameter(name, named[name])
     assert all(named[n].ndim == 2 and n.startswith("blocks.") for n in muon)
     assert type(build_optimizer(model, OptimConfig())) is torch.optim.AdamW  # the default is DiT's AdamW
@@ -82,7 +87,9 @@ def test_one_state_dict_resumes_exactly_and_the_schedule_reaches_both():
         backward(model)
         opt.step(), sched.step(), opt.zero_grad()
     assert {g["kind"]: g["lr"] for g in opt.engines["muon"].param_groups + opt.engines["adamw"].param_groups} == {
-        "muon": 1e-3 / 8, "adamw": 1e-3 / 8}  # fmt: skip
+        "muon": 1e-3 / 8,
+        "adamw": 1e-3 / 8,
+    }
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     assert len(saved_opt["state"]) == len(list(model.parameters()))
     backward(model)

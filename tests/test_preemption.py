@@ -120,17 +120,21 @@ def test_a_second_sigint_aborts_at_once_and_handlers_are_put_back():
 def test_a_stop_during_an_evaluation_is_finished_on_resume(tmp_path, monkeypatch):
     """A signal while the FID samples are drawn: the evaluation is abandoned between sampling batches, the
     checkpoint records it, and the resumed run evaluates that step first: the same figures as uninterrupted."""
-    import dit.training.loop as loop
+    import dit.training.evaluation as evaluation
     from dit.eval.stats import ImageSource
 
-    monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", 8)  # 20 samples in 3 batches: a moment between them
+    monkeypatch.setattr(evaluation, "EVAL_BATCH_SIZE", 8)  # 20 samples in 3 batches: a moment between them
     ref = ImageSource("fashion_mnist:test")  # 500 test images as the reference (an ADM-style npz): quick
     np.savez(tmp_path / "ref.npz", arr_0=ref.array[:500], arr_1=ref.labels[:500])
     overrides = [
-        "training.fid_every=3", "training.fid_samples=20", "training.fid_sampling.steps=2", "training.ckpt_every=0",
-        "training.fid_metric=fashion_mnist", f"training.fid_ref={tmp_path / 'ref.npz'}",
-    ]  # fmt: skip
-    real = loop.generate
+        "training.fid_every=3",
+        "training.fid_samples=20",
+        "training.fid_sampling.steps=2",
+        "training.ckpt_every=0",
+        "training.fid_metric=fashion_mnist",
+        f"training.fid_ref={tmp_path / 'ref.npz'}",
+    ]
+    real = evaluation.generate
 
     def signalled_in_the_first_evaluation(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -139,14 +143,14 @@ def test_a_stop_during_an_evaluation_is_finished_on_resume(tmp_path, monkeypatch
                 os.kill(os.getpid(), signal.SIGUSR2)
             yield batch
 
-    monkeypatch.setattr(loop, "generate", signalled_in_the_first_evaluation)
+    monkeypatch.setattr(evaluation, "generate", signalled_in_the_first_evaluation)
     run = tmp_path / "run"
     with pytest.raises(Stopped) as stopped:
         train.run(smoke_config(*overrides), run)
     assert stopped.value.step == 3 and not [r for r in records(run) if "fid" in r]
     state = json.loads((run / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
     assert state["pending"] == ["evaluate"]
-    monkeypatch.setattr(loop, "generate", real)
+    monkeypatch.setattr(evaluation, "generate", real)
     result = train.run(smoke_config(*overrides), run)
     reference = train.run(smoke_config(*overrides), tmp_path / "uninterrupted")
     assert_same_weights(result["model"], reference["model"])
@@ -257,9 +261,14 @@ def test_a_killed_rank_ends_the_other_within_the_timeout(tmp_path):
     run, timeout = tmp_path / "run", 20
     port = str(29600 + os.getpid() % 300)
     command = [
-        sys.executable, str(ROOT / "train.py"), *SMOKE, "training.total_steps=100000", "training.ckpt_every=0",
-        f"training.collective_timeout_s={timeout}", f"hydra.run.dir={run}",
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "train.py"),
+        *SMOKE,
+        "training.total_steps=100000",
+        "training.ckpt_every=0",
+        f"training.collective_timeout_s={timeout}",
+        f"hydra.run.dir={run}",
+    ]
     procs = []
     for rank in (0, 1):
         ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
@@ -272,7 +281,7 @@ def test_a_killed_rank_ends_the_other_within_the_timeout(tmp_path):
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
         )
     try:
         signal_when_training(procs[0], run, signal.SIGKILL, random.Random(), 2, pids=lambda: [procs[1].pid])
@@ -345,9 +354,17 @@ def test_submitit_requeues_a_signalled_job_which_resumes(tmp_path):
 
     sweep = tmp_path / "sweep"
     command = [
-        sys.executable, str(ROOT / "train.py"), "-m", *SMOKE, *RUN, "logger=none", "hydra/launcher=local",
-        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=run", "seed=0",
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *SMOKE,
+        *RUN,
+        "logger=none",
+        "hydra/launcher=local",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=run",
+        "seed=0",
+    ]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run, rng = sweep / "run", random.Random()
 

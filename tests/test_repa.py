@@ -1,4 +1,4 @@
-"""REPA (dit/training/repa.py): the alignment loss against float64 arithmetic, where its gradient goes, the
+"""REPA (dit/training/addons/repa.py): the alignment loss against float64 arithmetic, where its gradient goes, the
 encoders (a registered one, timm from a local file, a missing file named), and training runs that export a plain
 DiT, load, and resume exactly."""
 
@@ -10,10 +10,10 @@ from conftest import compose_config, needs_fmnist
 from helpers.tiny import randomize, records, tiny_dit
 
 import train
-from dit.model_files import load_model
+from dit.hub import load_model
+from dit.models.flops import training_flops
 from dit.models.routing import TokenRouting
-from dit.training.repa import TEACHERS, REPAConfig, REPAModel, TimmTeacher, repa_loss, teacher_tokens
-from dit.zoo import training_flops
+from dit.training.addons.repa import TEACHERS, REPAConfig, REPAModel, TimmTeacher, repa_loss, teacher_tokens
 
 
 class ToyTeacher(nn.Module):
@@ -120,10 +120,11 @@ def _tiny_timm_encoder(path):
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kw)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
     return [
-        "training.repa.encoder=timm:vit_tiny_patch16_224", f"training.repa.encoder_weights={path}",
+        "training.repa.encoder=timm:vit_tiny_patch16_224",
+        f"training.repa.encoder_weights={path}",
         "training.repa.encoder_resolution=32",
         "+training.repa.encoder_kwargs={" + ",".join(f"{k}:{v}" for k, v in kw.items()) + "}",
-    ]  # fmt: skip
+    ]
 
 
 def test_latents_extracted_with_their_pixels_give_the_images_flipped_as_their_latents(tmp_path):
@@ -185,17 +186,43 @@ def test_the_imagenet_recipes_compose_and_train_on_latents_with_pixels_at_tiny_s
         assert (full.model.name, full.data.name, full.diffusion.name) == ("DiT-XL/2", "latents", objective)
         repa = full.training.repa
         assert (repa.weight, repa.block, repa.encoder, repa.encoder_resolution, repa.projector_dim) == (
-            0.5, 8, "timm:vit_base_patch14_dinov2", 224, 2048)  # fmt: skip
+            0.5,
+            8,
+            "timm:vit_base_patch14_dinov2",
+            224,
+            2048,
+        )
     tiny_vae().save_pretrained(tmp_path / "vae")
     root = image_folder(tmp_path / "data", size=32)
-    extract(["--root", str(root), "--image-size", "32", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat"),
-             "--pixels"])  # fmt: skip
+    extract(
+        [
+            "--root",
+            str(root),
+            "--image-size",
+            "32",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--out",
+            str(tmp_path / "lat"),
+            "--pixels",
+        ]
+    )
     tiny = [
-        "model=dit_debug2", f"data.dataset.root={tmp_path / 'lat'}", "training.total_steps=2",
-        "training.global_batch_size=4", "training.mixed_precision=no", "training.num_workers=0",
-        "training.ckpt_every=0", "training.sample_every=0", "training.grid_sampling.steps=2", "model.depth=2",
-        "model.size=null", "model.name=null", "training.repa.block=1", "training.repa.projector_dim=32",
-    ]  # fmt: skip
+        "model=dit_debug2",
+        f"data.dataset.root={tmp_path / 'lat'}",
+        "training.total_steps=2",
+        "training.global_batch_size=4",
+        "training.mixed_precision=no",
+        "training.num_workers=0",
+        "training.ckpt_every=0",
+        "training.sample_every=0",
+        "training.grid_sampling.steps=2",
+        "model.depth=2",
+        "model.size=null",
+        "model.name=null",
+        "training.repa.block=1",
+        "training.repa.projector_dim=32",
+    ]
     encoder = _tiny_timm_encoder(tmp_path / "vit.safetensors")
     train.run(compose_config("train", ["experiment=repa_sit_xl2_imagenet256", *tiny, *encoder]), tmp_path / "run")
     recs = records(tmp_path / "run")
@@ -269,7 +296,12 @@ def test_repa_on_two_processes_matches_one(tmp_path, launcher):
 def test_the_teacher_trained_here_is_the_default_encoder(tmp_path):
     """training.repa.weight=0.5 alone: the shipped Fashion-MNIST teacher (dit/training/teachers.py), 8 x 8 patches on
     the smoke model's 8 x 8 tokens, no resize."""
-    result = train.run(compose_config("train", ["experiment=smoke", "training.repa.weight=0.5", "training.repa.block=1",
-                                                "training.repa.projector_dim=32"]), tmp_path)  # fmt: skip
+    result = train.run(
+        compose_config(
+            "train",
+            ["experiment=smoke", "training.repa.weight=0.5", "training.repa.block=1", "training.repa.projector_dim=32"],
+        ),
+        tmp_path,
+    )
     assert result["step"] == 6
     assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path) if "repa" in r)

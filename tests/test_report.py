@@ -1,4 +1,4 @@
-"""python -m dit.report: a real multirun (finished, unfinished and failed runs), and the statistics of a
+"""python -m dit.analysis.report: a real multirun (finished, unfinished and failed runs), and the statistics of a
 study (means and t intervals over seeds, Welch's test, Holm's correction) against scipy and hand-worked
 numbers."""
 
@@ -14,8 +14,8 @@ from scipy import stats
 from test_train import cfg_for, needs_fmnist
 
 import train
-from dit.report import holm, mean_ci, welch
-from dit.report import main as report_main
+from dit.analysis.report import main as report_main
+from dit.analysis.significance import holm, mean_ci, welch
 
 
 @needs_fmnist
@@ -192,7 +192,7 @@ def test_report_groups_seeds_into_arms_and_says_what_is_significant(tmp_path):
 def test_report_names_the_feature_extractor_and_warns_when_runs_differ(tmp_path):
     """What measured the FIDs is in the report: the extractor (with the classifier's hash) the runs recorded;
     runs from before the classifier was shipped recorded none and are named as such; a mix is flagged."""
-    from dit.report import OLD_EXTRACTOR
+    from dit.analysis.runs import OLD_EXTRACTOR
 
     shipped = "fashion-mnist-cnn-v1@20767b53ac99/fc1-128"
     for seed in range(2):
@@ -291,7 +291,7 @@ def test_publish_copies_the_results_and_restore_lets_a_sweep_skip_the_finished_r
     """publish: a run's results into studies/<name>/runs/<run>/ and nothing else (no weights, checkpoints, npz,
     logs, empty files, PNG copies); the report reads the study as it read the sweep. restore (a fresh clone): the
     published run put back into an empty sweep directory is met as finished by the training loop, not retrained."""
-    from dit.study import main as study_main
+    from dit.analysis.study import main as study_main
 
     sweep, study = tmp_path / "outputs" / "studies" / "s", tmp_path / "studies" / "s"
     run = sweep / "adaln_zero_seed0"
@@ -351,7 +351,7 @@ def test_each_study_config_gives_the_settings_its_runs_recorded():
     settings digest each committed run recorded (so a sweep of it skips them)."""
     from conftest import compose_config
 
-    from dit.training.run import settings_digest
+    from dit.training.digest import settings_digest
 
     runs = sorted((Path(__file__).resolve().parents[1] / "studies" / "ablation_adain_6k" / "runs").glob("adain_seed*"))
     assert len(runs) == 3

@@ -15,9 +15,8 @@ from PIL import Image
 
 import sample
 from dit.data.class_names import FASHION_MNIST_CLASSES
-from dit.model_files import save_export
+from dit.hub import ModelRecord, save_export, to_diffusers
 from dit.models import create_model
-from dit.models.convert import to_diffusers
 
 
 def sample_cfg(**overrides):
@@ -35,7 +34,7 @@ def pixel_export(tmp_path_factory):
     """A Fashion-MNIST-like pixel model: 1 channel, 16x16, 10 named classes."""
     path = tmp_path_factory.mktemp("pixel") / "export"
     model = randomize(create_model("DiT-Debug/4", input_size=16, in_channels=1, num_classes=10))
-    save_export(path, model, ema=model, data=dict(class_names=FASHION_MNIST_CLASSES, latent=False))
+    save_export(path, model, ModelRecord(data=dict(class_names=FASHION_MNIST_CLASSES, latent=False)), ema=model)
     return path
 
 
@@ -122,7 +121,7 @@ def test_two_processes_give_exactly_n_and_the_same_images(pixel_export, tmp_path
 
 def test_latent_model_decodes_through_the_vae(tiny_vae_dir, tmp_path):
     model = randomize(create_model("DiT-Debug/2", input_size=16, in_channels=4, num_classes=5))
-    save_export(tmp_path / "export", model, ema=model, data=dict(latent=True, vae=str(tiny_vae_dir)))
+    save_export(tmp_path / "export", model, ModelRecord(data=dict(latent=True, vae=str(tiny_vae_dir))), ema=model)
     out = run(checkpoint=tmp_path / "export", out_dir=tmp_path / "s", num_images=3, cfg_scale=1.5)
     images = np.load(out / "samples.npz")["arr_0"]
     assert images.shape == (3, 32, 32, 3)  # 16x16x4 latents -> 32x32 RGB through the 2x VAE

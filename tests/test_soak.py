@@ -56,10 +56,17 @@ def rss_mib_and_fds(pid: int) -> tuple[float, int]:
 
 STEPS, WARMUP = 3000, 1000
 SOAK = [
-    f"training.total_steps={STEPS}", "training.log_every=10", "training.ckpt_every=250", "training.keep_last=2",
-    "training.sample_every=500", "training.fid_every=500", "training.fid_samples=100",
-    "training.fid_sampling.steps=5", "training.fid_metric=fashion_mnist", "training.fid_ref=fashion_mnist:test",
-]  # fmt: skip
+    f"training.total_steps={STEPS}",
+    "training.log_every=10",
+    "training.ckpt_every=250",
+    "training.keep_last=2",
+    "training.sample_every=500",
+    "training.fid_every=500",
+    "training.fid_samples=100",
+    "training.fid_sampling.steps=5",
+    "training.fid_metric=fashion_mnist",
+    "training.fid_ref=fashion_mnist:test",
+]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from dit.models import DiT, get_block
 from dit.models.blocks import AdaLNZeroBlock, SPADEBlock
 from dit.models.config import DiTConfig
 from dit.models.spatial import MAPS, drop_maps, map_iou
-from dit.sampling import generate
+from dit.sampling import GenerationSpec, generate
 
 SILHOUETTE = MAPS["silhouette"]()
 
@@ -127,8 +127,8 @@ def test_guidance_gives_the_unconditional_branch_the_null_map():
 
 def test_spade_block_matches_its_formula_in_float64():
     torch.manual_seed(0)
-    config = DiTConfig(size="Debug/4", input_size=16, in_channels=3, num_classes=10, block="spade",
-                       cond_map="silhouette", map_size=8, map_input="blocks")  # fmt: skip
+    spatial = dict(cond_map="silhouette", map_size=8, map_input="blocks")
+    config = DiTConfig(size="Debug/4", input_size=16, in_channels=3, num_classes=10, block="spade", **spatial)
     block = randomize(SPADEBlock(config), std=0.2, seed=0).double()
     d = config.hidden_size
     x, c = torch.randn(2, 16, d, dtype=torch.float64), torch.randn(2, d, dtype=torch.float64)
@@ -177,9 +177,9 @@ def test_the_refusals_name_the_key():
         "unknown map input 'pixels'": dict(cond_map="silhouette", map_input="pixels"),
         "model.map_size=0": dict(cond_map="silhouette", map_input="channels", map_size=0),
     }
-    for message, kw in cases.items():
+    for message, kw in cases.items():  # the config's own checks, and its block's when the model is built
         with pytest.raises(ValueError, match=message):
-            DiTConfig(**base, **kw)
+            DiT(**base, **kw)
     with pytest.raises(ValueError, match="map_size=6 must be a multiple of the token grid 4"):
         map_model("tokens", map_size=6)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2])
@@ -200,8 +200,13 @@ WAYS = {"spade": ["model.block=spade", "model.map_input=blocks"], "tokens": ["mo
 @pytest.mark.parametrize("way", ["spade", pytest.param("tokens", marks=pytest.mark.slow)])
 def test_silhouette_model_trains_evaluates_resumes_exactly_and_samples(tmp_path, way):
     overrides = [*SILHOUETTE_RUN, *WAYS[way]]
-    evaluation = ["training.fid_every=3", "training.fid_samples=20", "training.fid_final_samples=30",
-                  "training.fid_metric=fashion_mnist", "training.fid_ref=fashion_mnist:test"]  # fmt: skip
+    evaluation = [
+        "training.fid_every=3",
+        "training.fid_samples=20",
+        "training.fid_final_samples=30",
+        "training.fid_metric=fashion_mnist",
+        "training.fid_ref=fashion_mnist:test",
+    ]
     train.run(smoke_config(*overrides, *evaluation, "training.total_steps=3"), tmp_path / "run")
     resumed = train.run(smoke_config(*overrides, *evaluation), tmp_path / "run")  # resume=auto from step 3
     reference = train.run(smoke_config(*overrides, *evaluation), tmp_path / "uninterrupted")
@@ -221,8 +226,8 @@ def test_silhouette_model_trains_evaluates_resumes_exactly_and_samples(tmp_path,
 
     # sample.py: maps from the test split (each with its own label), and from a folder of silhouettes (every class)
     out = tmp_path / "samples"
-    cfg = compose_config("sample", [f"checkpoint={tmp_path / 'run' / 'model'}", "maps=fashion_mnist:test",
-                                    "per_class=2", "steps=2", f"out_dir={out}"])  # fmt: skip
+    checkpoint = f"checkpoint={tmp_path / 'run' / 'model'}"
+    cfg = compose_config("sample", [checkpoint, "maps=fashion_mnist:test", "per_class=2", "steps=2", f"out_dir={out}"])
     sample.run(cfg)
     record = json.loads((out / "map_iou.json").read_text())
     assert record["n"] == 20 and 0 <= record["map_iou"] <= 1 and record["maps"] == "fashion_mnist:test"
@@ -233,14 +238,14 @@ def test_silhouette_model_trains_evaluates_resumes_exactly_and_samples(tmp_path,
     square[6:22, 6:22] = 255
     Image.fromarray(square).save(folder / "square.png")
     Image.fromarray(np.zeros((64, 64), np.uint8) + 200).save(folder / "full.png")  # another size: resized
-    cfg = compose_config("sample", [f"checkpoint={tmp_path / 'run' / 'model'}", f"maps={folder}",
-                                    "classes=[0,Bag]", "steps=2", f"out_dir={out}", "overwrite=true"])  # fmt: skip
+    from_folder = [checkpoint, f"maps={folder}", "classes=[0,Bag]", "steps=2", f"out_dir={out}", "overwrite=true"]
+    cfg = compose_config("sample", from_folder)
     sample.run(cfg)
     assert json.loads((out / "map_iou.json").read_text())["n"] == 4  # 2 maps x 2 classes
     shown = np.asarray(Image.open(out / "maps.png").convert("L"))
     assert shown.shape == (70, 70)  # 2 x 2 cells of 32 pixels, make_grid's 2-pixel padding
     assert np.array_equal(shown[2:34], shown[36:68]) and not np.array_equal(shown[:, 2:34], shown[:, 36:68])
-    cfg = compose_config("sample", [f"checkpoint={tmp_path / 'run' / 'model'}", "steps=2", f"out_dir={tmp_path / 'x'}"])
+    cfg = compose_config("sample", [checkpoint, "steps=2", f"out_dir={tmp_path / 'x'}"])
     with pytest.raises(ValueError, match="this model reads a silhouette map with each image: give maps="):
         sample.run(cfg)
 
@@ -255,7 +260,7 @@ def test_generate_pairs_each_map_with_its_image():
     maps = conditions(model, 4, seed=3)["cond_map"]
 
     def images(m):
-        return torch.cat([im for _, im in generate(model, sampler, labels, batch_size=2, seed=0, maps=m)])
+        return torch.cat([im for _, im in generate(model, sampler, GenerationSpec(labels, 2, 0, maps=m))])
 
     changed = maps.clone()
     changed[2] = -changed[2]
@@ -263,4 +268,4 @@ def test_generate_pairs_each_map_with_its_image():
     assert a.shape == (4, 16, 16, 1)
     assert torch.equal(a[[0, 1, 3]], b[[0, 1, 3]]) and not torch.equal(a[2], b[2])
     with pytest.raises(ValueError, match="3 maps for 4 labels"):
-        generate(model, sampler, labels, batch_size=2, seed=0, maps=maps[:3])
+        generate(model, sampler, GenerationSpec(labels, batch_size=2, seed=0, maps=maps[:3]))

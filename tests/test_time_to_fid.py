@@ -1,5 +1,5 @@
-"""Time to FID (dit/time_to_fid.py): the crossing read off a run's FID curve and cost records, checked by hand; the
-report's section against a baseline; and the speedrun study's configs compose with their arms."""
+"""Time to FID (dit/analysis/time_to_fid.py): the crossing read off a run's FID curve and cost records, checked by
+hand; the report's section against a baseline; and the speedrun study's configs compose with their arms."""
 
 import math
 
@@ -7,13 +7,15 @@ import pytest
 import yaml
 from conftest import ROOT, compose_config
 
-from dit.time_to_fid import cost_at, cost_section, reach
+from dit.analysis.time_to_fid import cost_at, cost_section, reach
 
 
 def run(fids, per_step=10.0, seconds_per_step=0.5, seed=0):
     """Evaluations at steps 100, 200, ... with these FIDs; cost records every 50 steps."""
-    records = [{"step": s, "loss": 1.0, "train_flops": s * per_step, "train_s": s * seconds_per_step}
-               for s in range(50, 100 * len(fids) + 1, 50)]  # fmt: skip
+    records = [
+        {"step": s, "loss": 1.0, "train_flops": s * per_step, "train_s": s * seconds_per_step}
+        for s in range(50, 100 * len(fids) + 1, 50)
+    ]
     records += [{"step": 100 * (i + 1), "fid": f, "fid_n": 1000} for i, f in enumerate(fids)]
     summary = {"fid": fids[-1], "seed": seed}
     return {"records": records, "summary": summary}

@@ -9,15 +9,25 @@ from helpers.tiny import randomize, records
 import train
 from dit.models import DiT, DiTConfig
 from dit.models.blocks import Block
+from dit.models.flops import training_flops
 from dit.models.routing import Route, TokenRouting
 from dit.training.randomness import SlicedRandom
-from dit.zoo import count, training_flops
+from dit.zoo import count
 
 
 def tiny(block: str = "adaln_zero", **kw) -> DiT:
     """DiT-Debug/4's width with four blocks, on 16 x 16 single-channel images (16 tokens)."""
-    return DiT(depth=4, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1, num_classes=10,
-               block=block, **kw)  # fmt: skip
+    return DiT(
+        depth=4,
+        hidden_size=64,
+        num_heads=2,
+        patch_size=4,
+        input_size=16,
+        in_channels=1,
+        num_classes=10,
+        block=block,
+        **kw,
+    )
 
 
 def random_model(block: str, **kw) -> DiT:
@@ -88,8 +98,9 @@ def test_blocks_in_the_span_see_the_kept_tokens_and_extra_tokens_are_never_route
     routed_out = torch.ones(3, 16, dtype=torch.bool)
     routed_out[torch.arange(3)[:, None], route.keep] = False
     # The routed tokens skip blocks 1 and 2: block 3 sees them as block 1 did (block 0's output).
-    block0_out = model.blocks[0](before, model.shared_conditioning(model.block_cls.condition(
-        model.t_embedder(t), model.y_embedder(y, False))))  # fmt: skip
+    block0_out = model.blocks[0](
+        before, model.shared_conditioning(model.block_cls.condition(model.t_embedder(t), model.y_embedder(y, False)))
+    )
     torch.testing.assert_close(after[:, e:][routed_out], block0_out[:, e:][routed_out])
     # The in-context t and y tokens go through every block: the routed blocks see them first, whole.
     torch.testing.assert_close(seen[1][:, :e], block0_out[:, :e])
@@ -215,11 +226,20 @@ def test_imagenet_recipes_compose_and_train_at_tiny_size(tmp_path, recipe, objec
     assert (full.model.name, full.data.name, full.diffusion.name) == ("DiT-XL/2", "latents", objective)
     assert dict(full.training.token_routing) == {"ratio": 0.5, "start": 2, "end": -2}
     tiny = [
-        "model=dit_debug4", "data=fashion_mnist", "data.limit=32", "training.total_steps=2",
-        "training.global_batch_size=8", "training.mixed_precision=no", "training.num_workers=0",
-        "training.ckpt_every=0", "training.sample_every=0", "training.grid_sampling.steps=2", "model.depth=5",
-        "model.size=null", "model.name=null",
-    ]  # fmt: skip
+        "model=dit_debug4",
+        "data=fashion_mnist",
+        "data.limit=32",
+        "training.total_steps=2",
+        "training.global_batch_size=8",
+        "training.mixed_precision=no",
+        "training.num_workers=0",
+        "training.ckpt_every=0",
+        "training.sample_every=0",
+        "training.grid_sampling.steps=2",
+        "model.depth=5",
+        "model.size=null",
+        "model.name=null",
+    ]
     cfg = compose_config("train", [f"experiment={recipe}", *tiny])
     assert cfg.training.token_routing.ratio == 0.5 and cfg.diffusion.name == objective
     assert train.run(cfg, tmp_path)["step"] == 2

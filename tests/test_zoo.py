@@ -44,8 +44,11 @@ def test_json_output(capsys):
     main(["--json", "--model", "DiT-S/8", "DiT-XL/2", "--block", "adaln_zero", "in_context"])
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["block"]) for r in rows] == [  # registry order, whatever the order asked in
-        ("DiT-S/8", "in_context"), ("DiT-S/8", "adaln_zero"), ("DiT-XL/2", "in_context"), ("DiT-XL/2", "adaln_zero"),
-    ]  # fmt: skip
+        ("DiT-S/8", "in_context"),
+        ("DiT-S/8", "adaln_zero"),
+        ("DiT-XL/2", "in_context"),
+        ("DiT-XL/2", "adaln_zero"),
+    ]
     assert set(rows[0]) == {"model", "block", "params", "gflops", "tokens"}
     xl2 = next(r for r in rows if r["model"] == "DiT-XL/2" and r["block"] == "adaln_zero")
     assert xl2["gflops"] == pytest.approx(118.6, abs=0.05)

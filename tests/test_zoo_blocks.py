@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_fmnist
+from helpers.conditional_norms import AdaIN
 from helpers.tiny import conditions, records
 from helpers.tiny import randomize as randomize_weights
 from helpers.tiny import tiny_dit as tiny
 from safetensors.torch import load_file
 
 from dit.models import BLOCKS, DiT, DiTConfig, create_model, get_block
-from dit.models.blocks import swiglu_hidden_size
-from dit.nn import AdaIN
+from dit.models.blocks import ModulatedNorm, swiglu_hidden_size
+from dit.ops import layernorm_modulate_reference
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD_BLOCKS = ("in_context", "cross_attn", "adaln", "adaln_zero")
@@ -269,7 +270,7 @@ def test_adain_block_matches_formula(kw):
     torch.testing.assert_close(block(x, c), ref, **tol(o))
 
 
-def test_adain_norm_is_dit_nn_adain():
+def test_adain_norm_is_the_papers_adain():
     """AdaIN(content, style) with mean(style) = shift and std(style) = 1 + scale is our modulated
     instance norm: the block's norm is AdaIN with the token axis as the spatial axis."""
     block = build_block("adain", opts({}))
@@ -527,9 +528,6 @@ def test_old_config_json_with_fused_adaln_still_loads():
 
 def test_fused_mode_is_resolved_once():
     """set_fused_adaln stores a function in each modulated norm; forward does not parse strings."""
-    from dit.models.blocks import ModulatedNorm
-    from dit.ops import layernorm_modulate_reference
-
     model = tiny("adaln_zero", fused_adaln="false")
     norms = [m for m in model.modules() if isinstance(m, ModulatedNorm)]
     assert len(norms) == 2 * 2 + 1 and all(m.fn is layernorm_modulate_reference for m in norms)
@@ -576,16 +574,21 @@ def test_diffit_with_modern_options_trains_resumes_and_samples(tmp_path):
         "model.pos_embed=rope",
         "model.mlp=swiglu",
     ]
-    common = ["experiment=smoke", *model, "data.limit=32", "training.global_batch_size=8", "training.ckpt_every=2",
-              "training.log_every=1"]  # fmt: skip
+    common = [
+        "experiment=smoke",
+        *model,
+        "data.limit=32",
+        "training.global_batch_size=8",
+        "training.ckpt_every=2",
+        "training.log_every=1",
+    ]
     train.run(compose_config("train", [*common, "training.total_steps=2"]), run)
     train.run(compose_config("train", [*common, "training.total_steps=4", "resume=auto"]), run)  # from step 2
     steps = [r["step"] for r in records(run) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     config = json.loads((run / "model" / "config.json").read_text())["model"]
-    assert (config["block"], config["norm"], config["qk_norm"], config["pos_embed"], config["mlp"]) == (
-        "diffit", "rmsnorm", True, "rope", "swiglu",
-    )  # fmt: skip
+    keys = ("block", "norm", "qk_norm", "pos_embed", "mlp")
+    assert tuple(config[k] for k in keys) == ("diffit", "rmsnorm", True, "rope", "swiglu")
     assert "fused_adaln" not in config
     out = tmp_path / "samples"
     overrides = [f"checkpoint={run / 'model'}", f"out_dir={out}", "classes=[0,1]", "per_class=1", "steps=2"]

@@ -20,6 +20,7 @@ FASHION_MNIST_CLASSES = [
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names (shipped inside torchvision, no download)."""
+    # torchvision.models loads every model definition (over a second); only ImageNet-class exports ask for names
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

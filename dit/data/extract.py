@@ -19,17 +19,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from dit.data.fashion_mnist import ROOT, FashionMNIST
+from dit.data.image_folder import ImageFolder
 
 
 def build_dataset(args):
     if args.source == "fashion_mnist":
-        from dit.data.fashion_mnist import ROOT, FashionMNIST
-
         return FashionMNIST(root=args.root or ROOT, image_size=args.image_size, resize="bilinear")
-    from dit.data.image_folder import ImageFolder
-
     return ImageFolder(args.root, image_size=args.image_size, hflip=False, skip_corrupt=args.skip_corrupt)
 
 
@@ -132,9 +133,6 @@ def finalize(dataset, vae, args, tmp: Path, out: Path, processes: int) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from diffusers import AutoencoderKL
-
     accelerator = Accelerator()
     out, tmp = Path(args.out), Path(args.out + ".tmp")
     if args.pixel_size is not None and (not args.pixels or args.pixel_size < 1):

@@ -9,14 +9,39 @@ classifier-free guidance (optionally in a noise-level interval) for all of them.
 from dit.diffusion.flow import FlowMatching
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
 from dit.diffusion.objective import Objective
-from dit.diffusion.registry import OBJECTIVES, SAMPLERS, build_objective, build_sampler
-from dit.diffusion.sampler import ChainSampler, Sampler, SamplingSettings, guided_model
+from dit.diffusion.registry import (
+    OBJECTIVES,
+    PURPOSES,
+    SAMPLERS,
+    build_objective,
+    build_sampler,
+    check_sampling,
+    sampler_name,
+)
+from dit.diffusion.sampler import ChainSampler, Sampler, guided_model
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
+from dit.diffusion.settings import SamplingSettings
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 
 __all__ = [
     "FlowMatching",
-    "OBJECTIVES", "SAMPLERS", "ChainSampler", "DPMSolverPlusPlus", "GaussianDiffusion", "UniPC", "Objective",
-    "Sampler", "SamplingSettings", "build_objective", "build_sampler",
-    "create_diffusion", "get_betas", "guided_model", "respace_betas", "space_timesteps",
-]  # fmt: skip
+    "OBJECTIVES",
+    "PURPOSES",
+    "SAMPLERS",
+    "ChainSampler",
+    "DPMSolverPlusPlus",
+    "GaussianDiffusion",
+    "UniPC",
+    "Objective",
+    "Sampler",
+    "SamplingSettings",
+    "build_objective",
+    "build_sampler",
+    "check_sampling",
+    "create_diffusion",
+    "get_betas",
+    "guided_model",
+    "respace_betas",
+    "sampler_name",
+    "space_timesteps",
+]

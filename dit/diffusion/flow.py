@@ -50,7 +50,8 @@ import math
 import torch
 
 from dit.diffusion.objective import Objective, mean_flat
-from dit.diffusion.sampler import Sampler, SamplingSettings
+from dit.diffusion.sampler import Sampler
+from dit.diffusion.settings import SamplingSettings
 
 __all__ = [
     "DIFFUSION_FORMS",
@@ -113,9 +114,8 @@ class FlowMatching(Objective):
             self.loss_terms = ("loss", "flow_mse", "contrastive_mse")
 
     def settings(self) -> dict:
-        settings = {"name": self.name, "time_sampling": self.time_sampling, "logit_mean": self.logit_mean,
-                    "logit_std": self.logit_std, **{k: getattr(self, k) for k in self.ADDED_SETTINGS}}  # fmt: skip
-        return self.digest_view(settings)  # the added ones only where they differ from SiT's
+        sit = ("time_sampling", "logit_mean", "logit_std")  # SiT's; the added ones only where they differ from its
+        return self.recorded({"name": self.name, **{k: getattr(self, k) for k in (*sit, *self.ADDED_SETTINGS)}})
 
     def shift(self, t):
         """SD3's time shift (Esser et al. 2024, eq. 23) of the noise level s = 1 - t: s' = a s / (1 + (a - 1) s),

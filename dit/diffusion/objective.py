@@ -48,11 +48,11 @@ class Objective:
         return cls(**settings)
 
     @classmethod
-    def digest_view(cls, settings: dict[str, Any]) -> dict[str, Any]:
-        """The composed ``diffusion`` settings as the settings digest sees them: ADDED_SETTINGS at default left out."""
-        from dit.models.config import omit_at_default
-
-        return omit_at_default(settings, cls.ADDED_SETTINGS)
+    def recorded(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Settings as records keep them (checkpoints, exports, the settings digest): ADDED_SETTINGS at their
+        default left out, so the records made before they existed still describe the same runs."""
+        added = cls.ADDED_SETTINGS
+        return {k: v for k, v in settings.items() if not (k in added and v == added[k])}
 
     def settings(self) -> dict[str, Any]:
         """JSON-able; includes "name" so build_objective(**settings) rebuilds this objective."""

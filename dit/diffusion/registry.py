@@ -1,4 +1,6 @@
-"""The objective and sampler registries, each filled from one explicit list (adding one = one class + one line)."""
+"""The objective and sampler registries, each filled from one explicit list (adding one = one class + one line), and
+the rules that read them: a sampler's name is checked here (check_sampling), and which sampler a null ``sampler``
+means is decided here, once (sampler_name)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from typing import Any
 from dit.diffusion.flow import EulerMaruyamaSampler, EulerSampler, FlowMatching, HeunSampler
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
-from dit.diffusion.sampler import DDIMSampler, DDPMSampler, Sampler, SamplingSettings
+from dit.diffusion.sampler import DDIMSampler, DDPMSampler, Sampler
+from dit.diffusion.settings import SamplingSettings
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 from dit.registry import Registry
 
-__all__ = ["OBJECTIVES", "SAMPLERS", "build_objective", "build_sampler"]
+__all__ = ["OBJECTIVES", "PURPOSES", "SAMPLERS", "build_objective", "build_sampler", "check_sampling", "sampler_name"]
 
 OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching])
 SAMPLERS: Registry[Sampler] = Registry(
@@ -25,11 +28,30 @@ def build_objective(name: str = "ddpm", **settings: Any) -> Objective:
     return OBJECTIVES[name].from_settings(**settings)
 
 
-def build_sampler(objective: Objective, settings: SamplingSettings) -> Sampler:
-    """The sampler named by settings.sampler (null: the objective's default_sampler) for a model trained with
-    ``objective``. Clear errors for a sampler that cannot sample that objective and for unknown options (the
-    settings themselves are checked when they are made, SamplingSettings.__post_init__)."""
-    name = settings.sampler or objective.default_sampler
+# What a null ``sampler`` means, by what the samples are for: the objective's class attribute naming its sampler.
+PURPOSES = {"default": "default_sampler", "eval": "eval_sampler"}  # sample.py and the grids; the in-training FID
+
+
+def check_sampling(settings: SamplingSettings) -> SamplingSettings:
+    """settings, after checking that the sampler it names (if any) is registered: one line naming the valid ones.
+    For entry points that check settings before anything is loaded (sample.py)."""
+    if settings.sampler is not None:
+        SAMPLERS[settings.sampler]  # unknown sampler 'x'; valid samplers: ... (sorted)
+    return settings
+
+
+def sampler_name(sampler: str | None, objective: type[Objective] | Objective, purpose: str = "default") -> str:
+    """The sampler a ``sampler`` setting means: the one it names, or for null the objective's sampler for
+    ``purpose`` (PURPOSES). The one place that rule is written. Names are not checked here (build_sampler and
+    check_sampling do), so the records of runs keep their meaning."""
+    return sampler or getattr(objective, PURPOSES[purpose])
+
+
+def build_sampler(objective: Objective, settings: SamplingSettings, purpose: str = "default") -> Sampler:
+    """The sampler settings name (null: the objective's for ``purpose``, sampler_name) for a model trained with
+    ``objective``. Clear errors for an unknown sampler, one that cannot sample that objective and unknown options
+    (the other settings are checked when they are made, SamplingSettings.__post_init__)."""
+    name = sampler_name(settings.sampler, objective, purpose)
     cls = SAMPLERS[name]
     if objective.name not in cls.objectives:
         fits = sorted(n for n, c in SAMPLERS.items() if objective.name in c.objectives)

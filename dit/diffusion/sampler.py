@@ -14,75 +14,17 @@ chain of a DDPM model (ChainSampler) implements only ``step``, as DDPM and DDIM 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from numbers import Integral, Real
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
+from dit.diffusion.settings import SamplingSettings
 from dit.models.spatial import null_map
 
 __all__ = ["ChainSampler", "DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model"]
-
-
-@dataclass
-class SamplingSettings:
-    """How to sample: the same keys in sample.py (configs/sample.yaml), the training grids and the
-    in-training FID (TrainConfig.grid_sampling / fid_sampling), checked and converted here, once."""
-
-    # a key of SAMPLERS; null = the objective's default_sampler (ddpm: ddpm, flow: euler), or for the in-training
-    # FID its eval_sampler (ddpm: ddim, flow: euler; dit.training.config.OBJECTIVE_SAMPLERS)
-    sampler: str | None = None
-    steps: int = 250  # model evaluations per image (x2 with guidance)
-    cfg_scale: float = 1.0  # classifier-free guidance; 1 = unguided
-    guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
-    # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024); null = at every step
-    cfg_interval: tuple[float, float] | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # sampler-specific keyword arguments, e.g. {eta: 1.0}
-
-    def __post_init__(self) -> None:
-        from dit.diffusion.registry import SAMPLERS  # the registry imports the samplers defined here
-
-        if self.sampler is not None:
-            SAMPLERS[self.sampler]  # unknown sampler 'x'; valid samplers: ... (sorted)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, Integral) or self.steps < 1:
-            raise ValueError(f"steps={self.steps!r}: need at least 1 sampling step (an integer)")
-        self.steps = int(self.steps)
-        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, Real):
-            raise ValueError(f"cfg_scale={self.cfg_scale!r}: a number (1 = unguided)")
-        self.cfg_scale = float(self.cfg_scale)
-        if self.cfg_interval is not None:
-            self.cfg_interval = _interval(self.cfg_interval)
-        self.options = dict(self.options or {})
-
-    @classmethod
-    def from_config(cls, node: Any) -> SamplingSettings:
-        """The sampling keys of a config node (configs/sample.yaml's top level, training.grid_sampling, a
-        dict, a SampleConfig), checked; its other keys are not sampling settings and are ignored."""
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            keys = [f.name for f in fields(cls) if f.name in node]
-            node = OmegaConf.to_container(OmegaConf.masked_copy(node, keys), resolve=True)
-        elif isinstance(node, SamplingSettings):
-            node = {f.name: getattr(node, f.name) for f in fields(node)}
-        if not isinstance(node, Mapping):
-            raise TypeError(f"sampling settings from a mapping or a config node, not {type(node).__name__}")
-        return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
-
-
-def _interval(value) -> tuple[float, float]:
-    """[lo, hi] -> (lo, hi) floats with 0 <= lo <= hi <= 1, or a clear error."""
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"cfg_interval={value!r}: a pair [lo, hi] of noise levels") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"cfg_interval={[lo, hi]}: need 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise)")
-    return lo, hi
 
 
 def guided_model(

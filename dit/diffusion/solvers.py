@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
-from dit.diffusion.sampler import Sampler, SamplingSettings
+from dit.diffusion.sampler import Sampler
+from dit.diffusion.settings import SamplingSettings
 
 __all__ = ["DiffusersSolver", "DPMSolverPlusPlus", "UniPC"]
 
@@ -27,10 +28,11 @@ class DiffusersSolver(Sampler):
         if objective.timestep_map.numel() != objective.num_train_timesteps:
             raise ValueError("build the solver from the training objective, not a respaced chain")
         self.scheduler = self.make_scheduler(
-            num_train_timesteps=objective.num_train_timesteps, trained_betas=objective.betas.numpy(),
+            num_train_timesteps=objective.num_train_timesteps,
+            trained_betas=objective.betas.numpy(),
             prediction_type="epsilon",
             **scheduler_kwargs,
-        )  # fmt: skip
+        )
 
     def make_scheduler(self, **kwargs):
         raise NotImplementedError

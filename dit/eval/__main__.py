@@ -34,11 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+from dit.eval import domain
 from dit.eval.evaluator import Evaluator
-from dit.eval.extractors import EXTRACTORS
+from dit.eval.extractors import EXTRACTORS, ExtractorSpec
 from dit.eval.metrics import value_format
 
 
@@ -108,10 +110,6 @@ def parse_args(argv):
 
 
 def train_domain_classifier(args) -> dict:
-    from pathlib import Path
-
-    from dit.eval import domain
-
     out = Path(args.out)
     if out.resolve() == domain.WEIGHTS:
         raise ValueError(f"{out} is the shipped classifier; write a new file and pass it with --domain-classifier")
@@ -130,15 +128,8 @@ def main(argv=None) -> None:
             emit(train_domain_classifier(args), args.json)
             return
         extra = args.command == "fid" and not args.no_extra
-        evaluator = Evaluator(
-            args.metric,
-            getattr(args, "ref", None),
-            args.inception_weights,
-            args.device,
-            args.batch_size,
-            extra_metrics=extra,
-            domain_classifier=args.domain_classifier,
-        )
+        spec = ExtractorSpec(args.metric, args.inception_weights, args.domain_classifier)
+        evaluator = Evaluator(spec, getattr(args, "ref", None), args.device, args.batch_size, extra_metrics=extra)
         if args.command == "ref":
             stats, _, _ = evaluator.stats(args.source)
             stats.save(args.out)

@@ -19,15 +19,19 @@ dit.eval``, ``training.domain_classifier``); its figures carry its own hash.
 
 from __future__ import annotations
 
+import json
+import struct
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save
 
-from dit.integrity import DamagedFileError, load_safetensors, sha256_of, shipped_weights
-from dit.models.state_dict import load_state_dict_checked
+from dit.atomic import atomic_file
+from dit.data import FashionMNIST
+from dit.integrity import DamagedFileError, load_safetensors, load_state_dict_checked, sha256_of, shipped_weights
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_cnn_v1.safetensors"
 WEIGHTS_SHA256 = "20767b53ac9927732fa06df7b83890ac9a80a32cf3e98564cb63a68a4a28c58a"
@@ -78,8 +82,6 @@ def _stderr(message: str) -> None:
 def train_classifier(root: str | None = None, threads: int = THREADS, log=_stderr) -> tuple[FashionCNN, float]:
     """Train on the train split with a fixed seed, order, epoch count and thread count; returns (model,
     test accuracy). Progress goes to ``log`` (stderr by default), never to stdout."""
-    from dit.data import FashionMNIST
-
     kw = {"root": root} if root else {}
     train, test = FashionMNIST(split="train", **kw), FashionMNIST(split="test", **kw)
     previous = torch.get_num_threads()
@@ -108,10 +110,6 @@ def train_classifier(root: str | None = None, threads: int = THREADS, log=_stder
 
 def save_classifier(model: FashionCNN, test_accuracy: float, path: str | Path, threads: int = THREADS) -> str:
     """Write the weights (atomically) with how they were made in the safetensors metadata; returns the SHA-256."""
-    from safetensors.torch import save
-
-    from dit.atomic import atomic_file
-
     metadata = {
         "torch": torch.__version__,
         "test_accuracy": repr(float(test_accuracy)),
@@ -127,9 +125,6 @@ def metadata_in_order(data: bytes, order: list[str]) -> bytes:
     """The safetensors bytes with the header's metadata in ``order``. safetensors writes it from a hash map, in an
     order that changes from process to process, so the same weights would otherwise give files (and hashes)
     that differ; the tensors' entries are already sorted, and the header keeps its length."""
-    import json
-    import struct
-
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     meta = header.pop("__metadata__")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit.eval.extractors import EXTRACTORS, make_extractor
+from dit.eval.extractors import EXTRACTORS, ExtractorSpec
 from dit.eval.metrics import METRICS, Inputs, Metric
 from dit.eval.stats import ImageSource, Stats, extract_features, is_stats_file, stats_from_features
 
@@ -48,13 +48,13 @@ class TensorSource:
 
 class Evaluator:
     """FID (and the other metrics) of generated images against ``ref`` in the feature space of ``extractor``
-    (a name in dit.eval.extractors.EXTRACTORS).
+    (an ExtractorSpec: a name in dit.eval.extractors.EXTRACTORS and its weights files; a name alone: its default
+    weights).
 
     ref: a stats npz (ours or ADM's), an image folder / ADM npz, or a dataset name (fashion_mnist[:split]).
     cache: where reference statistics computed from images are kept (reused while it loads; a damaged
     cache is rebuilt with a warning). distributed: split extraction over the processes of an
     accelerate / torchrun launch (every process must call); False when one process evaluates alone.
-    domain_classifier: the Fashion-MNIST extractor's classifier file (None: the shipped one, dit.eval.domain).
     extra_metrics: also KID and precision/recall (the CLI's default; off in training, where they would
     cost the reference's features in memory and k-NN distances at every evaluation). They need the
     reference's images: a stats npz reference cannot give them (``Evaluation.skipped`` says why).
@@ -62,19 +62,18 @@ class Evaluator:
 
     def __init__(
         self,
-        extractor: str = "inception",
+        extractor: ExtractorSpec | str = "inception",
         ref: str | None = None,
-        inception_weights: str | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 250,
         cache: str | Path | None = None,
         distributed: bool = True,
         extra_metrics: bool = False,
-        domain_classifier: str | None = None,
     ):
-        self.kind, self.ref, self.device, self.batch_size = EXTRACTORS[extractor], ref, device, batch_size
+        spec = extractor if isinstance(extractor, ExtractorSpec) else ExtractorSpec(extractor)
+        self.kind, self.ref, self.device, self.batch_size = EXTRACTORS[spec.name], ref, device, batch_size
         self.cache, self.distributed, self.extra_metrics = Path(cache) if cache else None, distributed, extra_metrics
-        self.extractor = make_extractor(extractor, inception_weights, device, domain_classifier)
+        self.extractor = spec.build(device)
         self._reference: Stats | None = None
         self._reference_features: np.ndarray | None = None  # (N, D), kept only for metrics that need them
 

@@ -8,11 +8,15 @@ Score for ImageNet logits, class consistency for the dataset's own classes), and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dit.eval.domain import FashionFeatures
+from dit.eval.inception import InceptionFeatures
 from dit.registry import Registry
 
-__all__ = ["EXTRACTORS", "make_extractor"]
+__all__ = ["EXTRACTORS", "ExtractorSpec", "make_extractor"]
 
 
 class InceptionExtractor:
@@ -23,8 +27,6 @@ class InceptionExtractor:
 
     @staticmethod
     def build(inception_weights: str | None = None, domain_classifier: str | None = None) -> torch.nn.Module:
-        from dit.eval.inception import InceptionFeatures
-
         return InceptionFeatures(inception_weights)
 
 
@@ -36,8 +38,6 @@ class FashionMNISTExtractor:
 
     @staticmethod
     def build(inception_weights: str | None = None, domain_classifier: str | None = None) -> torch.nn.Module:
-        from dit.eval.domain import FashionFeatures
-
         return FashionFeatures(domain_classifier)
 
 
@@ -48,3 +48,17 @@ def make_extractor(name: str, inception_weights=None, device="cpu", domain_class
     """The network of extractor ``name``, in eval mode on ``device``: uint8 images -> (features, logits).
     inception_weights / domain_classifier: another weights file for the Inception / Fashion-MNIST network."""
     return EXTRACTORS[name].build(inception_weights, domain_classifier).to(device).eval()
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """Which network a metric is measured in: an extractor of EXTRACTORS by name, and where another weights file
+    than its default is wanted, that file (inception_weights: Inception's, default from the torch hub cache;
+    domain_classifier: the Fashion-MNIST classifier's, default the shipped one)."""
+
+    name: str = "inception"
+    inception_weights: str | None = None
+    domain_classifier: str | None = None
+
+    def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        return make_extractor(self.name, self.inception_weights, device, self.domain_classifier)

@@ -51,6 +51,7 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
+        # torch-fidelity takes seconds to import; only an Inception extractor needs it
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = find_weights(weights)

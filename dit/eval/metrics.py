@@ -101,7 +101,7 @@ class InceptionScore(Metric):
     needs, logits_of = ("logits",), "imagenet"
 
     def compute(self, inputs: Inputs) -> dict[str, float]:
-        from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_isc import isc_features_to_metric  # seconds to import: only when this is computed
 
         logits = torch.from_numpy(np.asarray(inputs.logits))
         isc = isc_features_to_metric(logits, splits=min(10, len(logits)))  # torch-fidelity's 10 splits (and shuffle)
@@ -138,7 +138,7 @@ class KID(Metric):
     min_samples = PRC_NEIGHBORHOOD + 1  # as when KID and precision/recall were one group (the estimate needs 2)
 
     def compute(self, inputs: Inputs) -> dict[str, float]:
-        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric  # seconds to import: only when this is computed
 
         fake, real = (torch.from_numpy(np.asarray(x)) for x in (inputs.features, inputs.reference_features))
         size = min(KID_SUBSET_SIZE, len(fake), len(real))
@@ -157,16 +157,14 @@ class PrecisionRecall(Metric):
     needs, opt_in, min_samples = ("features", "reference_features"), True, PRC_NEIGHBORHOOD + 1
 
     def compute(self, inputs: Inputs) -> dict[str, float]:
-        from torch_fidelity.metric_prc import prc_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric  # seconds to import: only when this is computed
 
         fake, real = (torch.from_numpy(np.asarray(x)) for x in (inputs.features, inputs.reference_features))
         n, rng = min(len(fake), len(real)), np.random.default_rng(0)
         fake, real = (x if len(x) == n else x[rng.choice(len(x), n, replace=False)] for x in (fake, real))
+        fake, real = fake.to(inputs.device), real.to(inputs.device)
         # save_cpu_ram: k-NN distances in (10,000 x N) blocks instead of one (N x N) matrix
-        prc = prc_features_to_metric(
-            fake.to(inputs.device), real.to(inputs.device), prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True,
-            verbose=False,
-        )  # fmt: skip
+        prc = prc_features_to_metric(fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True, verbose=False)
         return {"precision": prc["precision"], "recall": prc["recall"]}
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from PIL import Image
 from tqdm import tqdm
 
 from dit.atomic import atomic_file
+from dit.data.fashion_mnist import FILES, ROOT, read_idx
 from dit.eval.frechet import frechet_distance
 from dit.integrity import DamagedFileError, load_npz, npz_keys
 
@@ -26,8 +29,6 @@ class ImageSource:
         path = Path(spec)
         name, _, split = spec.partition(":")
         if name == "fashion_mnist" and not path.exists():
-            from dit.data.fashion_mnist import FILES, ROOT, read_idx
-
             root = Path(ROOT)
             images_file, labels_file = (root / f for f in FILES[split or "train"])
             self.array = read_idx(images_file)[..., None]  # (N, 28, 28, 1)
@@ -111,9 +112,6 @@ def _read_image(path: Path) -> np.ndarray:
 def extract_features(source: ImageSource, extractor, batch_size: int = 100, device="cpu", progress: bool = True):
     """(features (N, D), logits (N, K)) of every image, in order. Several processes (accelerate /
     torchrun) split the batches and every process gets the whole result."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
     state = PartialState()
     starts = list(range(0, len(source), batch_size))[state.process_index :: state.num_processes]
     feats = []

@@ -19,7 +19,8 @@ from enum import Enum
 from typing import Any
 
 from dit.models.sizes import zoo_size
-from dit.ops import NORMS
+from dit.models.spatial import MAP_INPUTS, MAPS
+from dit.ops import NORMS, check_mode
 
 __all__ = ["DiTConfig", "Mlp", "Norm", "PosEmbed"]
 
@@ -39,29 +40,13 @@ class PosEmbed(str, Enum):
 
 
 CHOICES = {"norm": Norm, "mlp": Mlp, "pos_embed": PosEmbed}
+# The marks a schema's field metadata carries (this one, TrainConfig's, OptimConfig's); dit/training/digest.py reads
+# them. runtime: how a run computes, not what; alias: saved through other fields.
 RUNTIME = {"runtime": True}
 ALIAS = {"alias": True}
-# Fields added to a schema (the model's, the training settings') after runs were recorded: a run whose config
-# predates them has them at their default, and the settings digest leaves them out there, so its recorded digest
-# still holds (omit_added_at_default).
+# Fields added to a schema after runs were recorded: a run whose config predates them has them at their default, and
+# the settings digest leaves them out there, so its recorded digest still holds.
 ADDED_WITH_SCHEMA = {"added_with_schema": True}
-
-
-def omit_added_at_default(schema, values: dict) -> dict:
-    """``values`` (a composed config group) without the ADDED_WITH_SCHEMA fields of the dataclass ``schema``
-    that are at their default."""
-    defaults = {}
-    for f in dataclasses.fields(schema):
-        if f.metadata.get("added_with_schema"):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            defaults[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
-    return omit_at_default(values, defaults)
-
-
-def omit_at_default(values: dict, defaults: dict) -> dict:
-    """``values`` without the keys of ``defaults`` whose value is that default (settings added after runs were
-    recorded, left out so the older records still describe those runs)."""
-    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
 
 
 @dataclass
@@ -79,7 +64,8 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the learned null class used for classifier-free guidance
     num_classes: int = 1000
     learn_sigma: bool = True  # output 2C channels: epsilon and the variance interpolation v
-    block: str = "adaln_zero"  # conditioning variant, a name in dit.models.BLOCKS (an open registry)
+    # conditioning variant, a name in dit.models.BLOCKS (an open registry: checked when the model is built)
+    block: str = "adaln_zero"
     timestep_freq_shift: int = field(default=0, metadata=ADDED_WITH_SCHEMA)  # 0: DiT's embedding; 1: diffusers'
     norm_eps: float = field(default=1e-6, metadata=ADDED_WITH_SCHEMA)  # eps of the blocks' norms (DiT: 1e-6)
     norm: Norm = "layernorm"  # every norm in the blocks and the final layer (adain, cbn, adagn, film: their own)
@@ -99,9 +85,6 @@ class DiTConfig:
     fused_adaln: Any = field(default="auto", metadata=RUNTIME)
 
     def __post_init__(self) -> None:
-        from dit.models.blocks import BLOCKS
-        from dit.ops import check_mode
-
         for key, kind in CHOICES.items():  # plain strings inside, whatever came in (str, Enum member)
             value = getattr(self, key)
             value = value.value if isinstance(value, Enum) else value
@@ -110,7 +93,6 @@ class DiTConfig:
             setattr(self, key, value)
         if not isinstance(self.qk_norm, bool):
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; valid: true, false")
-        BLOCKS[self.block]  # an unknown block: one line naming the valid ones
         self._check_map()
         self.fused_adaln = check_mode(self.fused_adaln)
         self._apply_size()
@@ -123,17 +105,14 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     def _check_map(self) -> None:
-        """The spatial-condition fields agree with each other and with the block (one line naming the key)."""
-        from dit.models.blocks import BLOCKS
-        from dit.models.spatial import MAP_INPUTS, MAPS
-
+        """The spatial-condition fields agree with each other (one line naming the key). Whether they agree with
+        the block is the block registry's check (dit.models.blocks.check_config, run when the model is built)."""
         MAP_INPUTS[self.map_input]  # unknown map input 'x'; valid map inputs: ...
-        reads_map = BLOCKS[self.block].reads_map
         if self.cond_map is None:
-            if self.map_input != "none" or reads_map:
+            if self.map_input != "none":
                 raise ValueError(
-                    f"model.{'block=' + self.block if reads_map else 'map_input=' + self.map_input} needs a spatial "
-                    f"condition: set model.cond_map (a map kind: {', '.join(MAPS)})"
+                    f"model.map_input={self.map_input} needs a spatial condition: set model.cond_map (a map kind: "
+                    f"{', '.join(MAPS)})"
                 )
             return
         MAPS[self.cond_map]  # unknown map kind
@@ -143,13 +122,6 @@ class DiTConfig:
             raise ValueError(
                 f"model.cond_map={self.cond_map} needs model.map_input: how the map enters "
                 f"({', '.join(n for n in MAP_INPUTS if n != 'none')})"
-            )
-        if (self.map_input == "blocks") != reads_map:
-            raise ValueError(
-                f"model.block={self.block} reads the map in every block: set model.map_input=blocks"
-                if reads_map
-                else f"model.map_input=blocks: block {self.block} does not read a map (block=spade does); "
-                "use map_input=channels or tokens"
             )
 
     def _apply_size(self) -> None:
@@ -193,17 +165,5 @@ class DiTConfig:
         return cls(**config)
 
     @classmethod
-    def fields_marked(cls, mark: str) -> tuple[str, ...]:
-        """The fields with `mark` in their metadata ("runtime", "alias", "added_with_schema")."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(mark))
-
-    @classmethod
     def defaults(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
-def digest_view(model: dict) -> dict:
-    """The composed ``model`` settings as the settings digest sees them: no runtime or alias fields, and the
-    fields the typed schema added left out at their default (see ADDED_WITH_SCHEMA)."""
-    drop = set(DiTConfig.fields_marked("runtime")) | set(DiTConfig.fields_marked("alias"))
-    return omit_added_at_default(DiTConfig, {k: v for k, v in model.items() if k not in drop})

@@ -1,6 +1,6 @@
 """The DiT backbone (Peebles & Xie 2023): patchify, N conditioned transformer blocks, linear decoder.
 
-Built from a DiTConfig (config.py); the conditioning variant is its ``block`` (see blocks.py), and the
+Built from a DiTConfig (config.py); the conditioning variant is its ``block`` (see blocks/), and the
 backbone itself never branches on it.
 """
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from dit.models.blocks import get_block, set_fused_adaln
+from dit.models.blocks import check_config, get_block, set_fused_adaln
 from dit.models.config import DiTConfig
 from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from dit.models.routing import Route
@@ -30,6 +30,7 @@ class DiT(nn.Module):
             config = DiTConfig(**fields)
         elif fields:
             raise TypeError("DiT(config) takes no other settings; put them in the config")
+        check_config(config)  # what the config alone cannot check: its block is registered and fits its map
         # The architecture: saved with exports and checkpoints (config.json "model"), DiT(**config.architecture())
         # rebuilds the model. Runtime choices (fused_adaln) are in self.runtime, not in it.
         self.config = config

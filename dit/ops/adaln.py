@@ -53,7 +53,7 @@ def rmsnorm_modulate_reference(
 def _fused_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from dit.ops import triton_adaln
+    from dit.ops import triton_adaln  # imports triton, optional (CUDA installs): only when the kernel runs
 
     return triton_adaln.forward(x, shift, scale, eps, rms)
 
@@ -69,7 +69,7 @@ def _(x, shift, scale, eps, rms):
 def _fused_bwd(
     dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from dit.ops import triton_adaln
+    from dit.ops import triton_adaln  # imports triton, optional (CUDA installs): only when the kernel runs
 
     return triton_adaln.backward(dy, x, scale, mean, rstd, rms)
 
@@ -152,7 +152,7 @@ def _always_fused(x, shift, scale, eps, *, fused, reference, interpret):
 
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional, heavy: probed once, when a mode is first resolved)
     except ImportError:
         return False
     return True

@@ -17,16 +17,23 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from dit.atomic import fsync_dir, fsync_tree, replace_dir
-from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
-from dit.model_files import export_config, objective_settings
+from dit.hub import objective_settings
+from dit.integrity import (
+    DamagedFileError,
+    load_safetensors,
+    load_state_dict_checked,
+    read_json,
+    safetensors_problem,
+    zip_problem,
+)
 from dit.models.config import DiTConfig
-from dit.models.state_dict import load_state_dict_checked
 
 STATE_FILE = "trainer_state.json"
 ZIP_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # torch.save files (zip archives)
@@ -141,21 +148,20 @@ def _all_finite(accelerator, model: torch.nn.Module) -> bool:
     return all_processes(accelerator, all(bool(torch.isfinite(p).all()) for p in local))
 
 
-def save_checkpoint(
-    accelerator,
-    model,
-    ema,
-    run_dir: Path,
-    step: int,
-    trainer_state: dict,
-    data_meta: dict,
-    keep_last: int,
-    objective: dict | None = None,
-    init_from: dict | None = None,
-) -> Path:
-    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights.
-    objective: the objective's settings, saved in config.json beside the architecture; init_from: where the run
-    started (dit.init_from), saved there too."""
+@dataclass
+class CheckpointState:
+    """What a checkpoint records beside Accelerate's state: the step, the trainer's position (trainer_state.json:
+    data position, EMA updates, training seconds, pending work, rollbacks) and config.json's contents (the DiT's
+    architecture, objective, data and init_from: dit.hub.export_config)."""
+
+    step: int
+    position: dict
+    config: dict
+
+
+def save_checkpoint(accelerator, model, ema, run_dir: Path, state: CheckpointState, keep_last: int) -> Path:
+    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights."""
+    step = state.step
     ema.sync()
     unwrapped = accelerator.unwrap_model(model)
     if not _all_finite(accelerator, unwrapped) or not all(torch.isfinite(p).all() for p in ema.model.parameters()):
@@ -173,11 +179,10 @@ def save_checkpoint(
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors"
             )
-            config = export_config(unwrapped, objective, data_meta, init_from)
-            (tmp / "config.json").write_text(json.dumps(config, indent=1))
+            (tmp / "config.json").write_text(json.dumps(state.config, indent=1))
             # Last, with every other file's size: marks the checkpoint complete and lets resume check it.
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "files": files}, indent=1))
+            (tmp / STATE_FILE).write_text(json.dumps({**state.position, "step": step, "files": files}, indent=1))
             fsync_tree(tmp)  # contents on disk before the rename makes them "complete"
             replace_dir(tmp, final)  # renames (replacing the same step saved again) and fsyncs checkpoints/
             fsync_dir(final.parent.parent)  # the checkpoints/ entry itself, new on the first save
@@ -218,7 +223,7 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     if problem := checkpoint_problem(path):
         raise ValueError(f"cannot resume from {path}: {problem}")
     meta = read_json(path / "config.json")
-    own = accelerator.unwrap_model(model).config.architecture()
+    own = ema.model.config.architecture()  # the DiT's (the EMA is a copy of it, whatever wraps the trained model)
     # Keys a checkpoint predates (e.g. backbone options added later) mean their default (DiTConfig.from_dict).
     saved = DiTConfig.from_dict(meta["model"], path / "config.json").architecture()
     diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}

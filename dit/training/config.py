@@ -12,21 +12,58 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from dit.diffusion import OBJECTIVES, SamplingSettings
-from dit.models.config import ADDED_WITH_SCHEMA, DiTConfig
+from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
+from dit.diffusion import OBJECTIVES, SamplingSettings, sampler_name
+from dit.models import DIT_MODELS, config_name
+from dit.models.config import ADDED_WITH_SCHEMA, RUNTIME, DiTConfig
 from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
-from dit.training.repa import REPAConfig
+from dit.training.addons.repa import REPAConfig
+from dit.training.optim import OPTIMIZERS
 
 __all__ = [
-    "OBJECTIVE_SAMPLERS", "OptimConfig", "TrainConfig", "register_configs", "training_sampler", "training_sampling",
-]  # fmt: skip
+    "SAMPLING_PURPOSES",
+    "OptimConfig",
+    "TrainConfig",
+    "check_settings",
+    "register_configs",
+    "training_sampler",
+    "training_sampling",
+]
+
+# Closed choices: Hydra checks them when the config is composed (one line naming the valid values).
+OptimizerName = Enum("OptimizerName", [(n, n) for n in OPTIMIZERS], type=str)  # the names in OPTIMIZERS
 
 
-class OptimizerName(str, Enum):  # the keys of dit/training/optim.py's OPTIMIZERS
-    adamw = "adamw"  # DiT's
-    muon = "muon"  # Muon for the blocks' weight matrices, AdamW for the rest
+class Decay(str, Enum):  # the learning rate after warm-up, to min_lr_ratio * lr at total_steps (optim.lr_at)
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class MuonScaling(str, Enum):  # torch.optim.Muon's adjust_lr_fn
+    match_rms_adamw = "match_rms_adamw"  # Moonshot's: AdamW's update RMS, so lr and weight_decay serve both
+    original = "original"  # Keller Jordan's
+
+
+class Precision(str, Enum):  # Accelerate's mixed_precision
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class NanPolicy(str, Enum):  # what a non-finite loss does
+    stop = "stop"
+    skip = "skip"  # the step
+    rollback = "rollback"  # to the last checkpoint, skipping the global batches from there to the bad one
+
+
+def runtime(default, added: bool = False):
+    """A setting that changes how a run computes, not what: left out of the settings digest (a finished run is not
+    trained again for it). added: also added after runs were recorded (ADDED_WITH_SCHEMA)."""
+    return field(default=default, metadata={**RUNTIME, **(ADDED_WITH_SCHEMA if added else {})})
 
 
 @dataclass
@@ -37,13 +74,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up from 0
-    decay: str = "constant"  # constant | cosine | linear, after warm-up, to min_lr_ratio * lr at total_steps
+    decay: Decay = "constant"  # after warm-up, to min_lr_ratio * lr at total_steps
     min_lr_ratio: float = 0.0
     # optim=muon (configs/optim/muon.yaml): Muon's momentum, Newton-Schulz steps, and update scaling
-    # (match_rms_adamw: AdamW's update RMS, so lr and weight_decay serve both; original: Keller Jordan's).
     muon_momentum: float = field(default=0.95, metadata=ADDED_WITH_SCHEMA)
     muon_ns_steps: int = field(default=5, metadata=ADDED_WITH_SCHEMA)
-    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=ADDED_WITH_SCHEMA)
+    muon_adjust_lr: MuonScaling = field(default="match_rms_adamw", metadata=ADDED_WITH_SCHEMA)
 
 
 @dataclass
@@ -52,27 +88,26 @@ class TrainConfig:
     total_steps: int = 400_000
     global_batch_size: int = 256  # = per-device batch x processes x grad_accum (checked at start)
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: Precision = "no"
     max_grad_norm: float = 0.0  # 0: no clipping
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = runtime(False)
+    compile: bool = runtime(False)  # torch.compile the model
     tf32: bool = True  # TF32 matmuls on GPU
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # min(decay, (1+n)/(10+n)): for short runs
-    # What a non-finite loss does: stop | skip (the step) | rollback (to the last checkpoint, skipping the global
-    # batches from there to the bad one; at most rollback_retries times, then stop naming the batches).
-    nan_policy: str = "stop"
+    # What a non-finite loss does (rollback: at most rollback_retries times, then stop naming the batches).
+    nan_policy: NanPolicy = "stop"
     rollback_retries: int = field(default=3, metadata=ADDED_WITH_SCHEMA)
-    log_every: int = 100
-    ckpt_every: int = 50_000
+    log_every: int = runtime(100)
+    ckpt_every: int = runtime(50_000)
     # Also a checkpoint when this many minutes have passed since the last one (0: only every ckpt_every steps),
     # decided alike on every process. On SIGTERM/SIGINT/SIGUSR1/SIGUSR2 a run saves and exits (preemption.py).
-    ckpt_every_minutes: float = field(default=0.0, metadata=ADDED_WITH_SCHEMA)
+    ckpt_every_minutes: float = runtime(0.0, added=True)
     # Seconds a collective may wait for the other processes (the process group's timeout) before this process
     # stops with an error naming the lost process; null: torch's default (30 minutes). Longer than any
     # evaluation the main process runs alone while the others wait.
-    collective_timeout_s: float | None = field(default=None, metadata=ADDED_WITH_SCHEMA)
-    keep_last: int = 3
+    collective_timeout_s: float | None = runtime(None, added=True)
+    keep_last: int = runtime(3)
     # EMA sample grids, one row per class: every sample_every steps (0: only at the end).
     sample_every: int = 10_000
     sample_per_class: int = 8
@@ -91,27 +126,50 @@ class TrainConfig:
     fid_ref: str | None = None  # stats npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), images, or a dataset name
     # sampler null: the objective's eval_sampler (ddim for DDPM models, euler for flow models)
     fid_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(steps=25, cfg_scale=1.0))
-    inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)
-    domain_classifier: str | None = None  # fid_metric fashion_mnist: another classifier file (default: the shipped one)
+    inception_weights: str | None = runtime(None)  # weights-inception-2015-12-05-6726825d.pth (default: torch hub's)
+    domain_classifier: str | None = runtime(None)  # fid_metric fashion_mnist: another classifier file (default: ours)
     # model.cond_map (a spatial condition): the split of data.dataset whose images' maps and labels condition the
     # evaluation samples (the first fid_samples of them, in order) and the sample grids
     map_split: str = field(default="test", metadata=ADDED_WITH_SCHEMA)
-    num_workers: int = 4
-    # Training accelerators (ratio 0 / off by default; added after the committed studies: see ADDED_WITH_SCHEMA).
-    # TREAD token routing (dit/models/routing.py): a share of the image tokens skips blocks [start, end).
+    num_workers: int = runtime(4)
+    # Training add-ons (dit/training/addons/; off by default; added after the committed studies: ADDED_WITH_SCHEMA).
+    # TREAD token routing (dit/models/routing.py): a share of the image tokens skips blocks [start, end); ratio 0: off.
     token_routing: TokenRouting = field(default_factory=TokenRouting, metadata=ADDED_WITH_SCHEMA)
-    # REPA (dit/training/repa.py): align block `block`'s tokens with a frozen encoder's patch features; weight 0: off.
+    # REPA (dit/training/addons/repa.py): align block `block`'s tokens with a frozen encoder's patch features;
+    # weight 0: off.
     repa: REPAConfig = field(default_factory=REPAConfig, metadata=ADDED_WITH_SCHEMA)
 
 
-# Which of the run's objective's samplers a null `sampler` means in each of TrainConfig's sampling settings.
-OBJECTIVE_SAMPLERS = {"grid_sampling": "default_sampler", "fid_sampling": "eval_sampler"}
+def check_settings(cfg: TrainConfig, world_size: int) -> int:
+    """Clear errors before anything starts (the closed choices were checked at composition); returns the
+    per-process batch size."""
+    if cfg.ckpt_every_minutes < 0 or (cfg.collective_timeout_s is not None and cfg.collective_timeout_s <= 0):
+        raise ValueError("training.ckpt_every_minutes must be >= 0 and training.collective_timeout_s > 0 (or null)")
+    if cfg.fid_final_samples is not None and cfg.fid_final_samples < cfg.fid_samples:
+        raise ValueError(
+            f"training.fid_final_samples={cfg.fid_final_samples} < training.fid_samples={cfg.fid_samples}; "
+            "use more or null"
+        )
+    if cfg.grad_accum < 1 or cfg.global_batch_size < 1:
+        raise ValueError("training.global_batch_size and training.grad_accum must be >= 1")
+    per_step = world_size * cfg.grad_accum
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"training.global_batch_size={cfg.global_batch_size} is not divisible by processes ({world_size}) x "
+            f"grad_accum ({cfg.grad_accum}) = {per_step}"
+        )
+    return cfg.global_batch_size // per_step
+
+
+# What the samples of each of TrainConfig's sampling settings are for: a null `sampler` means the objective's sampler
+# for that purpose (dit.diffusion.sampler_name: "default" as sample.py, "eval" for the in-training FID).
+SAMPLING_PURPOSES = {"grid_sampling": "default", "fid_sampling": "eval"}
 
 
 def training_sampler(key: str, sampler: str | None, objective: str) -> str:
-    """The sampler training.<key> uses for a run with the objective named ``objective``: the one it names, or
-    the objective's (OBJECTIVE_SAMPLERS). The loop builds it; the settings digest records it."""
-    return sampler if sampler is not None else getattr(OBJECTIVES[objective], OBJECTIVE_SAMPLERS[key])
+    """The sampler training.<key> uses for a run with the objective named ``objective`` (sampler_name's rule). The
+    loop builds it; the settings digest records it."""
+    return sampler_name(sampler, OBJECTIVES[objective], SAMPLING_PURPOSES[key])
 
 
 def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
@@ -123,13 +181,9 @@ def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
 
 
 def register_configs() -> None:
-    """Make the dataclasses the schema of configs/training/ and configs/optim/ (``defaults: [schema]``), and the
-    ``dit.*`` resolvers the configs use."""
-    from omegaconf import OmegaConf
-
-    from dit.data.fashion_mnist import ROOT as FASHION_MNIST_ROOT
-    from dit.models import DIT_MODELS, config_name
-
+    """Make the dataclasses the schema of configs/training/, configs/optim/ and configs/model/
+    (``defaults: [schema]``), and the ``dit.*`` resolvers the configs use. The entry points that compose configs
+    call it (train.py, the tests, dit.analysis); idempotent."""
     cs = ConfigStore.instance()
     cs.store(group="training", name="schema", node=TrainConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
@@ -164,6 +218,3 @@ def size_field(size: str | None, key: str):
     if size is None:
         return None
     return "DiT-" + size if key == "name" else zoo_size(size)[key]
-
-
-register_configs()

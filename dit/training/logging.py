@@ -161,8 +161,12 @@ class MetricsLogger:
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
         for key, label in (("mse", "mse"), ("repa", "repa (-cosine)")):  # terms of the loss, where logged
             if any(key in r for r in records):
-                ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r], label=label,
-                        alpha=0.7)  # fmt: skip
+                ax.plot(
+                    [r["step"] for r in records if key in r],
+                    [r[key] for r in records if key in r],
+                    label=label,
+                    alpha=0.7,
+                )
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         log_scale_if_positive(ax)

@@ -1,5 +1,5 @@
-"""The optimisers ``optim=`` chooses: AdamW (DiT's), or Muon for the transformer blocks' weight matrices with AdamW
-for every other parameter (as in recent diffusion and language-model speedruns).
+"""The optimisers ``optim=`` chooses, and the learning-rate schedule: AdamW (DiT's), or Muon for the transformer
+blocks' weight matrices with AdamW for every other parameter (as in recent diffusion and language-model speedruns).
 
 Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises each 2-D weight's momentum by Newton-Schulz iterations.
 It is for hidden matrices only: the patch embedding (a 4-D convolution), the timestep and label embedders, the final
@@ -9,20 +9,46 @@ its updates have AdamW's RMS, so both use the same ``lr`` and ``weight_decay``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's Muon, pinned in requirements.lock
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FullMatrixMuon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "muon_parameter", "optimizer_flops"]
+from dit.registry import Registry
+
+__all__ = [
+    "OPTIMIZERS",
+    "AdamW",
+    "FullMatrixMuon",
+    "Muon",
+    "MuonWithAdamW",
+    "build_optimizer",
+    "lr_at",
+    "muon_parameter",
+    "optimizer_flops",
+]
+
+
+def lr_at(step: int, total_steps: int, o) -> float:
+    """Learning rate after `step` optimiser steps (o: OptimConfig): warm-up, then constant / cosine / linear decay."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.decay == "constant":
+        return o.lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1 - progress
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
 
 
 def muon_parameter(name: str, param: torch.Tensor) -> bool:
-    """Muon's share: the 2-D weight matrices inside the transformer blocks (attention, MLP, modulation), also
-    as dit.blocks.* when the DiT trains inside REPA's module (whose projector stays with AdamW, as in REPA)."""
-    return name.removeprefix("dit.").startswith("blocks.") and param.ndim == 2
+    """Muon's share: the 2-D weight matrices inside the transformer blocks (attention, MLP, modulation), wherever
+    the DiT sits in the trained module (a training add-on may wrap it; what the add-on trains outside the blocks,
+    such as a projector, stays with AdamW)."""
+    return "blocks" in name.split(".")[:-1] and param.ndim == 2
 
 
 def _evaluate(closure: Callable | None):
@@ -111,33 +137,46 @@ def optimizer_flops(optimizer: torch.optim.Optimizer) -> float:
     return flops() if flops is not None else 0.0
 
 
-def adamw(model: torch.nn.Module, o) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+class AdamW:
+    """DiT's optimiser over every trainable parameter."""
+
+    name: ClassVar[str] = "adamw"
+
+    @staticmethod
+    def build(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def muon(model: torch.nn.Module, o) -> torch.optim.Optimizer:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if muon_parameter(n, p)]
-    others = [p for n, p in named if not muon_parameter(n, p)]
-    if not matrices:
-        raise ValueError("optim=muon: the model has no 2-D weights in its blocks for Muon")
-    return MuonWithAdamW(
-        FullMatrixMuon(
-            matrices, lr=o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum, nesterov=True,
-            ns_steps=o.muon_ns_steps, adjust_lr_fn=o.muon_adjust_lr,
-        ),
-        torch.optim.AdamW(others, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
-    )  # fmt: skip
+class Muon:
+    """Muon on the blocks' weight matrices (muon_parameter), AdamW on the rest, as one optimiser."""
+
+    name: ClassVar[str] = "muon"
+
+    @staticmethod
+    def build(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        matrices = [p for n, p in named if muon_parameter(n, p)]
+        others = [p for n, p in named if not muon_parameter(n, p)]
+        if not matrices:
+            raise ValueError("optim=muon: the model has no 2-D weights in its blocks for Muon")
+        muon = FullMatrixMuon(
+            matrices,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.muon_momentum,
+            nesterov=True,
+            ns_steps=o.muon_ns_steps,
+            adjust_lr_fn=getattr(o.muon_adjust_lr, "value", o.muon_adjust_lr),
+        )
+        adamw = torch.optim.AdamW(others, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return MuonWithAdamW(muon, adamw)
 
 
-# optim.name -> the function that builds it from the model and the OptimConfig (adding one: one function, one line)
-OPTIMIZERS: dict[str, Callable[[torch.nn.Module, object], torch.optim.Optimizer]] = {"adamw": adamw, "muon": muon}
+# optim.name -> the class that builds it from the model and the OptimConfig (adding one: a class, one entry)
+OPTIMIZERS: Registry = Registry("optimizer", [AdamW, Muon])
 
 
 def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
     """The optimiser ``o.name`` names (OptimConfig, configs/optim/) over the model's trainable parameters."""
-    name = getattr(o.name, "value", o.name)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optim.name {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](model, o)
+    return OPTIMIZERS[getattr(o.name, "value", o.name)].build(model, o)

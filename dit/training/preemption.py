@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint at the step reached; run it again to continue.
@@ -60,8 +63,6 @@ class StopRequest:
         return self.previous.get(self.signum)
 
     def __enter__(self) -> StopRequest:
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -95,13 +96,9 @@ class Control:
     accelerator's queue; with one process it is free."""
 
     def __init__(self, timeout_s: float | None = None):
-        import torch.distributed as dist
-
         self.group = None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self.distributed and dist.get_backend() != "gloo":
-            from datetime import timedelta
-
             timeout = timedelta(seconds=timeout_s) if timeout_s else None
             self.group = dist.new_group(backend="gloo", timeout=timeout)
 
@@ -109,8 +106,6 @@ class Control:
         """Each flag: true on any process."""
         if not self.distributed:
             return tuple(bool(f) for f in flags)
-        import torch.distributed as dist
-
         t = torch.tensor([float(f) for f in flags])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return tuple(bool(v) for v in t.tolist())

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save
 
+from dit.atomic import atomic_file
+from dit.data import FashionMNIST
 from dit.eval.domain import metadata_in_order
-from dit.integrity import load_safetensors, sha256_of, shipped_weights
-from dit.models.state_dict import load_state_dict_checked
+from dit.integrity import load_safetensors, load_state_dict_checked, sha256_of, shipped_weights
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion_mnist_ssl_v1.safetensors"
 WEIGHTS_SHA256 = "89f783927102efd240d2c184a6bd81d72eac4c4f73357e13cbf33c06cb10eb26"
@@ -168,8 +170,6 @@ def _stderr(message: str) -> None:
 def train_encoder(root: str | None = None, threads: int = THREADS, steps: int = STEPS, log=_stderr):
     """SimCLR on the train split (images only) with a fixed seed, order, step count and thread count; returns
     (encoder, probe accuracy, a random encoder's probe accuracy)."""
-    from dit.data import FashionMNIST
-
     kw = {"root": root} if root else {}
     train = FashionMNIST(split="train", image_size=32, resize="pad", **kw)  # as configs/data/fashion_mnist.yaml
     test = FashionMNIST(split="test", image_size=32, resize="pad", **kw)
@@ -215,10 +215,6 @@ def train_encoder(root: str | None = None, threads: int = THREADS, steps: int = 
 
 def save_teacher(encoder: Encoder, accuracy: float, random_accuracy: float, path, threads: int = THREADS, steps=STEPS):
     """Write the weights (atomically) with how they were made in the metadata, in a fixed order; returns the SHA-256."""
-    from safetensors.torch import save
-
-    from dit.atomic import atomic_file
-
     metadata = {
         "name": FashionMNISTTeacher.name,
         "torch": torch.__version__,

@@ -1,14 +1,14 @@
 """What the conditioning study's final EMA models draw for each class, and what the classifier calls it.
 
     python studies/ablation_conditioning/per_class.py studies/ablation_conditioning --blocks adain adaln_zero \\
-        --cfg-scale 2 4 -o docs/ablation_guidance.md
+        --cfg-scale 2 4 -o studies/ablation_conditioning/per_class.md
 
 The study's directory (its runs under runs/) or a sweep directory of it (outputs/studies/ablation_conditioning,
 where the weights are).
 
 For every finished run (its EMA export in model/) and guidance scale it draws the samples of the run's
 final FID evaluation again (the same labels, seed and batches as the training loop: both take them from
-dit.training.loop.eval_inputs; the run's sampler and steps), with only the guidance scale changed, and classifies
+dit.training.evaluation.eval_inputs; the run's sampler and steps), with only the guidance scale changed, and classifies
 them with the Fashion-MNIST domain classifier. It reports, per block and scale (mean over seeds), the
 share of class-k samples called k, and for each block's worst class what those samples are called
 instead. At the run's own scale the overall share must equal the class_consistency the run logged: a
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import yaml
 
+from dit.analysis.runs import job_dirs, run_config
 from dit.diffusion import build_objective, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
-from dit.model_files import load_model
-from dit.report import job_dirs, run_config
-from dit.sampling import generate
+from dit.hub import load_model
+from dit.sampling import GenerationSpec, generate
 from dit.training.config import training_sampling
-from dit.training.loop import eval_inputs
+from dit.training.evaluation import eval_inputs
 
 
 def cache_path(run: Path, cfg_scale: float) -> Path:
@@ -57,9 +57,9 @@ def per_class(run: Path, cfg_scale: float | None, evaluator) -> dict:
     objective = build_objective(**meta["objective"])
     settings = training_sampling("fid_sampling", {**t["fid_sampling"], "cfg_scale": scale}, objective.name)
     sampler = build_sampler(objective, settings)
-    inputs = eval_inputs(n, model.num_classes, cfg["seed"])
-    labels = inputs.pop("labels")
-    images = torch.cat([imgs for _, imgs in generate(model, sampler, labels, **inputs)])
+    spec = GenerationSpec(**eval_inputs(n, model.num_classes, cfg["seed"]))
+    labels = spec.labels
+    images = torch.cat([imgs for _, imgs in generate(model, sampler, spec)])
     _, logits = evaluator().features(TensorSource(images, labels))
     called, k = np.asarray(logits).argmax(1), labels.numpy()
     classes = model.num_classes

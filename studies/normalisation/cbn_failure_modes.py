@@ -25,7 +25,7 @@ import torch
 
 from dit.diffusion import SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator
-from dit.model_files import load_model, objective_of
+from dit.hub import load_model, objective_of
 from dit.models.blocks import BatchNormModulate
 from dit.sampling import decode, to_uint8
 

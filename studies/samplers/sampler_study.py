@@ -34,8 +34,8 @@ from common import header  # noqa: E402
 from dit.diffusion import SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator, TensorSource
 from dit.eval.stats import fid, stats_from_features
-from dit.model_files import load_model, objective_of
-from dit.sampling import generate, make_labels, save_npz_atomic
+from dit.hub import load_model, objective_of
+from dit.sampling import GenerationSpec, generate, make_labels, save_npz_atomic
 
 
 def bootstrap(
@@ -102,7 +102,8 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
         sampler = build_sampler(objective, settings)
         start = time.perf_counter()
         chunks = []
-        for first, images in generate(model, sampler, labels, batch_size=args.batch_size, seed=args.seed):
+        generation = GenerationSpec(labels, batch_size=args.batch_size, seed=args.seed)
+        for first, images in generate(model, sampler, generation):
             chunks.append(images)
             print(
                 f"  {spec}: {first + len(images)}/{len(labels)} images, {time.perf_counter() - start:.0f} s", flush=True
@@ -114,13 +115,20 @@ def run_one(spec: str, model, objective, labels, args, evaluator: Evaluator, out
     metrics = evaluator.measure(stats_from_features(features, evaluator.extractor.name), logits, labels.numpy()).values
     fid_ci, cc_ci = bootstrap(metrics["fid"], features, logits, labels.numpy(), evaluator, args.bootstrap)
     result = {
-        "sampler": name, "steps": int(steps), "cfg_scale": args.cfg_scale, "num_images": len(labels),
-        "seed": args.seed, "batch_size": args.batch_size,
+        "sampler": name,
+        "steps": int(steps),
+        "cfg_scale": args.cfg_scale,
+        "num_images": len(labels),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
         "images_from": str(earlier) if earlier and earlier.exists() else None,
-        "seconds_per_image": seconds / len(labels), "fid": metrics["fid"], "fid_ci95": fid_ci,
-        "class_consistency": metrics["class_consistency"], "class_consistency_ci95": cc_ci,
+        "seconds_per_image": seconds / len(labels),
+        "fid": metrics["fid"],
+        "fid_ci95": fid_ci,
+        "class_consistency": metrics["class_consistency"],
+        "class_consistency_ci95": cc_ci,
         "class_consistency_per_class": metrics["class_consistency_per_class"],
-    }  # fmt: skip
+    }
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -171,11 +179,13 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--ref", default="fashion_mnist:test")
     p.add_argument("--out", required=True)
+    earlier = "a directory of an earlier run with more images (same seed, batch size, cfg)"
     p.add_argument(
-        "--images-from", default=None,
-        help="a directory of an earlier run with more images (same seed, batch size, cfg): take the first --num-images "
-        "of each sampler's npz there instead of sampling again (a comparison at the size of the costliest row)",
-    )  # fmt: skip
+        "--images-from",
+        default=None,
+        help=f"{earlier}: take the first --num-images of each sampler's npz there instead of sampling again (a "
+        "comparison at the size of the costliest row)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,13 +212,14 @@ def main() -> None:
                 images = torch.from_numpy(f["arr_0"][..., :1].copy())
             features.append(evaluator.features(TensorSource(images, labels))[0])
         relative_ci = paired_relative(features, evaluator, args.bootstrap)
-    text = "\n".join(
-        [f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, "
-         f"cfg {args.cfg_scale}, seed {args.seed}, same labels and initial noise for every sampler; "
-         f"FID: Fashion-MNIST domain metric vs {args.ref}; intervals: {args.bootstrap}-round bootstrap over the "
-         "generated images (basic for FID, percentile for consistency; "
-         "the difference to the first row: paired, percentile).", "", *lines, "", table(results, relative_ci), ""]
-    )  # fmt: skip
+    summary = (
+        f"Model: `{args.checkpoint}` (objective {objective.settings()}); {args.num_images} images, "
+        f"cfg {args.cfg_scale}, seed {args.seed}, same labels and initial noise for every sampler; "
+        f"FID: Fashion-MNIST domain metric vs {args.ref}; intervals: {args.bootstrap}-round bootstrap over the "
+        "generated images (basic for FID, percentile for consistency; "
+        "the difference to the first row: paired, percentile)."
+    )
+    text = "\n".join([summary, "", *lines, "", table(results, relative_ci), ""])
     (out / "results.md").write_text(text)
     print(text)
 

@@ -1,14 +1,14 @@
-"""Share a model: python -m dit.export <run dir or checkpoint> -o DIR [--format ours|diffusers] [--push REPO_ID]
+"""Share a model: python -m dit.hub.export <run dir or checkpoint> -o DIR [--format ours|diffusers] [--push REPO_ID]
 
-    python -m dit.export outputs/fashion_mnist-dit_ti4-adaln_zero -o exports/fmnist           # ours
-    python -m dit.export outputs/in256 -o exports/in256 --format diffusers --vae stabilityai/sd-vae-ft-ema
-    python -m dit.export outputs/in256 -o exports/in256 --format diffusers --push me/dit-xl2-in256
+    python -m dit.hub.export outputs/fashion_mnist-dit_ti4-adaln_zero -o exports/fmnist           # ours
+    python -m dit.hub.export outputs/in256 -o exports/in256 --format diffusers --vae stabilityai/sd-vae-ft-ema
+    python -m dit.hub.export outputs/in256 -o exports/in256 --format diffusers --push me/dit-xl2-in256
 
 The source is a training run directory (its EMA export model/ when the run finished, else its latest
-checkpoint), one of its checkpoints, or any model file dit.model_files.load_model reads. DIR gets:
+checkpoint), one of its checkpoints, or any model file dit.hub.load_model reads. DIR gets:
 
 - ``--format ours`` (default): our export (config.json, ema.safetensors, model.safetensors), loaded by
-  dit.model_files.load_model and sample.py;
+  dit.hub.load_model and sample.py;
 - ``--format diffusers``: a DiTPipeline directory (model_index.json with id2label, transformer/, vae/,
   scheduler/) that ``DiTPipeline.from_pretrained(DIR)`` loads and samples from as it is. Its scheduler is
   DPM-Solver++(2M) on the model's betas, dit's ``dpmpp`` sampler, so the pipeline and ``sample.py
@@ -21,9 +21,9 @@ checkpoint), one of its checkpoints, or any model file dit.model_files.load_mode
   share the model, and gets a loadable export plus the reason. A model trained with DiT's timestep
   frequencies (model.timestep_freq_shift=0, our default) becomes a DiTPipeline that computes a slightly
   different function (diffusers hard-codes downscale_freq_shift=1, as in its conversion of the official DiT
-  checkpoints): the export measures the difference, says it in one line and in the card.
+  checkpoints): the export measures the difference, says it in one line and in the card (dit.hub.pipeline).
 
-Every export gets a model card, README.md with the Hub's metadata (dit.model_card), and the run's sample grid
+Every export gets a model card, README.md with the Hub's metadata (dit.hub.card), and the run's sample grid
 of the exported step (samples.png). Writing is atomic (dit.atomic.atomic_dir): an existing DIR is refused
 unless --overwrite, and is replaced only by a complete export. ``--push`` uploads DIR with huggingface_hub;
 without a token or a connection it says so in one line and leaves the export where it is.
@@ -35,29 +35,26 @@ Exit codes: 0 written (and pushed); 1 an error, nothing written (one line ``erro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
-import torch
+import httpx
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from safetensors.torch import save_file
 
 from dit.atomic import atomic_dir
+from dit.hub.card import HubMetadata, RunRecord, WrittenExport, model_card
+from dit.hub.files import FORMAT, FSDP_WEIGHTS, ModelRecord, export_config, load_model, objective_settings
 from dit.integrity import read_json
-from dit.model_card import RunRecord, model_card
-from dit.model_files import FORMAT, FSDP_WEIGHTS, export_config, load_model, objective_of, objective_settings
 from dit.models import DiT
-from dit.models.convert import diffusers_obstacle
 
-__all__ = ["Source", "export", "main", "pipeline_obstacles", "push", "resolve_source"]
+__all__ = ["Source", "export", "main", "push", "resolve_source"]
 
-PIPELINE_NULL_CLASS = 1000  # DiTPipeline.__call__ guides with class_null = 1000, whatever the model
-EXACT = 1e-4  # relative difference below which a converted transformer computes the model's function (fp32: ~1e-6)
 EXIT_ERROR, EXIT_NOT_PUSHED = 1, 2
 GRID_FILE = "samples.png"
 
@@ -111,131 +108,14 @@ def resolve_source(path: str | Path) -> Source:
     return Source(path)
 
 
-def pipeline_obstacles(model: DiT, meta: dict) -> list[str]:
-    """Why this model cannot be a DiTPipeline (empty: it can), each reason a clause naming it."""
-    reasons = []
-    if not meta.get("latent"):
-        reasons.append("it generates pixels and DiTPipeline always decodes through a VAE (AutoencoderKL)")
-    objective = objective_settings(meta)["name"]
-    if objective == "flow":
-        reasons.append(
-            "it is a flow-matching model (velocity on t in [0, 1]) and DiTPipeline's schedulers are DDPM-family "
-            "(epsilon on 1000 discrete timesteps)"
-        )
-    elif objective != "ddpm":
-        reasons.append(f"its objective {objective!r} is not DDPM, the only one DiTPipeline's schedulers sample")
-    if model.num_classes > PIPELINE_NULL_CLASS:
-        reasons.append(f"it has {model.num_classes} classes and DiTPipeline hard-codes the null class as 1000")
-    if why := diffusers_obstacle(model):
-        reasons.append(why)
-    return reasons
-
-
-def pipeline_scheduler(meta: dict):
-    """The DiTPipeline's scheduler: the DPM-Solver++ scheduler of dit's dpmpp sampler for this objective (one
-    definition: sampling the export with diffusers is sampling it with `sample.py sampler=dpmpp`)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    from dit.diffusion import SamplingSettings, build_sampler
-
-    sampler = build_sampler(objective_of(meta), SamplingSettings(sampler="dpmpp"))
-    return DPMSolverMultistepScheduler.from_config(sampler.scheduler.config)
-
-
-def _load_vae(spec: str, in_channels: int):
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(spec)
-    except Exception as e:  # a missing path, no network for a hub id, not an AutoencoderKL
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"cannot load the VAE {spec!r} ({type(e).__name__}: {first}): "
-            "give --vae <AutoencoderKL directory or hub id>"
-        ) from None
-    if vae.config.latent_channels != in_channels:
-        raise ValueError(f"the VAE {spec!r} has {vae.config.latent_channels} latent channels, the model {in_channels}")
-    return vae.eval()
-
-
-def _probe_difference(model: DiT, transformer) -> tuple[float, float]:
-    """(max |difference|, max |output|) of the model and the pipeline's transformer on a probe batch: four
-    latents at timesteps across the chain, classes and the null class (1000 in the pipeline)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, model.in_channels, model.input_size, model.input_size, generator=g)
-    t = torch.tensor([0, 333, 666, 999])
-    k = model.num_classes
-    y = torch.tensor([0, k // 2, k - 1, k])
-    with torch.no_grad():
-        ours = model.eval()(x, t, y)
-        theirs = transformer.eval()(x, t, torch.where(y == k, PIPELINE_NULL_CLASS, y)).sample
-    return (ours - theirs).abs().max().item(), ours.abs().max().item()
-
-
-@contextlib.contextmanager
-def _quiet_diffusers():
-    """diffusers' progress bars and warnings off while the export is written and checked: they are about its own
-    loading (e.g. id2label's JSON keys being strings, as in every DiTPipeline on the Hub), not about the export."""
-    from diffusers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def _write_diffusers(tmp: Path, model: DiT, meta: dict, vae_spec: str) -> str | None:
-    """A DiTPipeline in tmp; returns how it differs from the model (None: it computes the same function)."""
-    from diffusers import DiTPipeline
-
-    from dit.models.convert import to_diffusers
-
-    with warnings.catch_warnings(), _quiet_diffusers():  # the timestep-frequency warning: measured and said below
-        warnings.simplefilter("ignore")
-        transformer = to_diffusers(model, num_embeds=PIPELINE_NULL_CLASS)
-        pipe = DiTPipeline(
-            transformer=transformer, vae=_load_vae(vae_spec, model.in_channels), scheduler=pipeline_scheduler(meta)
-        )
-        pipe.save_pretrained(tmp)
-        index = read_json(tmp / "model_index.json")
-        if meta.get("class_names"):  # DiTPipeline takes id2label from model_index.json (pipe.labels, get_label_ids)
-            index["id2label"] = {str(i): name for i, name in enumerate(meta["class_names"])}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        loaded = DiTPipeline.from_pretrained(tmp)  # as a user loads it
-    diff, scale = _probe_difference(model, loaded.transformer)
-    if diff <= EXACT * max(scale, 1.0):
-        return None
-    c, causes = model.config, []
-    if c.timestep_freq_shift != 1:
-        causes.append(
-            f"diffusers' DiT embeds timesteps with downscale_freq_shift=1 and this model was trained with "
-            f"timestep_freq_shift={c.timestep_freq_shift} (a model trained with model.timestep_freq_shift=1 "
-            "exports exactly)"
-        )
-    if c.norm_eps != 1e-6:
-        causes.append(f"diffusers' DiT normalises before attention with eps 1e-6 and this model with {c.norm_eps}")
-    why = "; ".join(causes) or "a conversion difference dit does not know of (please report it)"
-    return (
-        f"The DiTPipeline's transformer computes a slightly different function than the model: its outputs differ by "
-        f"up to {diff:.2g} (outputs up to {scale:.2g}) on a probe batch, because {why}. `--format ours` keeps the "
-        "model exact."
-    )
-
-
 def _export_config(source: Source, model: DiT, meta: dict, vae: str | None) -> dict:
     """The export's config.json: the source's own (init_from and all) when it is ours, else ours built from what
     load_model found (an official .pt, a diffusers directory); --vae recorded as the VAE."""
     if meta.get("format") == FORMAT:
         config = read_json(source.path / "config.json")
     else:
-        config = export_config(
-            model, objective_settings(meta), {k: meta.get(k) for k in ("class_names", "latent", "vae")}
-        )
+        data = {k: meta.get(k) for k in ("class_names", "latent", "vae")}
+        config = export_config(model, ModelRecord(objective_settings(meta), data))
     if vae:
         config.setdefault("data", {})["vae"] = vae
     return config
@@ -262,13 +142,11 @@ def export(
     *,
     vae: str | None = None,
     overwrite: bool = False,
-    repo_id: str | None = None,
-    dataset: str | None = None,
-    license: str | None = None,
+    hub: HubMetadata | None = None,
     say=print,
 ) -> tuple[Path, str]:
-    """Write the export; returns (its directory, the format written: "ours" or "diffusers"). say: where the
-    notes go (one line each)."""
+    """Write the export; returns (its directory, the format written: "ours" or "diffusers"). hub: what the card
+    tells the Hub (the repo it will be pushed to, dataset, license); say: where the notes go (one line each)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it (only by a complete export)")
@@ -279,42 +157,36 @@ def export(
     model.eval()
     run = RunRecord.read(source.run_dir, source.step)
     notes, written = [], fmt
-    if fmt == "diffusers" and (reasons := pipeline_obstacles(model, meta)):
-        written = "ours"
-        why = "; ".join(reasons)
-        say(f"note: {source.path} cannot be a diffusers DiTPipeline: {why}; writing --format ours instead")
-        notes.append(
-            f"**Not a diffusers DiTPipeline**: {why}. This is a dit export instead: load it with dit "
-            "(`dit.model_files.load_model`, or `sample.py` below), not with diffusers."
-        )
+    if fmt == "diffusers":
+        from dit.hub.pipeline import pipeline_obstacles, write_pipeline  # imports diffusers (seconds): only here
+
+        if reasons := pipeline_obstacles(model, meta):
+            written, why = "ours", "; ".join(reasons)
+            say(f"note: {source.path} cannot be a diffusers DiTPipeline: {why}; writing --format ours instead")
+            notes.append(
+                f"**Not a diffusers DiTPipeline**: {why}. This is a dit export instead: load it with dit "
+                "(`dit.hub.load_model`, or `sample.py` below), not with diffusers."
+            )
     vae_spec = vae or meta.get("vae")
     if written == "diffusers" and not vae_spec:
         raise ValueError(f"{source.path}: a latent model whose config names no VAE; pass --vae <AutoencoderKL>")
     config = _export_config(source, model, meta, vae)
     with atomic_dir(out) as tmp:
-        if written == "diffusers":
-            if difference := _write_diffusers(tmp, model, meta, vae_spec):
-                say(f"warning: {difference}")
-                notes.append(f"**Note**: {difference}")
-        else:
+        if written == "ours":
             _write_ours(tmp, source, model, meta, config)
+        elif difference := write_pipeline(tmp, model, meta, vae_spec):
+            say(f"warning: {difference}")
+            notes.append(f"**Note**: {difference}")
         if run.grid is not None:
             shutil.copyfile(run.grid, tmp / GRID_FILE)
-        card = model_card(
-            model=model, config=config, run=run, library="diffusers" if written == "diffusers" else "dit",
-            export_dir=str(out), repo_id=repo_id, grid_file=GRID_FILE if run.grid else None, notes=tuple(notes),
-            dataset=dataset, license=license,
-        )  # fmt: skip
-        card.save(tmp / "README.md")
+        library = "dit" if written == "ours" else "diffusers"
+        contents = WrittenExport(library, str(out), GRID_FILE if run.grid else None, tuple(notes))
+        model_card(model, config, run, contents, hub).save(tmp / "README.md")
     return out, written
 
 
 def push(out: Path, repo_id: str, private: bool = False) -> str | None:
     """Upload the export to the Hub repo (created if needed); returns why it was not pushed (None: pushed)."""
-    import httpx
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     missing = []
     if (token := get_token()) is None:
         missing.append("no Hugging Face token (`hf auth login` or HF_TOKEN)")
@@ -337,7 +209,7 @@ def push(out: Path, repo_id: str, private: bool = False) -> str | None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dit.export",
+        prog="python -m dit.hub.export",
         description="Export a trained model to share it: our format or a diffusers DiTPipeline, with a model card "
         "(README.md with the Hub's metadata, built from the run), optionally pushed to the Hugging Face Hub.",
         epilog="--format diffusers writes a DiTPipeline (DPM-Solver++ scheduler = sample.py sampler=dpmpp). A model "
@@ -346,12 +218,14 @@ def parser() -> argparse.ArgumentParser:
         "written in our format instead, with one line saying why and a loader note in the card. Exit codes: 0 "
         "written (and pushed), 1 error (nothing written), 2 written but not pushed.",
     )
-    p.add_argument("source", help="a training run directory (model/ if finished, else its latest checkpoint), "
-                                  "a checkpoint, an export, an official DiT .pt or a diffusers directory")  # fmt: skip
+    sources = "a checkpoint, an export, an official DiT .pt or a diffusers directory"
+    p.add_argument(
+        "source", help=f"a training run directory (model/ if finished, else its latest checkpoint), {sources}"
+    )
     p.add_argument("-o", "--out", required=True, help="the export directory to write (refused if it exists)")
     p.add_argument("--format", choices=("ours", "diffusers"), default="ours", help="what to write (default: ours)")
-    p.add_argument("--vae", help="latent models: the AutoencoderKL (directory or hub id) the latents decode with; "
-                                 "default: the one the model's config names")  # fmt: skip
+    vae = "latent models: the AutoencoderKL (directory or hub id) the latents decode with"
+    p.add_argument("--vae", help=f"{vae}; default: the one the model's config names")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR (once the new export is complete)")
     p.add_argument("--push", metavar="REPO_ID", help="upload the export to this Hugging Face Hub model repo")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
@@ -367,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr)
 
     try:
+        hub = HubMetadata(repo_id=args.push, dataset=args.dataset, license=args.license)
         out, written = export(
-            args.source, args.out, args.format, vae=args.vae, overwrite=args.overwrite, repo_id=args.push,
-            dataset=args.dataset, license=args.license, say=say,
-        )  # fmt: skip
+            args.source, args.out, args.format, vae=args.vae, overwrite=args.overwrite, hub=hub, say=say
+        )
     except (ValueError, OSError) as e:
         say(f"error: {e}")
         return EXIT_ERROR

@@ -23,13 +23,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.data import has_images
 from dit.registry import Registry
+from dit.training.addons.base import Addon
 from dit.training.teachers import FashionMNISTTeacher
 
 __all__ = [
+    "REPA",
     "REPAConfig",
     "REPAModel",
     "TEACHERS",
@@ -84,7 +87,7 @@ class TimmTeacher(nn.Module):
 
     def __init__(self, model_name: str, weights: str | Path | None, resolution: int = 224, **kwargs):
         super().__init__()
-        import timm
+        import timm  # only for timm encoders: importing timm costs seconds
 
         if weights is None or not Path(weights).is_file():
             raise FileNotFoundError(
@@ -115,8 +118,6 @@ class TimmTeacher(nn.Module):
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state) if isinstance(state, dict) else state
@@ -151,11 +152,10 @@ class REPAModel(nn.Module):
         # does not broadcast it) and in every run of the seed, whatever the global random state at this point.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            hidden = repa.projector_dim
             self.repa_projector = nn.Sequential(
-                nn.Linear(d, repa.projector_dim), nn.SiLU(),
-                nn.Linear(repa.projector_dim, repa.projector_dim), nn.SiLU(),
-                nn.Linear(repa.projector_dim, teacher_dim),
-            )  # fmt: skip
+                nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, teacher_dim)
+            )
         self._no_split_modules = dit._no_split_modules  # FSDP wraps the DiT's blocks, as without REPA
         self.num_extra = dit.block_cls.num_extra_tokens
         self.projected: torch.Tensor | None = None
@@ -211,3 +211,36 @@ def teacher_tokens(teacher: nn.Module, images: torch.Tensor, grid: int) -> torch
 def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample -mean over tokens of cos(projected token, encoder token) (REPA's projection loss), (N,)."""
     return -F.cosine_similarity(projected.float(), target, dim=-1).mean(dim=1)
+
+
+class REPA(Addon):
+    """REPA as a training add-on (dit/training/addons/base.py): the DiT trains inside REPAModel, the alignment term
+    joins the loss (as REPA's own loss object returns it beside the denoising loss), the encoder's and projector's
+    FLOPs join the count, and the export keeps the DiT's weights only."""
+
+    name = "repa"  # training.repa
+    terms = ("repa",)
+
+    @classmethod
+    def check(cls, settings: REPAConfig, model: nn.Module, dataset, cfg) -> None:
+        settings.check(model, dataset, cfg.token_routing)
+
+    def wrap(self, model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+        self.teacher = build_teacher(self.settings, device)
+        self.model = REPAModel(model, self.settings, self.teacher.dim, seed)
+        return self.model
+
+    def inner(self, module: nn.Module) -> nn.Module:
+        return module.dit
+
+    def add_losses(self, terms: dict[str, torch.Tensor], images: torch.Tensor | None) -> None:
+        """The projected block tokens against the encoder's patch features of the clean images."""
+        target = teacher_tokens(self.teacher, images, self.model.config.grid_size)
+        terms["repa"] = repa_loss(self.model.projected, target)
+        terms["loss"] = terms["loss"] + self.settings.weight * terms["repa"]
+
+    def training_flops(self, model: nn.Module, flops: float) -> float:
+        return flops + self.model.flops_per_image(self.teacher)
+
+    def export_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dit_weights(state_dict)  # the projector is training state: the export is the DiT's

@@ -1,11 +1,19 @@
-"""Conditional normalisation layers against their formulas, in float64 on random inputs."""
+"""The conditional normalisation layers the token blocks are checked against (helpers/conditional_norms.py), each
+against its paper's formula, in float64 on random inputs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.conditional_norms import (
+    SPADE,
+    AdaIN,
+    AdaLN,
+    AdaLNZero,
+    ConditionalBatchNorm2d,
+    ConditionalInstanceNorm2d,
+    FiLM,
+)
 from helpers.tiny import randomize
-
-from dit.nn import SPADE, AdaIN, AdaLN, AdaLNZero, ConditionalBatchNorm2d, ConditionalInstanceNorm2d, FiLM
 
 
 @pytest.fixture(autouse=True)

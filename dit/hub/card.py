@@ -1,11 +1,11 @@
-"""The model card of an export (python -m dit.export): README.md with the Hub's YAML metadata, built from the run.
+"""The model card of an export (python -m dit.hub.export): README.md with the Hub's YAML metadata, built from the run.
 
 What the training run recorded is read once into a RunRecord (its composed config and command-line overrides
-in .hydra/, metrics.jsonl, the sample grid of the exported step); model_card() turns it and the export's
-config.json into a huggingface_hub ModelCard: metadata (library, tags, datasets, metrics, a model-index with
-the final evaluation) and a body (architecture and block, objective and sampler, training budget, the final
-metrics with their sample counts and evaluator, the sample grid, the exact command to sample the export).
-Nothing here is guessed: what the run did not record is left out.
+in .hydra/, metrics.jsonl, the sample grid of the exported step); model_card() turns it, the export's
+config.json and what was written (WrittenExport, HubMetadata) into a huggingface_hub ModelCard: metadata
+(library, tags, datasets, metrics, a model-index with the final evaluation) and a body (architecture and block,
+objective and sampler, training budget, the final metrics with their sample counts and evaluator, the sample
+grid, the exact command to sample the export). Nothing here is guessed: what the run did not record is left out.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from dit.diffusion import SamplingSettings, build_objective
 from dit.eval.metrics import METRICS, SAMPLE_COUNT, value_format
+from dit.hub.files import objective_settings
 from dit.integrity import DamagedFileError
-from dit.model_files import objective_settings
 from dit.models import DiT
 
-__all__ = ["RunRecord", "SampleCommand", "model_card"]
+__all__ = ["HubMetadata", "RunRecord", "SampleCommand", "WrittenExport", "model_card"]
 
 Library = Literal["dit", "diffusers"]
 
@@ -153,87 +154,101 @@ def _numeric_metrics(record: dict) -> dict[str, float]:
     return {k: record[k] for k in keys if isinstance(record.get(k), (int, float))}
 
 
-def model_card(
-    *,
-    model: DiT,
-    config: dict,
-    run: RunRecord,
-    library: Library,
-    export_dir: str,
-    repo_id: str | None = None,
-    grid_file: str | None = None,
-    notes: tuple[str, ...] = (),
-    dataset: str | None = None,
-    license: str | None = None,
-):
-    """The ModelCard of an export. config: the export's config.json contents (architecture, objective, data,
-    init_from); library: "diffusers" for a DiTPipeline, "dit" for ours; export_dir: what the card's commands
-    load, or with repo_id (the Hub repo it is pushed to) what they download it as; grid_file: the sample grid's
-    name inside the export; notes: paragraphs said first (why it is not a DiTPipeline, how a DiTPipeline
-    differs from the model)."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+@dataclass(frozen=True)
+class WrittenExport:
+    """What the card describes: the export as written."""
 
+    library: Library  # "diffusers" for a DiTPipeline, "dit" for ours
+    directory: str  # what the card's commands load (without a Hub repo)
+    grid_file: str | None = None  # the sample grid's name inside the export
+    notes: tuple[str, ...] = ()  # paragraphs said first (why it is not a DiTPipeline, how a DiTPipeline differs)
+
+
+@dataclass(frozen=True)
+class HubMetadata:
+    """What the card tells the Hub: the repo the export is pushed to (the card's commands download it from
+    there), its dataset id (default: HUB_DATASETS) and license id (default: none)."""
+
+    repo_id: str | None = None
+    dataset: str | None = None
+    license: str | None = None
+
+
+def model_card(
+    model: DiT, config: dict, run: RunRecord, written: WrittenExport, hub: HubMetadata | None = None
+) -> ModelCard:
+    """The ModelCard of an export. config: the export's config.json contents (architecture, objective, data,
+    init_from)."""
+    hub = hub or HubMetadata()
     c = model.config
     objective = objective_settings(config)
     data = config.get("data") or {}
     names = data.get("class_names")
     data_name = data.get("name") or run.setting("data", "name") or "unknown data"
-    dataset = dataset or HUB_DATASETS.get(data_name)
+    dataset = hub.dataset or HUB_DATASETS.get(data_name)
     command = SampleCommand.for_model(model, objective, run)
     flow = objective["name"] == "flow"
     tags = ["dit", "diffusion-transformer", "class-conditional", "image-generation", c.block.replace("_", "-")]
     tags += ["flow-matching" if flow else "ddpm", "latent-diffusion" if data.get("latent") else "pixel-space"]
-
     evals = run.final_evaluations()
-    eval_results, metric_names = [], []
-    if evals:
-        best = max(evals, key=lambda r: r.get(SAMPLE_COUNT, 0))  # the result: the evaluation on the most samples
-        ref = str(run.setting("training", "fid_ref", default="") or "")
-        for key, value in _numeric_metrics(best).items():
-            metric_names.append(key)
-            label = f"{_metric_label(key)} ({best.get(SAMPLE_COUNT, '?')} samples, {best.get(EXTRACTOR, 'unknown')})"
-            eval_results.append(
-                EvalResult(
-                    task_type="image-generation", task_name="class-conditional image generation",
-                    dataset_type=dataset or data_name, dataset_name=data_name,
-                    dataset_split=ref.split(":", 1)[1] if ":" in ref else None,
-                    metric_type=key, metric_value=float(value), metric_name=label,
-                    metric_config=best.get(EXTRACTOR), metric_args={"samples": best.get(SAMPLE_COUNT)},
-                )
-            )  # fmt: skip
+    eval_results = _eval_results(evals, run, dataset or data_name, data_name)
     title = f"{c.name or 'DiT'} ({c.block}), {'flow matching' if flow else 'DDPM'}, {data_name}"
     card_data = ModelCardData(
-        library_name=library,
+        library_name=written.library,
         tags=tags,
         datasets=[dataset] if dataset else None,
-        metrics=sorted(set(metric_names)) or None,
-        license=license,
+        metrics=sorted({r.metric_type for r in eval_results}) or None,
+        license=hub.license,
         model_name=title,
         eval_results=eval_results or None,
     )
     body = [f"# {title}", ""]
     if (init := config.get("init_from")) and isinstance(init, dict) and init.get("source"):
         body += [f"Fine-tuned from {init['source']}.", ""]
-    body += [FORMATS[library], ""] + [*(f"{note}\n" for note in notes)]
-    body += _use(library, export_dir, repo_id, command, names)
-    if grid_file:
-        body += _grid(grid_file, run, names, objective)
+    body += [FORMATS[written.library], ""] + [*(f"{note}\n" for note in written.notes)]
+    body += _use(written, hub.repo_id, command, names)
+    if written.grid_file:
+        body += _grid(written.grid_file, run, names, objective)
     body += _model(model, objective, data, names)
     body += _training(run)
     body += _evaluation(evals, run, objective)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n")
 
 
-def _use(library: Library, export_dir: str, repo_id: str | None, command: SampleCommand, names) -> list[str]:
-    local = repo_id.split("/")[-1] if repo_id else export_dir
-    if library == "dit":
+def _eval_results(evals: list[dict], run: RunRecord, dataset_type: str, data_name: str) -> list[EvalResult]:
+    """The model-index of the card: the final evaluation on the most samples, one result per metric."""
+    if not evals:
+        return []
+    best = max(evals, key=lambda r: r.get(SAMPLE_COUNT, 0))  # the result: the evaluation on the most samples
+    ref = str(run.setting("training", "fid_ref", default="") or "")
+    measured = f"{best.get(SAMPLE_COUNT, '?')} samples, {best.get(EXTRACTOR, 'unknown')}"
+    return [
+        EvalResult(
+            task_type="image-generation",
+            task_name="class-conditional image generation",
+            dataset_type=dataset_type,
+            dataset_name=data_name,
+            dataset_split=ref.split(":", 1)[1] if ":" in ref else None,
+            metric_type=key,
+            metric_value=float(value),
+            metric_name=f"{_metric_label(key)} ({measured})",
+            metric_config=best.get(EXTRACTOR),
+            metric_args={"samples": best.get(SAMPLE_COUNT)},
+        )
+        for key, value in _numeric_metrics(best).items()
+    ]
+
+
+def _use(written: WrittenExport, repo_id: str | None, command: SampleCommand, names) -> list[str]:
+    local = repo_id.split("/")[-1] if repo_id else written.directory
+    if written.library == "dit":
         lines = ["## Sample", "", "With dit's sample.py (one row per class, `grid.png` in `out_dir`):", "", "```bash"]
         if repo_id:
             lines += [f"hf download {repo_id} --local-dir {local}"]
         lines += [command.sample_py(local), "```", ""]
-        lines += [f"In Python: `model, meta = dit.model_files.load_model({local!r})`.", ""]
+        lines += [f"In Python: `model, meta = dit.hub.load_model({local!r})`.", ""]
         return lines
-    location = repo_id or export_dir
+    location = repo_id or written.directory
     ids = command.classes[:4]
     label_hint = f"  # = pipe.get_label_ids({[names[i] for i in ids]!r})" if names else ""
     snippet = [
@@ -272,8 +287,8 @@ def _grid(grid_file: str, run: RunRecord, names, objective: dict) -> list[str]:
     sampler = grid.get("sampler") or build_objective(**objective).default_sampler
     rows = ", ".join(names[: run.setting("training", "sample_max_classes", default=10)]) if names else "class ids"
     how = f"sampler {sampler}, {grid.get('steps', '?')} steps, guidance {grid.get('cfg_scale', '?')}"
-    return [f"![EMA samples at step {run.step}]({grid_file})", "", f"EMA samples at step {run.step}, one row per "
-            f"class ({rows}); {how}.", ""]  # fmt: skip
+    caption = f"EMA samples at step {run.step}, one row per class ({rows}); {how}."
+    return [f"![EMA samples at step {run.step}]({grid_file})", "", caption, ""]
 
 
 def _model(model: DiT, objective: dict, data: dict, names) -> list[str]:
@@ -285,16 +300,16 @@ def _model(model: DiT, objective: dict, data: dict, names) -> list[str]:
     classes = f"{c.num_classes}" + (f": {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "")
     settings = ", ".join(f"{k} {v}" for k, v in objective.items() if k != "name")
     obj = build_objective(**objective)
+    size = f"depth {c.depth}, width {c.hidden_size}, {c.num_heads} heads, patch {c.patch_size}"
     rows = [
-        ("architecture", f"{c.name or 'custom'}: depth {c.depth}, width {c.hidden_size}, {c.num_heads} heads, "
-                         f"patch {c.patch_size}, {params / 1e6:.2f}M parameters"),
+        ("architecture", f"{c.name or 'custom'}: {size}, {params / 1e6:.2f}M parameters"),
         ("conditioning block", c.block),
         ("backbone", backbone),
         ("input", inputs),
         ("classes", f"{classes} (+ a learned null class for guidance)" if c.class_dropout_prob > 0 else classes),
         ("objective", f"{objective['name']} ({settings})"),
         ("samplers", f"default {obj.default_sampler}; in-training FID {obj.eval_sampler}"),
-    ]  # fmt: skip
+    ]
     return ["## Model", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
@@ -313,8 +328,8 @@ def _training(run: RunRecord) -> list[str]:
         rows.append(("training time", f"{seconds[1]:.3g} s to step {seconds[0]}"))
     optim = run.setting("optim", default={}) or {}
     if optim:
-        rows.append(("optimiser", f"{optim.get('name')} lr {optim.get('lr')}, {optim.get('decay', 'constant')} "
-                                  f"after {optim.get('warmup_steps', 0)} warm-up steps"))  # fmt: skip
+        schedule = f"{optim.get('decay', 'constant')} after {optim.get('warmup_steps', 0)} warm-up steps"
+        rows.append(("optimiser", f"{optim.get('name')} lr {optim.get('lr')}, {schedule}"))
     if (ema := run.setting("training", "ema_decay")) is not None:
         rows.append(("EMA decay", ema))
     if (precision := run.setting("training", "mixed_precision")) is not None:
@@ -340,7 +355,6 @@ def _evaluation(evals: list[dict], run: RunRecord, objective: dict) -> list[str]
     lines += ["| metric | value | samples | measured with |", "|---|---|---|---|"]
     for record in evals:
         for key, value in _numeric_metrics(record).items():
-            shown = f"{value:{value_format(key)}}"
-            lines.append(f"| {_metric_label(key)} | {shown} | {record.get(SAMPLE_COUNT, '?')} | "
-                         f"{record.get(EXTRACTOR, 'unknown')} |")  # fmt: skip
+            cells = [_metric_label(key), f"{value:{value_format(key)}}", record.get(SAMPLE_COUNT, "?")]
+            lines.append(f"| {' | '.join(map(str, cells))} | {record.get(EXTRACTOR, 'unknown')} |")
     return [*lines, ""]

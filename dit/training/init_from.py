@@ -1,6 +1,6 @@
 """Start a run from published or earlier weights: ``train.py init_from=<source>``.
 
-The source is anything ``dit.model_files.load_model`` reads (an official facebookresearch/DiT ``.pt``, a
+The source is anything ``dit.hub.load_model`` reads (an official facebookresearch/DiT ``.pt``, a
 diffusers DiTPipeline or DiTTransformer2DModel directory, our export or training checkpoint; its EMA weights
 when it has them), or a Hugging Face Hub id when the network allows (downloaded with ``huggingface_hub``).
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dit.hub import load_model
 from dit.models import DiT, DiTConfig
 
 __all__ = ["InitFrom", "initialize"]
@@ -38,9 +39,19 @@ LABELS = "y_embedder.embedding_table.weight"
 # DiTConfig fields may differ, each with its rule (module docstring): num_classes and class_dropout_prob (the
 # label table), in_channels and learn_sigma (the patch embedding and the final layer), input_size (positions).
 SHARED = (
-    "block", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "norm", "qk_norm", "mlp", "pos_embed",
-    "timestep_freq_shift", "norm_eps",
-)  # fmt: skip
+    "block",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "mlp_ratio",
+    "norm",
+    "qk_norm",
+    "mlp",
+    "pos_embed",
+    "timestep_freq_shift",
+    "norm_eps",
+)
 
 
 @dataclasses.dataclass
@@ -72,10 +83,14 @@ class InitFrom:
     def record(self) -> dict:
         """config.json's "init_from" (exports, checkpoints): where the run started."""
         return {
-            "source": self.source, "path": self.path, "format": self.format, "weights": self.weights,
-            "class_map": self.class_map, "kept": self.kept,
+            "source": self.source,
+            "path": self.path,
+            "format": self.format,
+            "weights": self.weights,
+            "class_map": self.class_map,
+            "kept": self.kept,
             "changed": [{"key": r.key, "action": r.action, "how": r.how} for r in self.rows],
-        }  # fmt: skip
+        }
 
     def table(self) -> str:
         head = f"init_from {self.source} ({self.format} format{f', {self.weights}' if self.weights else ''}):"
@@ -90,7 +105,7 @@ def resolve(source: str) -> Path:
         return path
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # only for a Hub id: the network, an optional path
 
             return Path(snapshot_download(repo_id=source, ignore_patterns=["vae/*"]))
         except Exception as e:  # offline, no such repository, no access: one line, whatever the cause
@@ -172,8 +187,6 @@ def adapt_output(key: str, s, t, src: DiTConfig, tgt: DiTConfig) -> tuple[torch.
 
 def initialize(model: DiT, source: str, class_map=None) -> InitFrom:
     """Load `source` into `model` (in place, before training), adapting what differs; returns what was done."""
-    from dit.model_files import load_model
-
     path = resolve(str(source))
     src, meta = load_model(path)
     check_shared(src.config, model.config, str(path))
@@ -207,6 +220,12 @@ def initialize(model: DiT, source: str, class_map=None) -> InitFrom:
     rows += [Row("dropped", k, tuple(v.shape), None, "not in this model") for k, v in given.items() if k not in target]
     model.load_state_dict(new, strict=True)
     return InitFrom(
-        source=str(source), path=str(path), format=meta.get("format", "?"), weights=meta.get("weights"),
-        class_map=mapping, kept=kept, kept_parameters=kept_values, rows=rows,
-    )  # fmt: skip
+        source=str(source),
+        path=str(path),
+        format=meta.get("format", "?"),
+        weights=meta.get("weights"),
+        class_map=mapping,
+        kept=kept,
+        kept_parameters=kept_values,
+        rows=rows,
+    )

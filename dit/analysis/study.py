@@ -1,7 +1,7 @@
 """A study's committed results and its sweep directory: publish the one into the other, and back.
 
-    python -m dit.study publish outputs/studies/ablation_conditioning studies/ablation_conditioning
-    python -m dit.study restore studies/ablation_conditioning outputs/studies/ablation_conditioning
+    python -m dit.analysis.study publish outputs/studies/ablation_conditioning studies/ablation_conditioning
+    python -m dit.analysis.study restore studies/ablation_conditioning outputs/studies/ablation_conditioning
 
 A study (studies/<name>/: README.md, runs/, report.md) is trained into an ignored sweep directory
 (outputs/studies/<name>/, one sub-directory per run, with weights and checkpoints). ``publish`` copies into
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dit.training.run import FINISHED
 
-HYDRA = (".hydra/config.yaml", ".hydra/overrides.yaml")  # what dit.report and tests/test_studies.py read
+HYDRA = (".hydra/config.yaml", ".hydra/overrides.yaml")  # what dit.analysis.report and tests/test_studies.py read
 KEPT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".png")
 SKIPPED_DIRS = {"model", "checkpoints", "tracking", "fid_samples", ".hydra"}  # .hydra: only HYDRA is kept
 
@@ -42,7 +42,7 @@ def results(run: Path) -> list[Path]:
     grids = sorted(f for f in files if f.parts[0] == "samples" and f.name.startswith("step_"))
     files = [f for f in files if f not in grids[:-1]]  # of the sample grids, the final one
     pngs: list[Path] = []
-    # no byte copy of a PNG already kept; the sample grids first (what dit.report shows)
+    # no byte copy of a PNG already kept; the sample grids first (what dit.analysis.report shows)
     for f in sorted((f for f in files if f.suffix == ".png"), key=lambda f: f.parts[0] != "samples"):
         if any(filecmp.cmp(run / f, run / kept, shallow=False) for kept in pngs):
             files.remove(f)
@@ -98,7 +98,7 @@ def restore(study: Path, sweep: Path) -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dit.study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dit.analysis.study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pub = sub.add_parser("publish", help="copy a sweep's results into the study (studies/<name>/runs/)")
     pub.add_argument("sweep", type=Path)

@@ -1,5 +1,11 @@
-"""Conditional normalisation: normalise, then re-scale and re-shift with parameters that come from a
-condition instead of being fixed. They differ in where gamma and beta come from:
+"""Conditional normalisation as the papers write it, on image features (N, C, H, W): the tests' reference for the
+token blocks of dit/models/blocks/ (normalised.py carries these statistics onto tokens, the token axis as the
+spatial one), each checked against its formula in tests/test_conditional_norms.py.
+
+    from helpers.conditional_norms import AdaIN, ConditionalBatchNorm2d, FiLM
+
+Normalise, then re-scale and re-shift with parameters that come from a condition instead of being fixed. They
+differ in where gamma and beta come from:
 
 | layer                      | gamma, beta from                         | paper                          |
 |----------------------------|------------------------------------------|--------------------------------|

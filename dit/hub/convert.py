@@ -16,14 +16,10 @@ from pathlib import Path
 
 import torch
 
-from dit.models.config import DiTConfig
-from dit.models.dit import DiT
-from dit.models.sizes import DIT_MODELS
-from dit.models.state_dict import load_state_dict_checked
+from dit.integrity import load_state_dict_checked
+from dit.models import DIT_MODELS, DiT, DiTConfig
 
-__all__ = [
-    "diffusers_obstacle", "infer_official_config", "load_official_checkpoint", "to_diffusers", "from_diffusers",
-]  # fmt: skip
+__all__ = ["diffusers_obstacle", "from_diffusers", "infer_official_config", "load_official_checkpoint", "to_diffusers"]
 
 
 def _zoo_name(depth: int, hidden_size: int, patch_size: int) -> tuple[str | None, int | None]:
@@ -112,7 +108,7 @@ def to_diffusers(model: DiT, num_embeds: int | None = None):
     0..K-1 are the classes, rows K..999 copies of the null row (never a real class), row 1000 the null row.
     from_diffusers drops such copies again.
     """
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # diffusers takes seconds to import: only conversions need it
 
     if why := diffusers_obstacle(model):
         raise ValueError(why)

@@ -1,8 +1,8 @@
 """Model files: our exports, official DiT .pt files, diffusers directories; strict, pickle-free loading.
 
-This module only dispatches on the format; the pieces live where they belong: atomic writes in
-dit/atomic.py, strict state-dict loading beside the model (dit/models/state_dict.py), official and
-diffusers conversions in dit/models/convert.py, class names with the datasets.
+This module only dispatches on the format; the pieces live where they belong: atomic writes in dit/atomic.py, strict
+state-dict loading with the other readers of possibly damaged files (dit/integrity.py), official and diffusers
+conversions in dit/hub/convert.py, class names with the datasets.
 
 Our export is a directory:
 
@@ -13,14 +13,16 @@ Our export is a directory:
 "objective" holds the training objective's settings (dit.diffusion.build_objective rebuilds it), so
 sampling uses the schedule the model was trained with. Files written before it existed lack the key
 and mean DiT's default (DDPM, 1000 linear steps, learned-range variance): objective_settings says so,
-the one place that rule is written. Training checkpoints
-(train.py) are such directories too, with the optimiser and RNG state beside.
+the one place that rule is written. Training checkpoints (train.py) are such directories too, with the
+optimiser and RNG state beside; a training add-on that wraps the model keeps the DiT's weights under a
+prefix there (dit_state finds it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,51 +31,73 @@ from safetensors.torch import save_file
 from dit.atomic import atomic_dir
 from dit.data.class_names import imagenet_class_names
 from dit.diffusion import Objective, build_objective
-from dit.integrity import DamagedFileError, load_safetensors, read_json, safetensors_problem, zip_problem
-from dit.models import DiT, DiTConfig
-from dit.models.convert import from_diffusers, load_official_checkpoint
-from dit.models.state_dict import load_state_dict_checked
+from dit.hub.convert import from_diffusers, load_official_checkpoint
+from dit.integrity import (
+    DamagedFileError,
+    load_safetensors,
+    load_state_dict_checked,
+    read_json,
+    safetensors_problem,
+    zip_problem,
+)
+from dit.models import DiT, DiTConfig, check_config
 
-__all__ = ["FORMAT", "export_config", "load_model", "objective_of", "objective_settings", "save_export"]
-# Still importable from here (their homes moved): atomic_dir, atomic_file, load_state_dict_checked,
-# FASHION_MNIST_CLASSES, imagenet_class_names.
-from dit.atomic import atomic_file  # noqa: E402,F401
-from dit.data.class_names import FASHION_MNIST_CLASSES  # noqa: E402,F401
+__all__ = [
+    "FORMAT",
+    "ModelRecord",
+    "dit_state",
+    "export_config",
+    "load_model",
+    "objective_of",
+    "objective_settings",
+    "save_export",
+]
 
 FORMAT = "dit"
 DEFAULT_LATENT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of the released DiT checkpoints
+FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FULL_STATE_DICT), loaded weights_only
+PATCH_EMBED_KEY = "x_embedder.proj.weight"  # every DiT has it, whatever its block: where its own keys sit
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What config.json records beside the architecture: how the model was trained, on what, from what."""
+
+    objective: dict = field(default_factory=dict)  # Objective.settings(); {} = DiT's DDPM (objective_settings)
+    data: dict = field(default_factory=dict)  # the data's meta: name, class_names, latent, vae, ...
+    init_from: dict | None = None  # a fine-tune: the weights it started from (dit.init_from's record)
 
 
 def save_export(
     path: str | Path,
     model: DiT,
+    record: ModelRecord | None = None,
+    *,
     ema: DiT | None = None,
-    data: dict | None = None,
-    extra_files: dict | None = None,
     state_dict: dict | None = None,
-    objective: dict | None = None,
-    init_from: dict | None = None,
 ) -> Path:
     """Write model (and EMA) weights with their config as one atomic directory; returns the path.
-    `state_dict` replaces model.state_dict() (the gathered full weights of a sharded model);
-    `objective`: the training objective's settings (Objective.settings()); `init_from`: the weights the run
-    started from (dit.init_from's record)."""
+    `state_dict` replaces model.state_dict() (the gathered full weights of a sharded model)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(export_config(model, objective, data, init_from), indent=1))
+        (tmp / "config.json").write_text(json.dumps(export_config(model, record), indent=1))
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "model.safetensors")
         if ema is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
     return Path(path)
 
 
-def export_config(model: DiT, objective: dict | None, data: dict | None, init_from: dict | None = None) -> dict:
+def export_config(model: DiT, record: ModelRecord | None = None) -> dict:
     """What config.json holds: the format tag, the architecture, the objective, the data, and for a fine-tune
-    the weights it started from ("init_from", dit.init_from)."""
-    config = {"format": FORMAT, "model": model.config.architecture(), "objective": objective or {}, "data": data or {}}
-    return config | ({"init_from": init_from} if init_from else {})
+    the weights it started from ("init_from")."""
+    record = record or ModelRecord()
+    config = {
+        "format": FORMAT,
+        "model": model.config.architecture(),
+        "objective": record.objective or {},
+        "data": record.data or {},
+    }
+    return config | ({"init_from": record.init_from} if record.init_from else {})
 
 
 def objective_settings(meta: dict) -> dict:
@@ -88,18 +112,36 @@ def objective_of(meta: dict) -> Objective:
     return build_objective(**objective_settings(meta))
 
 
-FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # a full state dict of tensors (FSDP FULL_STATE_DICT), loaded weights_only
+def dit_state(state: dict) -> dict:
+    """The DiT's own tensors of a training state, under the DiT's names. A training add-on that wraps the model
+    (DDP's module., an extra loss with its own head beside the DiT, ...) keeps the DiT under a prefix: the one
+    before the patch embedding's key. Only the tensors under it are the DiT's; with no prefix, or more than one
+    DiT in the state, the state is returned as it is (strict loading then names what does not fit)."""
+    if PATCH_EMBED_KEY in state:
+        return state
+    prefixes = {k[: -len(PATCH_EMBED_KEY)] for k in state if k.endswith("." + PATCH_EMBED_KEY)}
+    if len(prefixes) != 1:
+        return state
+    (prefix,) = prefixes
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
+def _architecture(path: Path, overrides: dict) -> tuple[DiTConfig, dict]:
+    """(the DiTConfig, config.json's contents) of our export or checkpoint; overrides: runtime options such as
+    fused_adaln."""
     meta = read_json(path / "config.json")
     if not isinstance(meta.get("model"), dict):
         raise DamagedFileError(path / "config.json", 'no "model" architecture in it')
     try:
         config = DiTConfig.from_dict(meta["model"], path / "config.json")
+        check_config(config)  # what only the block registry knows (the block's name, its map)
     except (TypeError, ValueError) as e:
         raise DamagedFileError(path / "config.json", f'its "model" is not a DiT architecture ({e})') from None
-    config = dataclasses.replace(config, **overrides)  # e.g. fused_adaln
+    return dataclasses.replace(config, **overrides), meta
+
+
+def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
+    config, meta = _architecture(path, overrides)
     weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else "model.safetensors")
     if not weights.exists() and (path / FSDP_WEIGHTS).exists():  # an FSDP training checkpoint (Accelerate's format)
         weights = path / FSDP_WEIGHTS
@@ -109,9 +151,7 @@ def _load_ours(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dict]:
         )
     model = DiT(config)
     state = load_safetensors(weights) if weights.suffix == ".safetensors" else _load_torch(weights)
-    if any(k.startswith("repa_projector.") for k in state):  # a REPA run's training state: the DiT is under dit.
-        state = {k[len("dit.") :]: v for k, v in state.items() if k.startswith("dit.")}
-    load_state_dict_checked(model, state, weights)
+    load_state_dict_checked(model, dit_state(state), weights)
     data = meta.get("data", {})
     return model, dict(format="dit", weights=str(weights), objective=objective_settings(meta), **data)
 
@@ -152,7 +192,7 @@ def _load_official(path: Path, use_ema: bool, overrides: dict) -> tuple[DiT, dic
 
 
 def _load_diffusers(path: Path) -> tuple[DiT, dict]:
-    from diffusers import DiTTransformer2DModel  # imported when used: diffusers takes seconds to import
+    from diffusers import DiTTransformer2DModel  # diffusers takes seconds to import: only diffusers files need it
 
     pipeline = (path / "model_index.json").exists()
     index = read_json(path / "model_index.json") if pipeline else {}

@@ -1,5 +1,5 @@
 """Time to FID: how much sooner, in training FLOPs and in training time, each arm of a study reaches the baseline
-arm's final FID (the speedrun's question). dit.report adds this section to a report when the runs logged their
+arm's final FID (the speedrun's question). dit.analysis.report adds this section to a report when the runs logged their
 cost (``train_flops``, ``train_s``: dit/training/loop.py).
 
 The target is the baseline's FID at the end of its curve, on the curve's sample count (FID falls as the count grows,
@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COSTS", "cost_at", "cost_section", "plot_cost", "reach"]
+from dit.analysis.runs import curve
+from dit.analysis.significance import ALPHA, fmt, fmt_ci, holm, welch
+from dit.eval.metrics import SAMPLE_COUNT
+from dit.training.logging import fid_curve
+
+__all__ = ["COSTS", "cost_at", "cost_section", "reach"]
 
 # logged key -> (axis label, scale, unit)
 COSTS = {"train_flops": ("training FLOPs", 1e15, "PFLOP"), "train_s": ("training time", 60.0, "min")}
@@ -39,8 +43,6 @@ def cost_at(run: dict, key: str, step: float) -> float | None:
 
 def reach(run: dict, target: float, key: str) -> float | None:
     """The cost at which the run's FID curve first reaches ``target`` (None: not within its budget)."""
-    from dit.report import curve
-
     previous = None
     for step, fid in sorted(curve(run, "fid").items()):
         if fid <= target:
@@ -54,16 +56,12 @@ def reach(run: dict, target: float, key: str) -> float | None:
 
 def budget(run: dict, key: str) -> float | None:
     """The cost of a run's whole FID curve (the baseline reaches its own mean final FID there, by definition)."""
-    from dit.report import curve
-
     c = curve(run, "fid")
     return cost_at(run, key, max(c)) if c else None
 
 
 def _speedup(base: list[float], arm: list[float]) -> tuple[float, float, float, float]:
     """exp(mean log base - mean log arm), its 95% interval, and Welch's p on the log costs."""
-    from dit.report import welch
-
     lb, la = [math.log(c) for c in base], [math.log(c) for c in arm]
     if len(lb) < 2 or len(la) < 2:
         d = statistics.fmean(lb) - statistics.fmean(la)
@@ -72,26 +70,21 @@ def _speedup(base: list[float], arm: list[float]) -> tuple[float, float, float, 
     return math.exp(w["diff"]), math.exp(w["diff"] - w["ci"]), math.exp(w["diff"] + w["ci"]), w["p"]
 
 
-def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
-    """Markdown: the time-to-FID table against the arm labelled ``baseline``; [] when the runs logged no cost."""
-    from dit.report import fmt_ci, holm
-
-    arms = study["ok_arms"]
-    if not any("train_flops" in r for runs in arms.values() for run in runs for r in run["records"]):
-        return []
-    if baseline not in arms:
-        return ["## Time to FID", "", f"No finished arm is labelled `{baseline}`: nothing to measure against.", ""]
-    from dit.report import curve
-    from dit.training.logging import SAMPLE_COUNT, fid_curve
-
-    curves = [c for c in (curve(run, "fid") for run in arms[baseline]) if c]
+def target_of(study: dict, baseline: str) -> tuple[float, str] | None:
+    """The baseline's mean FID at the end of its curve, and the curves' sample count in words (" on 1000 samples");
+    None when the baseline logged no FID curve."""
+    runs = study["ok_arms"][baseline]
+    curves = [c for c in (curve(run, "fid") for run in runs) if c]
     if not curves:
-        return ["## Time to FID", "", f"The baseline `{baseline}` logged no FID curve: nothing to measure against.", ""]
-    target = statistics.fmean(c[max(c)] for c in curves)
-    counts = sorted({r[SAMPLE_COUNT] for run in arms[baseline] for r in fid_curve(
-        [r for r in run["records"] if "fid" in r]) if SAMPLE_COUNT in r})  # fmt: skip
+        return None
+    evals = [r for run in runs for r in fid_curve([r for r in run["records"] if "fid" in r])]
+    counts = sorted({r[SAMPLE_COUNT] for r in evals if SAMPLE_COUNT in r})
     on = f" on {'/'.join(map(str, counts))} samples" if counts else ""
+    return statistics.fmean(c[max(c)] for c in curves), on
 
+
+def cost_rows(arms: dict[str, list[dict]], baseline: str, target: float) -> tuple[list[tuple], dict[str, dict]]:
+    """Per arm: (arm, its cost cells, its speed-up cells); and per cost, the Holm-adjusted p of each arm's speed-up."""
     bases = {key: [c for c in (budget(r, key) for r in arms[baseline]) if c is not None] for key in COSTS}
     rows, tests = [], {key: [] for key in COSTS}
     for arm, runs in arms.items():
@@ -115,6 +108,21 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
         key: dict(zip([a for a, _ in t], holm([p if not math.isnan(p) else 1.0 for _, p in t])[0]))
         for key, t in tests.items()
     }
+    return rows, adjusted
+
+
+def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
+    """Markdown: the time-to-FID table against the arm labelled ``baseline``; [] when the runs logged no cost."""
+    arms = study["ok_arms"]
+    if not any("train_flops" in r for runs in arms.values() for run in runs for r in run["records"]):
+        return []
+    if baseline not in arms:
+        return ["## Time to FID", "", f"No finished arm is labelled `{baseline}`: nothing to measure against.", ""]
+    found = target_of(study, baseline)
+    if found is None:
+        return ["## Time to FID", "", f"The baseline `{baseline}` logged no FID curve: nothing to measure against.", ""]
+    target, on = found
+    rows, adjusted = cost_rows(arms, baseline, target)
     lines = [
         "## Time to FID",
         "",
@@ -141,8 +149,6 @@ def cost_section(study: dict, baseline: str = "baseline") -> list[str]:
 def against_baseline(study: dict, baseline: str) -> list[str]:
     """Markdown: each arm's final FID against the baseline's, Welch's test, Holm-corrected over these arms only (the
     family of the question "does it beat the baseline?", smaller than the report's all-pairs family)."""
-    from dit.report import ALPHA, holm, welch
-
     finals = {a: [s["fid"] for s in ss if s["fid"] is not None] for a, ss in study["summaries"].items()}
     tested = [a for a in study["ok_arms"] if a != baseline and len(finals.get(a, [])) >= 2]
     if len(finals.get(baseline, [])) < 2 or not tested:
@@ -167,8 +173,6 @@ def against_baseline(study: dict, baseline: str) -> list[str]:
 def runs_table(study: dict, baseline: str, on: str) -> list[str]:
     """Markdown: one row per finished run, its FID at every evaluation and the costs of its whole curve; its FLOPs
     per step as a multiple of the baseline's mean."""
-    from dit.report import curve, fmt
-
     arms = study["ok_arms"]
     per_step = [f / max(curve(r, "fid")) for r in arms[baseline] if (f := budget(r, "train_flops"))]
     base_per_step = statistics.fmean(per_step) if per_step else None
@@ -194,27 +198,3 @@ def runs_table(study: dict, baseline: str, on: str) -> list[str]:
             ]
             lines.append(f"| {arm} | {run['summary']['seed']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def plot_cost(arms: dict[str, list[dict]], key: str, path: Path) -> bool:
-    """FID against the cost ``key`` (mean over seeds at the shared evaluation steps), log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dit.report import curve, save_plot
-
-    label, scale, unit = COSTS[key]
-    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
-    drawn = False
-    for arm, runs in arms.items():
-        curves = [curve(r, "fid") for r in runs]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
-        points = [(statistics.fmean(cost_at(r, key, s) or math.nan for r in runs) / scale,
-                   statistics.fmean(c[s] for c in curves)) for s in steps]  # fmt: skip
-        points = [(x, y) for x, y in points if x > 0 and not math.isnan(x)]
-        if points:
-            ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=f"{arm} (n={len(runs)})")
-            drawn = True
-    return save_plot(fig, ax, drawn, path, f"{label} ({unit})", "FID (mean over seeds)", xlog=True, ylog=True)
