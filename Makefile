@@ -125,42 +125,34 @@ publish: setup
 report: setup
 	$(PY) -m dit.analysis.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY))
 
-# The conditioning study (configs/experiment/ablate_conditioning.yaml): every block x 3 seeds, JOBS runs at a
-# time with one thread each, then the results published and the report. The committed runs are restored into the
-# sweep directory first, so a fresh clone trains only the runs not committed as finished; re-running resumes
-# unfinished runs and skips finished ones. The report is written even when some runs failed (it lists them), and
-# make then exits non-zero.
+# The studies: `make <target>` restores the committed runs into the sweep directory (a fresh clone trains only the runs
+# not committed as finished; re-running resumes unfinished runs and skips finished ones), sweeps the study's experiment
+# JOBS runs at a time with one thread each, publishes the results and writes the report. The report is written even
+# when some runs failed (it lists them), and make then exits non-zero. Each target: its study (studies/<name>/) and
+# its experiment (configs/experiment/<name>.yaml).
+# - ablation: the conditioning study, every block x 3 seeds (~16 min a run, two at a time).
+# - normalisation (issue 28): six arms that differ only in the statistics the condition modulates, 3 seeds, the
+#   conditioning study's recipe (~2 h 30 min); discussed in docs/normalisation.md.
+# - silhouette (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds, 2,000 steps
+#   each (~40 min); discussed in docs/normalisation.md.
+# - speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID; 8 arms x 3
+#   seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# $(call study,<experiment>): restore, sweep (JOBS at a time), publish, report
-define study
+STUDIES := ablation normalisation silhouette speedrun
+ablation: STUDY = ablation_conditioning
+ablation: EXPERIMENT = ablate_conditioning
+normalisation: STUDY = normalisation
+normalisation: EXPERIMENT = ablate_normalisation
+silhouette: STUDY = silhouette
+silhouette: EXPERIMENT = silhouette
+speedrun: STUDY = speedrun
+speedrun: EXPERIMENT = speedrun
+$(STUDIES): setup
 	$(PY) -m dit.analysis.study restore studies/$(STUDY) $(SWEEP)
-	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=$(1) hydra/launcher=pool \
+	status=0; OMP_NUM_THREADS=1 $(PY) train.py experiment=$(EXPERIMENT) hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
 	$(PY) -m dit.analysis.study publish $(SWEEP) studies/$(STUDY); \
 	$(PY) -m dit.analysis.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) && exit $$status
-endef
-
-ablation: STUDY = ablation_conditioning
-ablation: setup
-	$(call study,ablate_conditioning)
-
-# The normalisation study (issue 28): six arms that differ only in the statistics the condition modulates, 3 seeds,
-# the conditioning study's recipe (~16 min a run, two at a time: ~2 h 30 min); discussed in docs/normalisation.md.
-normalisation: STUDY = normalisation
-normalisation: setup
-	$(call study,ablate_normalisation)
-
-# The silhouette task (issue 28): SPADE against the map as input channels and as in-context tokens, 3 seeds,
-# 2,000 steps each (~8 min a run, two at a time: ~40 min); discussed in docs/normalisation.md.
-silhouette: STUDY = silhouette
-silhouette: setup
-	$(call study,silhouette)
-
-# The speedrun (issue 24): make train's recipe and each training accelerator alone, 3 seeds, time to FID. Resumable like
-# make ablation; 8 arms x 3 seeds of ~40 min each (5 FIDs on 1,000 samples), two at a time: ~8 h on the 2-core machine.
-speedrun: STUDY = speedrun
-speedrun: setup
-	$(call study,speedrun)
 
 zoo: setup
 	$(PY) -m dit.zoo

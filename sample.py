@@ -39,6 +39,9 @@ from dit.sampling import (
     save_grid,
     save_npz_atomic,
 )
+from dit.training.config import register_configs
+
+register_configs()  # configs/sample.yaml's schema (SampleConfig) and the resolvers
 
 OUTPUTS = ("grid.png", "samples.npz", "images", "maps.png", "map_iou.json")
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ZIP_SUFFIXES",
     "DamagedFileError",
+    "header_problem",
     "load_state_dict_checked",
     "load_npz",
     "load_safetensors",
@@ -176,6 +178,22 @@ def shipped_weights(path: str | Path | None, shipped: Path, sha256: str, what: s
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     return path, digest, metadata
+
+
+ZIP_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # torch.save files (zip archives)
+
+
+def header_problem(path: str | Path) -> str | None:
+    """What is wrong with a file of ours, by its kind (JSON, safetensors, a torch zip archive; others are not read),
+    from its header and size alone (None: it looks whole)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        read_json(path)  # raises DamagedFileError
+    elif path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    elif path.suffix in ZIP_SUFFIXES:
+        return zip_problem(path)
+    return None
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:

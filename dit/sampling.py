@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from PIL import Image
 from torchvision.utils import make_grid
@@ -68,9 +67,6 @@ class SampleConfig(SamplingSettings):
     # (fashion_mnist:test: each map with its own label), an image folder or an ADM npz (labelled: the same; no labels:
     # every map with every class of `classes`). Writes maps.png beside grid.png and reports map_iou.
     maps: str | None = None
-
-
-ConfigStore.instance().store(name="sample_schema", node=SampleConfig)  # configs/sample.yaml: defaults [sample_schema]
 
 
 def resolve_classes(

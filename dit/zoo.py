@@ -22,19 +22,13 @@ from dit.models.routing import TokenRouting
 # Published Gflops (DiT paper): Figure 5 for the four conditioning variants of XL/2, Table 1 for the p=4
 # column, Table 4 for the other adaLN-Zero entries. Shown beside our counts in --markdown.
 PAPER_GFLOPS = {
-    ("DiT-XL/2", "in_context"): 119.4,
-    ("DiT-XL/2", "cross_attn"): 137.6,
-    ("DiT-XL/2", "adaln"): 118.6,
-    ("DiT-XL/2", "adaln_zero"): 118.6,
-    ("DiT-S/4", "adaln_zero"): 1.4,
-    ("DiT-B/4", "adaln_zero"): 5.6,
-    ("DiT-L/4", "adaln_zero"): 19.7,
-    ("DiT-XL/4", "adaln_zero"): 29.1,
-    ("DiT-S/2", "adaln_zero"): 6.06,
-    ("DiT-S/8", "adaln_zero"): 0.36,
-    ("DiT-B/2", "adaln_zero"): 23.01,
-    ("DiT-B/8", "adaln_zero"): 1.42,
-}
+    ("DiT-XL/2", "in_context"): 119.4, ("DiT-XL/2", "cross_attn"): 137.6,
+    ("DiT-XL/2", "adaln"): 118.6, ("DiT-XL/2", "adaln_zero"): 118.6,
+    ("DiT-S/4", "adaln_zero"): 1.4, ("DiT-B/4", "adaln_zero"): 5.6,
+    ("DiT-L/4", "adaln_zero"): 19.7, ("DiT-XL/4", "adaln_zero"): 29.1,
+    ("DiT-S/2", "adaln_zero"): 6.06, ("DiT-S/8", "adaln_zero"): 0.36,
+    ("DiT-B/2", "adaln_zero"): 23.01, ("DiT-B/8", "adaln_zero"): 1.42,
+}  # fmt: skip
 # Parameters (M): DiT paper (675M); DiffiT abstract: latent DiffiT (DiT-XL/2-sized: depth 28, width
 # 1152, patch 2) has 16.88% fewer than DiT-XL/2, i.e. 561M. PixArt-alpha's 611M (adaLN-single, from
 # 833M with adaLN) includes text cross-attention: not the same model, compared in docs/zoo.md.

@@ -483,6 +483,27 @@ def test_nan_loss(tmp_path, monkeypatch, policy):
         assert all(torch.isfinite(p).all() for p in result["model"].parameters())
 
 
+@needs_fmnist
+def test_detect_anomaly_is_a_runtime_option(tmp_path, monkeypatch):
+    """training.detect_anomaly turns torch.autograd's anomaly mode on for the run's steps (and off for the next run
+    in the process); how a run computes, not what: the settings digest leaves it out."""
+    seen, real = [], train.build_job
+
+    def recording(cfg, run_dir):
+        job = real(cfg, run_dir)
+        losses = job.objective.losses
+        job.objective.losses = lambda *a, **k: seen.append(torch.is_anomaly_enabled()) or losses(*a, **k)
+        return job
+
+    monkeypatch.setattr(train, "build_job", recording)
+    for on in (True, False):
+        train.run(smoke_config(f"training.detect_anomaly={on}", "training.total_steps=2"), tmp_path / str(on))
+        assert seen and set(seen) == {on}
+        seen.clear()
+    finished = [json.loads((tmp_path / str(on) / "finished.json").read_text())["settings"] for on in (True, False)]
+    assert finished[0] == finished[1]
+
+
 def test_cli_bad_input_exits_nonzero(tmp_path):
     proc = subprocess.run(
         [

@@ -17,17 +17,8 @@ from dit.zoo import count
 
 def tiny(block: str = "adaln_zero", **kw) -> DiT:
     """DiT-Debug/4's width with four blocks, on 16 x 16 single-channel images (16 tokens)."""
-    return DiT(
-        depth=4,
-        hidden_size=64,
-        num_heads=2,
-        patch_size=4,
-        input_size=16,
-        in_channels=1,
-        num_classes=10,
-        block=block,
-        **kw,
-    )
+    sizes = dict(depth=4, hidden_size=64, num_heads=2, patch_size=4)
+    return DiT(**sizes, input_size=16, in_channels=1, num_classes=10, block=block, **kw)
 
 
 def random_model(block: str, **kw) -> DiT:

@@ -25,18 +25,10 @@ from safetensors.torch import save_file
 
 from dit.atomic import fsync_dir, fsync_tree, replace_dir
 from dit.hub import objective_settings
-from dit.integrity import (
-    DamagedFileError,
-    load_safetensors,
-    load_state_dict_checked,
-    read_json,
-    safetensors_problem,
-    zip_problem,
-)
+from dit.integrity import DamagedFileError, header_problem, load_safetensors, load_state_dict_checked, read_json
 from dit.models.config import DiTConfig
 
 STATE_FILE = "trainer_state.json"
-ZIP_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # torch.save files (zip archives)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -71,11 +63,7 @@ def checkpoint_problem(path: Path) -> str | None:
             if not (path / required).is_file():
                 return f"{path / required} is missing"
         for file in sorted(path.rglob("*")):
-            if file.suffix == ".json":
-                read_json(file)
-            elif file.suffix == ".safetensors" and (problem := safetensors_problem(file)):
-                return f"{file} is damaged: {problem}"
-            elif file.suffix in ZIP_SUFFIXES and (problem := zip_problem(file)):
+            if problem := header_problem(file):
                 return f"{file} is damaged: {problem}"
     except (DamagedFileError, FileNotFoundError) as e:
         return str(e)

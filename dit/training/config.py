@@ -20,6 +20,7 @@ from dit.models import DIT_MODELS, config_name
 from dit.models.config import ADDED_WITH_SCHEMA, RUNTIME, DiTConfig
 from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
+from dit.sampling import SampleConfig
 from dit.training.addons.repa import REPAConfig
 from dit.training.optim import OPTIMIZERS
 
@@ -33,28 +34,36 @@ __all__ = [
     "training_sampling",
 ]
 
-# Closed choices: Hydra checks them when the config is composed (one line naming the valid values).
-OptimizerName = Enum("OptimizerName", [(n, n) for n in OPTIMIZERS], type=str)  # the names in OPTIMIZERS
+
+class Choice(str, Enum):
+    """A closed choice: Hydra checks it when the config is composed (one line naming the valid values); it is its
+    value wherever it is compared, saved or interpolated (``hydra.sweep.subdir=${training.mixed_precision}``)."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class Decay(str, Enum):  # the learning rate after warm-up, to min_lr_ratio * lr at total_steps (optim.lr_at)
+OptimizerName = Choice("OptimizerName", [(n, n) for n in OPTIMIZERS])  # the names in OPTIMIZERS
+
+
+class Decay(Choice):  # the learning rate after warm-up, to min_lr_ratio * lr at total_steps (optim.lr_at)
     constant = "constant"
     cosine = "cosine"
     linear = "linear"
 
 
-class MuonScaling(str, Enum):  # torch.optim.Muon's adjust_lr_fn
+class MuonScaling(Choice):  # torch.optim.Muon's adjust_lr_fn
     match_rms_adamw = "match_rms_adamw"  # Moonshot's: AdamW's update RMS, so lr and weight_decay serve both
     original = "original"  # Keller Jordan's
 
 
-class Precision(str, Enum):  # Accelerate's mixed_precision
+class Precision(Choice):  # Accelerate's mixed_precision
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class NanPolicy(str, Enum):  # what a non-finite loss does
+class NanPolicy(Choice):  # what a non-finite loss does
     stop = "stop"
     skip = "skip"  # the step
     rollback = "rollback"  # to the last checkpoint, skipping the global batches from there to the bad one
@@ -90,6 +99,8 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: Precision = "no"
     max_grad_norm: float = 0.0  # 0: no clipping
+    # torch.autograd's anomaly mode: a backward that makes a NaN names the forward op it came from (slow: debugging)
+    detect_anomaly: bool = runtime(False)
     gradient_checkpointing: bool = runtime(False)
     compile: bool = runtime(False)  # torch.compile the model
     tf32: bool = True  # TF32 matmuls on GPU
@@ -181,10 +192,11 @@ def training_sampling(key: str, settings, objective: str) -> SamplingSettings:
 
 
 def register_configs() -> None:
-    """Make the dataclasses the schema of configs/training/, configs/optim/ and configs/model/
-    (``defaults: [schema]``), and the ``dit.*`` resolvers the configs use. The entry points that compose configs
-    call it (train.py, the tests, dit.analysis); idempotent."""
+    """Make the dataclasses the schemas of configs/training/, configs/optim/, configs/model/ (``defaults:
+    [schema]``) and configs/sample.yaml, and register the ``dit.*`` resolvers the configs use. The entry points that
+    compose configs call it (train.py, sample.py, the tests, dit.analysis); idempotent."""
     cs = ConfigStore.instance()
+    cs.store(name="sample_schema", node=SampleConfig)  # configs/sample.yaml: defaults [sample_schema]
     cs.store(group="training", name="schema", node=TrainConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="model", name="schema", node=ModelSchema)

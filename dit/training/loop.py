@@ -144,6 +144,7 @@ class Trainer:
         self.control, self.clock = Control(cfg.collective_timeout_s), CheckpointClock(cfg.ckpt_every_minutes)
         self.batch_size = check_settings(cfg, self.world)
         set_seed(self.seed + self.rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
+        torch.autograd.set_detect_anomaly(cfg.detect_anomaly)  # either way: an earlier run here may have set it
         objective.check_model(model)
         self.objective_settings = objective.settings()
         # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
@@ -414,9 +415,7 @@ class Trainer:
     def checkpoint(self, at_step: int) -> Path:
         state = self.state
         pos = {"epoch": state["epoch"], "batch": state["batch"], "ema_num_updates": self.ema.num_updates}
-        pos["train_s"] = state["train_s"]
-        if self.pending:
-            pos["pending"] = self.pending
+        pos |= {"train_s": state["train_s"]} | ({"pending": self.pending} if self.pending else {})
         if state.get("rollbacks"):
             pos["rollbacks"] = state["rollbacks"]
         record = CheckpointState(at_step, pos, export_config(self.raw, self.model_record))

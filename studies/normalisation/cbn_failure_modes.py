@@ -32,13 +32,9 @@ from dit.sampling import decode, to_uint8
 # (label, statistics, sampling batch size, guidance): the first row is the shipped behaviour
 ROWS = [
     ("running statistics (shipped)", "running", 100, 2.0),
-    ("batch statistics, batch 100", "batch", 100, 2.0),
-    ("batch statistics, batch 16", "batch", 16, 2.0),
-    ("batch statistics, batch 4", "batch", 4, 2.0),
-    ("batch statistics, batch 1", "batch", 1, 2.0),
+    *((f"batch statistics, batch {b}", "batch", b, 2.0) for b in (100, 16, 4, 1)),
     ("running statistics, unguided", "running", 100, 1.0),
-    ("batch statistics, batch 100, unguided", "batch", 100, 1.0),
-    ("batch statistics, batch 1, unguided", "batch", 1, 1.0),
+    *((f"batch statistics, batch {b}, unguided", "batch", b, 1.0) for b in (100, 1)),
 ]
 
 
