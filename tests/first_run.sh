@@ -19,7 +19,9 @@ export TORCHINDUCTOR_CACHE_DIR=$sandbox/inductor TRITON_CACHE_DIR=$sandbox/trito
 export HF_HOME=$sandbox/huggingface                    # diffusers / hub / accelerate's default config
 export MPLCONFIGDIR=$sandbox/matplotlib                # matplotlib's font cache
 export WANDB_DIR=$sandbox/wandb WANDB_CACHE_DIR=$sandbox/wandb-cache WANDB_CONFIG_DIR=$sandbox/wandb-config WANDB_DATA_DIR=$sandbox/wandb-data
-export PYTHONPYCACHEPREFIX=$sandbox/pycache            # no __pycache__ written into site-packages or the tree
+# No __pycache__ written into site-packages or the tree; the bytecode pip compiled when installing is read, as on
+# any machine after make setup (a cache prefix here would make every process compile torch from source: ~15 s each).
+export PYTHONDONTWRITEBYTECODE=1
 export TMPDIR=$sandbox/tmp                             # pytest's tmp_path, torchelastic, tempfile
 
 # What is in the repository before (tracked changes, untracked and ignored files), to compare after.

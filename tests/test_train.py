@@ -485,8 +485,8 @@ def test_nan_loss(tmp_path, monkeypatch, policy):
 
 @needs_fmnist
 def test_detect_anomaly_is_a_runtime_option(tmp_path, monkeypatch):
-    """training.detect_anomaly turns torch.autograd's anomaly mode on for the run's steps (and off for the next run
-    in the process); how a run computes, not what: the settings digest leaves it out."""
+    """training.detect_anomaly runs the training steps in torch.autograd's anomaly mode (and only them: the FLOPs
+    are counted on the meta device, where it cannot run); how a run computes, not what: the digest leaves it out."""
     seen, real = [], train.build_job
 
     def recording(cfg, run_dir):

@@ -144,7 +144,6 @@ class Trainer:
         self.control, self.clock = Control(cfg.collective_timeout_s), CheckpointClock(cfg.ckpt_every_minutes)
         self.batch_size = check_settings(cfg, self.world)
         set_seed(self.seed + self.rank)  # per-rank seeds; the step randomness itself comes from SlicedRandom
-        torch.autograd.set_detect_anomaly(cfg.detect_anomaly)  # either way: an earlier run here may have set it
         objective.check_model(model)
         self.objective_settings = objective.settings()
         # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
@@ -322,7 +321,8 @@ class Trainer:
             kwargs["cond_map"] = self.raw.map_kind(x, self.raw.map_size)
         for addon in self.addons:  # drawn after the drops, in ADDONS order
             kwargs |= addon.conditions(rng, self.raw, len(x))
-        with acc.no_sync(self.model) if not sync else nullcontext():
+        anomaly = torch.autograd.set_detect_anomaly(self.cfg.detect_anomaly)  # for this forward and backward only
+        with acc.no_sync(self.model) if not sync else nullcontext(), anomaly:
             with acc.autocast():
                 terms = self.objective.losses(self.model, x, draw, kwargs)
                 for addon in self.addons:  # extra terms, e.g. on the clean images
