@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.tiny import conditions, randomize, tiny_dit
+from helpers.tiny import EACH_SIZE_AND_EACH_BLOCK, conditions, randomize, tiny_dit
 
 from dit.models import BLOCKS, DIT_MODELS, create_model, get_block
 from dit.models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
@@ -25,15 +25,30 @@ def test_output_shape(block, patch_size, learn_sigma):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", list(DIT_MODELS))
-@pytest.mark.parametrize("block", sorted(BLOCKS))
-def test_every_size_on_meta(name, block):
+def meta_model(name: str, block: str):
     with torch.device("meta"):
-        model = create_model(name, block=block, input_size=32, in_channels=4, num_classes=1000, **BLOCKS[block].needs)
+        return create_model(name, block=block, input_size=32, in_channels=4, num_classes=1000, **BLOCKS[block].needs)
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_every_size_builds_on_meta(block):
+    """The whole size x block product is built (on the meta device: no weights); a forward of each size and of
+    each block follows (a block's forward does not depend on the size beyond its widths)."""
+    for name in DIT_MODELS:
+        model = meta_model(name, block)
+        assert (
+            len(model.blocks) == DIT_MODELS[name]["depth"]
+            and model.config.hidden_size == DIT_MODELS[name]["hidden_size"]
+        )
+
+
+@pytest.mark.parametrize(("name", "block"), EACH_SIZE_AND_EACH_BLOCK)
+def test_every_size_and_every_block_forward_on_meta(name, block):
+    model = meta_model(name, block)
+    with torch.device("meta"):
         x, t, y = torch.empty(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
         out = model(x, t, y, **conditions(model, 2))
     assert out.shape == (2, 8, 32, 32)
-    assert len(model.blocks) == DIT_MODELS[name]["depth"]
 
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))

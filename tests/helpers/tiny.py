@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dit.models import BLOCKS, DiT, create_model
+from dit.models import BLOCKS, DIT_MODELS, DiT, create_model
 
 
 def tiny_dit(block: str = "adaln_zero", patch_size: int = 4, **kw) -> DiT:
@@ -91,3 +91,10 @@ GRID_RUN = [
 
 # sample.py's settings that reproduce GRID_RUN's final grid (seed, batch, sampling); add checkpoint= and out_dir=.
 GRID_SAMPLE = ["per_class=1", "steps=4", "cfg_scale=2.0", "seed=0", "batch_size=10"]
+
+
+# Each zoo size (with adaLN-Zero) and each block (at XL/2): what the tests that build through a path once per size
+# and once per block run (tests/test_models.py builds the whole size x block product once, on the meta device).
+EACH_SIZE_AND_EACH_BLOCK = [(name, "adaln_zero") for name in DIT_MODELS] + [
+    ("DiT-XL/2", block) for block in sorted(BLOCKS) if block != "adaln_zero"
+]
