@@ -10,6 +10,8 @@ from conftest import ROOT, compose_config, needs_fmnist
 from helpers.tiny import records
 from omegaconf import OmegaConf
 
+from dit.analysis.report import main as report_main
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
@@ -32,10 +34,9 @@ def multirun(sweep_dir, *overrides, env=None):
 
 
 def report(sweep, tmp_path) -> str:
-    """python -m dit.analysis.report <sweep>: the markdown it writes."""
+    """python -m dit.analysis.report <sweep> (its main, in this process): the markdown it writes."""
     out = tmp_path / "report.md"
-    cmd = [sys.executable, "-m", "dit.analysis.report", str(sweep), "-o", str(out)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    report_main([str(sweep), "-o", str(out)])
     return out.read_text()
 
 
