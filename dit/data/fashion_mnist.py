@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -22,7 +23,19 @@ FILES = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file (optionally gzipped) as a numpy array; a clear error naming the file otherwise."""
+    """An idx file (optionally gzipped) as a read-only numpy array; a clear error naming the file otherwise. Kept
+    while the file is unchanged (its size and modification time): a process that builds the dataset again (a sweep's
+    pool worker, the evaluator's reference) does not decompress it again."""
+    try:
+        stat = Path(path).stat()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable idx file ({e})") from None
+    return _read_idx(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    path = Path(path)
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             data = f.read()

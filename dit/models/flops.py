@@ -10,7 +10,10 @@ zoo's counts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,6 +23,21 @@ from dit.models.dit import DiT
 from dit.models.routing import Route, TokenRouting
 
 __all__ = ["count_config", "meta_model", "training_flops"]
+
+
+def counted_once(count):
+    """count(config, routing), kept by the values of its arguments (a count depends on nothing else): a process that
+    trains or reports many runs of one architecture counts it once."""
+    done = {}
+
+    @functools.wraps(count)
+    def cached(config: DiTConfig, routing: TokenRouting | None = None):
+        key = json.dumps([dataclasses.asdict(config), routing and dataclasses.asdict(routing)], default=str)
+        if key not in done:
+            done[key] = count(config, routing)
+        return copy.copy(done[key])
+
+    return cached
 
 
 def meta_model(config: DiTConfig, routing: TokenRouting | None = None) -> tuple[DiT, dict]:
@@ -41,6 +59,7 @@ def meta_model(config: DiTConfig, routing: TokenRouting | None = None) -> tuple[
     return model.eval(), inputs
 
 
+@counted_once
 def count_config(config: DiTConfig, routing: TokenRouting | None = None) -> dict:
     """Trainable parameters, forward GFLOPs (multiply-adds: FLOPs / 2) and tokens of any architecture (a zoo
     entry, a run's recorded model config, e.g. with a spatial map); with ``routing`` (TREAD), the GFLOPs of a
@@ -57,6 +76,7 @@ def count_config(config: DiTConfig, routing: TokenRouting | None = None) -> dict
     )
 
 
+@counted_once
 def training_flops(config: DiTConfig, routing: TokenRouting | None = None) -> float:
     """FLOPs of one training image through the DiT, forward and backward (torch.utils.flop_counter's count, i.e.
     2 per multiply-add), with TREAD token routing when given. The loss, the optimiser and the EMA are left out:

@@ -434,8 +434,7 @@ class Trainer:
             weights = addon.export_weights(weights)
         if acc.is_main_process:
             save_export(self.export, self.raw, self.model_record, ema=ema_weights, state_dict=weights)
-            mark_finished(run_dir, step, self.settings, self.job.data_meta)
-            self.logger.plot()  # accelerator.end_training() below closes the trackers
+            mark_finished(run_dir, step, self.settings, self.job.data_meta)  # (the curves: plotted with the grid)
             print(
                 f"done: step {step}; checkpoint {self.last_ckpt}; EMA export {self.export}; "
                 f"samples {run_dir / 'samples' / 'latest.png'}"
