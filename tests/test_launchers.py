@@ -105,11 +105,11 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
 
 @needs_fmnist
 def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished_ones(tmp_path):
-    """hydra/launcher=pool (make ablation): a job with bad input fails alone, says why in error.txt, the
-    report lists it; the same command again trains nothing that is finished."""
+    """hydra/launcher=pool (make ablation): a job with bad input fails alone (the worker that ran it trains the next
+    job), says why in error.txt, the report lists it; the same command again trains nothing that is finished."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    cmd = multirun_command(sweep, "pool")
+    cmd = multirun_command(sweep, "pool", "hydra.launcher.n_jobs=1")
     first = launch([*cmd, "model.block=bogus,adaln"])
     assert first.returncode != 0 and "unknown block 'bogus'" in first.stderr
     assert (sweep / "adaln" / "model" / "config.json").exists()  # the other job finished
