@@ -75,11 +75,12 @@ chromium:
 # Both as a first run (tests/first_run.sh: empty caches in a temporary directory, nothing written outside
 # it and the repository), on every core (pytest-xdist; TEST_JOBS=0 runs in one process).
 TEST_JOBS ?= auto
+# worksteal: a worker that runs out of tests takes queued ones from the other (the long tests do not end alone).
 test: setup
-	tests/first_run.sh $(PY) -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
+	tests/first_run.sh $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal $(PYTEST_ARGS)
 
 test-all: setup
-	tests/first_run.sh $(PY) -m pytest -q -n $(TEST_JOBS) -m "" $(PYTEST_ARGS)
+	tests/first_run.sh $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "" $(PYTEST_ARGS)
 
 # Configured in pyproject.toml ([tool.ruff]).
 lint: setup

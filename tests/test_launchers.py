@@ -122,6 +122,7 @@ def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished
     assert "1 of 2 runs finished" in text and "`bogus`: failed" in text and "unknown block 'bogus'" in text
 
 
+@pytest.mark.slow  # ~15 s: a sweep's second job in the same worker; the pool launcher's path is tested in make test
 @needs_fmnist
 def test_pool_launcher_runs_a_bf16_job_after_an_fp32_job_in_the_same_process(tmp_path):
     """One pool worker runs its jobs one after another in one process (make speedrun's bf16 arm after an fp32 arm):
