@@ -190,13 +190,13 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
     from dit.diffusion import FlowMatching
     from dit.training.config import TrainConfig, training_sampling
     from dit.training.digest import settings_digest
-    from dit.training.evaluation import training_sampler
+    from dit.training.evaluation import build_training_sampler
 
     model, cfg = tiny_model(), TrainConfig(fid_every=1)
     for objective, grid, fid in [(create_diffusion(), "ddpm", "ddim"), (FlowMatching(), "euler", "euler")]:
         assert build_sampler(objective, SamplingSettings()).name == grid  # sample.py
-        assert training_sampler(objective, cfg, "grid_sampling", model).name == grid
-        assert training_sampler(objective, cfg, "fid_sampling", model).name == fid
+        assert build_training_sampler(objective, cfg, "grid_sampling", model).name == grid
+        assert build_training_sampler(objective, cfg, "fid_sampling", model).name == fid
         recorded = {"sampler": None, "steps": 10, "cfg_scale": 2.0, "options": {}}  # a run's config.yaml
         assert training_sampling("fid_sampling", recorded, objective.name) == SamplingSettings(fid, 10, 2.0)
 
@@ -213,7 +213,7 @@ def test_each_objective_names_its_samplers_for_sample_py_the_grids_and_the_fid()
     )
     assert flow != digest("diffusion=flow", "training.fid_sampling.sampler=heun")
     with pytest.raises(ValueError, match="training.fid_sampling: sampler 'ddim' cannot sample .* 'flow' objective"):
-        training_sampler(
+        build_training_sampler(
             FlowMatching(), TrainConfig(fid_sampling=SamplingSettings(sampler="ddim")), "fid_sampling", model
         )
 

@@ -30,7 +30,7 @@ __all__ = [
     "SampleGrids",
     "build_evaluator",
     "eval_inputs",
-    "training_sampler",
+    "build_training_sampler",
 ]
 
 EVAL_BATCH_SIZE = 250  # images per generate() batch in FID evaluations
@@ -134,7 +134,7 @@ class SampleGrids:
         logger.plot()
 
 
-def training_sampler(objective: Objective, cfg: TrainConfig, key: str, model) -> Sampler:
+def build_training_sampler(objective: Objective, cfg: TrainConfig, key: str, model) -> Sampler:
     """The sampler of training.<key> (grid_sampling, fid_sampling; a null sampler: the objective's for the key's
     purpose) + the model check, with errors that name the config key they come from."""
     try:

@@ -31,7 +31,7 @@ from dit.training.checkpointing import (
 from dit.training.config import check_settings
 from dit.training.digest import settings_digest
 from dit.training.ema import EMA
-from dit.training.evaluation import Drawing, Evaluation, HeldOut, SampleGrids, build_evaluator, training_sampler
+from dit.training.evaluation import Drawing, Evaluation, HeldOut, SampleGrids, build_evaluator, build_training_sampler
 from dit.training.init_from import initialize
 from dit.training.job import TrainingJob
 from dit.training.logging import MetricsLogger
@@ -147,8 +147,8 @@ class Trainer:
         objective.check_model(model)
         self.objective_settings = objective.settings()
         # Built once, used by every grid and FID evaluation; bad settings fail here, before any step.
-        self.grid_sampler = training_sampler(objective, cfg, "grid_sampling", model)
-        self.fid_sampler = training_sampler(objective, cfg, "fid_sampling", model) if cfg.fid_every else None
+        self.grid_sampler = build_training_sampler(objective, cfg, "grid_sampling", model)
+        self.fid_sampler = build_training_sampler(objective, cfg, "fid_sampling", model) if cfg.fid_every else None
         self.resume_from = find_resume(self.job.resume, self.run_dir)  # before anything is written
         self.settings = settings_digest(self.job.config)
 
