@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dit.atomic import RunDirBusy, RunLock, atomic_file, remove_stale_temporaries
 from dit.data import Subset
 from dit.training import OptimConfig, TrainConfig, TrainingJob, train
 from dit.training.checkpointing import list_checkpoints
@@ -128,6 +129,21 @@ def build_job(cfg: DictConfig, run_dir: Path) -> TrainingJob:
     )
 
 
+def open_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """What the holder of the run directory's lock writes first: Hydra's record of the run in .hydra/ (config.yaml,
+    hydra.yaml, overrides.yaml: configs/train.yaml sets hydra.output_subdir null so that a refused second start
+    writes nothing), after removing the temporaries a killed write left (never taken for results)."""
+    for path in remove_stale_temporaries(run_dir):
+        print(f"{run_dir}: removed {path.relative_to(run_dir)}, left by an interrupted write", file=sys.stderr)
+    record = {
+        "config.yaml": cfg,
+        "hydra.yaml": HydraConfig.instance().cfg,
+        "overrides.yaml": OmegaConf.create(list(HydraConfig.get().overrides.task)),
+    }
+    for name, node in record.items():
+        atomic_file(run_dir / ".hydra" / name, lambda tmp, node=node: OmegaConf.save(node, tmp))
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train the run cfg composes, in run_dir; returns train()'s result (dit.training.train)."""
     return train(build_job(cfg, run_dir))
@@ -143,6 +159,26 @@ def main(cfg: DictConfig) -> None:
                 set_cuda_visible_devices=False, overwrite=True
             )  # task k: cuda:k
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    # One writer per run directory: the main process (RANK 0) of the run holds the lock for the run's life.
+    way_out = (
+        "run it in another directory with hydra.sweep.dir=..." if multirun else "choose another: hydra.run.dir=..."
+    )
+    lock = RunLock(run_dir, enabled=os.environ.get("RANK", "0") == "0", way_out=way_out)
+    try:
+        lock.acquire()
+    except RunDirBusy as e:  # refused before writing anything there (not even the failure note)
+        if multirun:
+            raise RunFailed(str(e)) from None
+        sys.exit(f"error: {e}")
+    with lock:
+        if lock.enabled:
+            open_run_dir(cfg, run_dir)
+        attempt(cfg, run_dir, multirun)
+
+
+def attempt(cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
+    """Train, turning the ways a run stops into one line (and the run directory's error.txt)."""
     try:
         run(cfg, run_dir)
     except Stopped as e:  # a stop signal: checkpoint written; submitit's requeue (if any), then exit EXIT_STOPPED
@@ -156,7 +192,7 @@ def main(cfg: DictConfig) -> None:
         LostProcess,
     ) as e:  # OSError: e.g. disk full while saving a checkpoint
         note_failure(run_dir, f"{type(e).__name__}: {e}")
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             # An exception, not an exit: Hydra marks this job failed and the sweep's other jobs go on
             # (SystemExit would end a multirun, the pool launcher's workers included, at the first error).
             raise RunFailed(f"{run_dir}: {e}") from None

@@ -7,20 +7,22 @@
 Needs the demo extra (pip install -e '.[demo]'). Safe by default, as a server should be: it listens on 127.0.0.1
 unless host= says otherwise (and warns when it does); the page picks only among the checkpoints named on the
 command line, by label (no path typed into the page is ever opened); the images, steps and guidance of one request
-are bounded (max_images, max_steps, cfg_range), checked in the server function too, since an API call can send any
-value a slider would not. Images are sample.py's for the same checkpoint, classes, per_class, sampler, steps,
-cfg_scale, seed and batch_size (dit.sampling.generate).
+are bounded (max_images, max_steps, cfg_range) and checked by the server function, since an API call can send any
+value a slider would not; a refusal names the field, the value and the bound. One request samples at a time, at most
+queue_size wait, the next is told at once that the queue is full (tests/test_demo_load.py). Images are sample.py's
+for the same checkpoint, classes, per_class, sampler, steps, cfg_scale, seed and batch_size (dit.sampling.generate).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ class DemoConfig:
     max_images: int = 16  # per checkpoint and request (classes x per_class)
     max_steps: int = 100  # sampling steps per request
     cfg_range: list[float] = field(default_factory=lambda: [1.0, 10.0])  # [lo, hi] of cfg_scale
+    queue_size: int = 16  # requests that may wait for the model; the next is told "Queue is full" (memory stays put)
     # what the page shows first
     steps: int = 25
     cfg_scale: float = 4.0
@@ -79,7 +82,7 @@ class DemoConfig:
         if not 0 <= lo <= hi:
             raise ValueError(f"cfg_range={[lo, hi]}: need 0 <= lo <= hi")
         self.cfg_range = [lo, hi]
-        for key in ("max_images", "max_steps", "batch_size", "per_class", "steps"):
+        for key in ("max_images", "max_steps", "queue_size", "batch_size", "per_class", "steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: need at least 1")
         if not 1 <= self.port <= 65535:
@@ -205,57 +208,63 @@ class Demo:
         """The class choices of the page: the first checkpoint's (another must know the same names)."""
         return next(iter(self.checkpoints.values())).class_names
 
-    def check(self, label: str, sampler: str, request: Request) -> tuple[Checkpoint, SamplingSettings]:
-        """The request's values, checked as the sliders would (an API call can send anything) -> what to sample."""
+    def check(self, label: str, sampler: str, request: Request) -> tuple[Checkpoint, SamplingSettings, list[int]]:
+        """The request's values, checked as the page's controls would and more (an API call can send anything: a
+        string, NaN, a value beyond a slider) -> what to sample: the checkpoint, the settings, the class ids.
+        Every refusal names the field, the value and the bound."""
         c = self.config
-        if label not in self.checkpoints:
+        if not isinstance(label, str) or label not in self.checkpoints:
             raise RequestError(f"unknown checkpoint {label!r}; choose one of: {', '.join(self.checkpoints)}")
         ckpt = self.checkpoints[label]
-        if sampler not in ckpt.samplers:
+        if not isinstance(sampler, str) or sampler not in ckpt.samplers:
             raise RequestError(
                 f"sampler {sampler!r} cannot sample {label} ({ckpt.objective.name} objective); "
                 f"valid: {', '.join(ckpt.samplers)}"
             )
-        if not request.classes:
+        classes = request.classes
+        listed = isinstance(classes, Sequence) and not isinstance(classes, str)
+        if not listed or not all(isinstance(name, str) for name in classes):
+            raise RequestError(f"classes {classes!r}: need a list of class names")
+        if not classes:
             raise RequestError("choose at least one class")
-        per_class = _integer("images per class", request.per_class)
-        steps, seed = _integer("steps", request.steps), _integer("seed", request.seed)
-        n = len(request.classes) * per_class
-        if per_class < 1 or n > c.max_images:
+        per_class = _integer("per class", request.per_class, 1, c.max_images)
+        steps = _integer("steps", request.steps, 1, c.max_steps)
+        _integer("seed", request.seed, 0, MAX_SEED)
+        n = len(classes) * per_class
+        if n > c.max_images:
             raise RequestError(
-                f"{len(request.classes)} classes x {per_class} per class = {n} images: at most {c.max_images} a request"
+                f"{len(classes)} classes x {per_class} per class = {n} images: at most {c.max_images} a request"
             )
-        if not 1 <= steps <= c.max_steps:
-            raise RequestError(f"steps={steps}: need 1 to {c.max_steps}")
-        cfg_scale = request.cfg_scale
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not np.isfinite(cfg_scale):
-            raise RequestError(f"guidance scale {cfg_scale!r}: a number")
-        lo, hi = c.cfg_range
-        if not lo <= cfg_scale <= hi:
-            raise RequestError(f"guidance scale {cfg_scale}: need {lo} to {hi}")
-        if not 0 <= seed <= MAX_SEED:
-            raise RequestError(f"seed={seed}: need 0 to {MAX_SEED}")
+        cfg_scale, (lo, hi) = request.cfg_scale, c.cfg_range
+        number = isinstance(cfg_scale, Real) and not isinstance(cfg_scale, bool) and math.isfinite(cfg_scale)
+        if not number or not lo <= cfg_scale <= hi:  # NaN compares False with any bound: asked to be finite first
+            raise RequestError(f"guidance scale {cfg_scale!r}: need a number from {lo} to {hi}")
+        try:
+            ids = resolve_classes(list(classes), ckpt.meta.get("class_names"), ckpt.model.num_classes)
+        except ValueError as e:  # e.g. a class name this checkpoint lacks
+            names = ckpt.class_names
+            valid = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+            raise RequestError(f"{label}: {e}; classes: {valid}") from None
         try:
             settings = SamplingSettings(sampler=sampler, steps=steps, cfg_scale=float(cfg_scale))
         except (ValueError, KeyError) as e:
             raise RequestError(str(e)) from None
-        return ckpt, settings
+        return ckpt, settings, ids
 
     def grid(
         self, label: str, sampler: str, request: Request, on_eval: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """One grid (H, W, 3) uint8, one row per class, per_class images in each: sample.py's grid.png for the
         same settings. on_eval(model evaluations so far) after each evaluation, for a progress bar."""
-        ckpt, settings = self.check(label, sampler, request)
+        ckpt, settings, ids = self.check(label, sampler, request)
         per_class, seed = int(request.per_class), int(request.seed)
         try:
-            ids = resolve_classes(list(request.classes), ckpt.meta.get("class_names"), ckpt.model.num_classes)
             spec = GenerationSpec(make_labels(ids, per_class, None, seed), self.config.batch_size, seed)
             counting = None if on_eval is None else _counting(on_eval)
             built_sampler = build_sampler(ckpt.objective, settings)
             batches = generate(ckpt.model, built_sampler, spec, vae=ckpt.vae, device=self.device, on_eval=counting)
             images = torch.cat([images for _, images in batches])
-        except ValueError as e:  # e.g. a class the other checkpoint lacks, guidance on a model without a null class
+        except ValueError as e:  # e.g. guidance on a model without a null class
             raise RequestError(f"{label}: {e}") from None
         return grid_array(images, nrow=per_class)
 
@@ -284,10 +293,12 @@ def evaluations(steps: int, sampler: str) -> int:
     return steps * (2 if sampler == "heun" else 1)
 
 
-def _integer(name: str, value) -> int:
-    """An integer from the page (Gradio sends sliders' and numbers' values as floats: 4.0 is 4, 4.5 is refused)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not float(value).is_integer():
-        raise RequestError(f"{name} {value!r}: a whole number")
+def _integer(name: str, value, lo: int, hi: int) -> int:
+    """A whole number from lo to hi, from the page or an API call (Gradio sends sliders' and numbers' values as
+    floats: 4.0 is 4; 4.5, NaN, infinity, a string or None are refused, with the bounds)."""
+    whole = isinstance(value, Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or not lo <= value <= hi:
+        raise RequestError(f"{name} {value!r}: need a whole number from {lo} to {hi}")
     return int(value)
 
 
@@ -379,9 +390,11 @@ def build_app(demo: Demo):
             return grids[0], (grids[1] if len(grids) > 1 else None)
 
         inputs = {ckpt_a, sampler_a, ckpt_b, sampler_b, classes, per_class, steps, cfg_scale, seed}
-        # one model on one device: requests wait in the queue
-        button.click(run, inputs, [grid_a, grid_b], api_name="generate", concurrency_limit=1)
-    app.queue(max_size=16, default_concurrency_limit=1)
+        # One model on one device: requests wait in the queue, queue_size at most (the next is refused at once).
+        # preprocess=False: the values reach run() as sent, and Demo.check alone judges them (Gradio's checks would
+        # refuse some with messages that name no field, e.g. "Could not preprocess input component at index 8").
+        button.click(run, inputs, [grid_a, grid_b], api_name="generate", concurrency_limit=1, preprocess=False)
+    app.queue(max_size=c.queue_size, default_concurrency_limit=1)
     return app
 
 

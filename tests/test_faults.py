@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from helpers.tiny import randomize, tiny_diffusers_dit, tiny_dit
 from safetensors.torch import save_file
 
 import train
+from dit.atomic import WriteFailed, append_line, atomic_dir, atomic_file, remove_stale_temporaries, writing
 from dit.data.latents import LatentShards
 from dit.eval.stats import ImageSource, Stats, is_stats_file
 from dit.hub import ModelRecord, load_model, save_export
-from dit.integrity import DamagedFileError
-from dit.training.checkpointing import _prune, checkpoint_problem, find_resume, list_checkpoints
+from dit.integrity import DamagedFileError, load_safetensors
+from dit.training.checkpointing import _prune, checkpoint_bytes, checkpoint_problem, find_resume, list_checkpoints
 
 # A checkpoint every step (more moments to kill), the last two kept.
 RUN = [*SMOKE, "training.ckpt_every=1", "training.keep_last=2"]
@@ -239,12 +241,150 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
         return real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_disk_full)
-    with pytest.raises(OSError, match="cannot write checkpoint .*step_0000002: No space left on device") as e:
+    with pytest.raises(WriteFailed, match="^no space left on device: cannot write .*step_0000002 .*untouched$") as e:
         train.run(cfg_for("training.total_steps=3"), tmp_path)
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
     assert checkpoint_problem(tmp_path / "checkpoints" / "step_0000001") is None
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001"]
+
+
+# --- a full disk, for real: a small tmpfs ------------------------------------------------------------
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str):
+    """A real filesystem of `size` (mount's syntax: 5m) at path: a tmpfs, which needs root's mount rights. Where it
+    cannot be mounted the test is skipped: test_a_write_past_the_file_size_limit_is_one_line is the portable one."""
+    path.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow(path: Path, size: str) -> None:
+    """Free space on the small filesystem (what a user does after the failure)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+@needs_fmnist
+def test_a_full_disk_ends_train_in_one_line_and_resume_is_exact(trained, tmp_path):
+    """train.py with its run directory on a 5 MB filesystem (a checkpoint is 3 MB): the first checkpoint fits, the
+    second does not. The run warns before it (training.low_disk=warn), then ends in one line naming the cause, the
+    checkpoint and the free space, without a traceback; the first checkpoint is intact and no temporary is left.
+    Once space is freed, resume=auto removes what a killed save would have left and ends with the weights of the
+    uninterrupted run."""
+    with small_filesystem(tmp_path / "disk", "5m") as disk:
+        run = disk / "run"
+        threads = str(torch.get_num_threads())  # the uninterrupted run's (matmul sums depend on it)
+        args = [str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run}"]
+        proc = run_cli(args, tmp_path, OMP_NUM_THREADS=threads)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        second = run / "checkpoints" / "step_0000002"
+        assert re.fullmatch(
+            rf"error: no space left on device: cannot write {second} \(2\.9 MB needed, [\d.]+ [kM]?B free\); "
+            "the earlier checkpoints are untouched",
+            last,
+        ), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert f"low disk space: checkpoint {second} needs about 2.9 MB" in proc.stderr
+        assert [p.name for p in list_checkpoints(run)] == ["step_0000001"]
+        assert checkpoint_problem(run / "checkpoints" / "step_0000001") is None
+        assert sorted(os.listdir(run / "checkpoints")) == ["step_0000001"]  # the failed save's temporary removed
+        grow(disk, "64m")
+        (run / "checkpoints" / ".step_0000004.tmp").mkdir()  # what a save killed mid-write leaves
+        (run / ".metrics.jsonl.tmp-x1y2z3").write_text("")  # and a rewrite of the metrics
+        proc = run_cli(args, tmp_path, OMP_NUM_THREADS=threads)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "removed checkpoints/.step_0000004.tmp, left by an interrupted write" in proc.stderr
+        assert [p.name for p in run.rglob(".*")] == [".hydra"]  # no temporary anywhere
+        weights = load_safetensors(run / "model" / "model.safetensors")
+        assert weights.keys() == trained[1].keys()
+        assert all(torch.equal(weights[k], trained[1][k]) for k in weights)
+
+
+@needs_fmnist
+def test_low_disk_stop_ends_cleanly_before_writing(trained, tmp_path):
+    """training.low_disk=stop: a checkpoint the free space cannot hold (less than the last one's size) is not
+    started; one line says so with the sizes, the earlier checkpoints are kept, nothing half written is left."""
+    from accelerate import Accelerator
+
+    from dit.training.checkpointing import _check_space
+
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        run = disk / "run"  # the trained run with its last checkpoint (3 MB) only: 1 MB free
+        shutil.copytree(trained[0], run, ignore=lambda _, names: {"step_0000005", "model"} & set(names))
+        final = run / "checkpoints" / "step_0000007"
+        with pytest.raises(WriteFailed, match=rf"^no space left on device for checkpoint {final} \(2\.9 MB needed, "):
+            _check_space(Accelerator(cpu=True), run, final, "stop")
+        with pytest.warns(UserWarning, match="low disk space: checkpoint .*step_0000007 needs about 2.9 MB"):
+            assert _check_space(Accelerator(cpu=True), run, final, "warn") == checkpoint_bytes(
+                run / "checkpoints" / "step_0000006"
+            )
+        assert [p.name for p in list_checkpoints(run)] == ["step_0000006"] and not final.exists()
+
+
+def test_writes_to_a_full_disk_are_one_line_and_leave_nothing_half_written(tmp_path):
+    """Every writer on a full filesystem: atomic files and directories (samples, statistics, exports), safetensors
+    (EMA weights), a log line (metrics.jsonl): WriteFailed naming the cause and the path; the old file, the old
+    directory and the earlier lines are kept; no temporary is left."""
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        log = disk / "metrics.jsonl"
+        append_line(log, '{"step": 1}')
+        atomic_file(disk / "a.npz", lambda tmp: np.savez(tmp, x=np.zeros(10)), suffix=".npz")
+        big = np.random.default_rng(0).random(200_000)  # 1.6 MB
+        with pytest.raises(WriteFailed, match=f"^no space left on device: cannot write {disk / 'a.npz'} "):
+            atomic_file(disk / "a.npz", lambda tmp: np.savez(tmp, x=big), suffix=".npz")
+        assert np.load(disk / "a.npz")["x"].shape == (10,)
+        with pytest.raises(WriteFailed, match=f"^no space left on device: cannot write {disk / 'model'}"):
+            with atomic_dir(disk / "model") as tmp:
+                save_file({"w": torch.from_numpy(big)}, tmp / "ema.safetensors")
+        with pytest.raises(WriteFailed, match=f"^no space left on device: cannot write {log} .*; kept$"):
+            append_line(log, "x" * 2_000_000, kept="kept")
+        assert log.read_text() == '{"step": 1}\n'
+        assert sorted(os.listdir(disk)) == ["a.npz", "metrics.jsonl"]
+
+
+def test_a_write_past_the_file_size_limit_is_one_line(tmp_path):
+    """The portable fault (no mount needed): RLIMIT_FSIZE (ulimit -f) makes torch's zip writer fail with a message
+    that names no cause ("unexpected pos ..."); writing() names it, with the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    path = tmp_path / "optimizer.bin"
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+        with pytest.raises(
+            WriteFailed, match=f"^file too large \\(the file-size limit, ulimit -f, is 195.3 kB\\): cannot write {path}"
+        ):
+            with writing(path):
+                torch.save({"w": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_stale_temporaries_are_removed_and_an_interrupted_replacement_is_undone(tmp_path):
+    """What each writer's temporaries are named, removed; a directory whose replacement was cut between its two
+    renames (only `.model.old-<pid>` left) is put back; other hidden files (.hydra) are not touched."""
+    (tmp_path / "checkpoints" / ".step_0000009.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000006").mkdir()
+    (tmp_path / ".model.tmp-abc123").mkdir()
+    (tmp_path / ".model.old-4242").mkdir()
+    (tmp_path / ".model.old-4242" / "config.json").write_text("{}")
+    (tmp_path / ".metrics.jsonl.tmp-q1w2e3").write_text("")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".grid.png.tmp-r4t5y6.png").write_text("")
+    (tmp_path / ".hydra").mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert len(removed) == 5
+    assert (tmp_path / "model" / "config.json").exists()  # the old copy, back under its name
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == [".hydra", "checkpoints", "checkpoints/step_0000006", "model", "model/config.json", "samples"]
 
 
 @needs_fmnist

@@ -16,6 +16,7 @@ from PIL import Image
 
 from dit.analysis.runs import curve
 from dit.analysis.time_to_fid import COSTS, cost_at
+from dit.atomic import atomic_file
 from dit.eval.metrics import metric_keys
 from dit.training.logging import log_scale_if_positive
 
@@ -38,7 +39,7 @@ def save_plot(ax: Axes, path: Path, xlabel: str, ylabel: str, *, xlog: bool = Fa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.figure.tight_layout()
-    ax.figure.savefig(path)
+    atomic_file(path, ax.figure.savefig, suffix=".png")
 
 
 def plot_curves(arms: dict[str, list[dict]], key: str, ylabel: str, path: Path, log: bool = False) -> bool:
@@ -95,7 +96,7 @@ def plot_grids(arms: dict[str, list[dict]], path: Path) -> bool:
         ax.imshow(Image.open(png), cmap="gray")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_file(path, fig.savefig, suffix=".png")
     return True
 
 

@@ -27,6 +27,7 @@ from dit.analysis.plots import cost_figures, figures
 from dit.analysis.runs import class_names, collect, load_claims
 from dit.analysis.significance import ALPHA, comparisons, fmt, fmt_ci, pairwise, published, verdict
 from dit.analysis.time_to_fid import cost_section
+from dit.atomic import atomic_file
 
 
 def per_class_table(
@@ -214,9 +215,10 @@ def splice(out: Path, body: str) -> None:
     if out.exists() and "<!-- report -->" in out.read_text():
         head, _, rest = out.read_text().partition("<!-- report -->")
         _, _, tail = rest.partition("<!-- /report -->")
-        out.write_text(f"{head}<!-- report -->\n{body}\n<!-- /report -->{tail}")
+        text = f"{head}<!-- report -->\n{body}\n<!-- /report -->{tail}"
     else:
-        out.write_text(body + "\n")
+        text = body + "\n"
+    atomic_file(out, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None) -> None:
@@ -231,9 +233,9 @@ def main(argv=None) -> None:
     out = args.out or args.multirun / "report.md"
     try:
         body = write_report(args.multirun, out, args.by, args.baseline)
-    except FileNotFoundError as e:
+        splice(out, body)
+    except OSError as e:  # FileNotFoundError, a full disk (dit.atomic.WriteFailed: the old report is kept)
         raise SystemExit(f"error: {e}") from None
-    splice(out, body)
     print(f"wrote {out}")
 
 

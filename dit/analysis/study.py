@@ -22,6 +22,7 @@ import filecmp
 import shutil
 from pathlib import Path
 
+from dit.atomic import atomic_dir, atomic_file
 from dit.training.run import FINISHED
 
 HYDRA = (".hydra/config.yaml", ".hydra/overrides.yaml")  # what dit.analysis.report and tests/test_studies.py read
@@ -72,12 +73,11 @@ def publish(sweep: Path, study: Path) -> list[str]:
         if same_record(run, dst):
             done.append(f"{run.name}: unchanged")
             continue
-        if dst.exists():
-            shutil.rmtree(dst)
         files = results(run)
-        for rel in files:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run / rel, dst / rel)
+        with atomic_dir(dst) as tmp:  # replaces what was there only once complete (a full disk: the old run kept)
+            for rel in files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run / rel, tmp / rel)
         state = "finished" if (run / FINISHED).exists() else "not finished"
         done.append(f"{run.name}: {len(files)} files ({state})")
     return done
@@ -90,8 +90,7 @@ def restore(study: Path, sweep: Path) -> list[str]:
         dst = Path(sweep) / run.name
         missing = [rel for rel in results(run) if not (dst / rel).exists()]
         for rel in missing:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run / rel, dst / rel)
+            atomic_file(dst / rel, lambda tmp, src=run / rel: shutil.copy2(src, tmp))
         if missing:
             done.append(f"{run.name}: {len(missing)} files")
     return done
@@ -111,7 +110,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         lines = args.run(args)
-    except FileNotFoundError as e:
+    except OSError as e:  # FileNotFoundError, a full disk (dit.atomic.WriteFailed: what was published is kept)
         raise SystemExit(f"error: {e}") from None
     print("\n".join(lines) or "nothing to do")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from dit.atomic import RunLock
 from dit.eval import domain
 from dit.eval.evaluator import Evaluator
 from dit.eval.extractors import EXTRACTORS, ExtractorSpec
@@ -129,19 +130,20 @@ def main(argv=None) -> None:
             return
         extra = args.command == "fid" and not args.no_extra
         spec = ExtractorSpec(args.metric, args.inception_weights, args.domain_classifier)
-        evaluator = Evaluator(spec, getattr(args, "ref", None), args.device, args.batch_size, extra_metrics=extra)
-        if args.command == "ref":
-            stats, _, _ = evaluator.stats(args.source)
-            stats.save(args.out)
+        if args.command == "ref":  # into a run directory (a run.lock above -o): only while no other process writes it
+            with RunLock.enclosing(args.out, way_out="write the statistics elsewhere (-o ...)"):
+                stats, _, _ = Evaluator(spec, None, args.device, args.batch_size).stats(args.source)
+                stats.save(args.out)
             emit({"out": args.out, "samples": stats.count, "extractor": stats.extractor}, args.json)
             return
+        evaluator = Evaluator(spec, args.ref, args.device, args.batch_size, extra_metrics=extra)
         evaluation = evaluator.evaluation(args.samples)
         for why in dict.fromkeys(evaluation.skipped.values()):  # one note per reason, naming its metrics
             titles = [title for title, reason in evaluation.skipped.items() if reason == why]
             note(f"{', '.join(titles)} not computed: {why}")
         samples = evaluation.samples
         emit(evaluation.values | {"samples": samples.count, "extractor": samples.extractor}, args.json)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a full disk (dit.atomic.WriteFailed)
         sys.exit(f"error: {e}")
 
 

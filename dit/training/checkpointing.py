@@ -5,7 +5,10 @@ scaler), ema.safetensors, config.json (so sample.py loads it directly, EMA weigh
 trainer_state.json (step, data position and the size of every other file), written last. It is
 assembled in a hidden temporary directory, fsynced, renamed into place and the parent directory
 fsynced, so a crash or power loss leaves the previous checkpoints untouched and no half-written
-directory under a real name. A save that fails (disk full) removes its temporary directory and says so.
+directory under a real name. Before a save the free space is checked against the last checkpoint's size
+(training.low_disk: warn, or stop cleanly before writing); a save that fails (disk full, quota, file-size limit)
+removes its temporary directory and says so in one line (dit.atomic.WriteFailed); temporaries of saves that were
+killed are removed when a run starts (dit.atomic.remove_stale_temporaries) and after each save.
 
 Resuming checks a checkpoint before loading it (every file present with its saved size, headers of
 safetensors / zip / JSON files readable): resume=auto skips a damaged one with a warning and takes
@@ -14,6 +17,7 @@ the newest one that is whole; damaged checkpoints are never deleted, nor counted
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import warnings
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dit.atomic import fsync_dir, fsync_tree, replace_dir
+from dit.atomic import WriteFailed, free_bytes, fsync_dir, fsync_tree, human_bytes, replace_dir, write_failure
 from dit.hub import objective_settings
 from dit.integrity import DamagedFileError, header_problem, load_safetensors, load_state_dict_checked, read_json
 from dit.models.config import DiTConfig
@@ -147,8 +151,43 @@ class CheckpointState:
     config: dict
 
 
-def save_checkpoint(accelerator, model, ema, run_dir: Path, state: CheckpointState, keep_last: int) -> Path:
-    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights."""
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint directory's files."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+KEPT = "the earlier checkpoints are untouched"
+
+
+def _check_space(accelerator, run_dir: Path, final: Path, low_disk: str) -> int | None:
+    """Collective. The bytes the save will need (the last checkpoint's size; None before the first), after warning
+    about (low_disk=warn) or stopping before (low_disk=stop: WriteFailed on every process) a save the free space
+    cannot hold. The main process, which writes the shared files, decides."""
+    found = [p for p in list_checkpoints(run_dir) if p != final]
+    needed = checkpoint_bytes(found[-1]) if found and accelerator.is_main_process else None
+    free = free_bytes(final) if needed else None
+    short = needed is not None and free is not None and free < needed
+    if short and low_disk == "warn":
+        warnings.warn(
+            f"low disk space: checkpoint {final} needs about {human_bytes(needed)} (the size of {found[-1].name}), "
+            f"{human_bytes(free)} free; writing it may fail (training.low_disk=stop stops cleanly instead)",
+            stacklevel=3,
+        )
+    if str(low_disk) == "stop" and main_process_says(accelerator, short):
+        where = f" ({human_bytes(needed)} needed, {human_bytes(free)} free)" if short else ""
+        raise WriteFailed(
+            errno.ENOSPC,
+            f"no space left on device for checkpoint {final}{where}: stopped before writing (training.low_disk=stop); "
+            f"{KEPT}, resume=auto continues from the last one once space is freed",
+        )
+    return needed
+
+
+def save_checkpoint(
+    accelerator, model, ema, run_dir: Path, state: CheckpointState, keep_last: int, low_disk: str = "warn"
+) -> Path:
+    """Collective: every rank calls it. Refuses (ValueError) to save non-finite weights; a failed write raises
+    WriteFailed (one line), the earlier checkpoints untouched."""
     step = state.step
     ema.sync()
     unwrapped = accelerator.unwrap_model(model)
@@ -156,6 +195,7 @@ def save_checkpoint(accelerator, model, ema, run_dir: Path, state: CheckpointSta
         raise ValueError(f"step {step}: the weights contain NaN/Inf; not saving a checkpoint")
     final = checkpoint_root(run_dir) / f"step_{step:07d}"
     tmp = final.with_name(f".{final.name}.tmp")
+    needed = _check_space(accelerator, run_dir, final, low_disk)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -174,11 +214,13 @@ def save_checkpoint(accelerator, model, ema, run_dir: Path, state: CheckpointSta
             fsync_tree(tmp)  # contents on disk before the rename makes them "complete"
             replace_dir(tmp, final)  # renames (replacing the same step saved again) and fsyncs checkpoints/
             fsync_dir(final.parent.parent)  # the checkpoints/ entry itself, new on the first save
-    except OSError as e:
+    except Exception as e:  # torch's zip writer says "unexpected pos ..." for a full disk: write_failure names it
+        failure = write_failure(e, final, needed, KEPT)  # (while the temporary still fills the disk)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        message = f"cannot write checkpoint {final}: {e.strerror or e}; the earlier checkpoints are untouched"
-        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+        if failure is None:
+            raise
+        raise failure from e
     if accelerator.is_main_process:
         _prune(run_dir, keep_last, final)
     accelerator.wait_for_everyone()

@@ -69,6 +69,11 @@ class NanPolicy(Choice):  # what a non-finite loss does
     rollback = "rollback"  # to the last checkpoint, skipping the global batches from there to the bad one
 
 
+class LowDisk(Choice):  # free space below the last checkpoint's size before a checkpoint is written
+    warn = "warn"  # and write it (it may fail: one line, the earlier checkpoints kept)
+    stop = "stop"  # cleanly, before writing: one line, exit non-zero, the earlier checkpoints kept
+
+
 def runtime(default, added: bool = False):
     """A setting that changes how a run computes, not what: left out of the settings digest (a finished run is not
     trained again for it). added: also added after runs were recorded (ADDED_WITH_SCHEMA)."""
@@ -119,6 +124,7 @@ class TrainConfig:
     # evaluation the main process runs alone while the others wait.
     collective_timeout_s: float | None = runtime(None, added=True)
     keep_last: int = runtime(3)
+    low_disk: LowDisk = runtime("warn", added=True)  # less free space than the last checkpoint's size: warn or stop
     # EMA sample grids, one row per class: every sample_every steps (0: only at the end).
     sample_every: int = 10_000
     sample_per_class: int = 8

@@ -16,6 +16,7 @@ import json
 import uuid
 from pathlib import Path
 
+from dit.atomic import append_line, atomic_file
 from dit.eval.metrics import METRICS, SAMPLE_COUNT
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml")  # Accelerate's names = their packages
@@ -111,15 +112,14 @@ class MetricsLogger:
             return
         lines = self.file.read_text().splitlines()
         kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
-        self.file.write_text("".join(line + "\n" for line in kept))
+        atomic_file(self.file, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def log(self, step: int, metrics: dict, tracker_prefix: str = "") -> None:
         """One record in metrics.jsonl, and the same to the trackers (keys prefixed with tracker_prefix,
         e.g. "final/" for the last FID on more samples, which must not join the curve of the others)."""
         if not self.enabled:
             return
-        with self.file.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_line(self.file, json.dumps({"step": step, **metrics}), kept="the records before it are kept")
         scalars = {  # the sample count and texts / lists (e.g. class consistency per class) are for the file only
             k: v for k, v in metrics.items() if k != SAMPLE_COUNT and not isinstance(v, (str, list, tuple, dict))
         }
@@ -173,8 +173,7 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = self.run_dir / "loss.png"
-        fig.savefig(path)
+        path = atomic_file(self.run_dir / "loss.png", fig.savefig, suffix=".png")
         plt.close(fig)
         (key, label), *others = [curve for metric in METRICS.values() for curve in metric.plot.items()]
         evals = fid_curve([r for r in self.records() if key in r])  # the first (FID) on the left axis
@@ -192,7 +191,7 @@ class MetricsLogger:
                     ax2.plot(steps, values, "s--", color=f"C{i}", label=lab)
                 ax2.set_ylabel(", ".join(lab for _, lab in others), color="C1" if len(others) == 1 else "black")
             fig.tight_layout()
-            fig.savefig(self.run_dir / "fid.png")
+            atomic_file(self.run_dir / "fid.png", fig.savefig, suffix=".png")
             plt.close(fig)
             if evals[-1]["step"] != self._curve_step:
                 self._curve_step = evals[-1]["step"]

@@ -78,6 +78,8 @@ class Trainer:
                 if self.world > 1 and collective_failure(e):
                     raise LostProcess.after(e, self.step, self.last_ckpt) from e
                 raise
+            finally:  # now: closed at exit, the bar's last refresh would print after the error's line
+                self.bar.close()
 
     def _train(self) -> None:
         cfg = self.cfg
@@ -413,13 +415,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def checkpoint(self, at_step: int) -> Path:
-        state = self.state
+        state, cfg, acc = self.state, self.cfg, self.accelerator
         pos = {"epoch": state["epoch"], "batch": state["batch"], "ema_num_updates": self.ema.num_updates}
         pos |= {"train_s": state["train_s"]} | ({"pending": self.pending} if self.pending else {})
         if state.get("rollbacks"):
             pos["rollbacks"] = state["rollbacks"]
         record = CheckpointState(at_step, pos, export_config(self.raw, self.model_record))
-        path = save_checkpoint(self.accelerator, self.model, self.ema, self.run_dir, record, self.cfg.keep_last)
+        path = save_checkpoint(acc, self.model, self.ema, self.run_dir, record, cfg.keep_last, cfg.low_disk)
         self.saved_step, self.since = at_step, (at_step, {"epoch": pos["epoch"], "batch": pos["batch"]})
         self.clock.reset()
         return path
