@@ -17,7 +17,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report zoo fashion-mnist chromium demo clean \
+.PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report guidance_ema zoo fashion-mnist chromium demo clean \
   bench-sample bench-train bench-kernel
 
 help:
@@ -34,6 +34,7 @@ help:
 	@echo "make silhouette     Fashion-MNIST from silhouettes: spade vs map as channels vs map as tokens, 3 seeds (~40 min)"
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
 	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
+	@echo "make guidance_ema  post-hoc EMA and autoguidance study: 3 runs + small guides, then studies/guidance_ema/plan.yaml's evaluations"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
@@ -154,6 +155,18 @@ $(STUDIES): setup
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP) $(ARGS) || status=$$?; \
 	$(PY) -m dit.analysis.study publish $(SWEEP) studies/$(STUDY); \
 	$(PY) -m dit.analysis.report studies/$(STUDY) $(REPORT_ARGS_$(STUDY)) && exit $$status
+
+# - guidance_ema (issue 46): make train's recipe with EDM2's power-function EMA profiles, 3 seeds, and a small guide
+#   model; then the evaluations of studies/guidance_ema/plan.yaml (post-hoc EMA widths x guidance x scale), each stage
+#   measuring only what studies/guidance_ema/results.jsonl lacks, and the report (docs/guidance_ema.md).
+GUIDANCE_EMA_STAGES ?= select_ema select_scale report
+guidance_ema: setup
+	OMP_NUM_THREADS=1 $(PY) train.py experiment=guidance_ema hydra/launcher=pool hydra.launcher.n_jobs=$(JOBS) \
+	  hydra.sweep.dir=outputs/studies/guidance_ema $(ARGS)
+	for stage in $(GUIDANCE_EMA_STAGES); do $(PY) -m dit.analysis.posthoc measure outputs/studies/guidance_ema \
+	  studies/guidance_ema/plan.yaml --stage $$stage -o studies/guidance_ema/results.jsonl || exit 1; done
+	$(PY) -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl studies/guidance_ema/plan.yaml \
+	  -o studies/guidance_ema/report.md
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -33,6 +33,7 @@ from dit.sampling import (
     GenerationSpec,
     condition_maps,
     generate,
+    load_guide,
     load_vae,
     make_labels,
     resolve_classes,
@@ -98,8 +99,11 @@ def run(cfg: DictConfig) -> Path:
     draw = plan(cfg, model, meta.get("class_names"))
     vae = load_vae(cfg.vae or meta["vae"], accelerator.device) if meta.get("latent") else None
     spec = GenerationSpec(draw.labels, cfg.batch_size, cfg.seed, maps=draw.maps, rank=rank, world_size=world)
-    # generate() checks the model against the sampler now, before anything is written
-    batches = generate(model, sampler, spec, vae=vae, device=accelerator.device)
+    guide = None
+    if settings.guidance == "auto" and settings.guide is not None:  # the weaker model (guide=<path> or @STEP)
+        guide = load_guide(settings.guide, cfg.checkpoint, model, meta, accelerator.device, cfg.use_ema)
+    # generate() checks the model (and guide) against the sampler now, before anything is written
+    batches = generate(model, sampler, spec, vae=vae, device=accelerator.device, guide=guide)
 
     out.mkdir(parents=True, exist_ok=True)
     parts = out / ".parts"

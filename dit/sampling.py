@@ -23,9 +23,13 @@ from torchvision.utils import make_grid
 from dit.atomic import atomic_file
 from dit.diffusion import Sampler, SamplingSettings
 from dit.eval.stats import ImageSource
+from dit.hub import load_model, objective_settings
 
 __all__ = [
     "GenerationSpec",
+    "check_guide",
+    "guide_path",
+    "load_guide",
     "SampleConfig",
     "condition_maps",
     "decode",
@@ -187,20 +191,22 @@ def generate(
     vae=None,
     device: torch.device | str = "cpu",
     on_eval: Callable[[int, int], None] | None = None,
+    guide: torch.nn.Module | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first global index, uint8 NHWC images) for this rank's batches of spec, one at a time.
 
     sampler: from dit.diffusion.build_sampler (the model's objective + the sampling settings). The model is
     checked against it here, once, when generate() is called (not at the first batch).
     on_eval(first index of the batch, model evaluations of the batch so far): called after every (guided) model
-    evaluation, for progress bars (python -m dit.demo); it does not change the images."""
+    evaluation, for progress bars (python -m dit.demo); it does not change the images. guide: the weaker model of
+    guidance=auto (load_guide), on the same device."""
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "generate() takes a sampler (dit.diffusion.build_sampler(objective, SamplingSettings(...))), "
             f"not {type(sampler).__name__}"
         )
     shape = (model.in_channels, model.input_size, model.input_size)
-    return _batches(sampler, sampler.denoiser(model), shape, spec, vae=vae, device=device, on_eval=on_eval)
+    return _batches(sampler, sampler.denoiser(model, guide), shape, spec, vae=vae, device=device, on_eval=on_eval)
 
 
 @torch.no_grad()
@@ -259,3 +265,57 @@ def load_vae(spec: str, device):
         raise SystemExit(
             f"error: cannot load the VAE {spec!r} ({type(e).__name__}): give vae=<local path or hub id>"
         ) from None
+
+
+def guide_path(spec: str, checkpoint: str | Path) -> Path:
+    """Where a guide lives: a path as given, or @STEP for the checkpoint at STEP of the run that `checkpoint` belongs
+    to (checkpoint: <run>/model, <run>/checkpoints/step_*, or the run directory itself)."""
+    if not spec.startswith("@"):
+        return Path(spec)
+    try:
+        step = int(spec[1:])
+    except ValueError:
+        raise ValueError(f"guide={spec}: @ and a step number, e.g. @500") from None
+    path = Path(checkpoint)
+    run = (
+        path.parent.parent
+        if path.parent.name == "checkpoints"
+        else path
+        if (path / "checkpoints").is_dir()
+        else path.parent
+    )
+    found = run / "checkpoints" / f"step_{step:07d}"
+    if not found.is_dir():
+        steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"guide={spec}: no checkpoint {found}; the run has {', '.join(steps) or 'none'}")
+    return found
+
+
+def check_guide(model, meta: dict, guide, guide_meta: dict, where: Path) -> None:
+    """A guide must denoise the same task: the same objective (its settings), classes, data shape and outputs; it may
+    be smaller or less trained. One line naming what differs."""
+    mine = {
+        "objective": objective_settings(meta),
+        "num_classes": model.num_classes,
+        "input_size": model.input_size,
+        "in_channels": model.in_channels,
+        "out_channels": model.out_channels,
+    }
+    theirs = {
+        "objective": objective_settings(guide_meta),
+        "num_classes": guide.num_classes,
+        "input_size": guide.input_size,
+        "in_channels": guide.in_channels,
+        "out_channels": guide.out_channels,
+    }
+    differ = [f"{k}: guide {theirs[k]!r} vs model {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+    if differ:
+        raise ValueError(f"guide {where} cannot guide this model: {'; '.join(differ)}")
+
+
+def load_guide(spec: str, checkpoint: str | Path, model, meta: dict, device, use_ema: bool = True):
+    """The guide of guidance=auto (guide_path), checked against the model (check_guide), on device, in eval mode."""
+    path = guide_path(spec, checkpoint)
+    guide, guide_meta = load_model(path, use_ema=use_ema)
+    check_guide(model, meta, guide, guide_meta, path)
+    return guide.to(device).eval()

@@ -18,6 +18,7 @@ LAYERS = [
     ("dit.eval",),
     ("dit.hub",),
     ("dit.sampling",),
+    ("dit.phema",),
     ("dit.training",),
     ("dit.analysis",),
     ("dit.zoo", "dit.demo"),  # command-line programs

@@ -240,7 +240,9 @@ def test_sampler_options_and_the_model_checked_once(pixel_export, tmp_path, monk
 
     calls = []
     check = Sampler.check_model
-    monkeypatch.setattr(Sampler, "check_model", lambda self, model: calls.append(1) or check(self, model))
+    monkeypatch.setattr(
+        Sampler, "check_model", lambda self, model, guide=None: calls.append(1) or check(self, model, guide)
+    )
     grids = {}
     for eta in (0.0, 1.0):
         out = tmp_path / f"eta{eta}"

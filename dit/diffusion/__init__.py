@@ -10,6 +10,7 @@ from dit.diffusion.flow import FlowMatching
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion, create_diffusion
 from dit.diffusion.objective import Objective
 from dit.diffusion.registry import (
+    GUIDANCE,
     OBJECTIVES,
     PURPOSES,
     SAMPLERS,
@@ -24,6 +25,7 @@ from dit.diffusion.settings import SamplingSettings
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 
 __all__ = [
+    "GUIDANCE",
     "FlowMatching",
     "OBJECTIVES",
     "PURPOSES",

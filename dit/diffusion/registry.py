@@ -10,12 +10,21 @@ from typing import Any
 from dit.diffusion.flow import EulerMaruyamaSampler, EulerSampler, FlowMatching, HeunSampler
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
-from dit.diffusion.sampler import DDIMSampler, DDPMSampler, Sampler
+from dit.diffusion.sampler import GUIDANCE, DDIMSampler, DDPMSampler, Sampler
 from dit.diffusion.settings import SamplingSettings
 from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
 from dit.registry import Registry
 
-__all__ = ["OBJECTIVES", "PURPOSES", "SAMPLERS", "build_objective", "build_sampler", "check_sampling", "sampler_name"]
+__all__ = [
+    "GUIDANCE",
+    "OBJECTIVES",
+    "PURPOSES",
+    "SAMPLERS",
+    "build_objective",
+    "build_sampler",
+    "check_sampling",
+    "sampler_name",
+]
 
 OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching])
 SAMPLERS: Registry[Sampler] = Registry(
@@ -37,6 +46,7 @@ def check_sampling(settings: SamplingSettings) -> SamplingSettings:
     For entry points that check settings before anything is loaded (sample.py)."""
     if settings.sampler is not None:
         SAMPLERS[settings.sampler]  # unknown sampler 'x'; valid samplers: ... (sorted)
+    GUIDANCE[settings.guidance]  # unknown guidance 'x'; valid guidances: auto, cfg
     return settings
 
 
@@ -53,6 +63,7 @@ def build_sampler(objective: Objective, settings: SamplingSettings, purpose: str
     (the other settings are checked when they are made, SamplingSettings.__post_init__)."""
     name = sampler_name(settings.sampler, objective, purpose)
     cls = SAMPLERS[name]
+    GUIDANCE[settings.guidance]  # an unknown guidance: one line naming the valid ones
     if objective.name not in cls.objectives:
         fits = sorted(n for n, c in SAMPLERS.items() if objective.name in c.objectives)
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Samplers in one registry, and classifier-free guidance (Ho & Salimans 2022) shared by all of them.
+"""Samplers in one registry, and the guidance every one of them applies: classifier-free guidance (Ho & Salimans
+2022) and autoguidance (Karras et al. 2024: guided by a weaker version of the same model), each a class of GUIDANCE.
 
     sampler = build_sampler(objective, SamplingSettings(sampler="ddim", steps=50, cfg_scale=4.0))
     x0 = sampler.sample(model, noise, labels, generator)
@@ -23,8 +24,28 @@ from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
 from dit.diffusion.settings import SamplingSettings
 from dit.models.spatial import null_map
+from dit.registry import Registry
 
-__all__ = ["ChainSampler", "DDIMSampler", "DDPMSampler", "Sampler", "SamplingSettings", "guided_model"]
+__all__ = [
+    "AutoGuidance",
+    "ChainSampler",
+    "ClassifierFree",
+    "DDIMSampler",
+    "DDPMSampler",
+    "Guidance",
+    "Sampler",
+    "SamplingSettings",
+    "auto_guided_model",
+    "guided_model",
+]
+
+
+def _outside(interval, noise_level, t: torch.Tensor) -> bool:
+    """True when the step's noise level (1 = pure noise) lies outside the guidance interval [lo, hi]."""
+    if interval is None:
+        return False
+    level = float(noise_level(t[:1])[0])
+    return not interval[0] <= level <= interval[1]
 
 
 def guided_model(
@@ -47,10 +68,8 @@ def guided_model(
     """
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
-        if interval is not None:
-            level = float(noise_level(t[:1])[0])
-            if not interval[0] <= level <= interval[1]:
-                return model(x, t, y, **conditions)
+        if _outside(interval, noise_level, t):
+            return model(x, t, y, **conditions)
         both = {k: torch.cat([v, null_map(v)]) for k, v in conditions.items()}  # e.g. cond_map: the map, no map
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]), **both)
         cond, uncond = out.chunk(2)
@@ -59,6 +78,80 @@ def guided_model(
         return torch.cat([guided, cond[:, g:]], dim=1)
 
     return fn
+
+
+def auto_guided_model(
+    model: Callable,
+    guide: Callable,
+    scale: float,
+    guidance_channels: int | None = None,
+    interval: list[float] | None = None,
+    noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable:
+    """Autoguidance: out = guide(x | y) + scale * (model(x | y) - guide(x | y)), both conditioned alike (Karras et al.
+    2024, Eq. 2: D_w = D_0 + w (D_1 - D_0), D_0 the guide, a smaller or less trained model of the same task). The same
+    channels, interval and remaining channels as guided_model; two forwards of N (two models) instead of one of 2N.
+    With guide = the model's own unconditional branch it is classifier-free guidance exactly."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        out = model(x, t, y, **conditions)
+        if _outside(interval, noise_level, t):
+            return out
+        weak = guide(x, t, y, **conditions)
+        g = x.shape[1] if guidance_channels is None else guidance_channels
+        return torch.cat([weak[:, :g] + scale * (out[:, :g] - weak[:, :g]), out[:, g:]], dim=1)
+
+    return fn
+
+
+class Guidance:
+    """How a sampler's model is guided (SamplingSettings.guidance names one; a new kind = a class of GUIDANCE):
+    ``check(model, guide, settings)`` refuses what cannot work, ``wrap`` returns the guided denoiser."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def check(model, guide, settings: SamplingSettings) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def wrap(model, guide, settings: SamplingSettings, noise_level) -> Callable:
+        raise NotImplementedError
+
+
+class ClassifierFree(Guidance):
+    name = "cfg"
+
+    @staticmethod
+    def check(model, guide, settings):
+        """Guidance needs the learned null class: a clear error instead of silently unguided samples."""
+        if not model.y_embedder.has_null_class:
+            raise ValueError(
+                f"cfg_scale={settings.cfg_scale} needs a null class; this model was trained without label dropout "
+                "(model.class_dropout_prob=0): sample with cfg_scale=1, or guidance=auto with a guide model"
+            )
+
+    @staticmethod
+    def wrap(model, guide, settings, noise_level):
+        s = settings
+        return guided_model(model, s.cfg_scale, model.num_classes, s.guidance_channels, s.cfg_interval, noise_level)
+
+
+class AutoGuidance(Guidance):
+    name = "auto"
+
+    @staticmethod
+    def check(model, guide, settings):
+        if guide is None:
+            raise ValueError(
+                f"guidance=auto (cfg_scale={settings.cfg_scale}) needs a guide model: guide=<checkpoint or export>, "
+                "or guide=@STEP for the run's own checkpoint at that step"
+            )
+
+    @staticmethod
+    def wrap(model, guide, settings, noise_level):
+        s = settings
+        return auto_guided_model(model, guide, s.cfg_scale, s.guidance_channels, s.cfg_interval, noise_level)
 
 
 class Sampler:
@@ -70,31 +163,25 @@ class Sampler:
     def __init__(self, objective: Objective, settings: SamplingSettings):
         self.objective, self.settings = objective, settings
 
-    def check_model(self, model) -> None:
-        """Guidance needs the learned null class: a clear error instead of silently unguided samples."""
-        if self.settings.cfg_scale != 1.0 and not model.y_embedder.has_null_class:
-            raise ValueError(
-                f"cfg_scale={self.settings.cfg_scale} needs a null class; this model was trained without label dropout "
-                "(model.class_dropout_prob=0): sample with cfg_scale=1"
-            )
+    def check_model(self, model, guide=None) -> None:
+        """The settings' guidance can guide this model (with this guide): one clear line if not."""
+        if self.settings.cfg_scale != 1.0:
+            GUIDANCE[self.settings.guidance].check(model, guide, self.settings)
 
-    def denoiser(self, model) -> Callable:
-        """model(x, t, y), guided as the settings say. Where a model meets the sampler: checked here, once per
-        denoiser (generate() makes one for all its batches)."""
-        self.check_model(model)
-        s = self.settings
-        if s.cfg_scale == 1.0:
+    def denoiser(self, model, guide=None) -> Callable:
+        """model(x, t, y), guided as the settings say (guide: the weaker model of guidance=auto). Where a model
+        meets the sampler: checked here, once per denoiser (generate() makes one for all its batches)."""
+        self.check_model(model, guide)
+        if self.settings.cfg_scale == 1.0:
             return model
-        return guided_model(
-            model, s.cfg_scale, model.num_classes, s.guidance_channels, s.cfg_interval, self.objective.noise_level
-        )
+        return GUIDANCE[self.settings.guidance].wrap(model, guide, self.settings, self.objective.noise_level)
 
     @torch.no_grad()
     def sample(
-        self, model, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+        self, model, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, guide=None
     ) -> torch.Tensor:
         """x_0 from x_T = noise for labels y. Deterministic for a given generator state."""
-        return self.run(self.denoiser(model), noise, y, generator)
+        return self.run(self.denoiser(model, guide), noise, y, generator)
 
     def run(
         self, denoiser: Callable, noise: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
@@ -157,3 +244,6 @@ class DDIMSampler(ChainSampler):
 
     def step(self, out, x, t, noise):
         return self.chain.ddim_sample(out, x, t, noise, self.eta, self.clip_denoised)[0]
+
+
+GUIDANCE: Registry[Guidance] = Registry("guidance", [ClassifierFree, AutoGuidance])

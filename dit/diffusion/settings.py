@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dit.models.config import ADDED_WITH_SCHEMA  # (added after runs were recorded: their digests keep)
+
 __all__ = ["SamplingSettings"]
 
 
@@ -23,7 +25,12 @@ class SamplingSettings:
     # for the purpose (registry.sampler_name: default_sampler for sample.py and the grids, eval_sampler for the FID)
     sampler: str | None = None
     steps: int = 250  # model evaluations per image (x2 with guidance)
-    cfg_scale: float = 1.0  # classifier-free guidance; 1 = unguided
+    cfg_scale: float = 1.0  # the guidance scale w; 1 = unguided
+    # cfg: classifier-free (the model's null class); auto: autoguidance by a weaker model of the same task, the guide
+    guidance: str = field(default="cfg", metadata=ADDED_WITH_SCHEMA)
+    # guidance=auto: a checkpoint or export (a smaller zoo size, or the same model trained less), or @STEP for the
+    # checkpoint at STEP of the run the sampled checkpoint belongs to (dit.sampling.load_guide)
+    guide: str | None = field(default=None, metadata=ADDED_WITH_SCHEMA)
     guidance_channels: int | None = None  # null = every eps channel; 3 = the original DiT code (its FIDs)
     # [lo, hi]: guide only at noise levels in it (Kynkaanniemi et al. 2024); null = at every step
     cfg_interval: tuple[float, float] | None = None
@@ -38,6 +45,10 @@ class SamplingSettings:
         if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, Real):
             raise ValueError(f"cfg_scale={self.cfg_scale!r}: a number (1 = unguided)")
         self.cfg_scale = float(self.cfg_scale)
+        if not isinstance(self.guidance, str):
+            raise ValueError(f"guidance={self.guidance!r}: a guidance's name (cfg, auto)")
+        if self.guide is not None and (not isinstance(self.guide, str) or not self.guide):
+            raise ValueError(f"guide={self.guide!r}: a checkpoint's path, or @STEP")
         if self.cfg_interval is not None:
             self.cfg_interval = _interval(self.cfg_interval)
         self.options = dict(self.options or {})

@@ -205,6 +205,12 @@ def model_card(
     body = [f"# {title}", ""]
     if (init := config.get("init_from")) and isinstance(init, dict) and init.get("source"):
         body += [f"Fine-tuned from {init['source']}.", ""]
+    if (ema := config.get("ema")) and isinstance(ema, dict) and ema.get("kind") == "power":
+        body += [
+            f"EMA weights chosen after training: EDM2's post-hoc EMA of relative width {ema.get('sigma_rel')} at step "
+            f"{ema.get('step')}, reconstructed from {ema.get('snapshots')} snapshots (python -m dit.phema).",
+            "",
+        ]
     body += [FORMATS[written.library], ""] + [*(f"{note}\n" for note in written.notes)]
     body += _use(written, hub.repo_id, command, names)
     if written.grid_file:

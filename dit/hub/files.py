@@ -66,6 +66,7 @@ class ModelRecord:
     objective: dict = field(default_factory=dict)  # Objective.settings(); {} = DiT's DDPM (objective_settings)
     data: dict = field(default_factory=dict)  # the data's meta: name, class_names, latent, vae, ...
     init_from: dict | None = None  # a fine-tune: the weights it started from (dit.init_from's record)
+    ema: dict | None = None  # EMA weights chosen after training: {"kind": "power", "sigma_rel", "step"} (dit.phema)
 
 
 def save_export(
@@ -97,7 +98,11 @@ def export_config(model: DiT, record: ModelRecord | None = None) -> dict:
         "objective": record.objective or {},
         "data": record.data or {},
     }
-    return config | ({"init_from": record.init_from} if record.init_from else {})
+    return (
+        config
+        | ({"init_from": record.init_from} if record.init_from else {})
+        | ({"ema": record.ema} if record.ema else {})
+    )
 
 
 def objective_settings(meta: dict) -> dict:

@@ -31,6 +31,7 @@ from dit.atomic import WriteFailed, free_bytes, fsync_dir, fsync_tree, human_byt
 from dit.hub import objective_settings
 from dit.integrity import DamagedFileError, header_problem, load_safetensors, load_state_dict_checked, read_json
 from dit.models.config import DiTConfig
+from dit.training.ema import POWER_FILE
 
 STATE_FILE = "trainer_state.json"
 
@@ -204,9 +205,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in ema.model.state_dict().items()}, tmp / "ema.safetensors"
-            )
+            for name, state_dict in (("ema.safetensors", ema.model.state_dict()), (POWER_FILE, ema.power_state())):
+                if state_dict:  # (no power-function profiles: no POWER_FILE)
+                    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / name)
             (tmp / "config.json").write_text(json.dumps(state.config, indent=1))
             # Last, with every other file's size: marks the checkpoint complete and lets resume check it.
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -279,4 +280,8 @@ def load_checkpoint(accelerator, model, ema, path: Path, objective: dict | None 
     load_state_dict_checked(ema.model, load_safetensors(path / "ema.safetensors"), path / "ema.safetensors")
     state = read_json(path / STATE_FILE)
     ema.num_updates = state.get("ema_num_updates", state["step"])
+    if ema.profiles:
+        if not (path / POWER_FILE).is_file():
+            raise ValueError(f"cannot resume from {path}: no {POWER_FILE} (trained without training.phema_sigma_rels)")
+        ema.load_power_state(load_safetensors(path / POWER_FILE), ema.num_updates)
     return state

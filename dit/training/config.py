@@ -20,6 +20,7 @@ from dit.models import DIT_MODELS, config_name
 from dit.models.config import ADDED_WITH_SCHEMA, RUNTIME, DiTConfig
 from dit.models.routing import TokenRouting
 from dit.models.sizes import zoo_size
+from dit.phema import sigma_rel_to_gamma
 from dit.sampling import SampleConfig
 from dit.training.addons.repa import REPAConfig
 from dit.training.optim import OPTIMIZERS
@@ -111,6 +112,11 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on GPU
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # min(decay, (1+n)/(10+n)): for short runs
+    # EDM2's post-hoc EMA: power-function profiles of these relative widths tracked beside the EMA (EDM2: [0.05, 0.10]),
+    # all of them saved every phema_snapshot_every steps (and at the last) to run_dir/phema/; `python -m dit.phema`
+    # then reconstructs the EMA of any width at any snapshot's step. () = off.
+    phema_sigma_rels: tuple[float, ...] = runtime((), added=True)
+    phema_snapshot_every: int = runtime(0, added=True)
     # What a non-finite loss does (rollback: at most rollback_retries times, then stop naming the batches).
     nan_policy: NanPolicy = "stop"
     rollback_retries: int = field(default=3, metadata=ADDED_WITH_SCHEMA)
@@ -169,6 +175,16 @@ def check_settings(cfg: TrainConfig, world_size: int) -> int:
         )
     if cfg.grad_accum < 1 or cfg.global_batch_size < 1:
         raise ValueError("training.global_batch_size and training.grad_accum must be >= 1")
+    for sigma_rel in cfg.phema_sigma_rels:
+        try:
+            sigma_rel_to_gamma(sigma_rel)
+        except ValueError as e:
+            raise ValueError(f"training.phema_sigma_rels: {e}") from None
+    if bool(cfg.phema_sigma_rels) != (cfg.phema_snapshot_every > 0):
+        raise ValueError(
+            f"training.phema_sigma_rels={list(cfg.phema_sigma_rels)} and training.phema_snapshot_every="
+            f"{cfg.phema_snapshot_every}: set both (profiles and a snapshot cadence in steps) or neither"
+        )
     per_step = world_size * cfg.grad_accum
     if cfg.global_batch_size % per_step:
         raise ValueError(

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 
-from dit.diffusion import OBJECTIVES
+from dit.diffusion import OBJECTIVES, SamplingSettings
 from dit.models.config import DiTConfig
 from dit.training.config import SAMPLING_PURPOSES, OptimConfig, TrainConfig, training_sampler
 
@@ -68,5 +68,6 @@ def _effective_samplers(training: dict, objective: str) -> dict:
     out = dict(training)
     for key in SAMPLING_PURPOSES:
         if isinstance(out.get(key), dict):
-            out[key] = {**out[key], "sampler": training_sampler(key, out[key].get("sampler"), objective)}
+            sampling = schema_view(SamplingSettings, out[key])
+            out[key] = {**sampling, "sampler": training_sampler(key, out[key].get("sampler"), objective)}
     return out

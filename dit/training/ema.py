@@ -1,11 +1,18 @@
-"""Exponential moving average of the weights, in fp32 (DiT: decay 0.9999, every step)."""
+"""Exponential moving average of the weights, in fp32 (DiT: decay 0.9999, every step), and beside it EDM2's
+power-function EMA profiles, whose snapshots choose the EMA length after training (dit.phema)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from dit.phema import key_prefix, power_beta, save_snapshot, sigma_rel_to_gamma
+
+POWER_FILE = "ema_power.safetensors"  # a checkpoint's power-function profiles (keys 'sigma_rel=<width>/<name>')
 
 
 class EMA:
@@ -18,11 +25,15 @@ class EMA:
     every parameter, laid out like the live one, so the update needs no communication; `sync()`
     (collective) gathers the shards into `self.model` before it is used (samples, checkpoints)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = False, power: Sequence[float] = ()
+    ):
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
         self.shards: dict[str, DTensor] | None = None
         self.synced_at = 0  # num_updates when self.model last held the full EMA (sharded case)
+        # EDM2's power-function profiles of these relative widths, updated with this EMA (post-hoc EMA: dit.phema)
+        self.profiles = [PowerProfile(model, sigma_rel) for sigma_rel in power]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -39,6 +50,8 @@ class EMA:
             if isinstance(live[name], DTensor) and live[name].requires_grad
         } or None
         self.synced_at = self.num_updates
+        for profile in self.profiles:
+            profile.shard_like(model)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -64,6 +77,8 @@ class EMA:
         if pairs:
             torch._foreach_lerp_([e for e, _ in pairs], [b for _, b in pairs], 1.0 - decay)
         self.num_updates += 1
+        for profile in self.profiles:
+            profile.update(model)
 
     @torch.no_grad()
     def sync(self) -> torch.nn.Module:
@@ -73,4 +88,38 @@ class EMA:
             for name, shard in self.shards.items():
                 params[name].copy_(shard.full_tensor())
             self.synced_at = self.num_updates
+        for profile in self.profiles:
+            profile.sync()
         return self.model
+
+    def power_state(self) -> dict[str, torch.Tensor]:
+        """Every profile's weights, keys 'sigma_rel=<width>/<name>' (a checkpoint's POWER_FILE); call sync() first."""
+        return {key_prefix(p.sigma_rel) + k: v for p in self.profiles for k, v in p.model.state_dict().items()}
+
+    def load_power_state(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        """The profiles from a checkpoint's POWER_FILE (strict: every key of every profile), at num_updates."""
+        for p in self.profiles:
+            prefix = key_prefix(p.sigma_rel)
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            p.model.load_state_dict(own, strict=True)
+            p.num_updates = num_updates
+
+    def snapshot(self, run_dir: Path, step: int, is_main: bool) -> None:
+        """Collective under FSDP: every profile's weights now -> run_dir/phema/step_XXXXXXX.safetensors (main)."""
+        for p in self.profiles:
+            p.sync()
+        if is_main and self.profiles:
+            save_snapshot(run_dir, step, self.num_updates, {p.sigma_rel: p.model.state_dict() for p in self.profiles})
+
+
+class PowerProfile(EMA):
+    """One power-function EMA profile (EDM2, Eq. 127): at update n the decay is (1 - 1/n)^(gamma + 1), gamma the
+    exponent of relative width sigma_rel, so after n updates the EMA averages the weights with density
+    proportional to (k / n)^gamma: a fixed fraction of the run, however long it is."""
+
+    def __init__(self, model: torch.nn.Module, sigma_rel: float):
+        super().__init__(model)
+        self.sigma_rel, self.gamma = float(sigma_rel), sigma_rel_to_gamma(sigma_rel)
+
+    def current_decay(self) -> float:
+        return power_beta(self.gamma, self.num_updates + 1)

@@ -18,7 +18,7 @@ from dit.diffusion import Objective, Sampler, build_sampler
 from dit.eval.evaluator import Evaluator
 from dit.eval.extractors import ExtractorSpec
 from dit.models.spatial import map_images, map_iou
-from dit.sampling import GenerationSpec, generate, save_grid
+from dit.sampling import GenerationSpec, generate, load_guide, save_grid
 from dit.training.config import TrainConfig, training_sampling
 from dit.training.logging import MetricsLogger
 
@@ -139,7 +139,14 @@ def build_training_sampler(objective: Objective, cfg: TrainConfig, key: str, mod
     purpose) + the model check, with errors that name the config key they come from."""
     try:
         sampler = build_sampler(objective, training_sampling(key, getattr(cfg, key), objective.name))
-        sampler.check_model(model)
+        s = sampler.settings
+        if s.guidance != "auto" or s.cfg_scale == 1.0:
+            sampler.check_model(model)
+        elif key != "fid_sampling" or s.guide is None:  # the guide is loaded at the first evaluation (Evaluation)
+            raise ValueError(
+                "guidance=auto is for the in-training FID (fid_sampling) with a guide (guide=<checkpoint> or @STEP, a "
+                "checkpoint of this run kept until then); autoguided grids: sample.py"
+            )
     except ValueError as e:
         raise ValueError(f"training.{key}: {e}") from None
     return sampler
@@ -162,8 +169,18 @@ class Evaluation:
     fid_every steps. ``run`` returns False when ``stopping()`` turned true between sampling batches: the evaluation
     was abandoned (the Trainer records it as pending work, and a resumed run does it first)."""
 
-    def __init__(self, cfg: TrainConfig, sampler: Sampler, evaluator: Evaluator, drawing: Drawing):
+    def __init__(self, cfg: TrainConfig, sampler: Sampler, evaluator: Evaluator, drawing: Drawing, run_dir: Path):
         self.cfg, self.sampler, self.evaluator, self.drawing = cfg, sampler, evaluator, drawing
+        self.run_dir, self.guide = run_dir, None
+
+    def guide_of(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """fid_sampling.guidance=auto: the guide (a checkpoint, or @STEP of this run), loaded and checked against the
+        model at the first evaluation that needs it (an @STEP checkpoint must exist, and be kept, by then)."""
+        s = self.sampler.settings
+        if s.guidance == "auto" and s.cfg_scale != 1.0 and self.guide is None:
+            meta = {"objective": self.sampler.objective.settings()}
+            self.guide = load_guide(s.guide, self.run_dir, model, meta, self.drawing.device)
+        return self.guide
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.fid_every) and (step % self.cfg.fid_every == 0 or step == self.cfg.total_steps)
@@ -177,7 +194,7 @@ class Evaluation:
             inputs["labels"], maps = d.held_out.first(n)
         spec = GenerationSpec(maps=maps, **inputs)
         chunks = []
-        for _, imgs in generate(model, self.sampler, spec, vae=d.vae, device=d.device):
+        for _, imgs in generate(model, self.sampler, spec, vae=d.vae, device=d.device, guide=self.guide_of(model)):
             chunks.append(imgs)
             if stopping() and sum(map(len, chunks)) < n:
                 return False

@@ -100,6 +100,8 @@ class Trainer:
                 self.evaluate(self.step)
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.total_steps:
                 self.last_ckpt = self.checkpoint(self.step)
+            if cfg.phema_snapshot_every and self.step % cfg.phema_snapshot_every == 0 or self.step == cfg.total_steps:
+                self.ema.snapshot(self.run_dir, self.step, self.accelerator.is_main_process)  # (no profiles: nothing)
         self.bar.close()
 
     def _between_steps(self) -> None:
@@ -122,7 +124,6 @@ class Trainer:
             self.evaluate(self.step)
             self.saved_step = None  # the checkpoint still lists it: a stop now saves this step again
 
-    # --- setup -----------------------------------------------------------------------------
     def setup(self) -> dict | None:
         """Everything before the first step; returns the result instead when the run is already finished."""
         self._setup_accelerator()
@@ -208,7 +209,7 @@ class Trainer:
         self.addons = build_addons(cfg, model, self.dataset)  # their checks first: nothing is built yet
         self.held_out = HeldOut.of_run(model, self.dataset, self.job.map_images)
         model.gradient_checkpointing = cfg.gradient_checkpointing
-        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # of the DiT alone
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, cfg.phema_sigma_rels)  # of the DiT alone
         trained, per_image = model, training_flops(model.config)  # the DiT's forward and backward on one image
         for addon in self.addons:  # an add-on may train the DiT inside a module of its own
             trained = addon.wrap(trained, self.device, self.seed)
@@ -263,7 +264,7 @@ class Trainer:
         self.evaluation = None
         if cfg.fid_every:
             evaluator = build_evaluator(cfg, device, run_dir) if acc.is_main_process else None
-            self.evaluation = Evaluation(cfg, self.fid_sampler, evaluator, drawing)
+            self.evaluation = Evaluation(cfg, self.fid_sampler, evaluator, drawing, run_dir)
         self.batches = iter(self.loader)
         # What is logged: the objective's terms (e.g. "loss", "mse", "vb"), then the add-ons'.
         self.terms_logged = (*self.objective.loss_terms, *(t for addon in self.addons for t in addon.terms))
@@ -274,7 +275,6 @@ class Trainer:
             total=cfg.total_steps, initial=self.step, unit="step", disable=not acc.is_main_process, dynamic_ncols=True
         )
 
-    # --- a step ----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, torch.Tensor | None] | None:
         """One optimiser step over grad_accum micro-batches; returns (lr, grad norm), or None when the
         step was skipped for a non-finite loss (training.nan_policy=skip)."""
@@ -397,7 +397,6 @@ class Trainer:
         self.window.zero_()
         self.tic, self.tic_step = time.perf_counter(), self.step
 
-    # --- samples, evaluation, checkpoints ----------------------------------------------------
     def write_samples(self, at_step: int) -> None:
         """The EMA's sample grid (SampleGrids), on the main process."""
         self.ema.sync()
@@ -426,7 +425,6 @@ class Trainer:
         self.clock.reset()
         return path
 
-    # --- end: checkpoint, samples, EMA export -------------------------------------------------
     def finish(self) -> dict:
         acc, step, run_dir = self.accelerator, self.step, self.run_dir
         self.last_ckpt = self.checkpoint(step)

@@ -1,0 +1,210 @@
+"""Choose the EMA and the guidance after training (issue 46's study, docs/guidance_ema.md): the FID of a run's EMA
+weights (the fixed EMA it trained with, or a post-hoc width: dit.phema) sampled unguided, with classifier-free
+guidance or with autoguidance by a guide (the run's own earlier checkpoint @STEP, or another run's export), at a scale.
+
+    python -m dit.analysis.posthoc measure outputs/studies/guidance_ema studies/guidance_ema/plan.yaml \
+        --stage select_ema -o studies/guidance_ema/results.jsonl
+    python -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl -o studies/guidance_ema/report.md
+
+The plan (YAML) names the runs (`runs: {seed: run directory}`, `guides: {name: path or @STEP; {seed} is the seed}`),
+the measurement (`samples`, `steps`, `sample_seed`s) and the evaluations, each a list of (ema, guidance, scale) with
+ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`. One JSON line per (seed, ema, guidance,
+scale, sample seed) is appended to the results as it is measured, with what measured it (the extractor, the
+sample count, the sampler and its steps); a re-run measures only what is missing. The report: every stage's arms
+with their FID (mean and 95% interval over the training seeds where there are several), and the plan's
+`comparisons` as paired t-tests over the seeds (the same run under two settings), Holm-corrected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from scipy import stats
+
+from dit.analysis.significance import holm, mean_ci
+from dit.atomic import append_line, atomic_file
+from dit.diffusion import SamplingSettings, build_sampler
+from dit.eval.evaluator import Evaluator
+from dit.eval.extractors import ExtractorSpec
+from dit.hub import load_model, objective_of
+from dit.integrity import load_state_dict_checked
+from dit.phema import find_snapshots, reconstruct
+from dit.sampling import GenerationSpec, generate, load_guide
+from dit.training.evaluation import eval_inputs
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One evaluation: a training seed's run, its EMA weights, the guidance and its scale, the samples' seed."""
+
+    seed: int
+    ema: str  # "fixed" (the run's own EMA) or a post-hoc width such as "0.100"
+    guidance: str  # none | cfg | auto:<guide name>
+    scale: float
+    sample_seed: int
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def ema_weights(run: Path, ema: str):
+    """The run's model with the EMA weights `ema` names (and its meta)."""
+    model, meta = load_model(run / "model")
+    if ema != "fixed":
+        weights, _, used = reconstruct(find_snapshots(run), [float(ema)])
+        load_state_dict_checked(model, next(iter(weights.values())), used[-1].path)
+    return model.eval(), meta
+
+
+def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator) -> dict:
+    """Sample plan["samples"] images of the arm with the run's FID sampler and score them."""
+    run = sweep / plan["runs"][arm.seed]
+    model, meta = ema_weights(run, arm.ema)
+    kind, _, guide_name = arm.guidance.partition(":")
+    guide = None
+    if kind == "auto":
+        spec = plan["guides"][guide_name].format(seed=arm.seed)
+        guide = load_guide(spec if spec.startswith("@") else str(sweep / spec), run / "model", model, meta, "cpu")
+    scale = 1.0 if kind == "none" else arm.scale
+    settings = SamplingSettings(steps=plan["steps"], cfg_scale=scale, guidance="auto" if kind == "auto" else "cfg")
+    sampler = build_sampler(objective_of(meta), settings, "eval")
+    inputs = eval_inputs(plan["samples"], model.num_classes, arm.sample_seed)
+    tic = time.perf_counter()
+    images = torch.cat([x for _, x in generate(model, sampler, GenerationSpec(**inputs), guide=guide)])
+    seconds = time.perf_counter() - tic
+    values = evaluator.evaluate(images, inputs["labels"])
+    return asdict(arm) | {
+        "fid": values["fid"],
+        "class_consistency": values.get("class_consistency"),
+        "fid_n": len(images),
+        "sampler": sampler.name,
+        "steps": plan["steps"],
+        "model_calls": plan["steps"] * (1 if kind == "none" else 2),
+        "extractor": evaluator.extractor.name,
+        "sample_s": round(seconds, 1),
+    }
+
+
+def arms(plan: dict, stage: str) -> list[Arm]:
+    """The stage's evaluations: every seed it names x (ema, guidance, scale) x its sample seeds."""
+    spec = plan["stages"][stage]
+    return [
+        Arm(int(seed), str(ema), str(guidance), float(scale), int(sample_seed))
+        for seed in spec["seeds"]
+        for ema, guidance, scale in spec["arms"]
+        for sample_seed in spec["sample_seeds"]
+    ]
+
+
+def label(r: dict) -> str:
+    ema = "fixed EMA" if r["ema"] == "fixed" else f"sigma_rel {float(r['ema']):.3f}"
+    return f"{ema}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+
+
+def per_seed(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """{arm: {training seed: FID}}, a seed's FID the mean over its sample seeds."""
+    found: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        found.setdefault(label(r), {}).setdefault(r["seed"], []).append(r["fid"])
+    return {arm: {seed: statistics.fmean(v) for seed, v in by_seed.items()} for arm, by_seed in found.items()}
+
+
+def report(results: Path, plan: dict) -> str:
+    """Markdown: per stage, each arm's FID over its seeds; then the plan's comparisons, paired over seeds."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        arms = per_seed([r for r in rows if r["stage"] == stage])
+        first = next(r for r in rows if r["stage"] == stage)
+        lines += [
+            f"### {stage}",
+            "",
+            f"{first['fid_n']} samples a FID ({first['extractor']}), {first['sampler']} {first['steps']} steps; "
+            f"sample seeds {sorted({r['sample_seed'] for r in rows if r['stage'] == stage})}.",
+            "",
+            "| arm | FID (mean, 95% interval) | seeds |",
+            "|---|---|---|",
+        ]
+        for name, by_seed in sorted(arms.items(), key=lambda kv: statistics.fmean(kv[1].values())):
+            mean, half = mean_ci(list(by_seed.values()))
+            lines.append(
+                f"| {name} | {mean:.2f}" + (f" ± {half:.2f}" if half is not None else "") + f" | {len(by_seed)} |"
+            )
+        lines.append("")
+    tests, reported = [], per_seed([r for r in rows if r["stage"] == "report"])
+    for a, b in plan.get("comparisons", []):
+        fa, fb = reported.get(a, {}), reported.get(b, {})
+        seeds = sorted(set(fa) & set(fb))
+        if len(seeds) < 2:
+            continue
+        diff = [fa[s] - fb[s] for s in seeds]
+        mean, half = mean_ci(diff)
+        tests.append(
+            dict(
+                a=a,
+                b=b,
+                diff=mean,
+                ci=half,
+                p=float(stats.ttest_rel([fa[s] for s in seeds], [fb[s] for s in seeds]).pvalue),
+                n=len(seeds),
+            )
+        )
+    if tests:
+        adjusted, reject = holm([t["p"] for t in tests])
+        lines += [
+            "### Comparisons (paired over training seeds, Holm-corrected)",
+            "",
+            "| A | B | FID A - B (95% interval) | p | p (Holm) | significant |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t, adj, rej in zip(tests, adjusted, reject):
+            lines.append(
+                f"| {t['a']} | {t['b']} | {t['diff']:+.2f} ± {t['ci']:.2f} | {t['p']:.3f} | {adj:.3f} "
+                f"| {'yes' if rej else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dit.analysis.posthoc", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="measure a stage's evaluations that the results lack")
+    m.add_argument("sweep", type=Path, help="the directory of the runs the plan names")
+    m.add_argument("plan", type=Path, help="the plan (YAML)")
+    m.add_argument("--stage", required=True, help="the plan's stage to measure")
+    m.add_argument("-o", "--out", type=Path, required=True, help="results, one JSON line per evaluation (appended)")
+    r = sub.add_parser("report", help="the results as a Markdown report")
+    r.add_argument("results", type=Path)
+    r.add_argument("plan", type=Path)
+    r.add_argument("-o", "--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        plan = yaml.safe_load(args.plan.read_text())
+        if args.command == "report":
+            text = report(args.results, plan)
+            atomic_file(args.out, lambda tmp: Path(tmp).write_text(text))
+            print(f"wrote {args.out}")
+            return
+        done = set()
+        if args.out.exists():
+            done = {Arm(**{k: r[k] for k in Arm.__dataclass_fields__}).key() for r in map(json.loads, args.out.open())}
+        todo = [a for a in arms(plan, args.stage) if a.key() not in done]
+        evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], "cpu", 250, distributed=False)
+        for i, arm in enumerate(todo):
+            result = measure(arm, plan, args.sweep, evaluator)
+            append_line(args.out, json.dumps(result | {"stage": args.stage}))
+            print(f"[{i + 1}/{len(todo)}] {json.dumps(result)}", file=sys.stderr, flush=True)
+    except (ValueError, OSError, KeyError, yaml.YAMLError) as e:  # a bad plan or run, a damaged file: one line
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
