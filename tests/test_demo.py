@@ -1,9 +1,12 @@
 """python -m dit.demo: the page's logic (bounds, checkpoints by label only, images = sample.py's), the Gradio server
-function and its API, and the page itself in headless Debian Chromium (Selenium), on tiny pixel models."""
+function and its API, autoguidance (guide=), and the page itself in headless Debian Chromium (Selenium), on tiny
+pixel models."""
 
 import os
+import re
 import shutil
 import socket
+from dataclasses import replace
 from io import BytesIO
 
 import numpy as np
@@ -15,7 +18,17 @@ from PIL import Image
 import sample
 from dit import demo as dit_demo
 from dit.data.class_names import FASHION_MNIST_CLASSES
-from dit.demo import NONE, Demo, DemoConfig, Request, RequestError, checkpoint_label, host_warning, parse_args
+from dit.demo import (
+    CLASSIFIER_FREE,
+    NONE,
+    Demo,
+    DemoConfig,
+    Request,
+    RequestError,
+    checkpoint_label,
+    host_warning,
+    parse_args,
+)
 from dit.diffusion import build_objective
 from dit.hub import ModelRecord, save_export
 
@@ -47,6 +60,22 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(runs):
     return Demo.load(DemoConfig(checkpoint=[str(p) for p in runs], device="cpu", max_images=16, max_steps=8, steps=4))
+
+
+@pytest.fixture(scope="module")
+def guided(runs):
+    """runA's export with guide=@500: a weaker flow model (patch 8 instead of 4) saved as runA's step-500 checkpoint;
+    and an export with 3 classes, which guides nothing here."""
+    flow = ModelRecord(build_objective("flow").settings(), dict(class_names=FASHION_MNIST_CLASSES, latent=False))
+    weak = randomize(tiny_dit(in_channels=1, patch_size=8), seed=2)
+    save_export(runs[0].parent / "checkpoints" / "step_0000500", weak, flow, ema=weak)
+    other = runs[0].parent.parent / "other" / "model"
+    save_export(other, tiny_dit(in_channels=1, num_classes=3), ModelRecord(build_objective("flow").settings()))
+    config = DemoConfig(checkpoint=str(runs[0]), device="cpu", max_images=16, max_steps=8, steps=4, guide="@500")
+    return Demo.load(config), other
+
+
+AUTO = "autoguidance (guide: runA step 500)"  # the guided fixture's choice
 
 
 GOOD = dict(sampler="euler", classes=["Sneaker", "Bag"], per_class=2, steps=3, cfg_scale=2.0, seed=0)
@@ -155,7 +184,7 @@ def server_function(app):
 @needs_gradio
 def test_server_function_two_grids_and_messages(demo):
     run = server_function(dit_demo.build_app(demo))
-    args = [["Sneaker"], 2, 3, 1.0, 0]
+    args = [["Sneaker"], 2, 3, 1.0, 0, CLASSIFIER_FREE]
     shown = []  # what the page's progress bar is told: (evaluations done, of total), per model evaluation
     a, b = run("runA export", "euler", "runB step 1000", "ddpm", *args, progress=lambda p, **kw: shown.append(p))
     assert shown == [(0, 6), (1, 6), (2, 6), (3, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
@@ -164,11 +193,18 @@ def test_server_function_two_grids_and_messages(demo):
     assert none is None and np.array_equal(a_only, a)
     for bad, message in (
         (
-            ("runA export", "euler", NONE, None, ["Sneaker"], 2, 500, 1.0, 0),
+            ("runA export", "euler", NONE, None, ["Sneaker"], 2, 500, 1.0, 0, CLASSIFIER_FREE),
             "steps 500: need a whole number from 1 to 8",
         ),
         (("runA export", "euler", "/etc/passwd", "ddpm", *args), "unknown checkpoint '/etc/passwd'"),
-        (("runA export", "euler", NONE, None, ["Sneaker"], 2, 3, 99.0, 0), "guidance scale 99.0: need a number"),
+        (
+            ("runA export", "euler", NONE, None, ["Sneaker"], 2, 3, 99.0, 0, CLASSIFIER_FREE),
+            "guidance scale 99.0: need",
+        ),
+        (
+            ("runA export", "euler", NONE, None, *args[:-1], AUTO),
+            re.escape(f"unknown guidance '{AUTO}'; choose one of: classifier-free"),
+        ),
         (("runA export", "euler", ["runB step 1000"], "ddpm", *args), r"unknown checkpoint \['runB step 1000'\]"),
     ):
         with pytest.raises(gr.Error, match=message):
@@ -185,6 +221,64 @@ def test_main_listens_on_loopback_unless_told(runs, monkeypatch, capsys):
     assert launched[-1] == ("0.0.0.0", 9000) and "warning: host=0.0.0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="error: checkpoint not found"):
         dit_demo.main(["checkpoint=/no/such/run/model"], block=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autoguidance (guide=): offered beside classifier-free guidance, sample.py's images, a bad guide refused at start
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_autoguided_grid_is_sample_py_grid(guided, runs, tmp_path):
+    """guide=@500 offers autoguidance; its grid differs from classifier-free guidance's and is sample.py's grid.png
+    with guidance=auto and the same guide (dit.sampling.load_guide + generate)."""
+    demo, _ = guided
+    assert list(demo.guidances) == [CLASSIFIER_FREE, AUTO]
+    sampler, request = asked(seed=3)
+    cfg, auto = (demo.grid("runA export", sampler, replace(request, guidance=g)) for g in demo.guidances)
+    assert not np.array_equal(auto, cfg)
+    settings = dict(classes="[Sneaker,Bag]", per_class=2, steps=3, cfg_scale=2.0, seed=3, sampler=sampler)
+    overrides = dict(checkpoint=runs[0], out_dir=tmp_path, guidance="auto", guide="@500") | settings
+    out = sample.run(compose_config("sample", [f"{k}={v}" for k, v in overrides.items()]))
+    np.testing.assert_array_equal(auto, np.array(Image.open(out / "grid.png")))
+    for unknown in ("auto", "pag", None, [AUTO]):
+        with pytest.raises(RequestError, match=r"^unknown guidance .*; choose one of: classifier-free, autoguidance"):
+            demo.check("runA export", sampler, replace(request, guidance=unknown))
+
+
+@needs_gradio
+def test_page_offers_the_guide_and_refuses_unknown_guidances(guided, demo):
+    """The guidance choice is shown with a guide only; through the server function autoguidance gives the grid of
+    Demo.grid, an unknown guidance a clear message (as every other refused value)."""
+    with_guide, _ = guided
+    for page, shown in ((with_guide, [CLASSIFIER_FREE, AUTO]), (demo, [CLASSIFIER_FREE])):
+        app = dit_demo.build_app(page)
+        (radio,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "guidance"]
+        assert [value for _, value in radio.choices] == shown and radio.visible == (len(shown) > 1)
+    run = server_function(dit_demo.build_app(with_guide))
+    args = ["runA export", "euler", NONE, None, ["Sneaker"], 1, 2, 2.0, 0]
+    grid, none = run(*args, AUTO)
+    assert none is None
+    np.testing.assert_array_equal(
+        grid, with_guide.grid("runA export", "euler", Request(["Sneaker"], 1, 2, 2.0, 0, AUTO))
+    )
+    with pytest.raises(
+        gr.Error, match=re.escape(f"unknown guidance 'autoguidance'; choose one of: classifier-free, {AUTO}")
+    ):
+        run(*args, "autoguidance")
+
+
+@needs_gradio
+def test_a_guide_that_does_not_fit_is_refused_at_start(guided, runs):
+    _, other = guided
+    assert parse_args(["checkpoint=a", "guide=@500"]).guide == "@500"  # as typed (YAML would refuse a leading @)
+    for guide, message in (
+        (other, r"^error: guide for runA export: guide \S+ cannot guide this model: num_classes: guide 3 vs model 10"),
+        ("@250", r"^error: guide for runA export: guide=@250: no checkpoint \S+; the run has step_0000500$"),
+        ("/no/such/guide", r"^error: guide for runA export: checkpoint not found: /no/such/guide$"),
+    ):
+        with pytest.raises(SystemExit, match=message) as refused:
+            dit_demo.main([f"checkpoint={runs[0]}", "device=cpu", f"guide={guide}"], block=False)
+        assert "\n" not in str(refused.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,7 +323,7 @@ def test_server_binds_loopback_and_api_is_bounded(server):
     port = int(url.rsplit(":", 1)[1])
     listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
     assert listening == ["127.0.0.1"]
-    good = ["runA export", "euler", NONE, None, ["Sneaker"], 2, 4, 2.0, 0]
+    good = ["runA export", "euler", NONE, None, ["Sneaker"], 2, 4, 2.0, 0, CLASSIFIER_FREE]
     assert api_call(url, good)[0] == "complete"
     # the server function judges every value as sent (Gradio's own checks are off: their messages name no field)
     for changes, message in (
@@ -239,6 +333,7 @@ def test_server_binds_loopback_and_api_is_bounded(server):
         ({8: None}, "seed None: need a whole number from 0 to 4294967295"),
         ({4: ["Sneaker", "Bag"], 5: 16}, "2 classes x 16 per class = 32 images: at most 16 a request"),
         ({4: []}, "choose at least one class"),
+        ({9: "pag"}, "unknown guidance 'pag'; choose one of: classifier-free"),
     ):
         event, data = api_call(url, [changes.get(i, v) for i, v in enumerate(good)])
         assert event == "error" and message in data and "Traceback" not in data, data

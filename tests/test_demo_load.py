@@ -33,7 +33,7 @@ MAX_STEPS, MAX_IMAGES = 100, 16  # the server's bounds (the demo's defaults)
 # Resident memory the burst may add to the server's (measured: +1 to +5 MB over ~880 MB on the 2-core CPU machine;
 # requests beyond the queue are refused before anything is allocated for them, so it does not grow with clients).
 RSS_GROWTH_LIMIT_MB = 150
-SMALL = ["runA export", "euler", "(none)", None, ["Sneaker"], 1, 1, 1.0, 0]  # one image, one step
+SMALL = ["runA export", "euler", "(none)", None, ["Sneaker"], 1, 1, 1.0, 0, "classifier-free"]  # one image, 1 step
 SLOW = SMALL[:6] + [MAX_STEPS] + SMALL[7:]  # one image, max steps: keeps the model busy for a second or more
 
 
