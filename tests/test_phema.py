@@ -137,13 +137,20 @@ def test_an_untracked_width_is_close_to_tracking_it_directly():
 PHEMA = ["training.phema_sigma_rels=[0.05,0.1]", "training.phema_snapshot_every=2"]
 
 
+@pytest.fixture(scope="module")
+def phema_run(tmp_path_factory):
+    """A smoke run with two profiles (snapshots at steps 2, 4, 6; checkpoints at 3 and 6), shared."""
+    run = tmp_path_factory.mktemp("phema") / "run"
+    train.run(smoke_config(*PHEMA), run)
+    return run
+
+
 @needs_fmnist
-def test_training_with_profiles_resumes_exactly_and_the_cli_exports_any_width(tmp_path, capsys):
+def test_training_with_profiles_resumes_exactly_and_the_cli_exports_any_width(phema_run, tmp_path, capsys):
     """A smoke run with two profiles: snapshots at steps 2, 4, 6; a run resumed from the step-3 checkpoint writes the
     same last snapshot, bit for bit; python -m dit.phema exports widths that load, the tracked one equal to its
     profile, and records what they are."""
-    full = tmp_path / "full"
-    train.run(smoke_config(*PHEMA), full)
+    full = phema_run
     assert [s.step for s in find_snapshots(full)] == [2, 2, 4, 4, 6, 6]
     resumed = tmp_path / "resumed"
     train.run(smoke_config(*PHEMA, "training.total_steps=3"), resumed)
@@ -191,13 +198,12 @@ def test_profiles_survive_a_checkpoint_and_bad_settings_are_named():
 
 
 @needs_fmnist
-def test_posthoc_measures_widths_and_guides_and_resumes(tmp_path, capsys):
+def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, capsys):
     """dit.analysis.posthoc on a smoke run trained with profiles: a post-hoc width with autoguidance by the run's own
     step-3 checkpoint and the fixed EMA with CFG, each recorded with what measured it; a re-run measures nothing new;
     the report lists both arms."""
     from dit.analysis.posthoc import main as posthoc_main
 
-    train.run(smoke_config(*PHEMA), tmp_path / "run")
     plan = tmp_path / "plan.yaml"
     plan.write_text(
         "runs: {0: run}\nguides: {'@3': '@3'}\nmetric: fashion_mnist\nref: fashion_mnist:test\nsamples: 20\nsteps: 2\n"
@@ -205,7 +211,7 @@ def test_posthoc_measures_widths_and_guides_and_resumes(tmp_path, capsys):
         "    arms: [[0.05, 'auto:@3', 2.0], [fixed, cfg, 2.0]]\n"
     )
     results = tmp_path / "results.jsonl"
-    args = ["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results)]
+    args = ["measure", str(phema_run.parent), str(plan), "--stage", "report", "-o", str(results)]
     posthoc_main(args)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["ema"], r["guidance"], r["model_calls"], r["fid_n"]) for r in rows] == [

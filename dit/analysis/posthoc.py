@@ -4,15 +4,17 @@ guidance or with autoguidance by a guide (the run's own earlier checkpoint @STEP
 
     python -m dit.analysis.posthoc measure outputs/studies/guidance_ema studies/guidance_ema/plan.yaml \
         --stage select_ema -o studies/guidance_ema/results.jsonl
-    python -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl -o studies/guidance_ema/report.md
+    python -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl studies/guidance_ema/plan.yaml \
+        -o studies/guidance_ema/report.md
 
 The plan (YAML) names the runs (`runs: {seed: run directory}`, `guides: {name: path or @STEP; {seed} is the seed}`),
-the measurement (`samples`, `steps`, `sample_seed`s) and the evaluations, each a list of (ema, guidance, scale) with
-ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`. One JSON line per (seed, ema, guidance,
-scale, sample seed) is appended to the results as it is measured, with what measured it (the extractor, the
-sample count, the sampler and its steps); a re-run measures only what is missing. The report: every stage's arms
-with their FID (mean and 95% interval over the training seeds where there are several), and the plan's
-`comparisons` as paired t-tests over the seeds (the same run under two settings), Holm-corrected.
+the measurement (`samples`, `steps`; a stage may set its own) and, per stage, the seeds, sample seeds and evaluations,
+each a list of (ema, guidance, scale) with ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`.
+One JSON line per (seed, ema, guidance, scale, sample seed) is appended to the results as it is measured, with what
+measured it (the extractor, the sample count, the sampler and its steps); a re-run measures only what is missing.
+The report: every stage's arms with their FID (mean and 95% interval over the training seeds where there are
+several), and the plan's `comparisons` as paired t-tests over the seeds (the same run under two settings),
+Holm-corrected.
 """
 
 from __future__ import annotations
@@ -55,13 +57,16 @@ class Arm:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def ema_weights(run: Path, ema: str):
-    """The run's model with the EMA weights `ema` names (and its meta)."""
+    """The run's model with the EMA weights `ema` names (and its meta), on DEVICE."""
     model, meta = load_model(run / "model")
     if ema != "fixed":
         weights, _, used = reconstruct(find_snapshots(run), [float(ema)])
         load_state_dict_checked(model, next(iter(weights.values())), used[-1].path)
-    return model.eval(), meta
+    return model.to(DEVICE).eval(), meta
 
 
 def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator) -> dict:
@@ -72,13 +77,13 @@ def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator) -> dict:
     guide = None
     if kind == "auto":
         spec = plan["guides"][guide_name].format(seed=arm.seed)
-        guide = load_guide(spec if spec.startswith("@") else str(sweep / spec), run / "model", model, meta, "cpu")
+        guide = load_guide(spec if spec.startswith("@") else str(sweep / spec), run / "model", model, meta, DEVICE)
     scale = 1.0 if kind == "none" else arm.scale
     settings = SamplingSettings(steps=plan["steps"], cfg_scale=scale, guidance="auto" if kind == "auto" else "cfg")
     sampler = build_sampler(objective_of(meta), settings, "eval")
     inputs = eval_inputs(plan["samples"], model.num_classes, arm.sample_seed)
     tic = time.perf_counter()
-    images = torch.cat([x for _, x in generate(model, sampler, GenerationSpec(**inputs), guide=guide)])
+    images = torch.cat([x for _, x in generate(model, sampler, GenerationSpec(**inputs), device=DEVICE, guide=guide)])
     seconds = time.perf_counter() - tic
     values = evaluator.evaluate(images, inputs["labels"])
     return asdict(arm) | {
@@ -197,7 +202,8 @@ def main(argv=None) -> None:
         if args.out.exists():
             done = {Arm(**{k: r[k] for k in Arm.__dataclass_fields__}).key() for r in map(json.loads, args.out.open())}
         todo = [a for a in arms(plan, args.stage) if a.key() not in done]
-        evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], "cpu", 250, distributed=False)
+        plan |= {k: plan["stages"][args.stage][k] for k in ("samples", "steps") if k in plan["stages"][args.stage]}
+        evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], DEVICE, 250, distributed=False)
         for i, arm in enumerate(todo):
             result = measure(arm, plan, args.sweep, evaluator)
             append_line(args.out, json.dumps(result | {"stage": args.stage}))
