@@ -224,3 +224,32 @@ def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, cap
     posthoc_main(["report", str(results), str(plan), "-o", str(tmp_path / "report.md")])
     text = (tmp_path / "report.md").read_text()
     assert "| sigma_rel 0.050, auto:@3 2 |" in text and "| fixed EMA, cfg 2 |" in text
+
+
+def test_the_report_pairs_seeds_and_corrects_for_several_comparisons(tmp_path):
+    """Comparisons are paired over training seeds (a seed's FID: the mean over its sample seeds) and Holm-corrected
+    over the stage's comparisons; scipy's paired t-test is the reference."""
+    from scipy import stats
+
+    from dit.analysis.posthoc import report
+
+    fids = {"fixed": [30.0, 32.0, 31.0], "0.1": [27.0, 30.5, 28.0], "0.2": [31.0, 31.5, 32.5]}
+    rows = [
+        dict(seed=s, ema=ema, guidance="cfg", scale=2.0, sample_seed=k, fid=v[s] + k / 10, fid_n=1000, stage="report",
+             extractor="x", sampler="euler", steps=25)
+        for ema, v in fids.items() for s in range(3) for k in (0, 1)
+    ]  # fmt: skip
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = {
+        "comparisons": [["sigma_rel 0.100, cfg 2", "fixed EMA, cfg 2"], ["sigma_rel 0.200, cfg 2", "fixed EMA, cfg 2"]]
+    }
+    text = report(tmp_path / "r.jsonl", plan)
+    p1 = stats.ttest_rel(fids["0.1"], fids["fixed"]).pvalue
+    p2 = stats.ttest_rel(fids["0.2"], fids["fixed"]).pvalue
+    holm1 = min(1.0, 2 * min(p1, p2)) if p1 < p2 else max(min(1.0, 2 * p2), p1)
+    assert (
+        f"| sigma_rel 0.100, cfg 2 | fixed EMA, cfg 2 | 3 | {np.mean(np.subtract(fids['0.1'], fids['fixed'])):+.2f}"
+        in text
+    )
+    assert f"| {p1:.3f} | {holm1:.3f} |" in text
+    assert "| fixed EMA, cfg 2 | 31.05 ±" in text  # the mean over seeds of each seed's mean over sample seeds

@@ -122,6 +122,35 @@ def per_seed(rows: list[dict]) -> dict[str, dict[int, float]]:
     return {arm: {seed: statistics.fmean(v) for seed, v in by_seed.items()} for arm, by_seed in found.items()}
 
 
+def comparisons(arms: dict[str, dict[int, float]], pairs: list, stage: str) -> list[str]:
+    """The plan's comparisons [A, B] that the stage measured on two or more common seeds: FID A - B paired over the
+    seeds (mean, 95% interval), the paired t-test's p and Holm's over the stage's comparisons."""
+    tests = []
+    for a, b in pairs:
+        fa, fb = arms.get(a, {}), arms.get(b, {})
+        seeds = sorted(set(fa) & set(fb))
+        if len(seeds) < 2:
+            continue
+        mean, half = mean_ci([fa[s] - fb[s] for s in seeds])
+        p = float(stats.ttest_rel([fa[s] for s in seeds], [fb[s] for s in seeds]).pvalue)
+        tests.append(dict(a=a, b=b, diff=mean, ci=half, p=p, n=len(seeds)))
+    if not tests:
+        return []
+    adjusted, reject = holm([t["p"] for t in tests])
+    lines = [
+        f"### {stage}: comparisons (paired over training seeds, Holm-corrected)",
+        "",
+        "| A | B | seeds | FID A - B (95% interval) | p | p (Holm) | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t, adj, rej in zip(tests, adjusted, reject):
+        lines.append(
+            f"| {t['a']} | {t['b']} | {t['n']} | {t['diff']:+.2f} ± {t['ci']:.2f} | {t['p']:.3f} | {adj:.3f} "
+            f"| {'yes' if rej else 'no'} |"
+        )
+    return [*lines, ""]
+
+
 def report(results: Path, plan: dict) -> str:
     """Markdown: per stage, each arm's FID over its seeds; then the plan's comparisons, paired over seeds."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -144,37 +173,8 @@ def report(results: Path, plan: dict) -> str:
                 f"| {name} | {mean:.2f}" + (f" ± {half:.2f}" if half is not None else "") + f" | {len(by_seed)} |"
             )
         lines.append("")
-    tests, reported = [], per_seed([r for r in rows if r["stage"] == "report"])
-    for a, b in plan.get("comparisons", []):
-        fa, fb = reported.get(a, {}), reported.get(b, {})
-        seeds = sorted(set(fa) & set(fb))
-        if len(seeds) < 2:
-            continue
-        diff = [fa[s] - fb[s] for s in seeds]
-        mean, half = mean_ci(diff)
-        tests.append(
-            dict(
-                a=a,
-                b=b,
-                diff=mean,
-                ci=half,
-                p=float(stats.ttest_rel([fa[s] for s in seeds], [fb[s] for s in seeds]).pvalue),
-                n=len(seeds),
-            )
-        )
-    if tests:
-        adjusted, reject = holm([t["p"] for t in tests])
-        lines += [
-            "### Comparisons (paired over training seeds, Holm-corrected)",
-            "",
-            "| A | B | FID A - B (95% interval) | p | p (Holm) | significant |",
-            "|---|---|---|---|---|---|",
-        ]
-        for t, adj, rej in zip(tests, adjusted, reject):
-            lines.append(
-                f"| {t['a']} | {t['b']} | {t['diff']:+.2f} ± {t['ci']:.2f} | {t['p']:.3f} | {adj:.3f} "
-                f"| {'yes' if rej else 'no'} |"
-            )
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        lines += comparisons(per_seed([r for r in rows if r["stage"] == stage]), plan.get("comparisons", []), stage)
     return "\n".join(lines) + "\n"
 
 
@@ -186,6 +186,7 @@ def main(argv=None) -> None:
     m.add_argument("plan", type=Path, help="the plan (YAML)")
     m.add_argument("--stage", required=True, help="the plan's stage to measure")
     m.add_argument("-o", "--out", type=Path, required=True, help="results, one JSON line per evaluation (appended)")
+    m.add_argument("--seed", type=int, default=None, help="only this training seed's runs (processes side by side)")
     r = sub.add_parser("report", help="the results as a Markdown report")
     r.add_argument("results", type=Path)
     r.add_argument("plan", type=Path)
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
         done = set()
         if args.out.exists():
             done = {Arm(**{k: r[k] for k in Arm.__dataclass_fields__}).key() for r in map(json.loads, args.out.open())}
-        todo = [a for a in arms(plan, args.stage) if a.key() not in done]
+        todo = [a for a in arms(plan, args.stage) if a.key() not in done and args.seed in (None, a.seed)]
         plan |= {k: plan["stages"][args.stage][k] for k in ("samples", "steps") if k in plan["stages"][args.stage]}
         evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], DEVICE, 250, distributed=False)
         for i, arm in enumerate(todo):
