@@ -329,3 +329,19 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
     code, err = export(capsys, tmp_path / "damaged", "-o", tmp_path / "b")
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {weights} is damaged: truncated")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_post_hoc_ema_export_says_so_in_its_card(run_dir, tmp_path, capsys):
+    """An export of python -m dit.phema records which EMA it holds; the export keeps that record and the card says
+    it in a sentence."""
+    import shutil
+
+    src, out = tmp_path / "phema-step_0000006-sigma_rel_0.100", tmp_path / "export"
+    shutil.copytree(run_dir / "model", src)
+    config = json.loads((src / "config.json").read_text())
+    config["ema"] = {"kind": "power", "sigma_rel": 0.1, "step": 6, "snapshots": 3}
+    (src / "config.json").write_text(json.dumps(config))
+    assert export(capsys, src, "-o", out) == (0, [])
+    assert json.loads((out / "config.json").read_text())["ema"] == config["ema"]
+    text = card_of(out)[0].text
+    assert "EDM2's post-hoc EMA of relative width 0.1 at step 6, reconstructed from 3 snapshots" in text
