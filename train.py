@@ -172,14 +172,15 @@ def main(cfg: DictConfig) -> None:
             raise RunFailed(str(e)) from None
         sys.exit(f"error: {e}")
     with lock:
-        if lock.enabled:
-            open_run_dir(cfg, run_dir)
-        attempt(cfg, run_dir, multirun)
+        attempt(cfg, run_dir, multirun, holder=lock.enabled)
 
 
-def attempt(cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
-    """Train, turning the ways a run stops into one line (and the run directory's error.txt)."""
+def attempt(cfg: DictConfig, run_dir: Path, multirun: bool, holder: bool) -> None:
+    """Train (the lock's holder opens the run directory first), turning the ways a run stops into one line (and the
+    run directory's error.txt)."""
     try:
+        if holder:
+            open_run_dir(cfg, run_dir)
         run(cfg, run_dir)
     except Stopped as e:  # a stop signal: checkpoint written; submitit's requeue (if any), then exit EXIT_STOPPED
         note_failure(run_dir, str(e))
