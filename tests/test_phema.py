@@ -224,6 +224,9 @@ def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, cap
     posthoc_main(["report", str(results), str(plan), "-o", str(tmp_path / "report.md")])
     text = (tmp_path / "report.md").read_text()
     assert "| sigma_rel 0.050, auto:@3 2 |" in text and "| fixed EMA, cfg 2 |" in text
+    assert (
+        "![FID against the EMA width, report](report_report.png)" in text and (tmp_path / "report_report.png").exists()
+    )
 
 
 def test_the_report_pairs_seeds_and_corrects_for_several_comparisons(tmp_path):

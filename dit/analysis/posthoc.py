@@ -151,16 +151,54 @@ def comparisons(arms: dict[str, dict[int, float]], pairs: list, stage: str) -> l
     return [*lines, ""]
 
 
-def report(results: Path, plan: dict) -> str:
-    """Markdown: per stage, each arm's FID over its seeds; then the plan's comparisons, paired over seeds."""
+def width_figure(rows: list[dict], path: Path) -> bool:
+    """FID against the post-hoc EMA width, one line per guidance (mean over seeds, the seeds' range as a band); the
+    fixed EMA of each guidance as a dashed level. False when the rows hold no post-hoc width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict] = {}
+    for r in rows:
+        kind = r["guidance"] + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+        curves.setdefault(kind, {}).setdefault(r["ema"], {}).setdefault(r["seed"], []).append(r["fid"])
+    if not any(ema != "fixed" for c in curves.values() for ema in c):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for i, (kind, by_ema) in enumerate(sorted(curves.items())):
+        seeds = {e: [statistics.fmean(v) for v in by_seed.values()] for e, by_seed in by_ema.items()}
+        widths = sorted((float(e), v) for e, v in seeds.items() if e != "fixed")
+        if widths:
+            xs = [w for w, _ in widths]
+            ax.plot(xs, [statistics.fmean(v) for _, v in widths], "o-", color=f"C{i}", label=kind)
+            ax.fill_between(xs, [min(v) for _, v in widths], [max(v) for _, v in widths], color=f"C{i}", alpha=0.15)
+        if "fixed" in seeds:
+            ax.axhline(statistics.fmean(seeds["fixed"]), color=f"C{i}", ls="--", lw=1, label=f"{kind}, fixed EMA")
+    ax.set_xlabel("post-hoc EMA width (sigma_rel)")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_file(path, fig.savefig, suffix=".png")
+    plt.close(fig)
+    return True
+
+
+def report(results: Path, plan: dict, figures: Path | None = None) -> str:
+    """Markdown: per stage, each arm's FID over its seeds (and FID against the EMA width as figures/<stage>.png,
+    beside the report); then the plan's comparisons, paired over seeds."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     lines = []
     for stage in dict.fromkeys(r["stage"] for r in rows):
         arms = per_seed([r for r in rows if r["stage"] == stage])
         first = next(r for r in rows if r["stage"] == stage)
+        png = None if figures is None else figures.parent / f"{figures.stem}_{stage}.png"
+        drawn = png is not None and width_figure([r for r in rows if r["stage"] == stage], png)
         lines += [
             f"### {stage}",
             "",
+            *([f"![FID against the EMA width, {stage}]({png.name})", ""] if drawn else []),
             f"{first['fid_n']} samples a FID ({first['extractor']}), {first['sampler']} {first['steps']} steps; "
             f"sample seeds {sorted({r['sample_seed'] for r in rows if r['stage'] == stage})}.",
             "",
@@ -195,7 +233,7 @@ def main(argv=None) -> None:
     try:
         plan = yaml.safe_load(args.plan.read_text())
         if args.command == "report":
-            text = report(args.results, plan)
+            text = report(args.results, plan, figures=args.out)
             atomic_file(args.out, lambda tmp: Path(tmp).write_text(text))
             print(f"wrote {args.out}")
             return
