@@ -16,7 +16,12 @@ import phema  # edm2's training/phema.py
 CASES = [
     # (snapshot times, their widths, output time, output widths): EDM2's two tracked profiles, snapshots every
     # 250 updates of 2000; output at the end and at an earlier snapshot; uneven times; a wide and a narrow pair.
-    ([t for t in range(250, 2001, 250) for _ in (0, 1)], [0.05, 0.10] * 8, 2000, [0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2]),
+    (
+        [t for t in range(250, 2001, 250) for _ in (0, 1)],
+        [0.05, 0.10] * 8,
+        2000,
+        [0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2],
+    ),
     ([t for t in range(250, 2001, 250) for _ in (0, 1)], [0.05, 0.10] * 8, 1000, [0.03, 0.05, 0.1, 0.25]),
     ([100, 100, 400, 400, 1000, 1000, 3000, 3000], [0.05, 0.10] * 4, 3000, [0.01, 0.07, 0.12]),
     ([512, 512, 1024, 1024, 4096, 4096], [0.02, 0.25] * 3, 4096, [0.05, 0.2]),
@@ -31,12 +36,22 @@ def main(commit: str) -> None:
         "exp_to_std": {str(g): float(phema.exp_to_std(g)) for g in [0.5, 1.0, 6.94, 16.97, 50.0, 400.0]},
         "correlation": [
             [a_t, a_s, b_t, b_s, float(phema.power_function_correlation(np.float64(a_t), a_s, np.float64(b_t), b_s))]
-            for a_t, a_s, b_t, b_s in [(100, 0.05, 300, 0.1), (300, 0.05, 100, 0.1), (200, 0.2, 200, 0.01), (1, 0.1, 7, 0.1)]
+            for a_t, a_s, b_t, b_s in [
+                (100, 0.05, 300, 0.1),
+                (300, 0.05, 100, 0.1),
+                (200, 0.2, 200, 0.01),
+                (1, 0.1, 7, 0.1),
+            ]
         ],
         "beta": [[s, t, float(phema.power_function_beta(s, t, 1))] for s in (0.05, 0.1) for t in (1, 2, 10, 1000)],
         "coefficients": [
-            {"in_t": a, "in_sigma": b, "out_t": c, "out_sigma": d,
-             "x": phema.solve_posthoc_coefficients(a, b, c, d).tolist()}
+            {
+                "in_t": a,
+                "in_sigma": b,
+                "out_t": c,
+                "out_sigma": d,
+                "x": phema.solve_posthoc_coefficients(a, b, c, d).tolist(),
+            }
             for a, b, c, d in CASES
         ],
     }
