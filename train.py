@@ -132,9 +132,7 @@ def build_job(cfg: DictConfig, run_dir: Path) -> TrainingJob:
 def open_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """What the holder of the run directory's lock writes first: Hydra's record of the run in .hydra/ (config.yaml,
     hydra.yaml, overrides.yaml: configs/train.yaml sets hydra.output_subdir null so that a refused second start
-    writes nothing), after removing the temporaries a killed write left (never taken for results)."""
-    for path in remove_stale_temporaries(run_dir):
-        print(f"{run_dir}: removed {path.relative_to(run_dir)}, left by an interrupted write", file=sys.stderr)
+    writes nothing)."""
     record = {
         "config.yaml": cfg,
         "hydra.yaml": HydraConfig.instance().cfg,
@@ -144,8 +142,17 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         atomic_file(run_dir / ".hydra" / name, lambda tmp, node=node: OmegaConf.save(node, tmp))
 
 
+def main_process() -> bool:
+    """The process that writes a run's shared files (and holds its lock): RANK 0, or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train the run cfg composes, in run_dir; returns train()'s result (dit.training.train)."""
+    """Train the run cfg composes, in run_dir; returns train()'s result (dit.training.train). The main process first
+    removes the temporaries a killed write left there (never taken for results)."""
+    if main_process():
+        for path in remove_stale_temporaries(run_dir):
+            print(f"{run_dir}: removed {path.relative_to(run_dir)}, left by an interrupted write", file=sys.stderr)
     return train(build_job(cfg, run_dir))
 
 
@@ -164,7 +171,7 @@ def main(cfg: DictConfig) -> None:
     way_out = (
         "run it in another directory with hydra.sweep.dir=..." if multirun else "choose another: hydra.run.dir=..."
     )
-    lock = RunLock(run_dir, enabled=os.environ.get("RANK", "0") == "0", way_out=way_out)
+    lock = RunLock(run_dir, enabled=main_process(), way_out=way_out)
     try:
         lock.acquire()
     except RunDirBusy as e:  # refused before writing anything there (not even the failure note)

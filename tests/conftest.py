@@ -69,3 +69,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_stats(tmp_path_factory):
+    """The domain metric's statistics of the Fashion-MNIST test split as a stats npz, computed once per worker: the
+    reference of tests whose subject is not the reference (an FID of a few samples against it)."""
+    from dit.eval.evaluator import Evaluator
+
+    if not FMNIST.exists():
+        pytest.skip("dataset-fashion-mnist not installed (make setup)")
+    path = tmp_path_factory.mktemp("reference") / "fashion_mnist_test_stats.npz"
+    Evaluator("fashion_mnist", "fashion_mnist:test", distributed=False).reference().save(path)
+    return path

@@ -112,7 +112,7 @@ def test_sample_py_with_a_guide(tmp_path):
 
 
 @needs_fmnist
-def test_in_training_fid_with_autoguidance_by_an_earlier_checkpoint(tmp_path):
+def test_in_training_fid_with_autoguidance_by_an_earlier_checkpoint(tmp_path, fmnist_test_stats):
     """training.fid_sampling.guidance=auto guide=@3: the final FID is measured with the run's own step-3 checkpoint as
     the guide; the grids refuse autoguidance (sample.py draws them) at setup, naming the key."""
     fid = [
@@ -120,7 +120,7 @@ def test_in_training_fid_with_autoguidance_by_an_earlier_checkpoint(tmp_path):
         "training.fid_samples=20",
         "training.fid_sampling.steps=2",
         "training.fid_metric=fashion_mnist",
-        "training.fid_ref=fashion_mnist:test",
+        f"training.fid_ref={fmnist_test_stats}",
         "training.fid_sampling.cfg_scale=2",
         "training.fid_sampling.guidance=auto",
         "training.fid_sampling.guide=@3",

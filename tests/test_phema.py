@@ -198,7 +198,7 @@ def test_profiles_survive_a_checkpoint_and_bad_settings_are_named():
 
 
 @needs_fmnist
-def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, capsys):
+def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, capsys, fmnist_test_stats):
     """dit.analysis.posthoc on a smoke run trained with profiles: a post-hoc width with autoguidance by the run's own
     step-3 checkpoint and the fixed EMA with CFG, each recorded with what measured it; a re-run measures nothing new;
     the report lists both arms."""
@@ -206,7 +206,8 @@ def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, cap
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(
-        "runs: {0: run}\nguides: {'@3': '@3'}\nmetric: fashion_mnist\nref: fashion_mnist:test\nsamples: 20\nsteps: 2\n"
+        f"runs: {{0: run}}\nguides: {{'@3': '@3'}}\nmetric: fashion_mnist\nref: {fmnist_test_stats}\n"
+        "samples: 20\nsteps: 2\n"
         "stages:\n  report:\n    seeds: [0]\n    sample_seeds: [7]\n"
         "    arms: [[0.05, 'auto:@3', 2.0], [fixed, cfg, 2.0]]\n"
     )

@@ -33,7 +33,7 @@ def wait_for_holder(lock: Path, pid: int, proc: subprocess.Popen, timeout: float
                 return
         except (FileNotFoundError, ValueError):
             pass
-        time.sleep(0.002)
+        time.sleep(0.02)
     raise AssertionError(f"{proc.args} never held {lock} (exit code {proc.poll()})")
 
 

@@ -242,7 +242,11 @@ def main(argv=None) -> None:
             done = {Arm(**{k: r[k] for k in Arm.__dataclass_fields__}).key() for r in map(json.loads, args.out.open())}
         todo = [a for a in arms(plan, args.stage) if a.key() not in done and args.seed in (None, a.seed)]
         plan |= {k: plan["stages"][args.stage][k] for k in ("samples", "steps") if k in plan["stages"][args.stage]}
-        evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], DEVICE, 250, distributed=False)
+        if not todo:
+            print(f"{args.stage}: every evaluation is in {args.out}", file=sys.stderr)
+            return
+        cache = args.sweep / f"fid_ref_{plan['metric']}.npz"  # the reference's statistics, once for every stage
+        evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], DEVICE, 250, cache, distributed=False)
         for i, arm in enumerate(todo):
             result = measure(arm, plan, args.sweep, evaluator)
             append_line(args.out, json.dumps(result | {"stage": args.stage}))
