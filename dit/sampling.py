@@ -269,21 +269,15 @@ def load_vae(spec: str, device):
 
 def guide_path(spec: str, checkpoint: str | Path) -> Path:
     """Where a guide lives: a path as given, or @STEP for the checkpoint at STEP of the run that `checkpoint` belongs
-    to (checkpoint: <run>/model, <run>/checkpoints/step_*, or the run directory itself)."""
+    to (checkpoint: <run>/model, <run>/checkpoints/step_*, <run>/phema_exports/*, or the run directory itself)."""
     if not spec.startswith("@"):
         return Path(spec)
     try:
         step = int(spec[1:])
     except ValueError:
         raise ValueError(f"guide={spec}: @ and a step number, e.g. @500") from None
-    path = Path(checkpoint)
-    run = (
-        path.parent.parent
-        if path.parent.name == "checkpoints"
-        else path
-        if (path / "checkpoints").is_dir()
-        else path.parent
-    )
+    path = Path(checkpoint).absolute()  # the run: the nearest directory (itself or above) holding checkpoints/
+    run = next((p for p in [path, *path.parents] if (p / "checkpoints").is_dir()), path.parent)
     found = run / "checkpoints" / f"step_{step:07d}"
     if not found.is_dir():
         steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))

@@ -78,7 +78,7 @@ def test_a_guide_for_another_task_is_refused_naming_what_differs(tmp_path):
         check_guide(model, meta, tiny_dit(), ddpm, "g")
     check_guide(model, meta, tiny_dit(patch_size=2), meta, "g")  # another size of the zoo: fine
     (tmp_path / "run" / "checkpoints" / "step_0000500").mkdir(parents=True)
-    for checkpoint in ("run/model", "run/checkpoints/step_0001000", "run"):
+    for checkpoint in ("run/model", "run/checkpoints/step_0001000", "run", "run/phema_exports/phema-step_0002000-x"):
         assert guide_path("@500", tmp_path / checkpoint) == tmp_path / "run" / "checkpoints" / "step_0000500"
     with pytest.raises(FileNotFoundError, match=r"guide=@250: no checkpoint .*step_0000250; the run has step_0000500"):
         guide_path("@250", tmp_path / "run" / "model")
