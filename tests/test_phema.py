@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, needs_fmnist, smoke_config
+from PIL import Image
 from scipy import integrate
 
 import train
@@ -212,7 +213,8 @@ def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, cap
         "    arms: [[0.05, 'auto:@3', 2.0], [fixed, cfg, 2.0]]\n"
     )
     results = tmp_path / "results.jsonl"
-    args = ["measure", str(phema_run.parent), str(plan), "--stage", "report", "-o", str(results)]
+    grids = tmp_path / "grids"
+    args = ["measure", str(phema_run.parent), str(plan), "--stage", "report", "-o", str(results), "--grids", str(grids)]
     posthoc_main(args)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["ema"], r["guidance"], r["model_calls"], r["fid_n"]) for r in rows] == [
@@ -222,11 +224,23 @@ def test_posthoc_measures_widths_and_guides_and_resumes(phema_run, tmp_path, cap
     assert all(np.isfinite(r["fid"]) and r["extractor"].startswith("fashion-mnist-cnn") for r in rows)
     posthoc_main(args)
     assert len(results.read_text().splitlines()) == 2  # nothing measured twice
-    posthoc_main(["report", str(results), str(plan), "-o", str(tmp_path / "report.md")])
-    text = (tmp_path / "report.md").read_text()
+    (tmp_path / "doc").mkdir()
+    posthoc_main(["report", str(results), str(plan), "-o", str(tmp_path / "doc/report.md"), "--grids", str(grids)])
+    text = (tmp_path / "doc/report.md").read_text()
     assert "| sigma_rel 0.050, auto:@3 2 |" in text and "| fixed EMA, cfg 2 |" in text
+    # the sample grids side by side: the first 4 of each class, one column a class (2 px white between images)
+    pngs = sorted(grids.glob("*.png"))
+    assert [p.name for p in pngs] == [
+        "report_seed0_sample7_fixed-EMA_cfg-2.png",
+        "report_seed0_sample7_sigma_rel-0.050_auto@3-2.png",
+    ]
+    width, height = Image.open(pngs[0]).size
+    assert (width - 2) / 10 == (height - 2) / 2 > 2  # 20 samples: 2 rows of the 10 classes
+    for png in pngs:
+        assert f"](../grids/{png.name})" in text
     assert (
-        "![FID against the EMA width, report](report_report.png)" in text and (tmp_path / "report_report.png").exists()
+        "![FID against the EMA width, report](report_report.png)" in text
+        and (tmp_path / "doc/report_report.png").exists()
     )
 
 

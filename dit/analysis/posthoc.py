@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,7 @@ from dit.eval.extractors import ExtractorSpec
 from dit.hub import load_model, objective_of
 from dit.integrity import load_state_dict_checked
 from dit.phema import find_snapshots, reconstruct
-from dit.sampling import GenerationSpec, generate, load_guide
+from dit.sampling import GenerationSpec, generate, load_guide, save_grid
 from dit.training.evaluation import eval_inputs
 
 
@@ -69,8 +70,18 @@ def ema_weights(run: Path, ema: str):
     return model.to(DEVICE).eval(), meta
 
 
-def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator) -> dict:
-    """Sample plan["samples"] images of the arm with the run's FID sampler and score them."""
+GRID_ROWS = 4  # a grid: the first GRID_ROWS samples of every class, one column a class
+
+
+def grid_path(grids: Path, stage: str, r: dict) -> Path:
+    """Where measure(..., grids) puts an evaluation's sample grid."""
+    slug = label(r).replace(", ", "_").replace(" ", "-").replace(":", "")
+    return grids / f"{stage}_seed{r['seed']}_sample{r['sample_seed']}_{slug}.png"
+
+
+def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator, grid: Path | None = None) -> dict:
+    """Sample plan["samples"] images of the arm with the run's FID sampler and score them (and save the first
+    GRID_ROWS of every class as a grid PNG at `grid`)."""
     run = sweep / plan["runs"][arm.seed]
     model, meta = ema_weights(run, arm.ema)
     kind, _, guide_name = arm.guidance.partition(":")
@@ -85,6 +96,9 @@ def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator) -> dict:
     tic = time.perf_counter()
     images = torch.cat([x for _, x in generate(model, sampler, GenerationSpec(**inputs), device=DEVICE, guide=guide)])
     seconds = time.perf_counter() - tic
+    if grid is not None:
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images[: GRID_ROWS * model.num_classes], model.num_classes, grid)
     values = evaluator.evaluate(images, inputs["labels"])
     return asdict(arm) | {
         "fid": values["fid"],
@@ -185,9 +199,28 @@ def width_figure(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def report(results: Path, plan: dict, figures: Path | None = None) -> str:
+def grid_table(rows: list[dict], stage: str, grids: Path, base: Path) -> list[str]:
+    """A Markdown table of the stage's sample grids side by side (the lowest training seed's, one column an arm)."""
+    seed = min(r["seed"] for r in rows)
+    found = [(label(r), grid_path(grids, stage, r)) for r in sorted(rows, key=lambda r: r["fid"]) if r["seed"] == seed]
+    found = [(name, png) for name, png in dict(found).items() if png.exists()]
+    if not found:
+        return []
+    rel = [os.path.relpath(png, base) for _, png in found]
+    return [
+        f"Samples of training seed {seed} (the first {GRID_ROWS} of every class, one column a class), best FID first:",
+        "",
+        "| " + " | ".join(name for name, _ in found) + " |",
+        "|" + "---|" * len(found),
+        "| " + " | ".join(f"![{name}]({r})" for (name, _), r in zip(found, rel)) + " |",
+        "",
+    ]
+
+
+def report(results: Path, plan: dict, figures: Path | None = None, grids: Path | None = None) -> str:
     """Markdown: per stage, each arm's FID over its seeds (and FID against the EMA width as figures/<stage>.png,
-    beside the report); then the plan's comparisons, paired over seeds."""
+    beside the report; the sample grids side by side where `grids` holds them); then the plan's comparisons,
+    paired over seeds."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     lines = []
     for stage in dict.fromkeys(r["stage"] for r in rows):
@@ -211,6 +244,8 @@ def report(results: Path, plan: dict, figures: Path | None = None) -> str:
                 f"| {name} | {mean:.2f}" + (f" ± {half:.2f}" if half is not None else "") + f" | {len(by_seed)} |"
             )
         lines.append("")
+        if grids is not None and figures is not None:
+            lines += grid_table([r for r in rows if r["stage"] == stage], stage, grids, figures.parent)
     for stage in dict.fromkeys(r["stage"] for r in rows):
         lines += comparisons(per_seed([r for r in rows if r["stage"] == stage]), plan.get("comparisons", []), stage)
     return "\n".join(lines) + "\n"
@@ -225,15 +260,17 @@ def main(argv=None) -> None:
     m.add_argument("--stage", required=True, help="the plan's stage to measure")
     m.add_argument("-o", "--out", type=Path, required=True, help="results, one JSON line per evaluation (appended)")
     m.add_argument("--seed", type=int, default=None, help="only this training seed's runs (processes side by side)")
+    m.add_argument("--grids", type=Path, default=None, help="save each evaluation's sample grid (PNG) here")
     r = sub.add_parser("report", help="the results as a Markdown report")
     r.add_argument("results", type=Path)
     r.add_argument("plan", type=Path)
     r.add_argument("-o", "--out", type=Path, required=True)
+    r.add_argument("--grids", type=Path, default=None, help="where measure --grids saved the sample grids")
     args = p.parse_args(argv)
     try:
         plan = yaml.safe_load(args.plan.read_text())
         if args.command == "report":
-            text = report(args.results, plan, figures=args.out)
+            text = report(args.results, plan, figures=args.out, grids=args.grids)
             atomic_file(args.out, lambda tmp: Path(tmp).write_text(text))
             print(f"wrote {args.out}")
             return
@@ -248,7 +285,8 @@ def main(argv=None) -> None:
         cache = args.sweep / f"fid_ref_{plan['metric']}.npz"  # the reference's statistics, once for every stage
         evaluator = Evaluator(ExtractorSpec(plan["metric"]), plan["ref"], DEVICE, 250, cache, distributed=False)
         for i, arm in enumerate(todo):
-            result = measure(arm, plan, args.sweep, evaluator)
+            grid = None if args.grids is None else grid_path(args.grids, args.stage, asdict(arm))
+            result = measure(arm, plan, args.sweep, evaluator, grid)
             append_line(args.out, json.dumps(result | {"stage": args.stage}))
             print(f"[{i + 1}/{len(todo)}] {json.dumps(result)}", file=sys.stderr, flush=True)
     except (ValueError, OSError, KeyError, yaml.YAMLError) as e:  # a bad plan or run, a damaged file: one line
