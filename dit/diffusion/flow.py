@@ -167,9 +167,10 @@ class FlowMatching(Objective):
 
 
 class FlowSampler(Sampler):
-    """Base of the flow samplers: the velocity of the (guided) model at a scalar time t."""
+    """Base of the flow samplers: the velocity of the (guided) model at a scalar time t. Few-step models
+    (few_step.py) are flow models at interval 0: the ODE samplers take them too."""
 
-    objectives = ("flow",)
+    objectives = ("flow", "meanflow", "shortcut")
 
     def velocity(self, denoiser, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
         """The (guided) model's velocity at x, t: its output as the objective reads it (FlowMatching.velocity)."""
@@ -214,6 +215,7 @@ class EulerMaruyamaSampler(FlowSampler):
     """SDE, Euler-Maruyama (SiT sample_sde(sampling_method="Euler")); options as SiT's (module docstring)."""
 
     name = "euler_maruyama"
+    objectives = ("flow",)
 
     def __init__(
         self,

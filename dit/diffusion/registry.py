@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from dit.diffusion.few_step import FewStepSampler, MeanFlow, Shortcut, ShortcutSampler
 from dit.diffusion.flow import EulerMaruyamaSampler, EulerSampler, FlowMatching, HeunSampler
 from dit.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit.diffusion.objective import Objective
@@ -26,9 +27,13 @@ __all__ = [
     "sampler_name",
 ]
 
-OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching])
+OBJECTIVES: Registry[Objective] = Registry("objective", [GaussianDiffusion, FlowMatching, MeanFlow, Shortcut])
 SAMPLERS: Registry[Sampler] = Registry(
-    "sampler", [DDIMSampler, DDPMSampler, DPMSolverPlusPlus, UniPC, EulerSampler, EulerMaruyamaSampler, HeunSampler]
+    "sampler",
+    [
+        *[DDIMSampler, DDPMSampler, DPMSolverPlusPlus, UniPC],
+        *[EulerSampler, EulerMaruyamaSampler, HeunSampler, FewStepSampler, ShortcutSampler],
+    ],
 )
 
 

@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 
+# Conditions that are times, not something the unconditional branch drops: few-step models' interval h
+# (dit/diffusion/few_step.py).
+TIME_CONDITIONS = ("h",)
+
+
 def _outside(interval, noise_level, t: torch.Tensor) -> bool:
     """True when the step's noise level (1 = pure noise) lies outside the guidance interval [lo, hi]."""
     if interval is None:
@@ -70,7 +75,8 @@ def guided_model(
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         if _outside(interval, noise_level, t):
             return model(x, t, y, **conditions)
-        both = {k: torch.cat([v, null_map(v)]) for k, v in conditions.items()}  # e.g. cond_map: the map, no map
+        # e.g. cond_map: the map, then no map; a time (TIME_CONDITIONS) is the same in both branches
+        both = {k: torch.cat([v, v if k in TIME_CONDITIONS else null_map(v)]) for k, v in conditions.items()}
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]), **both)
         cond, uncond = out.chunk(2)
         g = x.shape[1] if guidance_channels is None else guidance_channels

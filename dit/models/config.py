@@ -76,6 +76,11 @@ class DiTConfig:
     cond_map: str | None = field(default=None, metadata=ADDED_WITH_SCHEMA)
     map_size: int = field(default=8, metadata=ADDED_WITH_SCHEMA)
     map_input: str = field(default="none", metadata=ADDED_WITH_SCHEMA)
+    # A second time input h through its own TimestepEmbedder, added to the timestep's embedding (so every block reads
+    # it through the same conditioning path): the interval to the output time of few-step models (MeanFlow's t - r,
+    # a shortcut model's step size; dit/diffusion/few_step.py). Its output layer starts at zero: a fresh interval
+    # input leaves the model what it was at every h (init_from a flow model starts as that model).
+    interval_input: bool = field(default=False, metadata=ADDED_WITH_SCHEMA)
     qk_norm: bool = False  # RMSNorm on q and k per head in self-attention (LightningDiT)
     mlp: Mlp = "gelu"
     pos_embed: PosEmbed = "sincos"

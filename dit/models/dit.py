@@ -55,6 +55,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, embed_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
+        # few-step models' second time (config.interval_input); None for the others
+        self.h_embedder = TimestepEmbedder(hidden_size) if config.interval_input else None
         self.num_tokens = self.x_embedder.num_patches  # T = (input_size / patch_size)^2
         if config.pos_embed == "sincos":
             # Fixed sin-cos position embedding: a buffer, so optimisers and EMA leave it alone.
@@ -93,6 +95,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.h_embedder is not None:  # as t's, but its output zero: the model starts as it is without it
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.h_embedder.mlp[2].weight)
         # Variant-specific: adaLN-Zero zeroes its modulations and the output layer (identity blocks).
         for module in (*self.blocks, self.final_layer, self.shared_conditioning, self.map_input):
             module.initialize_conditioning()
@@ -102,12 +107,16 @@ class DiT(nn.Module):
         h = self.input_size // self.patch_size
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
-    def check_input(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond_map: torch.Tensor | None) -> None:
+    def check_input(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond_map: torch.Tensor | None, h: torch.Tensor | None
+    ) -> None:
         """Clear errors for inputs that would otherwise fail as a shape crash deep inside."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        for arg, v in (("t", t), ("y", y)):
+        if h is not None and self.h_embedder is None:
+            raise ValueError("h (an interval) given, but this model has no interval input (model.interval_input=false)")
+        for arg, v in (("t", t), ("y", y), ("h", t if h is None else h)):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
         if self.map_kind is None:
@@ -143,12 +152,15 @@ class DiT(nn.Module):
         force_drop_ids: torch.Tensor | None = None,
         route: Route | None = None,
         cond_map: torch.Tensor | None = None,
+        h: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null).
+        h: (N,) intervals of a model with an interval input (model.interval_input; None = 0: the instantaneous
+        velocity, what a flow model predicts).
         route: TREAD token routing for this training step (routing.py); None = every token through every block.
         cond_map: (N, C_m, s, s) spatial condition of a model with model.cond_map (zeros = none); label dropout
         drops a label's map with it."""
-        self.check_input(x, t, y, cond_map)
+        self.check_input(x, t, y, cond_map, h)
         if route is not None and not 0 <= route.start < route.end <= len(self.blocks):
             raise ValueError(f"route spans blocks [{route.start}, {route.end}) of a model of depth {len(self.blocks)}")
         if cond_map is not None and self.y_embedder.has_null_class:
@@ -160,6 +172,8 @@ class DiT(nn.Module):
         if self.pos_embed is not None:  # backbone option (sincos | rope), not the block variant
             x = x + self.pos_embed
         t_emb = self.t_embedder(t)  # (N, D)
+        if self.h_embedder is not None:
+            t_emb = t_emb + self.h_embedder(torch.zeros_like(t) if h is None else h)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN-like variants, (N, 2, D) otherwise
         c_blocks = self.shared_conditioning(c)  # c itself, or adaLN-single's (N, 6, D)

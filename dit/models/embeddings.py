@@ -51,12 +51,12 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000, freq_shift: int = 0) -> torch.Tensor:
         """(N,) possibly fractional timesteps -> (N, dim) as [cos(t * f), sin(t * f)]."""
         half = dim // 2
-        # Same fp32 operation order as the official code and diffusers, so converted models match bit for bit.
-        exponent = (
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-        )
+        # Same fp32 operation order as the official code and diffusers, so converted models match bit for bit; float64
+        # timesteps stay float64 (derivatives through t checked against finite differences need it).
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        exponent = -math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - freq_shift)
         freqs = torch.exp(exponent)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].to(dtype) * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)

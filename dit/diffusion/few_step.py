@@ -1,0 +1,304 @@
+"""Few-step objectives: MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling") and shortcut models
+(Frans et al. 2025, "One Step Diffusion via Shortcut Models"), and the sampler that takes their steps ("meanflow",
+also registered as "shortcut"): one or two model calls an image instead of 25-250.
+
+Conventions as flow.py (SiT's linear path): x_t = t * x1 + (1 - t) * x0, t = 0 the noise x0, t = 1 the data x1,
+v = x1 - x0. The network has an interval input (model.interval_input: a second time embedding added to t's) and
+predicts the **average velocity** from t to t + h,
+
+    u(x_t, t, h) = 1/h * integral_t^{t+h} v(x_s, s) ds,    so    x_{t+h} = x_t + h u(x_t, t, h),
+
+and at h = 0 the instantaneous velocity v: a few-step model is a flow model at h = 0 (Euler and Heun sample it
+there), and a flow model fine-tuned into one (init_from) starts where it was, the interval embedding's output being
+zero at first.
+
+**MeanFlow** ("meanflow"). The papers write time the other way (t_p = 1 - t: data at 0, noise at 1) and the network as
+u_p(z, r, t) with t_p >= r_p; here h = t_p - r_p and u = -u_p, v = -v_p, so the MeanFlow identity
+u_p = v_p - (t_p - r_p) du_p/dt_p reads u = v + h du/dt, du/dt = v . d_x u + d_t u, the total derivative along the
+trajectory with the end time r = t + h held (a forward-mode JVP with tangents (v, 1, 0) for (x, t, r)). The loss is the
+squared error to the stop-gradient target v + h du/dt, summed over the image, with the adaptive weight
+1 / sg(error + norm_eps)^norm_p (the paper's Eq. 11; Gsunshine/py-meanflow, commit 1f6d72d, models/meanflow.py).
+(t_p, r_p) are two logit-normal draws sorted so t_p >= r_p, and r_p = t_p except on a share `interval_share` of the
+samples (py-meanflow's sampler "v0", the paper's; its defaults for ImageNet: logit-normal(-0.4, 1.0), 25% r != t,
+p = 1). Classifier-free guidance is folded into the target (the paper's Sec. 4.2, Eq. 19): the velocity becomes
+omega v + kappa u(x_t, t, 0 | c) + (1 - omega - kappa) u(x_t, t, 0 | null) for the labelled samples whose noise level
+lies in `guidance_interval`, the network's own h = 0 outputs standing for the guided field; a 1-call sample is then
+guided without a second branch (omega = 1, kappa = 0: unguided).
+
+The JVP pass, and why it is a pass of its own: the target is a stop-gradient, so du/dt is computed without autograd
+(torch.func.jvp under no_grad) on the module under any DistributedDataParallel wrapper, and the prediction u that the
+loss back-propagates is an ordinary forward through the wrapper. DDP therefore synchronises the gradients as for any
+objective (calling the inner module for the loss's own forward would skip that silently), at one forward more than
+reusing the JVP's primal output. Forward-mode AD has no SDPA flash or memory-efficient kernel (nor a CPU one): the JVP
+pass runs attention on the math backend, with the fused adaLN kernel (no forward-mode rule) off and autocast off.
+
+**Shortcut models** ("shortcut"). The same interval input is the step size d. A share `bootstrap_share` of the batch
+(the first samples) learns self-consistency: for d = 2^k / max_steps (k uniform in 0 .. log2(max_steps) - 1) and t
+on the grid of multiples of 2d, the target of u(x_t, t, 2d) is the mean of the two half steps u(x_t, t, d) and
+u(x_t + d u(x_t, t, d), t + d, d), without gradient; the rest learn flow matching at d = 0 (target v). No JVP: every
+attention kernel and DDP work unchanged. The smallest step 1/max_steps is the flow velocity (the model is queried at
+h = 0 there, as the official code's finest level is its flow-matching level), so a shortcut model samples with
+power-of-two step counts up to max_steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dit.diffusion.flow import _per_sample
+from dit.diffusion.objective import Objective, mean_flat
+from dit.diffusion.sampler import Sampler
+from dit.diffusion.settings import SamplingSettings
+
+__all__ = ["FewStepSampler", "MeanFlow", "Shortcut", "ShortcutSampler", "jvp_pass"]
+
+
+def _inner(model):
+    """The module under a DistributedDataParallel wrapper (itself otherwise): for the passes that do not
+    back-propagate. DDP's own forward is kept for the one that does, so that it synchronises the gradients."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def jvp_pass(module, device_type: str):
+    """What a forward-mode pass through a DiT needs: attention on SDPA's math backend (the flash and memory-efficient
+    kernels have no forward-mode AD, on CPU neither), the fused adaLN kernel off (no forward-mode rule), no autocast."""
+    fused = getattr(module, "runtime", {}).get("fused_adaln")
+    if fused not in (None, "false"):
+        module.set_fused_adaln("false")
+    try:
+        with sdpa_kernel(SDPBackend.MATH), torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if fused not in (None, "false"):
+            module.set_fused_adaln(fused)
+
+
+class FewStep(Objective):
+    """What MeanFlow and shortcut models share: the linear path and its noise level, the interval input."""
+
+    default_sampler = "meanflow"
+    eval_sampler = "meanflow"
+
+    def check_model(self, model) -> None:
+        if getattr(model, "h_embedder", None) is None:
+            raise ValueError(
+                f"diffusion={self.name} needs a model with an interval input: model.interval_input=true "
+                "(init_from a flow model adds it, starting as that model)"
+            )
+
+    def interpolate(self, x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = t * x1 + (1 - t) * x0 and v = x1 - x0 (flow.py's path)."""
+        tt = _per_sample(t, x1)
+        return tt * x1 + (1 - tt) * x0, x1 - x0
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t.double()
+
+    # At h = 0 the model is a flow model: flow.py's Euler and Heun sample it through these two.
+    def velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def shift(self, t):
+        return t
+
+    def model_interval(self, h: float) -> float:
+        """The interval the model is given for a step of h (the identity; shortcut models: 0 below their finest)."""
+        return h
+
+    def check_steps(self, steps: int) -> None:
+        """A clear error for a step count the model was not trained for."""
+
+
+class MeanFlow(FewStep):
+    """MeanFlow (see the module docstring): the average velocity by the MeanFlow identity and a JVP."""
+
+    name = "meanflow"
+    loss_terms = ("loss", "u_mse")
+
+    def __init__(
+        self,
+        time_mean: float = -0.4,
+        time_std: float = 1.0,
+        interval_share: float = 0.25,
+        norm_p: float = 1.0,
+        norm_eps: float = 1e-3,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        guidance_interval: list[float] | None = None,
+    ):
+        if not float(time_std) > 0:
+            raise ValueError(f"time_std={time_std}: must be > 0")
+        if not 0.0 <= float(interval_share) <= 1.0:
+            raise ValueError(f"interval_share={interval_share}: a share of the batch, in [0, 1] (the paper: 0.25)")
+        if float(norm_p) < 0 or not float(norm_eps) > 0:
+            raise ValueError(f"norm_p={norm_p}, norm_eps={norm_eps}: need norm_p >= 0 and norm_eps > 0")
+        if float(omega) <= 0 or not 0.0 <= float(kappa) < 1.0:
+            raise ValueError(f"omega={omega}, kappa={kappa}: need omega > 0 and 0 <= kappa < 1 (1, 0: unguided)")
+        if guidance_interval is not None:
+            lo, hi = map(float, guidance_interval)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"guidance_interval={list(guidance_interval)}: [lo, hi] noise levels in [0, 1]")
+            guidance_interval = [lo, hi]
+        self.time_mean, self.time_std, self.interval_share = float(time_mean), float(time_std), float(interval_share)
+        self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
+        self.omega, self.kappa, self.guidance_interval = float(omega), float(kappa), guidance_interval
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+    def settings(self) -> dict:
+        keys = ("time_mean", "time_std", "interval_share", "norm_p", "norm_eps", "omega", "kappa", "guidance_interval")
+        return {"name": self.name, **{k: getattr(self, k) for k in keys}}
+
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        if self.guided and not model.y_embedder.has_null_class:
+            raise ValueError(
+                f"diffusion.omega={self.omega}, kappa={self.kappa} fold classifier-free guidance into the target, "
+                "which needs the null class: model.class_dropout_prob > 0"
+            )
+
+    def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """t and h from two logit-normal draws in the papers' time (t_p >= r_p; r_p = t_p but on interval_share of the
+        samples), then the noise: from the step's SlicedRandom, in this order."""
+        n = len(x)
+        a = torch.sigmoid(self.time_mean + self.time_std * rng.randn((n,)))
+        b = torch.sigmoid(self.time_mean + self.time_std * rng.randn((n,)))
+        t_p, r_p = torch.maximum(a, b), torch.minimum(a, b)
+        r_p = torch.where(rng.rand(n) < self.interval_share, r_p, t_p)
+        return {"t": 1 - t_p, "h": t_p - r_p, "noise": rng.randn(x.shape)}
+
+    def guided_velocity(self, inner, xt, t, v, kwargs) -> torch.Tensor:
+        """v with classifier-free guidance folded in (the paper's Eq. 19) for the labelled samples in the interval,
+        the network's own h = 0 outputs standing for the guided field; v elsewhere."""
+        n, c = len(xt), xt.shape[1]
+        dropped = kwargs.get("force_drop_ids")
+        dropped = torch.zeros(n, dtype=torch.bool, device=xt.device) if dropped is None else dropped.bool()
+        use = ~dropped
+        if self.guidance_interval is not None:
+            level = 1.0 - t
+            use = use & (level >= self.guidance_interval[0]) & (level <= self.guidance_interval[1])
+        if not use.any():
+            return v
+        both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
+        both["force_drop_ids"] = torch.cat([torch.zeros(n), torch.ones(n)]).to(xt.device, torch.long)
+        zero = torch.zeros(2 * n, device=xt.device, dtype=t.dtype)
+        out = inner(torch.cat([xt, xt]), torch.cat([t, t]), h=zero, **both)
+        cond, uncond = out[:, :c].to(v.dtype).chunk(2)
+        guided = self.omega * v + self.kappa * cond + (1 - self.omega - self.kappa) * uncond
+        return torch.where(_per_sample(use, v).bool(), guided, v)
+
+    def target(self, inner, xt, t, h, v, kwargs) -> torch.Tensor:
+        """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h)."""
+        c = xt.shape[1]
+        with torch.no_grad(), jvp_pass(inner, xt.device.type):
+            if self.guided:
+                v = self.guided_velocity(inner, xt, t, v, kwargs)
+
+            def u(x, t_, r_):
+                return inner(x, t_, h=r_ - t_, **kwargs)[:, :c]
+
+            _, dudt = torch.func.jvp(u, (xt, t, t + h), (v, torch.ones_like(t), torch.zeros_like(t)))
+        return v + _per_sample(h, v) * dudt
+
+    def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
+        kwargs = dict(model_kwargs or {})
+        t, h = draw["t"].to(x.device, x.dtype), draw["h"].to(x.device, x.dtype)
+        xt, v = self.interpolate(x, t, draw["noise"].to(x.dtype))
+        target = self.target(_inner(model), xt, t, h, v, kwargs)  # first: an add-on's hooks keep the last forward's
+        u = model(xt, t, h=h, **kwargs)[:, : x.shape[1]]
+        wide = torch.promote_types(x.dtype, torch.float32)  # the loss in float32 at least (bf16 autocast)
+        error = ((u.to(wide) - target.to(wide)) ** 2).flatten(1)
+        loss = error.sum(1) / (error.sum(1).detach() + self.norm_eps) ** self.norm_p
+        return {"loss": loss, "u_mse": error.mean(1).detach()}
+
+
+class Shortcut(FewStep):
+    """Shortcut models (see the module docstring): flow matching at d = 0 and self-consistency across step sizes."""
+
+    name = "shortcut"
+
+    def __init__(self, max_steps: int = 128, bootstrap_share: float = 0.25):
+        if isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < 2 or max_steps & (max_steps - 1):
+            raise ValueError(f"max_steps={max_steps}: a power of two >= 2 (the paper: 128)")
+        if not 0.0 <= float(bootstrap_share) < 1.0:
+            raise ValueError(f"bootstrap_share={bootstrap_share}: a share of the batch in [0, 1) (the paper: 0.25)")
+        self.max_steps, self.bootstrap_share = int(max_steps), float(bootstrap_share)
+
+    def settings(self) -> dict:
+        return {"name": self.name, "max_steps": self.max_steps, "bootstrap_share": self.bootstrap_share}
+
+    def model_interval(self, h: float) -> float:
+        return 0.0 if h <= 1.0 / self.max_steps + 1e-12 else h
+
+    def check_steps(self, steps: int) -> None:
+        if steps > self.max_steps or steps & (steps - 1):
+            raise ValueError(
+                f"steps={steps}: a shortcut model trained with max_steps={self.max_steps} samples with a power of "
+                f"two up to {self.max_steps} steps (1, 2, 4, ...)"
+            )
+
+    def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per sample: t for flow matching, the level k and the grid position for self-consistency (used by the first
+        bootstrap_share of the batch), then the noise: from the step's SlicedRandom, in this order."""
+        n = len(x)
+        t_flow = rng.rand(n)
+        levels = int(math.log2(self.max_steps))
+        d = 2.0 ** torch.floor(rng.rand(n) * levels).clamp_max(levels - 1) / self.max_steps  # 1/M .. 1/2
+        t_grid = torch.floor(rng.rand(n) / (2 * d)).clamp_max(1 / (2 * d) - 1) * (2 * d)  # 0, 2d, .., 1 - 2d
+        bootstrap = torch.arange(n) < round(self.bootstrap_share * n)
+        t = torch.where(bootstrap, t_grid, t_flow)
+        return {"t": t, "h": torch.where(bootstrap, 2 * d, torch.zeros(n)), "noise": rng.randn(x.shape)}
+
+    def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
+        kwargs = dict(model_kwargs or {})
+        c = x.shape[1]
+        t, h = draw["t"].to(x.device, x.dtype), draw["h"].to(x.device, x.dtype)
+        xt, target = self.interpolate(x, t, draw["noise"].to(x.dtype))
+        b = h > 0  # the self-consistency samples
+        if b.any():
+            n, inner = len(x), _inner(model)
+            sub = {k: v[b] if torch.is_tensor(v) and len(v) == n else v for k, v in kwargs.items()}
+            d = h[b] / 2
+            q = torch.where(d <= 1.0 / self.max_steps + 1e-12, torch.zeros_like(d), d)  # the finest: the flow
+            with torch.no_grad():
+                s1 = inner(xt[b], t[b], h=q, **sub)[:, :c]
+                s2 = inner(xt[b] + _per_sample(d, s1) * s1, t[b] + d, h=q, **sub)[:, :c]
+            target = target.clone()
+            target[b] = ((s1 + s2) / 2).to(target.dtype)
+        u = model(xt, t, h=h, **kwargs)[:, :c]
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return {"loss": mean_flat((u.to(wide) - target.to(wide)) ** 2)}
+
+
+class FewStepSampler(Sampler):
+    """x_{t+h} = x_t + h u(x_t, t, h) on the uniform grid of `steps` steps from noise to data (MeanFlow's 1- and 2-step
+    samplers; the shortcut models' k-step one): `steps` model calls an image (x2 with guidance)."""
+
+    name = "meanflow"
+    objectives = ("meanflow", "shortcut")
+
+    def __init__(self, objective: FewStep, settings: SamplingSettings):
+        super().__init__(objective, settings)
+        objective.check_steps(settings.steps)
+
+    def run(self, denoiser, noise, y, generator):
+        x, k = noise, self.settings.steps
+        for i in range(k):
+            t0, t1 = i / k, (i + 1) / k
+            t = torch.full((x.shape[0],), t0, device=x.device, dtype=x.dtype)
+            h = torch.full_like(t, self.objective.model_interval(t1 - t0))
+            x = x + (t1 - t0) * denoiser(x, t, y, h=h)[:, : x.shape[1]]
+        return x
+
+
+class ShortcutSampler(FewStepSampler):
+    """The same steps, by the name shortcut models are known by."""
+
+    name = "shortcut"
