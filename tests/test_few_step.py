@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, needs_fmnist, smoke_config
+from helpers.tiny import records
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
@@ -175,7 +176,7 @@ def test_shortcut_targets_are_two_half_steps_and_the_rest_flow_matching():
     x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
     d = {k: v.double() for k, v in obj.draw(Rng(2), x).items()}
     b = d["h"] > 0
-    assert b.tolist() == [True] * 4 + [False] * 4
+    assert 0 < b.sum() < 8
     two_d = d["h"][b]
     assert set(two_d.tolist()) <= {0.25, 0.5, 1.0} and torch.allclose(torch.remainder(d["t"][b] / two_d, 1), 0 * two_d)
     assert (d["t"][b] + two_d <= 1 + 1e-12).all()
@@ -185,7 +186,7 @@ def test_shortcut_targets_are_two_half_steps_and_the_rest_flow_matching():
     with torch.no_grad():
         u = model(xt, d["t"], h=d["h"], **kwargs)
         target = v.clone()
-        for i in range(4):
+        for i in b.nonzero()[:, 0].tolist():
             half = d["h"][i].item() / 2
             q = torch.tensor([0.0 if half <= 1 / 8 else half]).double()  # the finest step is the flow velocity
             yi = {k: v[i : i + 1] for k, v in kwargs.items()}
@@ -278,3 +279,30 @@ def test_train_then_sample_in_one_call_and_fine_tune_from_a_flow_model(objective
     with torch.no_grad():
         for h in (None, torch.rand(2)):
             torch.testing.assert_close(tuned.eval()(x, t, y, h=h), flow.eval()(x, t, y))
+
+
+@needs_fmnist
+@pytest.mark.slow  # ~20 s each: gloo processes
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+def test_two_processes_equal_one(objective, launcher, tmp_path):
+    """DDP and FSDP2: the same losses as one process and the same weights (the JVP and the targets run on the module
+    under the wrapper without gradient; the loss's forward through the wrapper, which synchronises the gradients)."""
+    from safetensors.torch import load_file
+    from test_train import HELPER, SMOKE, accelerate_launch, run_all
+
+    share = {"meanflow": "diffusion.interval_share=0.5", "shortcut": "diffusion.bootstrap_share=0.5"}[objective]
+    overrides = [*SMOKE, f"diffusion={objective}", "model.interval_input=true", share, "training.grid_sampling.steps=4"]
+    extra = ["--fsdp-on-cpu"] if launcher == "fsdp" else []
+    port = {("meanflow", "ddp"): "29591", ("meanflow", "fsdp"): "29592", ("shortcut", "ddp"): "29593"}
+    port = port.get((objective, launcher), "29594")
+    cmd = accelerate_launch(launcher, "--num_processes", "2", "--main_process_port", port, HELPER, *extra)
+    run_all([*cmd, str(tmp_path / "two"), *overrides])
+    one = train.run(compose_config("train", overrides), tmp_path / "one")
+    losses = [[r["loss"] for r in records(tmp_path / run)] for run in ("two", "one")]
+    np.testing.assert_allclose(*losses, rtol=1e-4)
+    exported = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for k, v in one["model"].state_dict().items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    init = train.build(compose_config("train", overrides).model).state_dict()
+    assert not torch.equal(one["model"].state_dict()["h_embedder.mlp.2.weight"], init["h_embedder.mlp.2.weight"])

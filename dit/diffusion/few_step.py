@@ -32,12 +32,13 @@ objective (calling the inner module for the loss's own forward would skip that s
 reusing the JVP's primal output. Forward-mode AD has no SDPA flash or memory-efficient kernel (nor a CPU one): the JVP
 pass runs attention on the math backend, with the fused adaLN kernel (no forward-mode rule) off and autocast off.
 
-**Shortcut models** ("shortcut"). The same interval input is the step size d. A share `bootstrap_share` of the batch
-(the first samples) learns self-consistency: for d = 2^k / max_steps (k uniform in 0 .. log2(max_steps) - 1) and t
-on the grid of multiples of 2d, the target of u(x_t, t, 2d) is the mean of the two half steps u(x_t, t, d) and
-u(x_t + d u(x_t, t, d), t + d, d), without gradient; the rest learn flow matching at d = 0 (target v). No JVP: every
-attention kernel and DDP work unchanged. The smallest step 1/max_steps is the flow velocity (the model is queried at
-h = 0 there, as the official code's finest level is its flow-matching level), so a shortcut model samples with
+**Shortcut models** ("shortcut"). The same interval input is the step size d. A share `bootstrap_share` of the samples
+(each with that probability; the official code takes the first quarter of each device's batch) learns
+self-consistency: for d = 2^k / max_steps (k uniform in 0 .. log2(max_steps) - 1) and t on the grid of multiples of 2d,
+the target of u(x_t, t, 2d) is the mean of the two half steps u(x_t, t, d) and u(x_t + d u(x_t, t, d), t + d, d),
+without gradient; the rest learn flow matching at d = 0 (target v). No JVP: every attention kernel and DDP work
+unchanged. The smallest step 1/max_steps is the flow velocity (the model is queried at h = 0 there, as the official
+code's finest level is its flow-matching level), so a shortcut model samples with
 power-of-two step counts up to max_steps.
 """
 
@@ -245,14 +246,15 @@ class Shortcut(FewStep):
             )
 
     def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per sample: t for flow matching, the level k and the grid position for self-consistency (used by the first
-        bootstrap_share of the batch), then the noise: from the step's SlicedRandom, in this order."""
+        """Per sample: t for flow matching, the level k and the grid position for self-consistency, whether it learns
+        self-consistency (with probability bootstrap_share), then the noise: from the step's SlicedRandom, in this
+        order."""
         n = len(x)
         t_flow = rng.rand(n)
         levels = int(math.log2(self.max_steps))
         d = 2.0 ** torch.floor(rng.rand(n) * levels).clamp_max(levels - 1) / self.max_steps  # 1/M .. 1/2
         t_grid = torch.floor(rng.rand(n) / (2 * d)).clamp_max(1 / (2 * d) - 1) * (2 * d)  # 0, 2d, .., 1 - 2d
-        bootstrap = torch.arange(n) < round(self.bootstrap_share * n)
+        bootstrap = rng.rand(n) < self.bootstrap_share  # per sample, so alike for any number of processes
         t = torch.where(bootstrap, t_grid, t_flow)
         return {"t": t, "h": torch.where(bootstrap, 2 * d, torch.zeros(n)), "noise": rng.randn(x.shape)}
 
