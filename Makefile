@@ -105,7 +105,9 @@ RUN ?= outputs/fashion_mnist-dit_ti4-adaln_zero
 FID_N ?= 500
 # null: the objective's default sampler (flow: euler); for a DDPM model e.g. SAMPLER=ddim
 SAMPLER ?= null
-INCEPTION := $(or $(TORCH_HOME),$(HOME)/.cache/torch)/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth
+# where torch (and torch-fidelity) keep hub weights: torch.hub.get_dir() ($TORCH_HOME/hub, $XDG_CACHE_HOME/torch/hub or
+# ~/.cache/torch/hub); `=`: asked only when make fid runs
+INCEPTION = $(shell $(PY) -c 'import torch; print(torch.hub.get_dir())')/checkpoints/weights-inception-2015-12-05-6726825d.pth
 fid: setup
 	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) sampler=$(SAMPLER) steps=25 cfg_scale=2 out_dir=$(RUN)/fid_samples overwrite=true
 	$(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist --metric fashion_mnist

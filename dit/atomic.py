@@ -168,10 +168,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_temporaries(directory: str | Path, deep: bool = True) -> list[Path]:
+def remove_stale_temporaries(directory: str | Path, deep: bool = True, name: str | None = None) -> list[Path]:
     """Remove what writers killed mid-write left in directory (and its non-hidden subdirectories when deep):
     the temporaries named by TEMPORARY. A replaced directory's old copy (`.<name>.old-<pid>`) is removed only
     when <name> exists; a crash between a replacement's two renames left none, so the old copy is renamed back.
+    name: only the temporaries of that name (a writer clearing its own leftovers in a folder others write to).
     Returns what was removed or restored. Call it only while no other writer can be at work there (RunLock)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -183,7 +184,7 @@ def remove_stale_temporaries(directory: str | Path, deep: bool = True) -> list[P
     for folder in folders:
         for entry in sorted(folder.iterdir()):
             match = TEMPORARY.match(entry.name)
-            if match is None:
+            if match is None or name not in (None, match["name"]):
                 continue
             final = entry.with_name(match["name"])
             if match["pid"] is not None and not final.exists():

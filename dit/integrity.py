@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "ZIP_SUFFIXES",
@@ -59,31 +60,24 @@ def read_json(path: str | Path):
 
 
 def safetensors_problem(path: str | Path) -> str | None:
-    """What is wrong with a safetensors file, from its header and size alone (None: it looks whole)."""
+    """What is wrong with a safetensors file, from its header and size alone (None: it looks whole): safe_open reads
+    the header and checks that its tensors cover the file exactly; its reason is said here in our words."""
     path = Path(path)
     if problem := _size_problem(path):
         return problem
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except SafetensorError as e:  # its text says what it found
+        reason = str(e).removeprefix("Error while deserializing header: ")
     size = path.stat().st_size
-    if size < 8:
+    if "header too small" in reason:
         return f"truncated ({size} bytes, less than the 8-byte header length)"
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            return (
-                f"truncated or not a safetensors file (the header claims {header_len} bytes, "
-                f"the file has {size - 8} after the length)"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return "not a safetensors file (unreadable header)"
-    expected = 8 + header_len + end
-    if size < expected:
-        return f"truncated ({size} of {expected} bytes)"
-    if size > expected:
-        return f"{size - expected} bytes more than its header describes ({size} instead of {expected})"
-    return None
+    if "invalid header length" in reason:
+        return f"truncated or not a safetensors file ({size} bytes, fewer than its header's length says)"
+    if "not fully covered" in reason:
+        return f"truncated, or longer than its header describes ({size} bytes; safetensors: {reason})"
+    return f"not a safetensors file (unreadable header; safetensors: {reason})"
 
 
 def load_safetensors(path: str | Path) -> dict:
@@ -158,8 +152,6 @@ def shipped_weights(path: str | Path | None, shipped: Path, sha256: str, what: s
     """A weights file shipped with the code (path None: ``shipped``, whose SHA-256 must be ``sha256``) or another
     one, taken as it is: (its path, its SHA-256, its safetensors metadata). A missing file, or a changed shipped
     one, is one clear error naming it (``what``: "domain classifier", "teacher"...)."""
-    from safetensors import safe_open
-
     path = shipped if path is None else Path(path)
     is_shipped = path == shipped
     restore = f"restore it with `git checkout -- {shipped.parent.relative_to(shipped.parents[3])}`"

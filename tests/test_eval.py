@@ -111,6 +111,28 @@ def test_missing_inception_weights_explain_what_to_get(tmp_path, monkeypatch):
         InceptionFeatures()
 
 
+def test_inception_weights_are_found_where_torch_hub_looks(tmp_path, monkeypatch):
+    """The weights are looked up in torch.hub.get_dir()/checkpoints, as torch and torch-fidelity do: $XDG_CACHE_HOME
+    without $TORCH_HOME, and a $TORCH_HOME given as ~/...; a missing file's error names that directory."""
+    from dit.eval.inception import WEIGHTS_NAME, find_weights
+
+    def weights_in(checkpoints: Path) -> Path:
+        checkpoints.mkdir(parents=True)
+        (checkpoints / WEIGHTS_NAME).write_bytes(b"not the real weights")  # found by name; loading is tested below
+        return checkpoints / WEIGHTS_NAME
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(FileNotFoundError, match=f"Put it in {re.escape(str(tmp_path / 'xdg/torch/hub/checkpoints'))}/"):
+        find_weights()
+    assert weights_in(tmp_path / "xdg" / "torch" / "hub" / "checkpoints") == find_weights()
+    monkeypatch.setenv("TORCH_HOME", "~/th")  # ahead of XDG_CACHE_HOME; ~ is the home directory
+    with pytest.raises(FileNotFoundError, match=f"Put it in {re.escape(str(tmp_path / 'home/th/hub/checkpoints'))}/"):
+        find_weights()
+    assert weights_in(tmp_path / "home" / "th" / "hub" / "checkpoints") == find_weights()
+
+
 def test_inception_path_end_to_end(random_inception_home, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     from dit.eval.inception import InceptionFeatures

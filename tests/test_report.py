@@ -5,6 +5,7 @@ numbers."""
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,10 @@ def test_mean_ci_and_welch_match_scipy():
 
 def test_welch_without_spread_is_not_a_test():
     assert math.isnan(welch([1.0, 1.0], [2.0, 2.0])["p"])
+    with warnings.catch_warnings():  # one arm without spread (e.g. equal costs) is a test, and no precision warning
+        warnings.simplefilter("error")
+        w = welch([31.97, 31.97, 31.97], b := [32.26, 32.37, 32.40])
+    assert w["df"] == pytest.approx(2.0) and w["p"] == pytest.approx(stats.ttest_1samp(b, 31.97).pvalue)
 
 
 def test_fid_curve_leaves_out_the_final_fid_on_more_samples():

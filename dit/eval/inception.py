@@ -1,16 +1,17 @@
 """Inception-v3 features for FID: torch-fidelity's TF-compatible network with the 2015-12-05 weights.
 
-The weights are never downloaded here: they come from the torch hub cache or an explicit path, and a
-missing file is a clear error saying what to get and where to put it.
+The weights are never downloaded here: they come from the torch hub cache (where torch and torch-fidelity keep
+them: torch.hub.get_dir(), which follows $TORCH_HOME, $XDG_CACHE_HOME and ~) or an explicit path, and a missing
+file is a clear error saying what to get and where to put it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import torch
+
+from dit.integrity import sha256_of
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_SIZE = 95_628_359
@@ -19,28 +20,24 @@ EXTRACTOR = "inception-v3-compat/2015-12-05/pool3-2048"
 
 
 def hub_checkpoints_dir() -> Path:
-    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    """Where torch.hub (and torch-fidelity through it) keeps downloaded weights: <torch.hub.get_dir()>/checkpoints,
+    i.e. $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub (~ expanded in each)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def find_weights(path: str | Path | None = None) -> Path:
-    """The weights file: an explicit path, else $TORCH_HOME/hub/checkpoints/<WEIGHTS_NAME>."""
-    candidate = Path(path) if path else hub_checkpoints_dir() / WEIGHTS_NAME
+    """The weights file: an explicit path, else <WEIGHTS_NAME> in hub_checkpoints_dir()."""
+    hub = hub_checkpoints_dir()
+    candidate = Path(path) if path else hub / WEIGHTS_NAME
     if candidate.is_file():
         return candidate
     raise FileNotFoundError(
         f"Inception weights not found at {candidate}. FID needs {WEIGHTS_NAME} ({WEIGHTS_SIZE:,} bytes, "
         f"SHA256 {WEIGHTS_SHA256}), the torch-fidelity / pytorch-fid release of the TF 2015-12-05 FID Inception. "
-        f"Put it in {hub_checkpoints_dir()}/ or pass its path (eval.inception_weights=<path> or --inception-weights); "
+        f"Put it in {hub}/ (torch's hub cache: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else "
+        "~/.cache/torch/hub) or pass its path (eval.inception_weights=<path> or --inception-weights); "
         "nothing is downloaded at run time."
     )
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -61,7 +58,7 @@ class InceptionFeatures(torch.nn.Module):
             raise ValueError(
                 f"{path}: not a plain state dict of tensors ({type(e).__name__}); refusing to unpickle it"
             ) from None
-        self.official = path.stat().st_size == WEIGHTS_SIZE and sha256(path) == WEIGHTS_SHA256
+        self.official = path.stat().st_size == WEIGHTS_SIZE and sha256_of(path) == WEIGHTS_SHA256
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
         )
