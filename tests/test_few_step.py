@@ -17,6 +17,7 @@ import train
 from dit.diffusion import SamplingSettings, build_objective, build_sampler
 from dit.diffusion.few_step import _inner
 from dit.hub import load_model
+from dit.hub.convert import diffusers_obstacle
 from dit.models.dit import DiT
 from dit.training.init_from import initialize
 
@@ -68,6 +69,7 @@ def test_the_interval_input_starts_as_the_model_without_it_and_is_refused_by_oth
         plain(x, t, y, h=torch.zeros(3))
     with pytest.raises(ValueError, match=r"h must have shape \(3,\)"):
         with_h(x, t, y, h=torch.zeros(2))
+    assert "interval_input=True" in diffusers_obstacle(with_h)  # DiTPipeline has no second time
 
 
 def test_meanflow_jvp_matches_a_float64_central_difference_and_autograd():

@@ -88,12 +88,16 @@ def diffusers_obstacle(model: DiT) -> str | None:
     """Why to_diffusers cannot convert this model (None: it can)."""
     if model.block != "adaln_zero":
         return f"diffusers' DiTTransformer2DModel only has adaLN-Zero blocks, not {model.block!r}"
-    plain = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos", "cond_map": None}
+    plain = {
+        **{"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos", "cond_map": None},
+        "interval_input": False,
+    }
     other = {k: getattr(model.config, k) for k, v in plain.items() if getattr(model.config, k) != v}
     if other:
         listing = ", ".join(f"{k}={v}" for k, v in other.items())
         return (
-            f"diffusers' DiT has only layernorm, gelu, sincos, no qk_norm and no spatial map; this model has {listing}"
+            "diffusers' DiT has only layernorm, gelu, sincos, no qk_norm, no spatial map and no interval input "
+            f"(few-step models); this model has {listing}"
         )
     if not model.y_embedder.has_null_class:
         return "diffusers' DiT always has a null class; build the model with class_dropout_prob > 0"
