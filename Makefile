@@ -161,14 +161,15 @@ $(STUDIES): setup
 # - guidance_ema (issue 46): make train's recipe with EDM2's power-function EMA profiles, 3 seeds, and a small guide
 #   model; then the evaluations of studies/guidance_ema/plan.yaml (post-hoc EMA widths x guidance x scale), each stage
 #   measuring only what studies/guidance_ema/results.jsonl lacks, and the report (docs/guidance_ema.md).
-GUIDANCE_EMA_STAGES ?= select_ema select_scale report
+GUIDANCE_EMA_STAGES ?= pilot select_scale select_auto report
 guidance_ema: setup
 	OMP_NUM_THREADS=1 $(PY) train.py experiment=guidance_ema hydra/launcher=pool hydra.launcher.n_jobs=$(JOBS) \
 	  hydra.sweep.dir=outputs/studies/guidance_ema $(ARGS)
 	for stage in $(GUIDANCE_EMA_STAGES); do $(PY) -m dit.analysis.posthoc measure outputs/studies/guidance_ema \
-	  studies/guidance_ema/plan.yaml --stage $$stage -o studies/guidance_ema/results.jsonl || exit 1; done
+	  studies/guidance_ema/plan.yaml --stage $$stage -o studies/guidance_ema/results.jsonl \
+	  --grids studies/guidance_ema/grids || exit 1; done
 	$(PY) -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl studies/guidance_ema/plan.yaml \
-	  -o studies/guidance_ema/report.md
+	  -o studies/guidance_ema/report.md --grids studies/guidance_ema/grids
 
 zoo: setup
 	$(PY) -m dit.zoo

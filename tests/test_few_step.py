@@ -248,7 +248,7 @@ def test_the_loss_sees_ddps_forward_and_the_jvp_the_inner_module():
 
 
 @needs_fmnist
-@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+@pytest.mark.parametrize("objective", ["meanflow", pytest.param("shortcut", marks=pytest.mark.slow)])  # (+6 s)
 def test_train_then_sample_in_one_call_and_fine_tune_from_a_flow_model(objective, tmp_path):
     """train.py diffusion=<objective> model.interval_input=true trains (its FID sampler the few-step one), sample.py
     samples it in one call; init_from a flow run starts as that flow model at h = 0."""
