@@ -79,6 +79,27 @@ def test_updates_are_orthogonalised_for_matrices_and_adam_for_the_rest():
         torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-8)  # atol: float32 resolution of the weights
 
 
+def test_newton_schulz_on_cpu_is_torchs_bfloat16_iteration():
+    """On CPU the iteration's products are float32 ones rounded to bfloat16 (CPUs without native bf16 emulate bf16
+    products slowly): torch's bfloat16 result to within bfloat16 rounding (the order of the float32 sums differs),
+    the gradient's small singular values lifted alike (what bf16 rounding does and five exact iterations would not);
+    wide and tall, well and badly conditioned matrices."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from dit.training.optim import newton_schulz_cpu
+
+    coefficients, steps, eps = (3.4445, -4.7750, 2.0315), 5, 1e-7  # torch's defaults
+    gen = torch.Generator().manual_seed(0)
+    for shape, spread in (((64, 256), 0), ((192, 576), 5), ((768, 192), 5)):
+        g = torch.randn(shape, generator=gen) * torch.logspace(0, -spread, shape[1])  # singular values over 10^spread
+        ours = newton_schulz_cpu(g, coefficients, steps, eps)
+        torchs = _zeropower_via_newtonschulz(g, coefficients, steps, eps)
+        assert ours.dtype == torchs.dtype == torch.bfloat16
+        assert (ours.float() - torchs.float()).norm() <= 0.01 * torchs.float().norm(), shape
+        s_ours, s_torch = (torch.linalg.svdvals(x.double()) for x in (ours, torchs))
+        torch.testing.assert_close(s_ours, s_torch, rtol=0.02, atol=0.01)
+
+
 def test_one_state_dict_resumes_exactly_and_the_schedule_reaches_both():
     model, backward = model_and_grads()
     opt = build_optimizer(model, muon_config(lr=1e-3))
@@ -158,8 +179,15 @@ def test_muon_on_two_processes_matches_one(tmp_path, launcher):
     assert json.loads((tmp_path / "two" / "model" / "config.json").read_text())["model"]["block"] == "adaln_zero"
 
 
-def test_full_matrix_muon_is_torchs_muon_on_one_process():
-    """The reference is torch.optim.Muon itself: three steps, bit for bit (FullMatrixMuon only differs for DTensors)."""
+def test_full_matrix_muon_is_torchs_muon_on_one_process(monkeypatch):
+    """The reference is torch.optim.Muon itself: three steps, bit for bit, given torch's Newton-Schulz function
+    (FullMatrixMuon differs for DTensors, and on CPU in how the iteration's bfloat16 products are computed:
+    newton_schulz_cpu, checked against torch's function above)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    import dit.training.optim
+
+    monkeypatch.setattr(dit.training.optim, "newton_schulz_cpu", _zeropower_via_newtonschulz)
     ours, backward = model_and_grads()
     theirs = copy.deepcopy(ours)
     kw = dict(lr=2e-3, weight_decay=0.01, momentum=0.9, adjust_lr_fn="match_rms_adamw")
