@@ -18,7 +18,7 @@ FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report guidance_ema zoo fashion-mnist chromium demo clean \
-  bench-sample bench-train bench-kernel
+  bench-sample bench-train bench-kernel bench-extract
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
@@ -28,7 +28,8 @@ help:
 	@echo "make format    ruff: fix imports and format the tree"
 	@echo "make train     train the tiny model on Fashion-MNIST and write sample grids"
 	@echo "make demo      the model of make train in a browser page (Gradio, on 127.0.0.1:7860; ARGS=\"checkpoint=[A,B]\" ...)"
-	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present)"
+	@echo "make fid       sample from make train's model and compute FID (domain metric; Inception if weights present);"
+	@echo "               autoguidance by its step 1000 (GUIDANCE=cfg SCALE=2: classifier-free guidance)"
 	@echo "make ablation  the conditioning study: every block x 3 seeds (~16 min a run, two at a time on 2 cores; results committed, a re-run trains only what is unfinished), report in studies/ablation_conditioning/report.md"
 	@echo "make normalisation  which statistics the condition should modulate: 6 arms x 3 seeds (~2 h 30 min), report in studies/normalisation/report.md"
 	@echo "make silhouette     Fashion-MNIST from silhouettes: spade vs map as channels vs map as tokens, 3 seeds (~40 min)"
@@ -39,6 +40,7 @@ help:
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
 	@echo "make bench-kernel   fused adaLN kernel vs eager and torch.compile (needs a CUDA GPU)"
+	@echo "make bench-extract  latent extraction images/s: DataLoader workers vs the image-by-image loop"
 
 setup: $(STAMP) fashion-mnist chromium
 
@@ -105,11 +107,18 @@ RUN ?= outputs/fashion_mnist-dit_ti4-adaln_zero
 FID_N ?= 500
 # null: the objective's default sampler (flow: euler); for a DDPM model e.g. SAMPLER=ddim
 SAMPLER ?= null
+# Autoguidance by the run's own checkpoint at half of training (make train keeps step 1000 of 2,000) at scale 2.5: in
+# the guidance study (docs/guidance_ema.md) it beat classifier-free guidance at its best scale (2) at the same 50 model
+# calls an image. GUIDANCE=cfg SCALE=2: classifier-free guidance (what the README's make fid figures used).
+GUIDANCE ?= auto
+GUIDE ?= @1000
+SCALE ?= 2.5
 # where torch (and torch-fidelity) keep hub weights: torch.hub.get_dir() ($TORCH_HOME/hub, $XDG_CACHE_HOME/torch/hub or
 # ~/.cache/torch/hub); `=`: asked only when make fid runs
 INCEPTION = $(shell $(PY) -c 'import torch; print(torch.hub.get_dir())')/checkpoints/weights-inception-2015-12-05-6726825d.pth
 fid: setup
-	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) sampler=$(SAMPLER) steps=25 cfg_scale=2 out_dir=$(RUN)/fid_samples overwrite=true
+	$(PY) sample.py checkpoint=$(RUN)/model num_images=$(FID_N) sampler=$(SAMPLER) steps=25 guidance=$(GUIDANCE) \
+	  guide=$(GUIDE) cfg_scale=$(SCALE) out_dir=$(RUN)/fid_samples overwrite=true
 	$(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist --metric fashion_mnist
 	@if [ -f $(INCEPTION) ]; then $(PY) -m dit.eval fid $(RUN)/fid_samples/samples.npz fashion_mnist; \
 	else echo "(Inception FID skipped: $(INCEPTION) not found; see README)"; fi
@@ -182,6 +191,9 @@ bench-train: setup
 
 bench-sample: setup
 	$(PY) benchmarks/bench_sample.py $(ARGS)
+
+bench-extract: setup
+	$(PY) benchmarks/bench_extract.py $(ARGS)
 
 clean:
 	rm -rf .make .pytest_cache
