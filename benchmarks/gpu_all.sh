@@ -35,7 +35,7 @@ esac
 
 case "$part" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_models.py tests/test_interop.py >> "$log" 2>&1 ;;
+    python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ops.py tests/test_models.py tests/test_interop.py >> "$log" 2>&1 ;;
   kernel)
     python3 benchmarks/bench_kernel.py >> "$log" 2>&1 ;;
   train)

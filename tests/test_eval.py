@@ -133,6 +133,7 @@ def test_inception_weights_are_found_where_torch_hub_looks(tmp_path, monkeypatch
     assert weights_in(tmp_path / "home" / "th" / "hub" / "checkpoints") == find_weights()
 
 
+@pytest.mark.slow  # ~13 s: Inception-v3 on the CPU
 def test_inception_path_end_to_end(random_inception_home, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     from dit.eval.inception import InceptionFeatures

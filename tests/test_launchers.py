@@ -104,6 +104,7 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
 
 
 @needs_fmnist
+@pytest.mark.slow  # ~24 s: three jobs through the pool launcher
 def test_pool_launcher_a_failed_job_leaves_the_others_and_a_rerun_skips_finished_ones(tmp_path):
     """hydra/launcher=pool (make ablation): a job with bad input fails alone (the worker that ran it trains the next
     job), says why in error.txt, the report lists it; the same command again trains nothing that is finished."""

@@ -127,6 +127,7 @@ def _sync_worker(rank: int, port: int, x: torch.Tensor, out: dict):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~17 s: two spawned gloo processes
 def test_cbn_statistics_are_synchronised_over_processes():
     """2 gloo processes x 4 images normalise, and get gradients, as 1 process x 8 would (statistics of the global
     batch: one differentiable all-reduce). float64, so that any difference is a wrong statistic, not rounding."""

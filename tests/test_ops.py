@@ -157,6 +157,7 @@ def test_fused_model_equals_unfused_and_keeps_the_state_dict(block, options):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # ~22 s on CPU (compiling under the Triton interpreter); a GPU runs it in the GPU script
 @pytest.mark.parametrize("norm", KERNELS)
 def test_torch_compile_of_a_block_with_the_fused_op(norm):
     block = AdaLNZeroBlock(DiTConfig(hidden_size=64, num_heads=2, depth=1, patch_size=2, norm=norm))

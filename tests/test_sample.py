@@ -91,6 +91,7 @@ def test_fewer_images_are_the_first_of_more(pixel_export, tmp_path):
     assert (large["arr_0"][4:8] != large["arr_0"][:4]).any()  # the other batches are other images
 
 
+@pytest.mark.slow  # ~16 s: two gloo processes (two processes training: test_train, in make test)
 def test_two_processes_give_exactly_n_and_the_same_images(pixel_export, tmp_path):
     one = run(checkpoint=pixel_export, out_dir=tmp_path / "one", num_images=9)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
