@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup     install everything (env: $(ENV_DIR))"
-	@echo "make test      fast test suite as a first run (empty caches), both cores (~6 min of tests, ~8.5 min with set-up, 2 CPU cores)"
+	@echo "make test      fast test suite as a first run (empty caches), both cores (~5.5 min of tests, ~8.5 min with set-up, 2 CPU cores)"
 	@echo "make test-all  also the slow tests (retraining the domain classifier, soak-style runs)"
 	@echo "make lint      ruff: lint and formatting check (CI runs it)"
 	@echo "make format    ruff: fix imports and format the tree"
