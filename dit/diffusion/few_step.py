@@ -50,7 +50,7 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dit.diffusion.flow import _per_sample
+from dit.diffusion.flow import FlowMatching, _per_sample
 from dit.diffusion.objective import Objective, mean_flat
 from dit.diffusion.sampler import Sampler
 from dit.diffusion.settings import SamplingSettings
@@ -92,13 +92,9 @@ class FewStep(Objective):
                 "(init_from a flow model adds it, starting as that model)"
             )
 
-    def interpolate(self, x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t = t * x1 + (1 - t) * x0 and v = x1 - x0 (flow.py's path)."""
-        tt = _per_sample(t, x1)
-        return tt * x1 + (1 - tt) * x0, x1 - x0
-
-    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        return 1.0 - t.double()
+    # flow.py's path (x_t = t x1 + (1 - t) x0, v = x1 - x0) and noise level (1 - t), the same functions
+    interpolate = FlowMatching.interpolate
+    noise_level = FlowMatching.noise_level
 
     # At h = 0 the model is a flow model: flow.py's Euler and Heun sample it through these two.
     def velocity(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
