@@ -192,17 +192,27 @@ class MeanFlow(FewStep):
         return torch.where(_per_sample(use, v).bool(), guided, v)
 
     def target(self, inner, xt, t, h, v, kwargs) -> torch.Tensor:
-        """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h)."""
-        c = xt.shape[1]
+        """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h).
+        The JVP runs on the samples with h != 0 only (interval_share of the batch: the others' term is h du/dt = 0),
+        which is the same target for every block whose output for one sample does not depend on the others (all of
+        the zoo's but batch-statistics norms in training mode, whose JVP then sees those samples' statistics)."""
+        c, n = xt.shape[1], len(xt)
         with torch.no_grad(), jvp_pass(inner, xt.device.type):
             if self.guided:
                 v = self.guided_velocity(inner, xt, t, v, kwargs)
+            far = h != 0
+            if not far.any():
+                return v
+            sub = {k: a[far] if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
 
             def u(x, t_, r_):
-                return inner(x, t_, h=r_ - t_, **kwargs)[:, :c]
+                return inner(x, t_, h=r_ - t_, **sub)[:, :c]
 
-            _, dudt = torch.func.jvp(u, (xt, t, t + h), (v, torch.ones_like(t), torch.zeros_like(t)))
-        return v + _per_sample(h, v) * dudt
+            tf, rf = t[far], (t + h)[far]
+            _, dudt = torch.func.jvp(u, (xt[far], tf, rf), (v[far], torch.ones_like(tf), torch.zeros_like(tf)))
+            target = v.clone()
+            target[far] = v[far] + _per_sample(h[far], dudt) * dudt.to(v.dtype)
+        return target
 
     def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
         kwargs = dict(model_kwargs or {})
