@@ -270,4 +270,52 @@ def test_the_report_pairs_seeds_and_corrects_for_several_comparisons(tmp_path):
         in text
     )
     assert f"| {p1:.3f} | {holm1:.3f} |" in text
+    # A / B paired: each seed's ratio of its means over the sample seeds (+0.05 both)
+    assert f"| {np.mean([(a + 0.05) / (b + 0.05) for a, b in zip(fids['0.1'], fids['fixed'])]):.3f} ±" in text
     assert "| fixed EMA, cfg 2 | 31.05 ±" in text  # the mean over seeds of each seed's mean over sample seeds
+
+
+@needs_fmnist
+def test_posthoc_evaluates_named_runs_with_named_samplers(phema_run, tmp_path, fmnist_test_stats):
+    """Plans of several kinds of run (runs by name, {seed} in the directory) and arms with their own sampler and steps
+    (issue 48's study): model calls an image as the sampler counts them (Heun 2 a step, x2 with guidance), --run keeps
+    to one run, the report labels arms by run and sampling and draws FID against the calls; the keys of plans without
+    them are unchanged (issue 46's results stay measured)."""
+    from dit.analysis.posthoc import Arm
+    from dit.analysis.posthoc import main as posthoc_main
+    from dit.diffusion import SamplingSettings, build_objective, build_sampler
+
+    assert Arm(0, "fixed", "cfg", 2.0, 0).key() == json.dumps(
+        {"seed": 0, "ema": "fixed", "guidance": "cfg", "scale": 2.0, "sample_seed": 0}, sort_keys=True
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"runs: {{flow: 'r{{seed}}', other: 'missing{{seed}}'}}\nmetric: fashion_mnist\nref: {fmnist_test_stats}\n"
+        "samples: 20\nsteps: 25\n"
+        "stages:\n  report:\n    seeds: [0]\n    sample_seeds: [7]\n"
+        "    arms: [[fixed, none, 1, flow, 'ddim:2'], [fixed, cfg, 2, flow, 'dpmpp:3'],\n"
+        "           [fixed, none, 1, other, 'euler:1']]\n"
+        "comparisons: [['flow, dpmpp:3, cfg 2', 'flow, ddim:2, none']]\n"
+    )
+    (tmp_path / "r0").symlink_to(phema_run)
+    results = tmp_path / "results.jsonl"
+    posthoc_main(["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results), "--run", "flow"])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["run"], r["sampling"], r["sampler"], r["steps"], r["model_calls"]) for r in rows] == [
+        ("flow", "ddim:2", "ddim", 2, 2),
+        ("flow", "dpmpp:3", "dpmpp", 3, 6),
+    ]
+    heun = build_sampler(build_objective("flow"), SamplingSettings(sampler="heun", steps=3, cfg_scale=2.0), "eval")
+    assert heun.model_calls == 12  # 2 calls a step, x2 guided
+    with pytest.raises(SystemExit, match=r"^error: .*missing0"):  # the other run is not there: one line
+        posthoc_main(["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results)])
+    (tmp_path / "doc").mkdir()
+    posthoc_main(["report", str(results), str(plan), "-o", str(tmp_path / "doc/report.md")])
+    text = (tmp_path / "doc/report.md").read_text()
+    assert "| flow, ddim:2, none |" in text and "| 1 | 6 |" in text  # one seed, 6 calls (3 steps with CFG)
+    assert "| flow, dpmpp:3, cfg 2 | flow, ddim:2, none |" not in text  # one seed: no paired test
+    assert "![FID against the model calls an image, report](report_report.png)" in text
+    assert (tmp_path / "doc/report_report.png").exists()
+    plan.write_text(plan.read_text().replace("'euler:1'", "'euler'"))
+    with pytest.raises(SystemExit, match=r"^error: sampling 'euler': <sampler>:<steps>"):
+        posthoc_main(["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results)])

@@ -1,20 +1,23 @@
-"""Choose the EMA and the guidance after training (issue 46's study, docs/guidance_ema.md): the FID of a run's EMA
-weights (the fixed EMA it trained with, or a post-hoc width: dit.phema) sampled unguided, with classifier-free
-guidance or with autoguidance by a guide (the run's own earlier checkpoint @STEP, or another run's export), at a scale.
+"""Evaluate trained runs after training (issue 46's study, docs/guidance_ema.md; issue 48's, docs/few_step.md): the FID
+of a run's EMA weights (the fixed EMA it trained with, or a post-hoc width: dit.phema) sampled unguided, with
+classifier-free guidance or with autoguidance by a guide (the run's own earlier checkpoint @STEP, or another run's
+export), at a scale, with the run's FID sampler or a named sampler and step count.
 
     python -m dit.analysis.posthoc measure outputs/studies/guidance_ema studies/guidance_ema/plan.yaml \
         --stage select_ema -o studies/guidance_ema/results.jsonl
     python -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl studies/guidance_ema/plan.yaml \
         -o studies/guidance_ema/report.md
 
-The plan (YAML) names the runs (`runs: {seed: run directory}`, `guides: {name: path or @STEP; {seed} is the seed}`),
-the measurement (`samples`, `steps`; a stage may set its own) and, per stage, the seeds, sample seeds and evaluations,
-each a list of (ema, guidance, scale) with ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`.
-One JSON line per (seed, ema, guidance, scale, sample seed) is appended to the results as it is measured, with what
-measured it (the extractor, the sample count, the sampler and its steps); a re-run measures only what is missing.
+The plan (YAML) names the runs (`runs: {seed: run directory}`, or several kinds of run: `runs: {name: directory with
+{seed}}`), the guides (`guides: {name: path or @STEP; {seed} is the seed}`), the measurement (`samples`, `steps`; a
+stage may set its own) and, per stage, the seeds, sample seeds and evaluations, each a list (ema, guidance, scale
+[, run, sampling]) with ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`, run a name of `runs`
+(the only one when runs are by seed) and sampling `<sampler>:<steps>` (default: the run's FID sampler, the plan's
+steps). One JSON line per evaluation is appended to the results as it is measured, with what measured it (the
+extractor, the sample count, the sampler, its steps and model calls an image); a re-run measures only what is missing.
 The report: every stage's arms with their FID (mean and 95% interval over the training seeds where there are
-several), and the plan's `comparisons` as paired t-tests over the seeds (the same run under two settings),
-Holm-corrected.
+several), FID against the EMA width or against the model calls as figures, and the plan's `comparisons` as paired
+t-tests over the seeds (two runs of one seed, or one run under two settings), Holm-corrected, with the ratio A / B.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,19 +46,35 @@ from dit.phema import find_snapshots, reconstruct
 from dit.sampling import GenerationSpec, generate, load_guide, save_grid
 from dit.training.evaluation import eval_inputs
 
+MAIN = "main"
+
 
 @dataclass(frozen=True)
 class Arm:
-    """One evaluation: a training seed's run, its EMA weights, the guidance and its scale, the samples' seed."""
+    """One evaluation: a training seed's run, its EMA weights, the guidance and its scale, the samples' seed, the
+    sampler and its steps."""
 
     seed: int
     ema: str  # "fixed" (the run's own EMA) or a post-hoc width such as "0.100"
     guidance: str  # none | cfg | auto:<guide name>
     scale: float
     sample_seed: int
+    run: str = MAIN  # the plan's name of the run (MAIN: runs by seed)
+    sampling: str = ""  # "<sampler>:<steps>"; "": the run's FID sampler with the plan's steps
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The identity of the evaluation in the results: the fields, those at their default left out (so the results
+        of plans without runs by name or samplings keep their keys)."""
+        fields = asdict(self)
+        for name, f in self.__dataclass_fields__.items():
+            if f.default is not MISSING and fields[name] == f.default:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def of(cls, row: dict) -> Arm:
+        """The evaluation a results row measured."""
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,18 +98,46 @@ def grid_path(grids: Path, stage: str, r: dict) -> Path:
     return grids / f"{stage}_seed{r['seed']}_sample{r['sample_seed']}_{slug}.png"
 
 
+def run_dir(plan: dict, sweep: Path, arm: Arm) -> Path:
+    """The directory of the arm's run: plan["runs"] by seed, or by name with {seed} in the directory."""
+    runs = plan["runs"]
+    if arm.run == MAIN and arm.seed in runs:
+        return sweep / runs[arm.seed]
+    if arm.run not in runs:
+        raise KeyError(f"run {arm.run!r} (seed {arm.seed}): not in the plan's runs {sorted(map(str, runs))}")
+    return sweep / runs[arm.run].format(seed=arm.seed)
+
+
+def parse_sampling(sampling: str) -> tuple[str | None, int | None]:
+    """ "<sampler>:<steps>" -> (sampler, steps); "" -> (None, None): the run's FID sampler, the plan's steps."""
+    name, _, steps = sampling.partition(":")
+    if sampling and not (name and steps.isdigit() and int(steps) > 0):
+        raise ValueError(f"sampling {sampling!r}: <sampler>:<steps>, e.g. euler:4")
+    return name or None, int(steps) if steps else None
+
+
+def sampling_settings(arm: Arm, plan: dict, kind: str) -> SamplingSettings:
+    """The arm's sampler, steps and guidance."""
+    name, steps = parse_sampling(arm.sampling)
+    return SamplingSettings(
+        sampler=name,
+        steps=steps or plan["steps"],
+        cfg_scale=1.0 if kind == "none" else arm.scale,
+        guidance="auto" if kind == "auto" else "cfg",
+    )
+
+
 def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator, grid: Path | None = None) -> dict:
-    """Sample plan["samples"] images of the arm with the run's FID sampler and score them (and save the first
-    GRID_ROWS of every class as a grid PNG at `grid`)."""
-    run = sweep / plan["runs"][arm.seed]
+    """Sample plan["samples"] images of the arm with its sampler and score them (and save the first GRID_ROWS of every
+    class as a grid PNG at `grid`)."""
+    run = run_dir(plan, sweep, arm)
     model, meta = ema_weights(run, arm.ema)
     kind, _, guide_name = arm.guidance.partition(":")
     guide = None
     if kind == "auto":
         spec = plan["guides"][guide_name].format(seed=arm.seed)
         guide = load_guide(spec if spec.startswith("@") else str(sweep / spec), run / "model", model, meta, DEVICE)
-    scale = 1.0 if kind == "none" else arm.scale
-    settings = SamplingSettings(steps=plan["steps"], cfg_scale=scale, guidance="auto" if kind == "auto" else "cfg")
+    settings = sampling_settings(arm, plan, kind)
     sampler = build_sampler(objective_of(meta), settings, "eval")
     inputs = eval_inputs(plan["samples"], model.num_classes, arm.sample_seed)
     tic = time.perf_counter()
@@ -105,27 +152,34 @@ def measure(arm: Arm, plan: dict, sweep: Path, evaluator: Evaluator, grid: Path 
         "class_consistency": values.get("class_consistency"),
         "fid_n": len(images),
         "sampler": sampler.name,
-        "steps": plan["steps"],
-        "model_calls": plan["steps"] * (1 if kind == "none" else 2),
+        "steps": settings.steps,
+        "model_calls": sampler.model_calls,
         "extractor": evaluator.extractor.name,
         "sample_s": round(seconds, 1),
     }
 
 
 def arms(plan: dict, stage: str) -> list[Arm]:
-    """The stage's evaluations: every seed it names x (ema, guidance, scale) x its sample seeds."""
+    """The stage's evaluations: every seed it names x (ema, guidance, scale[, run, sampling]) x its sample seeds."""
     spec = plan["stages"][stage]
-    return [
-        Arm(int(seed), str(ema), str(guidance), float(scale), int(sample_seed))
+    found = [
+        Arm(int(seed), str(ema), str(guidance), float(scale), int(sample_seed), *map(str, rest))
         for seed in spec["seeds"]
-        for ema, guidance, scale in spec["arms"]
+        for ema, guidance, scale, *rest in spec["arms"]
         for sample_seed in spec["sample_seeds"]
     ]
+    for arm in found:  # a bad plan fails before anything is measured
+        parse_sampling(arm.sampling)
+    return found
 
 
 def label(r: dict) -> str:
     ema = "fixed EMA" if r["ema"] == "fixed" else f"sigma_rel {float(r['ema']):.3f}"
-    return f"{ema}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+    text = f"{ema}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+    if r.get("sampling"):
+        text = f"{r['sampling']}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+        text += "" if r["ema"] == "fixed" else f", {ema}"
+    return text if r.get("run", MAIN) == MAIN else f"{r['run']}, {text}"
 
 
 def per_seed(rows: list[dict]) -> dict[str, dict[int, float]]:
@@ -137,8 +191,8 @@ def per_seed(rows: list[dict]) -> dict[str, dict[int, float]]:
 
 
 def comparisons(arms: dict[str, dict[int, float]], pairs: list, stage: str) -> list[str]:
-    """The plan's comparisons [A, B] that the stage measured on two or more common seeds: FID A - B paired over the
-    seeds (mean, 95% interval), the paired t-test's p and Holm's over the stage's comparisons."""
+    """The plan's comparisons [A, B] that the stage measured on two or more common seeds: FID A - B and A / B paired
+    over the seeds (mean, 95% interval), the paired t-test's p and Holm's over the stage's comparisons."""
     tests = []
     for a, b in pairs:
         fa, fb = arms.get(a, {}), arms.get(b, {})
@@ -146,21 +200,22 @@ def comparisons(arms: dict[str, dict[int, float]], pairs: list, stage: str) -> l
         if len(seeds) < 2:
             continue
         mean, half = mean_ci([fa[s] - fb[s] for s in seeds])
+        ratio, ratio_half = mean_ci([fa[s] / fb[s] for s in seeds])
         p = float(stats.ttest_rel([fa[s] for s in seeds], [fb[s] for s in seeds]).pvalue)
-        tests.append(dict(a=a, b=b, diff=mean, ci=half, p=p, n=len(seeds)))
+        tests.append(dict(a=a, b=b, diff=mean, ci=half, ratio=ratio, ratio_ci=ratio_half, p=p, n=len(seeds)))
     if not tests:
         return []
     adjusted, reject = holm([t["p"] for t in tests])
     lines = [
         f"### {stage}: comparisons (paired over training seeds, Holm-corrected)",
         "",
-        "| A | B | seeds | FID A - B (95% interval) | p | p (Holm) | significant |",
-        "|---|---|---|---|---|---|---|",
+        "| A | B | seeds | FID A - B (95% interval) | A / B (95% interval) | p | p (Holm) | significant |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t, adj, rej in zip(tests, adjusted, reject):
         lines.append(
-            f"| {t['a']} | {t['b']} | {t['n']} | {t['diff']:+.2f} ± {t['ci']:.2f} | {t['p']:.3f} | {adj:.3f} "
-            f"| {'yes' if rej else 'no'} |"
+            f"| {t['a']} | {t['b']} | {t['n']} | {t['diff']:+.2f} ± {t['ci']:.2f} | {t['ratio']:.3f} ± "
+            f"{t['ratio_ci']:.3f} | {t['p']:.3f} | {adj:.3f} | {'yes' if rej else 'no'} |"
         )
     return [*lines, ""]
 
@@ -199,16 +254,61 @@ def width_figure(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def grid_table(rows: list[dict], stage: str, grids: Path, base: Path) -> list[str]:
-    """A Markdown table of the stage's sample grids side by side (the lowest training seed's, one column an arm)."""
+def calls_figure(rows: list[dict], path: Path) -> bool:
+    """FID against the model calls an image (log scale), one line per run and sampler with its guidance (mean over
+    seeds, the 95% interval as error bars). False when the rows name no sampling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, dict[int, list[float]]]] = {}
+    for r in rows:
+        if r.get("sampling"):
+            kind = f"{r.get('run', MAIN)}, {r['sampler']}" + ("" if r["guidance"] == "none" else f", {r['guidance']}")
+            by_calls = curves.setdefault(kind, {}).setdefault(r["model_calls"], {})
+            by_calls.setdefault(r["seed"], []).append(r["fid"])
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (kind, by_calls) in enumerate(sorted(curves.items())):
+        calls = sorted(by_calls)
+        stats_ = [mean_ci([statistics.fmean(v) for v in by_calls[c].values()]) for c in calls]
+        ax.errorbar(
+            calls,
+            [m for m, _ in stats_],
+            yerr=[h or 0 for _, h in stats_],
+            marker="o",
+            capsize=3,
+            color=f"C{i % 10}",
+            ls="-" if i < 10 else "--",
+            label=kind,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model calls an image")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    atomic_file(path, fig.savefig, suffix=".png")
+    plt.close(fig)
+    return True
+
+
+def grid_table(rows: list[dict], stage: str, grids: Path, base: Path, order: list[str] | None = None) -> list[str]:
+    """A Markdown table of the stage's sample grids side by side (the lowest training seed's, one column an arm): the
+    arms `order` names in that order, else every arm, best FID first."""
     seed = min(r["seed"] for r in rows)
     found = [(label(r), grid_path(grids, stage, r)) for r in sorted(rows, key=lambda r: r["fid"]) if r["seed"] == seed]
     found = [(name, png) for name, png in dict(found).items() if png.exists()]
+    if order is not None:
+        found = sorted((f for f in found if f[0] in order), key=lambda f: order.index(f[0]))
     if not found:
         return []
     rel = [os.path.relpath(png, base) for _, png in found]
     return [
-        f"Samples of training seed {seed} (the first {GRID_ROWS} of every class, one column a class), best FID first:",
+        f"Samples of training seed {seed} (the first {GRID_ROWS} of every class, one column a class)"
+        + (":" if order is not None else ", best FID first:"),
         "",
         "| " + " | ".join(name for name, _ in found) + " |",
         "|" + "---|" * len(found),
@@ -226,26 +326,35 @@ def report(results: Path, plan: dict, figures: Path | None = None, grids: Path |
     for stage in dict.fromkeys(r["stage"] for r in rows):
         arms = per_seed([r for r in rows if r["stage"] == stage])
         first = next(r for r in rows if r["stage"] == stage)
+        staged = [r for r in rows if r["stage"] == stage]
         png = None if figures is None else figures.parent / f"{figures.stem}_{stage}.png"
-        drawn = png is not None and width_figure([r for r in rows if r["stage"] == stage], png)
+        width = png is not None and width_figure(staged, png)
+        calls = png is not None and not width and calls_figure(staged, png)
+        samplers = sorted({f"{r['sampler']} {r['steps']} steps" for r in staged})
+        model_calls = {label(r): r.get("model_calls", "") for r in staged}
         lines += [
             f"### {stage}",
             "",
-            *([f"![FID against the EMA width, {stage}]({png.name})", ""] if drawn else []),
-            f"{first['fid_n']} samples a FID ({first['extractor']}), {first['sampler']} {first['steps']} steps; "
-            f"sample seeds {sorted({r['sample_seed'] for r in rows if r['stage'] == stage})}.",
+            *([f"![FID against the EMA width, {stage}]({png.name})", ""] if width else []),
+            *([f"![FID against the model calls an image, {stage}]({png.name})", ""] if calls else []),
+            f"{first['fid_n']} samples a FID ({first['extractor']}), "
+            + (f"{samplers[0]}; " if len(samplers) == 1 else "the arm's sampler and steps; ")
+            + f"sample seeds {sorted({r['sample_seed'] for r in staged})}.",
             "",
-            "| arm | FID (mean, 95% interval) | seeds |",
-            "|---|---|---|",
+            "| arm | FID (mean, 95% interval) | seeds | model calls an image |",
+            "|---|---|---|---|",
         ]
         for name, by_seed in sorted(arms.items(), key=lambda kv: statistics.fmean(kv[1].values())):
             mean, half = mean_ci(list(by_seed.values()))
             lines.append(
-                f"| {name} | {mean:.2f}" + (f" ± {half:.2f}" if half is not None else "") + f" | {len(by_seed)} |"
+                f"| {name} | {mean:.2f}"
+                + (f" ± {half:.2f}" if half is not None else "")
+                + f" | {len(by_seed)} | {model_calls[name]} |"
             )
         lines.append("")
         if grids is not None and figures is not None:
-            lines += grid_table([r for r in rows if r["stage"] == stage], stage, grids, figures.parent)
+            order = plan.get("grids", {}).get(stage)
+            lines += grid_table(staged, stage, grids, figures.parent, order)
     for stage in dict.fromkeys(r["stage"] for r in rows):
         lines += comparisons(per_seed([r for r in rows if r["stage"] == stage]), plan.get("comparisons", []), stage)
     return "\n".join(lines) + "\n"
@@ -260,6 +369,7 @@ def main(argv=None) -> None:
     m.add_argument("--stage", required=True, help="the plan's stage to measure")
     m.add_argument("-o", "--out", type=Path, required=True, help="results, one JSON line per evaluation (appended)")
     m.add_argument("--seed", type=int, default=None, help="only this training seed's runs (processes side by side)")
+    m.add_argument("--run", default=None, help="only the arms of this run of the plan's runs (those trained so far)")
     m.add_argument("--grids", type=Path, default=None, help="save each evaluation's sample grid (PNG) here")
     r = sub.add_parser("report", help="the results as a Markdown report")
     r.add_argument("results", type=Path)
@@ -276,8 +386,12 @@ def main(argv=None) -> None:
             return
         done = set()
         if args.out.exists():
-            done = {Arm(**{k: r[k] for k in Arm.__dataclass_fields__}).key() for r in map(json.loads, args.out.open())}
-        todo = [a for a in arms(plan, args.stage) if a.key() not in done and args.seed in (None, a.seed)]
+            done = {Arm.of(r).key() for r in map(json.loads, args.out.open())}
+        todo = [
+            a
+            for a in arms(plan, args.stage)
+            if a.key() not in done and args.seed in (None, a.seed) and args.run in (None, a.run)
+        ]
         plan |= {k: plan["stages"][args.stage][k] for k in ("samples", "steps") if k in plan["stages"][args.stage]}
         if not todo:
             print(f"{args.stage}: every evaluation is in {args.out}", file=sys.stderr)

@@ -200,6 +200,7 @@ class HeunSampler(FlowSampler):
     Heun2, k1 = v(x, t0), k2 = v(x + dt k1, t0 + dt), x += dt (k1 / 2 + k2 / 2), on every step)."""
 
     name = "heun"
+    calls_per_step = 2
 
     def run(self, denoiser, noise, y, generator):
         x, grid = noise, self.ode_grid()

@@ -165,9 +165,16 @@ class Sampler:
 
     name: ClassVar[str]
     objectives: ClassVar[tuple[str, ...]]  # names of the objectives whose models it can sample
+    calls_per_step: ClassVar[int] = 1  # model evaluations a step (Heun: 2), before guidance doubles them
 
     def __init__(self, objective: Objective, settings: SamplingSettings):
         self.objective, self.settings = objective, settings
+
+    @property
+    def model_calls(self) -> int:
+        """Network evaluations an image: steps x calls a step, x2 with guidance (a second, conditional-free or
+        guide, branch; batched together or not)."""
+        return self.settings.steps * self.calls_per_step * (1 if self.settings.cfg_scale == 1.0 else 2)
 
     def check_model(self, model, guide=None) -> None:
         """The settings' guidance can guide this model (with this guide): one clear line if not."""
