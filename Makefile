@@ -17,7 +17,7 @@ STAMP := .make/setup-$(subst /,_,$(ENV_DIR)).stamp
 FMNIST_DIR := $(shell sed -n 's/^ROOT = "\(.*\)"$$/\1/p' dit/data/fashion_mnist.py)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report guidance_ema zoo fashion-mnist chromium demo clean \
+.PHONY: help setup test test-all lint format train fid ablation normalisation silhouette speedrun publish report guidance_ema few_step zoo fashion-mnist chromium demo clean \
   bench-sample bench-train bench-kernel bench-extract
 
 help:
@@ -36,6 +36,8 @@ help:
 	@echo "make publish STUDY=<name>  copy a study's results from outputs/studies/<name>/ into studies/<name>/runs/"
 	@echo "make report STUDY=<name>   the report of a study from its committed runs (studies/<name>/report.md)"
 	@echo "make guidance_ema  post-hoc EMA and autoguidance study: 3 runs + small guides, then studies/guidance_ema/plan.yaml's evaluations"
+	@echo "make few_step  MeanFlow and shortcut study: 9 runs (fine-tuned from guidance_ema's flow runs, from scratch), then"
+	@echo "               studies/few_step/plan.yaml's evaluations at 1, 2, 4 calls against the flow model's samplers"
 	@echo "make zoo       print parameters / GFLOPs of every size x conditioning block"
 	@echo "make bench-sample   sampling images/s: ours vs diffusers DiTPipeline (ARGS=... to change)"
 	@echo "make bench-train    training steps/s: our loop vs a plain diffusers loop (ARGS=... to change)"
@@ -179,6 +181,22 @@ guidance_ema: setup
 	  --grids studies/guidance_ema/grids || exit 1; done
 	$(PY) -m dit.analysis.posthoc report studies/guidance_ema/results.jsonl studies/guidance_ema/plan.yaml \
 	  -o studies/guidance_ema/report.md --grids studies/guidance_ema/grids
+
+# - few_step (issue 48): MeanFlow and shortcut models fine-tuned from the guidance study's 3 flow runs (trained here
+#   first if missing: make guidance_ema's main runs) and MeanFlow from scratch (configs/experiment/few_step.yaml); then
+#   studies/few_step/plan.yaml's evaluations, run by run, measuring only what studies/few_step/results.jsonl lacks, and
+#   the report (docs/few_step.md).
+FEW_STEP_RUNS ?= flow meanflow_ft shortcut_ft meanflow
+few_step: setup
+	OMP_NUM_THREADS=1 $(PY) train.py experiment=guidance_ema +guidance_ema=main hydra/launcher=pool \
+	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=outputs/studies/guidance_ema
+	OMP_NUM_THREADS=1 $(PY) train.py experiment=few_step hydra/launcher=pool hydra.launcher.n_jobs=$(JOBS) \
+	  hydra.sweep.dir=outputs/studies/few_step $(ARGS)
+	for run in $(FEW_STEP_RUNS); do $(PY) -m dit.analysis.posthoc measure outputs/studies/few_step \
+	  studies/few_step/plan.yaml --stage report --run $$run -o studies/few_step/results.jsonl \
+	  --grids studies/few_step/grids || exit 1; done
+	$(PY) -m dit.analysis.posthoc report studies/few_step/results.jsonl studies/few_step/plan.yaml \
+	  -o studies/few_step/report.md --grids studies/few_step/grids
 
 zoo: setup
 	$(PY) -m dit.zoo

@@ -3,6 +3,9 @@
 Ours is the real loop (dit.training.train: hybrid loss with the VB term, EMA every step, logging)
 on synthetic latents held in memory; the peer is the loop people write around diffusers:
 DiTTransformer2DModel + DDPMScheduler.add_noise + epsilon MSE + AdamW. Both log the loss every step.
+--objectives times our loop with other objectives too (name[:setting=value,...]), each against the first: what a
+training step of MeanFlow (its JVP) or a shortcut model costs against flow matching's, e.g.
+    python benchmarks/bench_train.py --objectives flow meanflow meanflow:omega=2 shortcut
 
     python benchmarks/bench_train.py                                     # CPU: small model
     python benchmarks/bench_train.py --model DiT-XL/2 --batch 256 --precision bf16 --device cuda \\
@@ -17,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from common import header, median, median_time, setup_tf32
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
@@ -47,8 +51,18 @@ class SyntheticLatents(torch.utils.data.Dataset):
         return x
 
 
-def ours(args, variant: str) -> dict:
-    model = create_model(args.model, input_size=args.input_size, in_channels=4, num_classes=1000)
+def parse_objective(spec: str):
+    """name[:setting=value,...] -> the objective."""
+    name, _, rest = spec.partition(":")
+    settings = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return build_objective(name, **{k: yaml.safe_load(v) for k, v in settings.items()})
+
+
+def ours(args, variant: str, objective_spec: str = "ddpm") -> dict:
+    objective = parse_objective(objective_spec)
+    model = create_model(
+        args.model, input_size=args.input_size, in_channels=4, num_classes=1000, interval_input=objective.interval_input
+    )
     data = SyntheticLatents(args.batch * 4, 4, args.input_size)
     total = args.warmup + args.steps
     t = TrainConfig(
@@ -68,7 +82,7 @@ def ours(args, variant: str) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
-        train(TrainingJob(model, data, build_objective(), run_dir, t, OptimConfig(), seed=0))
+        train(TrainingJob(model, data, objective, run_dir, t, OptimConfig(), seed=0))
         recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     per_step = [1 / r["steps_per_s"] for r in recs[args.warmup :]]
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
@@ -127,13 +141,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--variants", default="eager", help="comma list of eager, compile, ckpt, compile+ckpt (ours)")
+    p.add_argument("--objectives", nargs="+", default=["ddpm"], help="ours: name[:setting=value,...] (each variant)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     setup_tf32(args.device)
     train_flops = 3 * 2 * count(args.model, "adaln_zero", input_size=args.input_size)["gflops"] * 1e9  # per image
 
-    rows = [(f"dit ({v})", ours(args, v)) for v in args.variants.split(",")]
+    rows = [
+        (f"dit ({v})" if args.objectives == ["ddpm"] else f"dit {o} ({v})", ours(args, v, o))
+        for o in args.objectives
+        for v in args.variants.split(",")
+    ]
     rows.append(("diffusers plain loop (eager)", peer(args)))
     print()
     header(args.device)
@@ -151,6 +170,8 @@ def main() -> None:
     print(
         f"ratio ours (first variant) / diffusers, images/s: {rows[-1][1]['s_per_step'] / rows[0][1]['s_per_step']:.2f}x"
     )
+    for name, r in rows[1:-1]:
+        print(f"time a step, {name} / {rows[0][0]}: {r['s_per_step'] / rows[0][1]['s_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class FewStep(Objective):
 
     default_sampler = "meanflow"
     eval_sampler = "meanflow"
+    interval_input = True
 
     def check_model(self, model) -> None:
         if getattr(model, "h_embedder", None) is None:

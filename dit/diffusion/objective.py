@@ -39,6 +39,7 @@ class Objective:
     loss_terms: tuple[str, ...] = ("loss",)
     default_sampler: ClassVar[str]  # what `sampler: null` means for its models (sample.py, the training grids)
     eval_sampler: ClassVar[str]  # ... for the in-training FID (TrainConfig.fid_sampling): a few-step one
+    interval_input: ClassVar[bool] = False  # its models take a second time, the interval (model.interval_input)
     # Settings added after runs were recorded -> their defaults: left out of the settings digest at the default
     # (and, by the objective's settings(), of checkpoint records), so older records still describe their runs.
     ADDED_SETTINGS: ClassVar[dict[str, Any]] = {}
