@@ -50,8 +50,9 @@ class SampleConfig(SamplingSettings):
     same as training.grid_sampling / fid_sampling), so ``python sample.py sampler=ddim steps=50 cfg_scale=4``;
     a wrong type fails when the config is composed, a bad value when sample.py starts (SamplingSettings).
     The objective (schedule, ...) comes from the checkpoint; the sampling keys choose how to sample it:
-    sampler null = the objective's default (DDPM models: ddpm | ddim | dpmpp | unipc; flow: euler | heun |
-    euler_maruyama); options are the sampler's (on the command line ``+options={eta:1.0}``), e.g. ddim {eta: 0.0,
+    sampler null = the objective's default (DDPM models: ddpm | ddim | dpmpp | unipc; flow: euler | heun | dpmpp |
+    euler_maruyama; MeanFlow and shortcut models: meanflow (= shortcut) | euler | heun | dpmpp); options are the
+    sampler's (on the command line ``+options={eta:1.0}``), e.g. ddim {eta: 0.0,
     clip_denoised: true}, ddpm {variance_type: fixed_small}, dpmpp {order: 2, use_karras_sigmas: false},
     euler_maruyama {diffusion_form: sigma}."""
 
@@ -226,12 +227,13 @@ def _batches(sampler, denoiser, shape, spec: GenerationSpec, *, vae, device, on_
 
 
 def _reporting(denoiser: Callable, report: Callable[[int], None]) -> Callable:
-    """denoiser(x, t, y), calling report(evaluations so far) after each evaluation."""
+    """denoiser(x, t, y, **conditions) (a few-step model's interval h), calling report(evaluations so far) after each
+    evaluation."""
     count = 0
 
-    def fn(x, t, y):
+    def fn(x, t, y, **kwargs):
         nonlocal count
-        out = denoiser(x, t, y)
+        out = denoiser(x, t, y, **kwargs)
         count += 1
         report(count)
         return out

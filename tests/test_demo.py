@@ -122,10 +122,30 @@ def test_only_the_given_checkpoints(demo, runs):
 
 def test_samplers_of_each_objective(demo):
     flow, ddpm = demo.checkpoints.values()
-    assert flow.samplers == ["euler", "euler_maruyama", "heun"]
+    assert flow.samplers == ["euler", "dpmpp", "euler_maruyama", "heun"]
     assert ddpm.samplers == ["ddpm", "ddim", "dpmpp", "unipc"]
     with pytest.raises(RequestError, match="sampler 'ddim' cannot sample runA export"):
         demo.check("runA export", *asked(sampler="ddim"))
+
+
+def test_a_meanflow_model_is_offered_its_one_call_sampler_first(tmp_path):
+    """A few-step model (issue 48): the demo offers its own sampler first (then the flow samplers it also takes at
+    interval 0, never DDPM's), and one step is one evaluation, the grid sample.py's."""
+    data = dict(class_names=FASHION_MNIST_CLASSES, latent=False)
+    model = randomize(tiny_dit(in_channels=1, interval_input=True), seed=4)
+    path = tmp_path / "mf" / "model"
+    save_export(path, model, ModelRecord(build_objective("meanflow").settings(), data), ema=model)
+    demo = Demo.load(DemoConfig(checkpoint=str(path), device="cpu", max_images=16, max_steps=8, steps=1))
+    (ckpt,) = demo.checkpoints.values()
+    assert ckpt.samplers[0] == "meanflow" and {"euler", "heun"} <= set(ckpt.samplers) and "ddpm" not in ckpt.samplers
+    evaluations = []
+    request = replace(asked(steps=1, seed=3)[1])
+    grid = demo.grid("mf export", "meanflow", request, on_eval=evaluations.append)
+    settings = dict(classes="[Sneaker,Bag]", per_class=2, steps=1, cfg_scale=2.0, seed=3, sampler="meanflow")
+    out = sample.run(compose_config("sample", [f"{k}={v}" for k, v in (dict(checkpoint=path, out_dir=tmp_path / "s")
+                                                                         | settings).items()]))  # fmt: skip
+    np.testing.assert_array_equal(grid, np.array(Image.open(out / "grid.png")))
+    assert evaluations == [1]
 
 
 @pytest.mark.parametrize(

@@ -247,9 +247,9 @@ class Demo:
 
 
 def evaluations(steps: int, sampler: str) -> int:
-    """The model evaluations of one batch, as a progress bar's total: one a step, Heun two (an estimate: the bar
-    is clamped to it)."""
-    return steps * (2 if sampler == "heun" else 1)
+    """The model evaluations of one batch, as a progress bar's total: the sampler's calls a step (Heun two; an
+    estimate: the bar is clamped to it)."""
+    return steps * SAMPLERS[sampler].calls_per_step
 
 
 def _integer(name: str, value, lo: int, hi: int) -> int:

@@ -2,7 +2,8 @@
 
 Objectives (``diffusion=``): "ddpm" (GaussianDiffusion: ADM/DiT, linear or cosine schedule, learned
 sigma). Samplers (``sampler=``): "ddpm" (ancestral), "ddim", and diffusers' "dpmpp" (DPM-Solver++)
-and "unipc" for DDPM models; "flow" (SiT's flow matching) with "euler", "heun" and "euler_maruyama";
+and "unipc" for DDPM models; "flow" (SiT's flow matching) with "euler", "heun", "euler_maruyama" and "dpmpp"
+(diffusers' DPM-Solver++ with flow sigmas; also for the few-step models at interval 0);
 classifier-free guidance (optionally in a noise-level interval) for all of them.
 """
 
@@ -22,7 +23,7 @@ from dit.diffusion.registry import (
 from dit.diffusion.sampler import ChainSampler, Sampler, guided_model
 from dit.diffusion.schedule import get_betas, respace_betas, space_timesteps
 from dit.diffusion.settings import SamplingSettings
-from dit.diffusion.solvers import DPMSolverPlusPlus, UniPC
+from dit.diffusion.solvers import DPMSolverPlusPlus, FlowDPMSolverPlusPlus, UniPC
 
 __all__ = [
     "GUIDANCE",
@@ -32,6 +33,7 @@ __all__ = [
     "SAMPLERS",
     "ChainSampler",
     "DPMSolverPlusPlus",
+    "FlowDPMSolverPlusPlus",
     "GaussianDiffusion",
     "UniPC",
     "Objective",

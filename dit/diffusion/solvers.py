@@ -63,8 +63,8 @@ class DPMSolverPlusPlus(DiffusersSolver):
     name = "dpmpp"
     objectives = ("ddpm", *FlowSampler.objectives)
 
-    def __new__(cls, objective, *args, **kwargs):
-        if objective.name in FlowDPMSolverPlusPlus.objectives:
+    def __new__(cls, objective=None, *args, **kwargs):  # (no arguments: copy and pickle make an empty one)
+        if getattr(objective, "name", None) in FlowDPMSolverPlusPlus.objectives:
             return FlowDPMSolverPlusPlus(objective, *args, **kwargs)
         return super().__new__(cls)
 
@@ -87,9 +87,11 @@ class DPMSolverPlusPlus(DiffusersSolver):
 
 class FlowDPMSolverPlusPlus(FlowSampler):
     """DPM-Solver++ multistep (2M by default) for a flow model: diffusers' DPMSolverMultistepScheduler with flow
-    sigmas on the Euler sampler's grid (module docstring). ``steps`` model calls, at t = grid[0] = 0 .. grid[-2];
-    the last step, to sigma = 0, is first order (diffusers' ``final_sigmas_type="zero"``) and returns the
-    predicted data x + (1 - t) v, an Euler step."""
+    sigmas on the Euler sampler's grid (module docstring). ``steps`` model calls, at t = grid[0] = 0 .. grid[-2].
+    From sigma = 1 (lambda = log(alpha / sigma) = -inf) the first step is an Euler step and the second's multistep
+    correction is zero (the previous lambda is infinitely far); the last, to sigma = 0, is first order (diffusers'
+    ``final_sigmas_type="zero"``) and returns the predicted data x + (1 - t) v, an Euler step too. Order 1 is Euler.
+    diffusers computes the sample's term in float32 (1e-7 relative), whatever the input's dtype."""
 
     name = "dpmpp"
 
@@ -99,7 +101,7 @@ class FlowDPMSolverPlusPlus(FlowSampler):
         super().__init__(objective, settings)
         if use_karras_sigmas:
             raise ValueError(
-                "use_karras_sigmas: a DDPM model's grid; a flow model's is the Euler sampler's (time-shifted as trained)"
+                "use_karras_sigmas: a DDPM model's grid; a flow model's is the Euler sampler's, time-shifted as trained"
             )
         from diffusers import DPMSolverMultistepScheduler
 
