@@ -141,6 +141,66 @@ def test_meanflow_loss_and_gradient_equal_py_meanflows_in_the_papers_time():
         torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12)
 
 
+def imf_loss(net, x, e, t_p, r_p, norm_p, norm_eps):
+    """Improved MeanFlow's loss (Geng et al. 2025b, Algorithm 1) in the paper's time: the network's own instantaneous
+    velocity v~ = u(z, t, t) is the JVP's tangent, the compound V = u + (t - r) sg(du/dt) is regressed on v = e - x,
+    with MeanFlow's adaptive weight. net(z, t_p, h_p) is the network in that convention."""
+    t, r = t_p.view(-1, 1, 1, 1), r_p.view(-1, 1, 1, 1)
+    z = (1 - t) * x + t * e
+
+    def u_func(z, t, r):
+        return net(z, t.view(-1), (t - r).view(-1))
+
+    with sdpa_kernel(SDPBackend.MATH):
+        v_tilde = u_func(z, t, t).detach()
+        u_pred, dudt = torch.func.jvp(u_func, (z, t, r), (v_tilde, torch.ones_like(t), torch.zeros_like(r)))
+    V = u_pred + (t - r) * dudt.detach()
+    loss = ((V - (e - x)) ** 2).sum(dim=(1, 2, 3))
+    return loss / (loss.detach() + norm_eps) ** norm_p
+
+
+def test_imf_tangent_is_the_networks_own_velocity_and_its_loss_imfs():
+    """tangent="predicted" (iMF): du/dt along the model's own flow (a float64 central difference along x + e u(x, t, 0),
+    t + e), and the loss and gradient iMF's compound-V regression transcribed in the paper's time."""
+    model = tiny(torch.float64).train()
+    obj = build_objective("meanflow", interval_share=0.5, norm_p=0.75, tangent="predicted")
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    draw = {k: v.double() for k, v in obj.draw(Rng(5), x).items()}
+    assert (draw["h"] > 0).any() and (draw["h"] == 0).any()
+    kwargs = {"y": torch.tensor([0, 1, 2, 0, 1, 2]), "force_drop_ids": torch.tensor([0, 0, 1, 0, 0, 0])}
+    t, h = draw["t"], draw["h"]
+    xt, v = obj.interpolate(x, t, draw["noise"])
+    dudt = (obj.target(model, xt, t, h, v, kwargs) - v) / h.clamp_min(1e-30).view(-1, 1, 1, 1)
+
+    def along(e):  # u a time step e along the model's own velocity field, the end time held
+        with torch.no_grad():
+            u0 = model(xt, t, h=torch.zeros_like(t), **kwargs)
+            return model(xt + e * u0, t + e, h=h - e, **kwargs)
+
+    e = 1e-4
+    central = (8 * (along(e) - along(-e)) - (along(2 * e) - along(-2 * e))) / (12 * e)
+    far = h > 0
+    torch.testing.assert_close(dudt[far], central[far], rtol=1e-7, atol=1e-9)
+
+    ours = obj.losses(model, x, draw, kwargs)["loss"]
+    ours.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    def net(z, t_p, h_p):
+        return -model(z, 1 - t_p, h=h_p, **kwargs)
+
+    t_p = 1 - t
+    theirs = imf_loss(net, x, draw["noise"], t_p, t_p - h, 0.75, 1e-3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    theirs.sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12)
+    assert "tangent" not in build_objective("meanflow").settings()  # runs recorded before the option keep their digest
+    with pytest.raises(ValueError, match="tangent='v': one of sample, predicted"):
+        build_objective("meanflow", tangent="v")
+
+
 def test_meanflow_draws_as_the_paper_and_folds_guidance_into_the_target():
     obj = build_objective("meanflow")
     d = obj.draw(Rng(1), torch.zeros(20_000, 1, 1, 1))

@@ -23,7 +23,10 @@ samples (py-meanflow's sampler "v0", the paper's; its defaults for ImageNet: log
 p = 1). Classifier-free guidance is folded into the target (the paper's Sec. 4.2, Eq. 19): the velocity becomes
 omega v + kappa u(x_t, t, 0 | c) + (1 - omega - kappa) u(x_t, t, 0 | null) for the labelled samples whose noise level
 lies in `guidance_interval`, the network's own h = 0 outputs standing for the guided field; a 1-call sample is then
-guided without a second branch (omega = 1, kappa = 0: unguided).
+guided without a second branch (omega = 1, kappa = 0: unguided). `tangent="predicted"` is improved MeanFlow's
+(iMF, Geng et al. 2025b, Sec. 4.1): the JVP's x-tangent is the network's own instantaneous velocity u(x_t, t, 0)
+(the guided field where guidance is folded in, which its h = 0 output learns) instead of the sample's v, so the
+compound prediction u + h sg(du/dt) is a function of x_t alone regressed on v: the same loss with that tangent.
 
 The JVP pass, and why it is a pass of its own: the target is a stop-gradient, so du/dt is computed without autograd
 (torch.func.jvp under no_grad) on the module under any DistributedDataParallel wrapper, and the prediction u that the
@@ -117,6 +120,8 @@ class MeanFlow(FewStep):
 
     name = "meanflow"
     loss_terms = ("loss", "u_mse")
+    ADDED_SETTINGS = {"tangent": "sample"}
+    TANGENTS = ("sample", "predicted")
 
     def __init__(
         self,
@@ -128,7 +133,10 @@ class MeanFlow(FewStep):
         omega: float = 1.0,
         kappa: float = 0.0,
         guidance_interval: list[float] | None = None,
+        tangent: str = "sample",
     ):
+        if tangent not in self.TANGENTS:
+            raise ValueError(f"tangent={tangent!r}: one of {', '.join(self.TANGENTS)} (predicted: iMF's)")
         if not float(time_std) > 0:
             raise ValueError(f"time_std={time_std}: must be > 0")
         if not 0.0 <= float(interval_share) <= 1.0:
@@ -145,6 +153,7 @@ class MeanFlow(FewStep):
         self.time_mean, self.time_std, self.interval_share = float(time_mean), float(time_std), float(interval_share)
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.omega, self.kappa, self.guidance_interval = float(omega), float(kappa), guidance_interval
+        self.tangent = tangent
 
     @property
     def guided(self) -> bool:
@@ -152,7 +161,7 @@ class MeanFlow(FewStep):
 
     def settings(self) -> dict:
         keys = ("time_mean", "time_std", "interval_share", "norm_p", "norm_eps", "omega", "kappa", "guidance_interval")
-        return {"name": self.name, **{k: getattr(self, k) for k in keys}}
+        return self.recorded({"name": self.name, **{k: getattr(self, k) for k in (*keys, "tangent")}})
 
     def check_model(self, model) -> None:
         super().check_model(model)
@@ -193,7 +202,8 @@ class MeanFlow(FewStep):
         return torch.where(_per_sample(use, v).bool(), guided, v)
 
     def target(self, inner, xt, t, h, v, kwargs) -> torch.Tensor:
-        """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h).
+        """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h)
+        (tangent="predicted": (u(x, t, 0), 1, 0)).
         The JVP runs on the samples with h != 0 only (interval_share of the batch: the others' term is h du/dt = 0),
         which is the same target for every block whose output for one sample does not depend on the others (all of
         the zoo's but batch-statistics norms in training mode, whose JVP then sees those samples' statistics)."""
@@ -210,7 +220,8 @@ class MeanFlow(FewStep):
                 return inner(x, t_, h=r_ - t_, **sub)[:, :c]
 
             tf, rf = t[far], (t + h)[far]
-            _, dudt = torch.func.jvp(u, (xt[far], tf, rf), (v[far], torch.ones_like(tf), torch.zeros_like(tf)))
+            tangent = v[far] if self.tangent == "sample" else u(xt[far], tf, tf).to(v.dtype)
+            _, dudt = torch.func.jvp(u, (xt[far], tf, rf), (tangent, torch.ones_like(tf), torch.zeros_like(tf)))
             target = v.clone()
             target[far] = v[far] + _per_sample(h[far], dudt) * dudt.to(v.dtype)
         return target
