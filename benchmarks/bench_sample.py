@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ours", nargs="+", default=None, help="sampler:steps[:cfg] (default: ddpm:<steps>:<cfg>)")
     p.add_argument("--peer-steps", type=int, default=None, help="DiTPipeline's steps (default: --steps)")
+    p.add_argument("--vae-downsample", type=int, default=8, help="the random VAE's factor (1: images of latent size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -54,7 +55,8 @@ def main() -> None:
         return model.to(device).eval()
 
     model = random_model()
-    vae = tiny_vae(downsample=8).to(device).eval()  # random, built offline: decoding costs the same on both sides
+    # random, built offline: decoding costs the same on both sides
+    vae = tiny_vae(downsample=args.vae_downsample).to(device).eval()
     pipe = DiTPipeline(
         transformer=to_diffusers(model).to(device).eval(), vae=vae, scheduler=DDPMScheduler(num_train_timesteps=1000)
     )
@@ -93,7 +95,8 @@ def main() -> None:
         t_theirs = median_time(theirs, args.repeats, warmup=1, device=device)
     header(device)
     print(
-        f"{args.model} latent {args.input_size}x{args.input_size}x4, batch {args.batch}; DiTPipeline: {peer_steps} "
+        f"{args.model} latent {args.input_size}x{args.input_size}x4, VAE x{args.vae_downsample}, batch {args.batch}; "
+        f"DiTPipeline: {peer_steps} "
         f"DDPM steps, cfg {args.cfg} ({2 * peer_steps if args.cfg != 1 else peer_steps} model calls an image)"
     )
     print(
