@@ -201,6 +201,35 @@ def test_imf_tangent_is_the_networks_own_velocity_and_its_loss_imfs():
         build_objective("meanflow", tangent="v")
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [("meanflow", {}), ("meanflow", {"omega": 2.0}), ("meanflow", {"tangent": "predicted"}), ("shortcut", {})],
+)
+def test_training_flops_count_the_objectives_own_passes(name, options):
+    """The FLOPs an objective adds (the JVP, the guided velocity, the half steps) against torch's FlopCounterMode on
+    its loss and backward: the count at the batch's realised share of intervals."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dit.diffusion.few_step import forward_flops
+
+    model, flow = tiny(), build_objective("flow")
+    obj = build_objective(name, **options)
+    x = torch.randn(64, 1, 8, 8)
+    kwargs = {"y": torch.randint(3, (64,)), "force_drop_ids": torch.zeros(64, dtype=torch.long)}
+
+    def counted(objective, draw):
+        with FlopCounterMode(display=False) as counter:
+            objective.losses(model, x, draw, kwargs)["loss"].mean().backward()
+        return counter.get_total_flops()
+
+    draw = obj.draw(Rng(0), x)
+    share = (draw["h"] > 0).float().mean().item()
+    extra = (counted(obj, draw) - counted(flow, flow.draw(Rng(0), x))) / len(x) / forward_flops(model.config)
+    setting = "interval_share" if name == "meanflow" else "bootstrap_share"
+    at_share = build_objective(name, **options, **{setting: share})
+    assert at_share.training_flops(model.config, 0.0) / forward_flops(model.config) == pytest.approx(extra, rel=0.03)
+
+
 def test_meanflow_draws_as_the_paper_and_folds_guidance_into_the_target():
     obj = build_objective("meanflow")
     d = obj.draw(Rng(1), torch.zeros(20_000, 1, 1, 1))

@@ -57,8 +57,18 @@ from dit.diffusion.flow import FlowMatching, _per_sample
 from dit.diffusion.objective import Objective, mean_flat
 from dit.diffusion.sampler import Sampler
 from dit.diffusion.settings import SamplingSettings
+from dit.models.flops import count_config
 
 __all__ = ["FewStepSampler", "MeanFlow", "Shortcut", "ShortcutSampler", "jvp_pass"]
+
+
+JVP_FORWARDS = 3  # a JVP through the DiT costs three forwards' FLOPs (FlopCounterMode: the primal, and the tangent
+# whose products with two varying factors, attention's, are two)
+
+
+def forward_flops(config) -> float:
+    """FLOPs of one image's forward through the DiT (2 a multiply-add, as training_flops)."""
+    return count_config(config)["gflops"] * 2e9
 
 
 def _inner(model):
@@ -159,6 +169,12 @@ class MeanFlow(FewStep):
     def guided(self) -> bool:
         return self.omega != 1.0 or self.kappa != 0.0
 
+    def training_flops(self, config, flops: float) -> float:
+        """The forwards without gradient: the guided velocity's two (folded guidance), and on interval_share of the
+        images the JVP (and iMF's tangent)."""
+        extra = 2 * self.guided + self.interval_share * (JVP_FORWARDS + (self.tangent == "predicted"))
+        return flops + extra * forward_flops(config)
+
     def settings(self) -> dict:
         keys = ("time_mean", "time_std", "interval_share", "norm_p", "norm_eps", "omega", "kappa", "guidance_interval")
         return self.recorded({"name": self.name, **{k: getattr(self, k) for k in (*keys, "tangent")}})
@@ -255,6 +271,10 @@ class Shortcut(FewStep):
 
     def model_interval(self, h: float) -> float:
         return 0.0 if h <= 1.0 / self.max_steps + 1e-12 else h
+
+    def training_flops(self, config, flops: float) -> float:
+        """The two half steps without gradient, on bootstrap_share of the images."""
+        return flops + 2 * self.bootstrap_share * forward_flops(config)
 
     def check_steps(self, steps: int) -> None:
         if steps > self.max_steps or steps & (steps - 1):

@@ -62,6 +62,11 @@ class Objective:
     def check_model(self, model: torch.nn.Module) -> None:
         """A clear ValueError if the model cannot be trained or sampled with this objective."""
 
+    def training_flops(self, config, flops: float) -> float:
+        """FLOPs of one training image with this objective, given ``flops``: the DiT's forward and backward (the
+        passes an objective adds without gradient, e.g. MeanFlow's JVP, are its own to count)."""
+        return flops
+
     def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step's random tensors for the batch x (rng: dit.training.randomness.SlicedRandom)."""
         raise NotImplementedError

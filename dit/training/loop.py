@@ -211,6 +211,7 @@ class Trainer:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, cfg.phema_sigma_rels)  # of the DiT alone
         trained, per_image = model, training_flops(model.config)  # the DiT's forward and backward on one image
+        per_image = self.objective.training_flops(model.config, per_image)  # and the objective's own passes
         for addon in self.addons:  # an add-on may train the DiT inside a module of its own
             trained = addon.wrap(trained, self.device, self.seed)
             per_image = addon.training_flops(model, per_image)
