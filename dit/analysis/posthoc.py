@@ -255,7 +255,7 @@ def width_figure(rows: list[dict], path: Path) -> bool:
 
 
 def calls_figure(rows: list[dict], path: Path) -> bool:
-    """FID against the model calls an image (log scale), one line per run and sampler with its guidance (mean over
+    """FID against the model calls an image (both log scale), one line per run and sampler with its guidance (mean over
     seeds, the 95% interval as error bars). False when the rows name no sampling."""
     import matplotlib
 
@@ -285,6 +285,7 @@ def calls_figure(rows: list[dict], path: Path) -> bool:
             label=kind,
         )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("model calls an image")
     ax.set_ylabel("FID")
     ax.grid(alpha=0.3)
