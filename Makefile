@@ -185,9 +185,11 @@ guidance_ema: setup
 # - few_step (issue 48): MeanFlow and shortcut models fine-tuned from the guidance study's 3 flow runs (trained here
 #   first if missing: make guidance_ema's main runs) and MeanFlow from scratch (configs/experiment/few_step.yaml); then
 #   studies/few_step/plan.yaml's evaluations, run by run, measuring only what studies/few_step/results.jsonl lacks, and
-#   the report (docs/few_step.md).
+#   the report (docs/few_step.md). Published runs (studies/few_step/runs/, make publish STUDY=few_step) are restored
+#   first, so a fresh clone trains only what is not finished.
 FEW_STEP_RUNS ?= flow meanflow_ft shortcut_ft meanflow
 few_step: setup
+	$(PY) -m dit.analysis.study restore studies/few_step outputs/studies/few_step
 	OMP_NUM_THREADS=1 $(PY) train.py experiment=guidance_ema +guidance_ema=main hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=outputs/studies/guidance_ema
 	OMP_NUM_THREADS=1 $(PY) train.py experiment=few_step hydra/launcher=pool hydra.launcher.n_jobs=$(JOBS) \

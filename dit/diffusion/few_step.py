@@ -71,6 +71,12 @@ def forward_flops(config) -> float:
     return count_config(config)["gflops"] * 2e9
 
 
+def _rows(kwargs: dict, keep: torch.Tensor) -> dict:
+    """The model's keyword arguments for the samples `keep` selects (per-sample tensors indexed, others as is)."""
+    n = len(keep)
+    return {k: a[keep] if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
+
+
 def _inner(model):
     """The module under a DistributedDataParallel wrapper (itself otherwise): for the passes that do not
     back-propagate. DDP's own forward is kept for the one that does, so that it synchronises the gradients."""
@@ -223,14 +229,14 @@ class MeanFlow(FewStep):
         The JVP runs on the samples with h != 0 only (interval_share of the batch: the others' term is h du/dt = 0),
         which is the same target for every block whose output for one sample does not depend on the others (all of
         the zoo's but batch-statistics norms in training mode, whose JVP then sees those samples' statistics)."""
-        c, n = xt.shape[1], len(xt)
+        c = xt.shape[1]
         with torch.no_grad(), jvp_pass(inner, xt.device.type):
             if self.guided:
                 v = self.guided_velocity(inner, xt, t, v, kwargs)
             far = h != 0
             if not far.any():
                 return v
-            sub = {k: a[far] if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
+            sub = _rows(kwargs, far)
 
             def u(x, t_, r_):
                 return inner(x, t_, h=r_ - t_, **sub)[:, :c]
@@ -303,8 +309,7 @@ class Shortcut(FewStep):
         xt, target = self.interpolate(x, t, draw["noise"].to(x.dtype))
         b = h > 0  # the self-consistency samples
         if b.any():
-            n, inner = len(x), _inner(model)
-            sub = {k: v[b] if torch.is_tensor(v) and len(v) == n else v for k, v in kwargs.items()}
+            inner, sub = _inner(model), _rows(kwargs, b)
             d = h[b] / 2
             q = torch.where(d <= 1.0 / self.max_steps + 1e-12, torch.zeros_like(d), d)  # the finest: the flow
             with torch.no_grad():
