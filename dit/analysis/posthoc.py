@@ -175,10 +175,10 @@ def arms(plan: dict, stage: str) -> list[Arm]:
 
 def label(r: dict) -> str:
     ema = "fixed EMA" if r["ema"] == "fixed" else f"sigma_rel {float(r['ema']):.3f}"
-    text = f"{ema}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
-    if r.get("sampling"):
-        text = f"{r['sampling']}, {r['guidance']}" + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
-        text += "" if r["ema"] == "fixed" else f", {ema}"
+    guidance = r["guidance"] + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+    text = f"{ema}, {guidance}"
+    if r.get("sampling"):  # the sampling first; the EMA only where it is not the run's own
+        text = f"{r['sampling']}, {guidance}" + ("" if r["ema"] == "fixed" else f", {ema}")
     return text if r.get("run", MAIN) == MAIN else f"{r['run']}, {text}"
 
 
