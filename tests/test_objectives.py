@@ -349,20 +349,22 @@ def test_diffusers_solvers_equal_the_scheduler_driven_directly(name, schedule):
     assert not torch.allclose(ours, noise)
 
 
+class Counting(torch.nn.Module):
+    """A model that reports each call, record(x, t), and answers as `inner` (guidance sees its null class)."""
+
+    def __init__(self, inner, record):
+        super().__init__()
+        self.inner, self.num_classes, self.y_embedder, self.record = inner, inner.num_classes, inner.y_embedder, record
+
+    def forward(self, x, t, y):
+        self.record(x, t)
+        return self.inner(x, t, y)
+
+
 def test_solvers_follow_guidance_and_steps():
     """cfg through the solvers: the scheduler sees the guided epsilon; steps = model calls."""
     calls = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.num_classes, self.y_embedder = inner, inner.num_classes, inner.y_embedder
-
-        def forward(self, x, t, y):
-            calls.append(len(x))
-            return self.inner(x, t, y)
-
-    model = Counting(tiny_model())
+    model = Counting(tiny_model(), lambda x, t: calls.append(len(x)))
     s = build_sampler(create_diffusion(), SamplingSettings(sampler="dpmpp", steps=7, cfg_scale=3.0))
     s.sample(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
     assert calls == [4] * 7
@@ -468,18 +470,8 @@ def test_flow_dpmpp_samples_a_tiny_flow_dit(objective):
     from dit.diffusion import FlowDPMSolverPlusPlus
 
     calls = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.num_classes, self.y_embedder = inner, inner.num_classes, inner.y_embedder
-
-        def forward(self, x, t, y):
-            calls.append((len(x), float(t[0])))
-            return self.inner(x, t, y)
-
     obj = build_objective(objective)
-    model = Counting(tiny_model(interval_input=objective != "flow"))
+    model = Counting(tiny_model(interval_input=objective != "flow"), lambda x, t: calls.append((len(x), float(t[0]))))
     s = build_sampler(obj, SamplingSettings(sampler="dpmpp", steps=7, cfg_scale=3.0))
     assert isinstance(s, FlowDPMSolverPlusPlus) and s.name == "dpmpp"
     out = s.sample(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
