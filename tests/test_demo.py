@@ -20,6 +20,7 @@ from dit import demo as dit_demo
 from dit.data.class_names import FASHION_MNIST_CLASSES
 from dit.demo import (
     CLASSIFIER_FREE,
+    INPUT_GUIDANCE,
     NONE,
     Demo,
     DemoConfig,
@@ -146,6 +147,30 @@ def test_a_meanflow_model_is_offered_its_one_call_sampler_first(tmp_path):
                                                                          | settings).items()]))  # fmt: skip
     np.testing.assert_array_equal(grid, np.array(Image.open(out / "grid.png")))
     assert evaluations == [1]
+    assert list(demo.guidances) == [CLASSIFIER_FREE]  # no guidance input: classifier-free only
+
+
+def test_a_model_with_a_guidance_input_is_offered_it_guided_in_one_call(tmp_path):
+    """A MeanFlow model trained with a guidance input (iMF's): the page offers its own guidance, one evaluation a step
+    at the scale asked, the grid sample.py's with guidance=input."""
+    data = dict(class_names=FASHION_MNIST_CLASSES, latent=False)
+    model = randomize(tiny_dit(in_channels=1, interval_input=True, guidance_input=True), seed=5)
+    path = tmp_path / "mf" / "model"
+    record = ModelRecord(build_objective("meanflow", guidance_input=True).settings(), data)
+    save_export(path, model, record, ema=model)
+    demo = Demo.load(DemoConfig(checkpoint=str(path), device="cpu", max_images=16, max_steps=8, steps=1))
+    assert list(demo.guidances) == [CLASSIFIER_FREE, INPUT_GUIDANCE]
+    evaluations = []
+    request = replace(asked(steps=1, seed=3, cfg_scale=3.0, guidance=INPUT_GUIDANCE)[1])
+    grid = demo.grid("mf export", "meanflow", request, on_eval=evaluations.append)
+    settings = dict(classes="[Sneaker,Bag]", per_class=2, steps=1, cfg_scale=3.0, seed=3, sampler="meanflow",
+                    guidance="input")  # fmt: skip
+    out = sample.run(compose_config("sample", [f"{k}={v}" for k, v in (dict(checkpoint=path, out_dir=tmp_path / "s")
+                                                                         | settings).items()]))  # fmt: skip
+    np.testing.assert_array_equal(grid, np.array(Image.open(out / "grid.png")))
+    assert evaluations == [1]
+    unguided = demo.grid("mf export", "meanflow", replace(request, cfg_scale=1.0))
+    assert not np.array_equal(grid, unguided)  # the scale reaches the model
 
 
 @pytest.mark.parametrize(

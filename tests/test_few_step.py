@@ -203,7 +203,13 @@ def test_imf_tangent_is_the_networks_own_velocity_and_its_loss_imfs():
 
 @pytest.mark.parametrize(
     "name, options",
-    [("meanflow", {}), ("meanflow", {"omega": 2.0}), ("meanflow", {"tangent": "predicted"}), ("shortcut", {})],
+    [
+        ("meanflow", {}),
+        ("meanflow", {"omega": 2.0}),
+        ("meanflow", {"tangent": "predicted"}),
+        ("meanflow", {"tangent": "predicted", "guidance_input": True}),
+        ("shortcut", {}),
+    ],
 )
 def test_training_flops_count_the_objectives_own_passes(name, options):
     """The FLOPs an objective adds (the JVP, the guided velocity, the half steps) against torch's FlopCounterMode on
@@ -212,7 +218,7 @@ def test_training_flops_count_the_objectives_own_passes(name, options):
 
     from dit.diffusion.few_step import forward_flops
 
-    model, flow = tiny(), build_objective("flow")
+    model, flow = tiny(guidance_input=options.get("guidance_input", False)), build_objective("flow")
     obj = build_objective(name, **options)
     x = torch.randn(64, 1, 8, 8)
     kwargs = {"y": torch.randint(3, (64,)), "force_drop_ids": torch.zeros(64, dtype=torch.long)}
@@ -375,18 +381,21 @@ def test_train_then_sample_in_one_call_and_fine_tune_from_a_flow_model(objective
 @needs_fmnist
 @pytest.mark.slow  # ~20 s each: gloo processes
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
-@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut", "imf"])  # imf: MeanFlow with iMF's guidance input
 def test_two_processes_equal_one(objective, launcher, tmp_path):
     """DDP and FSDP2: the same losses as one process and the same weights (the JVP and the targets run on the module
     under the wrapper without gradient; the loss's forward through the wrapper, which synchronises the gradients)."""
     from safetensors.torch import load_file
     from test_train import HELPER, SMOKE, accelerate_launch, run_all
 
-    share = {"meanflow": "diffusion.interval_share=0.5", "shortcut": "diffusion.bootstrap_share=0.5"}[objective]
-    overrides = [*SMOKE, f"diffusion={objective}", "model.interval_input=true", share, "training.grid_sampling.steps=4"]
+    share = {"shortcut": "diffusion.bootstrap_share=0.5"}.get(objective, "diffusion.interval_share=0.5")
+    imf = ["model.guidance_input=true", "diffusion.guidance_input=true", "diffusion.tangent=predicted"]
+    chosen = ["diffusion=meanflow", *imf] if objective == "imf" else [f"diffusion={objective}"]
+    overrides = [*SMOKE, *chosen, "model.interval_input=true", share, "training.grid_sampling.steps=4"]
     extra = ["--fsdp-on-cpu"] if launcher == "fsdp" else []
     port = {("meanflow", "ddp"): "29591", ("meanflow", "fsdp"): "29592", ("shortcut", "ddp"): "29593"}
-    port = port.get((objective, launcher), "29594")
+    port |= {("shortcut", "fsdp"): "29594", ("imf", "ddp"): "29595", ("imf", "fsdp"): "29596"}
+    port = port[(objective, launcher)]
     cmd = accelerate_launch(launcher, "--num_processes", "2", "--main_process_port", port, HELPER, *extra)
     run_all([*cmd, str(tmp_path / "two"), *overrides])
     one = train.run(compose_config("train", overrides), tmp_path / "one")
@@ -396,4 +405,180 @@ def test_two_processes_equal_one(objective, launcher, tmp_path):
     for k, v in one["model"].state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-6, msg=k)
     init = train.build(compose_config("train", overrides).model).state_dict()
-    assert not torch.equal(one["model"].state_dict()["h_embedder.mlp.2.weight"], init["h_embedder.mlp.2.weight"])
+    for key in ("h_embedder.mlp.2.weight", *(["g_embedder.mlp.2.weight"] if objective == "imf" else [])):
+        assert not torch.equal(one["model"].state_dict()[key], init[key])
+
+
+def imf_guided_loss(net, x, e, t_p, r_p, y, dropped, g, null, norm_p, norm_eps):
+    """Improved MeanFlow's loss with the guidance as conditions, transcribed from its official code (imf.py, forward
+    and guidance_fn) in the paper's time (z = (1 - t) x + t e, t = 1 noise), the auxiliary v-head replaced by the
+    network at h = 0 and interval (0, 1), as ours does. net(z, t_p, h_p, g, y) is the network in that convention; g the
+    samples' (omega, t_min, t_max); labels y of the samples `dropped` become the null class after the guidance."""
+    t, r = t_p.view(-1, 1, 1, 1), r_p.view(-1, 1, 1, 1)
+    z = (1 - t) * x + t * e
+    v_t = e - x
+    omega, t_min, t_max = g.unbind(1)
+    zero, one = torch.zeros_like(t_p), torch.ones_like(t_p)
+
+    def v_head(w, labels):
+        return net(z, t_p, zero, torch.stack([w, zero, one], 1), labels)
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        v_u = v_head(one, torch.full_like(y, null))
+        w = torch.where((t_p >= t_min) & (t_p <= t_max), omega, one)
+        v_c = v_head(w, y)
+        v_g = v_t + (1 - 1 / w).view(-1, 1, 1, 1) * (v_c - v_u)
+    drop = dropped.bool()
+    labels = torch.where(drop, torch.full_like(y, null), y)
+    v_g = torch.where(drop.view(-1, 1, 1, 1), v_t, v_g)
+
+    def u_fn(z, t_, r_):
+        return net(z, t_, t_ - r_, g, labels)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du_dt = torch.func.jvp(u_fn, (z, t_p, r_p), (v_c, torch.ones_like(t_p), torch.zeros_like(r_p)))
+    V = u + (t - r) * du_dt.detach()
+    loss = ((V - v_g) ** 2).sum(dim=(1, 2, 3))
+    return loss / (loss.detach() + norm_eps) ** norm_p
+
+
+def test_the_guidance_input_draws_as_imfs_code_and_its_loss_is_imfs():
+    """diffusion.guidance_input=true: each sample's guidance (scale from the power distribution on [1, 1 + max], the
+    interval [lo, hi] in [0, .5] x [.5, 1], [0, 1] without an interval), and the loss and gradient iMF's official
+    code's, transcribed in the paper's time (the guided target, the JVP along the network's guided velocity)."""
+    n = 40_000
+    for beta in (1.0, 2.0):
+        obj = build_objective("meanflow", guidance_input=True, guidance_max=7.0, guidance_beta=beta)
+        d = obj.draw(Rng(3), torch.zeros(n, 1, 1, 1))
+        scale, lo, hi = d["g"].unbind(1)
+        assert scale.min() >= 1 and scale.max() <= 8
+        # the power distribution's CFD, density ~ s^-beta on [1, 8]: at s = 3
+        cdf = math.log(3) / math.log(8) if beta == 1 else (3 ** (1 - beta) - 1) / (8 ** (1 - beta) - 1)
+        assert abs((scale < 3).float().mean().item() - cdf) < 0.01
+        far = d["h"] > 0
+        assert (lo[far] >= 0).all() and (lo[far] <= 0.5).all() and (hi[far] >= 0.5).all() and (hi[far] <= 1).all()
+        assert abs(lo[far].mean().item() - 0.25) < 0.01 and abs(hi[far].mean().item() - 0.75) < 0.01
+        assert (lo[~far] == 0).all() and (hi[~far] == 1).all()
+
+    model = tiny(torch.float64, guidance_input=True).train()
+    obj = build_objective("meanflow", interval_share=0.5, norm_p=0.75, tangent="predicted", guidance_input=True)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    draw = {k: v.double() for k, v in obj.draw(Rng(5), x).items()}
+    draw["g"][0, 1:] = torch.tensor([0.0, 0.4])  # one interval sample outside its interval: unguided there
+    draw["h"][0], draw["t"][0] = 0.3, 0.2  # (noise level 0.8)
+    assert (draw["h"] > 0).sum() >= 3 and (draw["h"] == 0).sum() >= 2
+    y, dropped = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 0, 1, 0, 0, 0, 1, 0])
+    kwargs = {"y": y, "force_drop_ids": dropped}
+    ours = obj.losses(model, x, draw, kwargs)["loss"]
+    ours.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    def net(z, t_p, h_p, g, labels):
+        return -model(z, 1 - t_p, labels, h=h_p, g=g, force_drop_ids=torch.zeros_like(labels))
+
+    t_p = 1 - draw["t"]
+    theirs = imf_guided_loss(net, x, draw["noise"], t_p, t_p - draw["h"], y, dropped, draw["g"], 3, 0.75, 1e-3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    theirs.sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12)
+    assert "guidance_input" not in build_objective("meanflow").settings()  # earlier runs keep their digest
+    assert build_objective("meanflow", guidance_input=True).settings()["guidance_input"] is True
+    with pytest.raises(ValueError, match="guidance_input=true draws the guidance scale"):
+        build_objective("meanflow", guidance_input=True, omega=2.0)
+    with pytest.raises(ValueError, match="model.guidance_input=true"):
+        build_objective("meanflow", guidance_input=True).check_model(tiny())
+
+
+def test_the_guidance_input_samples_guided_in_one_call_at_the_scale_asked():
+    """guidance=input: the scale and the interval go to the model, one call a step (model_calls counts 1); a model
+    without the input is refused in one line; a fresh guidance input leaves the model as it was (unguided = no g)."""
+    seen = []
+
+    class Toy(torch.nn.Module):
+        num_classes, h_embedder, g_embedder = 3, object(), object()
+        y_embedder = type("Y", (), {"has_null_class": True})()
+
+        def forward(self, x, t, y, h=None, g=None):
+            seen.append((len(x), None if g is None else g.clone()))
+            return x * g[:, :1].view(-1, 1, 1, 1) + h.view(-1, 1, 1, 1)
+
+    mf = build_objective("meanflow", guidance_input=True)
+    noise, y = torch.randn(2, 1, 2, 2), torch.tensor([1, 2])
+    settings = SamplingSettings(sampler="meanflow", steps=2, cfg_scale=3.0, guidance="input", cfg_interval=[0.1, 0.7])
+    sampler = build_sampler(mf, settings)
+    out = sampler.sample(Toy(), noise, y)
+    assert sampler.model_calls == 2 and [n for n, _ in seen] == [2, 2]  # N images a call, no second branch
+    assert all(torch.equal(g, torch.tensor([[3.0, 0.1, 0.7]] * 2)) for _, g in seen)
+    mid = noise + 0.5 * (3 * noise + 0.5)
+    torch.testing.assert_close(out, mid + 0.5 * (3 * mid + 0.5))
+    assert build_sampler(mf, SamplingSettings(sampler="meanflow", steps=2, cfg_scale=3.0)).model_calls == 4  # cfg
+    with pytest.raises(ValueError, match="guidance=input .* needs a model trained with a guidance input"):
+        build_sampler(mf, settings).sample(tiny(), torch.randn(2, 1, 8, 8), y)
+
+    torch.manual_seed(0)
+    fresh = DiT(**TINY, interval_input=True, guidance_input=True)
+    plain = DiT(**TINY, interval_input=True)
+    plain.load_state_dict(fresh.state_dict(), strict=False)
+    with torch.no_grad():
+        for m in (fresh, plain):  # adaLN-Zero's zeros woken alike, the guidance's output layer kept at zero
+            for name, p in m.named_parameters():
+                if not name.startswith("g_embedder.mlp.2") and p.abs().sum() == 0:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    x, t, h = torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2)
+    with torch.no_grad():
+        for g in (None, torch.tensor([[4.0, 0.2, 0.9], [1.0, 0.0, 1.0]])):
+            torch.testing.assert_close(fresh.eval()(x, t, y, h=h, g=g), plain.eval()(x, t, y, h=h))
+        woken = fresh.g_embedder.mlp[2].weight.normal_()
+        assert woken.abs().sum() > 0
+        unguided = torch.tensor([[1.0, 0.0, 1.0]] * 2)
+        torch.testing.assert_close(fresh(x, t, y, h=h), fresh(x, t, y, h=h, g=unguided))
+    with pytest.raises(ValueError, match=r"g must have shape \(2, 3\)"):
+        fresh(x, t, y, h=h, g=torch.ones(2))
+    with pytest.raises(ValueError, match="no guidance input"):
+        plain(x, t, y, h=h, g=unguided)
+
+
+@needs_fmnist
+def test_train_with_the_guidance_input_then_sample_and_export_guided_in_one_call(tmp_path):
+    """model.guidance_input=true with diffusion.guidance_input=true trains (its grid guided by the input), sample.py
+    guidance=input samples it at a scale chosen after training in one call, and the export's card says so."""
+    from omegaconf import OmegaConf
+
+    import sample
+    from dit.hub.export import main as export_main
+
+    config = smoke_config(
+        "diffusion=meanflow",
+        "model.interval_input=true",
+        "model.guidance_input=true",
+        "diffusion.guidance_input=true",
+        "diffusion.tangent=predicted",
+        "training.total_steps=3",  # adaLN-Zero: the zero-initialised guidance embedding first moves at step 3
+        "training.grid_sampling.steps=1",
+        "training.grid_sampling.cfg_scale=3",
+        "training.grid_sampling.guidance=input",
+    )
+    run = train.run(config, tmp_path / "imf")
+    (tmp_path / "imf" / ".hydra").mkdir()  # what train.py's Hydra records, read by the export's card
+    OmegaConf.save(config, tmp_path / "imf" / ".hydra" / "config.yaml")
+    assert run["model"].g_embedder is not None
+    init = train.build(smoke_config("model.interval_input=true", "model.guidance_input=true").model).state_dict()
+    assert not torch.equal(run["model"].state_dict()["g_embedder.mlp.2.weight"], init["g_embedder.mlp.2.weight"])
+    record = json.loads((tmp_path / "imf" / "model" / "config.json").read_text())
+    assert record["objective"]["guidance_input"] is True
+    model, _ = load_model(tmp_path / "imf" / "model", use_ema=False)
+    size = model.input_size
+    x, t, y, h = torch.randn(2, model.in_channels, size, size), torch.zeros(2), torch.tensor([0, 1]), torch.ones(2)
+    with torch.no_grad():  # trained: the scale asked changes the output
+        outs = [model.eval()(x, t, y, h=h, g=torch.tensor([[s, 0.0, 1.0]] * 2)) for s in (1.0, 4.0)]
+    assert not torch.equal(*outs)
+    out = tmp_path / "samples"
+    args = [f"checkpoint={tmp_path / 'imf' / 'model'}", "num_images=4", "batch_size=4", "steps=1", "cfg_scale=4",
+            "guidance=input", f"out_dir={out}"]  # fmt: skip
+    sample.run(compose_config("sample", args))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 4
+    assert export_main([str(tmp_path / "imf"), "-o", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "sampler=meanflow steps=1 cfg_scale=3.0" in card and "guidance=input" in card

@@ -64,7 +64,7 @@ def test_autoguidance_without_a_guide_and_unknown_guidances_are_one_line():
     sampler = build_sampler(objective, SamplingSettings(sampler="euler", steps=2, cfg_scale=2.0, guidance="auto"))
     with pytest.raises(ValueError, match=r"^guidance=auto \(cfg_scale=2.0\) needs a guide model: guide="):
         sampler.sample(tiny_dit(), torch.randn(1, 3, 16, 16), torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"^unknown guidance 'pag'; valid guidances: auto, cfg$"):
+    with pytest.raises(ValueError, match=r"^unknown guidance 'pag'; valid guidances: auto, cfg, input$"):
         build_sampler(objective, SamplingSettings(sampler="euler", guidance="pag"))
     assert GUIDANCE.names() == ("cfg", "auto")
 

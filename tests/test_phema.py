@@ -307,6 +307,11 @@ def test_posthoc_evaluates_named_runs_with_named_samplers(phema_run, tmp_path, f
     ]
     heun = build_sampler(build_objective("flow"), SamplingSettings(sampler="heun", steps=3, cfg_scale=2.0), "eval")
     assert heun.model_calls == 12  # 2 calls a step, x2 guided
+    from dit.analysis.posthoc import sampling_settings
+
+    imf = sampling_settings(Arm(0, "fixed", "input", 3.0, 0, "imf", "meanflow:1"), {"steps": 25}, "input")
+    assert (imf.guidance, imf.cfg_scale, imf.steps) == ("input", 3.0, 1)  # the scale as a model's input: one call
+    assert build_sampler(build_objective("meanflow", guidance_input=True), imf, "eval").model_calls == 1
     with pytest.raises(SystemExit, match=r"^error: .*missing0"):  # the other run is not there: one line
         posthoc_main(["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results)])
     (tmp_path / "doc").mkdir()
@@ -319,3 +324,28 @@ def test_posthoc_evaluates_named_runs_with_named_samplers(phema_run, tmp_path, f
     plan.write_text(plan.read_text().replace("'euler:1'", "'euler'"))
     with pytest.raises(SystemExit, match=r"^error: sampling 'euler': <sampler>:<steps>"):
         posthoc_main(["measure", str(tmp_path), str(plan), "--stage", "report", "-o", str(results)])
+
+
+def test_the_report_draws_fid_against_calls_where_arms_differ_in_calls_else_against_the_width(tmp_path):
+    """A stage of one sampler at several post-hoc widths (issue 48's EMA selection for MeanFlow at 1 call) gets the
+    width figure with a line for the run and its sampling; a stage whose arms differ in calls gets the calls figure
+    even when a post-hoc width is among them."""
+    from dit.analysis.posthoc import report
+
+    def rows(stage, specs):
+        return [
+            dict(seed=s, ema=ema, guidance="none", scale=1.0, sample_seed=1, fid=30 + s + calls, fid_n=1000,
+                 stage=stage, extractor="x", sampler="meanflow", steps=calls, model_calls=calls, run="mf",
+                 sampling=f"meanflow:{calls}")
+            for ema, calls in specs for s in range(3)
+        ]  # fmt: skip
+
+    widths = rows("select", [("fixed", 1), ("0.05", 1), ("0.15", 1)])
+    calls = rows("report", [("fixed", 1), ("0.15", 1), ("0.15", 2)])
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in widths + calls))
+    (tmp_path / "doc").mkdir()
+    text = report(tmp_path / "r.jsonl", {}, figures=tmp_path / "doc/report.md")
+    assert "![FID against the EMA width, select](report_select.png)" in text
+    assert "![FID against the model calls an image, report](report_report.png)" in text
+    assert "| mf, meanflow:1, none, sigma_rel 0.150 | 32.00 ±" in text  # 30 + seed + calls, over seeds 0-2
+    assert (tmp_path / "doc/report_select.png").exists() and (tmp_path / "doc/report_report.png").exists()

@@ -11,10 +11,11 @@ export), at a scale, with the run's FID sampler or a named sampler and step coun
 The plan (YAML) names the runs (`runs: {seed: run directory}`, or several kinds of run: `runs: {name: directory with
 {seed}}`), the guides (`guides: {name: path or @STEP; {seed} is the seed}`), the measurement (`samples`, `steps`; a
 stage may set its own) and, per stage, the seeds, sample seeds and evaluations, each a list (ema, guidance, scale
-[, run, sampling]) with ema `fixed` or a width, guidance `none`, `cfg` or `auto:<guide name>`, run a name of `runs`
-(the only one when runs are by seed) and sampling `<sampler>:<steps>` (default: the run's FID sampler, the plan's
-steps). One JSON line per evaluation is appended to the results as it is measured, with what measured it (the
-extractor, the sample count, the sampler, its steps and model calls an image); a re-run measures only what is missing.
+[, run, sampling]) with ema `fixed` or a width, guidance `none`, `cfg`, `auto:<guide name>` or `input` (the scale
+as the input of a model trained with one), run a name of `runs` (the only one when runs are by seed) and sampling
+`<sampler>:<steps>` (default: the run's FID sampler, the plan's steps). One JSON line per evaluation is appended to
+the results as it is measured, with what measured it (the extractor, the sample count, the sampler, its steps and
+model calls an image); a re-run measures only what is missing.
 The report: every stage's arms with their FID (mean and 95% interval over the training seeds where there are
 several), FID against the EMA width or against the model calls as figures, and the plan's `comparisons` as paired
 t-tests over the seeds (two runs of one seed, or one run under two settings), Holm-corrected, with the ratio A / B.
@@ -123,7 +124,7 @@ def sampling_settings(arm: Arm, plan: dict, kind: str) -> SamplingSettings:
         sampler=name,
         steps=steps or plan["steps"],
         cfg_scale=1.0 if kind == "none" else arm.scale,
-        guidance="auto" if kind == "auto" else "cfg",
+        guidance=kind if kind in ("auto", "input") else "cfg",  # input: a model with a guidance input, one call
     )
 
 
@@ -221,8 +222,9 @@ def comparisons(arms: dict[str, dict[int, float]], pairs: list, stage: str) -> l
 
 
 def width_figure(rows: list[dict], path: Path) -> bool:
-    """FID against the post-hoc EMA width, one line per guidance (mean over seeds, the seeds' range as a band); the
-    fixed EMA of each guidance as a dashed level. False when the rows hold no post-hoc width."""
+    """FID against the post-hoc EMA width, one line per guidance (and run and sampling where the rows name them; mean
+    over seeds, the seeds' range as a band); the fixed EMA of each as a dashed level. False when the rows hold no
+    post-hoc width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +233,7 @@ def width_figure(rows: list[dict], path: Path) -> bool:
     curves: dict[str, dict] = {}
     for r in rows:
         kind = r["guidance"] + ("" if r["guidance"] == "none" else f" {r['scale']:g}")
+        kind = kind if r.get("run", MAIN) == MAIN else f"{r['run']}, {r.get('sampling') or 'its sampler'}, {kind}"
         curves.setdefault(kind, {}).setdefault(r["ema"], {}).setdefault(r["seed"], []).append(r["fid"])
     if not any(ema != "fixed" for c in curves.values() for ema in c):
         return False
@@ -329,8 +332,11 @@ def report(results: Path, plan: dict, figures: Path | None = None, grids: Path |
         first = next(r for r in rows if r["stage"] == stage)
         staged = [r for r in rows if r["stage"] == stage]
         png = None if figures is None else figures.parent / f"{figures.stem}_{stage}.png"
-        width = png is not None and width_figure(staged, png)
-        calls = png is not None and not width and calls_figure(staged, png)
+        # FID against the calls where the stage's arms differ in calls (a post-hoc width among them or not), else
+        # against the EMA width where it has post-hoc widths
+        several = len({r.get("model_calls") for r in staged if r.get("sampling")}) > 1
+        calls = png is not None and several and calls_figure(staged, png)
+        width = png is not None and not calls and width_figure(staged, png)
         samplers = sorted({f"{r['sampler']} {r['steps']} steps" for r in staged})
         model_calls = {label(r): r.get("model_calls", "") for r in staged}
         lines += [

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dit.demo.config import DemoConfig, host_warning, parse_args
 from dit.demo.logic import (
     CLASSIFIER_FREE,
+    INPUT_GUIDANCE,
     MAX_SEED,
     NONE,
     Checkpoint,
@@ -41,6 +42,7 @@ from dit.demo.page import CSS, build_app, launch
 __all__ = [
     "CLASSIFIER_FREE",
     "CSS",
+    "INPUT_GUIDANCE",
     "MAX_SEED",
     "NONE",
     "Checkpoint",

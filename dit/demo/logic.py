@@ -42,6 +42,7 @@ __all__ = [
 
 NONE = "(none)"  # the second panel's choice for "only one grid"
 MAX_SEED = 2**32 - 1
+INPUT_GUIDANCE = "the model's own (one call a step)"  # models with a guidance input (model.guidance_input)
 CLASSIFIER_FREE = "classifier-free"  # the guidance choice of every page; "autoguidance (guide: ...)" with guide=
 
 
@@ -134,6 +135,8 @@ class Demo:
         if checkpoints and all(c.guide is not None for c in checkpoints):
             guides = dict.fromkeys(c.guide_label for c in checkpoints)  # one label for one guide of all
             self.guidances[f"autoguidance (guide: {', '.join(map(str, guides))})"] = "auto"
+        if checkpoints and all(getattr(c.model, "g_embedder", None) is not None for c in checkpoints):
+            self.guidances[INPUT_GUIDANCE] = "input"  # models trained with a guidance input: guided in one call
 
     @classmethod
     def load(cls, config: DemoConfig) -> Demo:

@@ -27,6 +27,12 @@ guided without a second branch (omega = 1, kappa = 0: unguided). `tangent="predi
 (iMF, Geng et al. 2025b, Sec. 4.1): the JVP's x-tangent is the network's own instantaneous velocity u(x_t, t, 0)
 (the guided field where guidance is folded in, which its h = 0 output learns) instead of the sample's v, so the
 compound prediction u + h sg(du/dt) is a function of x_t alone regressed on v: the same loss with that tangent.
+`guidance_input=true` is iMF's guidance as conditions (Sec. 4.2; its official code, imf.py): a model with a guidance
+input (model.guidance_input) is told the guidance g = (scale w, lo, hi), which each sample draws (w from a power
+distribution on [1, 1 + guidance_max], [lo, hi] within [0, 0.5] x [0.5, 1]; [0, 1] at h = 0), and learns the field
+guided at w within [lo, hi] (the target v + (1 - 1/w) (v_c - v_u), v_c the network's own h = 0 output at (w, 0, 1),
+v_u the null class's at (1, 0, 1)); it is then guided at any scale chosen after training in one call an image
+(`guidance=input`, dit/diffusion/sampler.py). Not built: iMF's auxiliary v-head (the h = 0 output stands for it).
 
 The JVP pass, and why it is a pass of its own: the target is a stop-gradient, so du/dt is computed without autograd
 (torch.func.jvp under no_grad) on the module under any DistributedDataParallel wrapper, and the prediction u that the
@@ -136,7 +142,7 @@ class MeanFlow(FewStep):
 
     name = "meanflow"
     loss_terms = ("loss", "u_mse")
-    ADDED_SETTINGS = {"tangent": "sample"}
+    ADDED_SETTINGS = {"tangent": "sample", "guidance_input": False, "guidance_max": 7.0, "guidance_beta": 1.0}
     TANGENTS = ("sample", "predicted")
 
     def __init__(
@@ -150,6 +156,9 @@ class MeanFlow(FewStep):
         kappa: float = 0.0,
         guidance_interval: list[float] | None = None,
         tangent: str = "sample",
+        guidance_input: bool = False,
+        guidance_max: float = 7.0,
+        guidance_beta: float = 1.0,
     ):
         if tangent not in self.TANGENTS:
             raise ValueError(f"tangent={tangent!r}: one of {', '.join(self.TANGENTS)} (predicted: iMF's)")
@@ -170,23 +179,42 @@ class MeanFlow(FewStep):
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.omega, self.kappa, self.guidance_interval = float(omega), float(kappa), guidance_interval
         self.tangent = tangent
+        if not isinstance(guidance_input, bool):
+            raise ValueError(f"guidance_input={guidance_input!r}: true or false")
+        if not float(guidance_max) > 0 or not float(guidance_beta) >= 0:
+            raise ValueError(f"guidance_max={guidance_max}, guidance_beta={guidance_beta}: need > 0 and >= 0")
+        if guidance_input and (self.omega != 1.0 or self.kappa != 0.0 or guidance_interval is not None):
+            raise ValueError(
+                "diffusion.guidance_input=true draws the guidance scale and interval per sample (the model's input): "
+                f"leave omega, kappa and guidance_interval at 1, 0, null (got {omega}, {kappa}, {guidance_interval})"
+            )
+        self.guidance_input = guidance_input
+        self.guidance_max, self.guidance_beta = float(guidance_max), float(guidance_beta)
 
     @property
     def guided(self) -> bool:
-        return self.omega != 1.0 or self.kappa != 0.0
+        """Guidance folded into the target: at a fixed scale (omega, kappa), or at the scale each sample draws (the
+        guidance input)."""
+        return self.omega != 1.0 or self.kappa != 0.0 or self.guidance_input
 
     def training_flops(self, config, flops: float) -> float:
         """The forwards without gradient: the guided velocity's two (folded guidance), and on interval_share of the
         images the JVP (and iMF's tangent)."""
-        extra = 2 * self.guided + self.interval_share * (JVP_FORWARDS + (self.tangent == "predicted"))
+        own = self.tangent == "predicted" and not self.guidance_input  # with the guidance input: the guided pass's
+        extra = 2 * self.guided + self.interval_share * (JVP_FORWARDS + own)
         return flops + extra * forward_flops(config)
 
     def settings(self) -> dict:
         keys = ("time_mean", "time_std", "interval_share", "norm_p", "norm_eps", "omega", "kappa", "guidance_interval")
-        return self.recorded({"name": self.name, **{k: getattr(self, k) for k in (*keys, "tangent")}})
+        return self.recorded({"name": self.name, **{k: getattr(self, k) for k in (*keys, *self.ADDED_SETTINGS)}})
 
     def check_model(self, model) -> None:
         super().check_model(model)
+        if self.guidance_input and getattr(model, "g_embedder", None) is None:
+            raise ValueError(
+                "diffusion.guidance_input=true needs a model with a guidance input: model.guidance_input=true "
+                "(init_from adds it, starting as the source model)"
+            )
         if self.guided and not model.y_embedder.has_null_class:
             raise ValueError(
                 f"diffusion.omega={self.omega}, kappa={self.kappa} fold classifier-free guidance into the target, "
@@ -195,13 +223,32 @@ class MeanFlow(FewStep):
 
     def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """t and h from two logit-normal draws in the papers' time (t_p >= r_p; r_p = t_p but on interval_share of the
-        samples), then the noise: from the step's SlicedRandom, in this order."""
+        samples), then the noise; with the guidance input then each sample's guidance g = (scale, lo, hi): from the
+        step's SlicedRandom, in this order."""
         n = len(x)
         a = torch.sigmoid(self.time_mean + self.time_std * rng.randn((n,)))
         b = torch.sigmoid(self.time_mean + self.time_std * rng.randn((n,)))
         t_p, r_p = torch.maximum(a, b), torch.minimum(a, b)
         r_p = torch.where(rng.rand(n) < self.interval_share, r_p, t_p)
-        return {"t": 1 - t_p, "h": t_p - r_p, "noise": rng.randn(x.shape)}
+        found = {"t": 1 - t_p, "h": t_p - r_p, "noise": rng.randn(x.shape)}
+        if self.guidance_input:
+            found["g"] = self.draw_guidance(rng.rand(n), rng.rand(n), rng.rand(n), found["h"] == 0)
+        return found
+
+    def draw_guidance(self, u, a, b, instant) -> torch.Tensor:
+        """(N, 3) guidance (scale, lo, hi) from three uniform draws (iMF's official code, imf.py: sample_cfg_scale,
+        sample_cfg_interval): the scale from the power distribution of density ~ s^-guidance_beta on
+        [1, 1 + guidance_max] (beta 1: log-uniform), lo uniform in [0, 0.5], hi in [0.5, 1]; the samples without an
+        interval (`instant`, h = 0) are guided at every noise level, [0, 1]."""
+        top = math.log1p(self.guidance_max)
+        if self.guidance_beta == 1.0:
+            scale = torch.exp(u * top)
+        else:
+            k = 1.0 - self.guidance_beta
+            scale = torch.exp(torch.log1p(u * math.expm1(k * top)) / k)
+        lo = torch.where(instant, torch.zeros_like(a), 0.5 * a)
+        hi = torch.where(instant, torch.ones_like(b), 0.5 + 0.5 * b)
+        return torch.stack([scale, lo, hi], dim=1)
 
     def guided_velocity(self, inner, xt, t, v, kwargs) -> torch.Tensor:
         """v with classifier-free guidance folded in (the paper's Eq. 19) for the labelled samples in the interval,
@@ -223,6 +270,30 @@ class MeanFlow(FewStep):
         guided = self.omega * v + self.kappa * cond + (1 - self.omega - self.kappa) * uncond
         return torch.where(_per_sample(use, v).bool(), guided, v)
 
+    def input_guided_velocity(self, inner, xt, t, v, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the guidance input (iMF's Sec. 4.2 and its official code, imf.py: guidance_fn): each sample's scale w
+        inside its interval [lo, hi] of noise levels (1 outside), the guided velocity v + (1 - 1/w) (v_c - v_u) with
+        v_c the network's own h = 0 output for the label at guidance (w, 0, 1) and v_u for the null class unguided,
+        (1, 0, 1) (the fixed point of this target is the guided field w v_c + (1 - w) v_u); v for the samples whose
+        label is dropped. Returns it and v_c, the network's guided velocity (iMF's JVP tangent)."""
+        n, c = len(xt), xt.shape[1]
+        g = kwargs["g"].to(t.dtype)
+        level = 1.0 - t
+        w = torch.where((level >= g[:, 1]) & (level <= g[:, 2]), g[:, 0], torch.ones_like(t))
+        asked = torch.stack([w, torch.zeros_like(w), torch.ones_like(w)], dim=1)
+        plain = torch.tensor([1.0, 0.0, 1.0], device=xt.device, dtype=t.dtype).expand(n, 3)
+        both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
+        both |= {"g": torch.cat([asked, plain]), "force_drop_ids": torch.cat([torch.zeros(n), torch.ones(n)])}
+        both["force_drop_ids"] = both["force_drop_ids"].to(xt.device, torch.long)
+        zero = torch.zeros(2 * n, device=xt.device, dtype=t.dtype)
+        out = inner(torch.cat([xt, xt]), torch.cat([t, t]), h=zero, **both)
+        cond, uncond = out[:, :c].to(v.dtype).chunk(2)
+        guided = v + _per_sample(1 - 1 / w, v) * (cond - uncond)
+        dropped = kwargs.get("force_drop_ids")
+        if dropped is not None:
+            guided = torch.where(_per_sample(dropped.bool(), v).bool(), v, guided)
+        return guided, cond
+
     def target(self, inner, xt, t, h, v, kwargs) -> torch.Tensor:
         """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h)
         (tangent="predicted": (u(x, t, 0), 1, 0)).
@@ -231,7 +302,10 @@ class MeanFlow(FewStep):
         the zoo's but batch-statistics norms in training mode, whose JVP then sees those samples' statistics)."""
         c = xt.shape[1]
         with torch.no_grad(), jvp_pass(inner, xt.device.type):
-            if self.guided:
+            field = None  # the network's own guided velocity where the guidance computes it (iMF's tangent)
+            if self.guidance_input:
+                v, field = self.input_guided_velocity(inner, xt, t, v, kwargs)
+            elif self.guided:
                 v = self.guided_velocity(inner, xt, t, v, kwargs)
             far = h != 0
             if not far.any():
@@ -242,7 +316,10 @@ class MeanFlow(FewStep):
                 return inner(x, t_, h=r_ - t_, **sub)[:, :c]
 
             tf, rf = t[far], (t + h)[far]
-            tangent = v[far] if self.tangent == "sample" else u(xt[far], tf, tf).to(v.dtype)
+            if self.tangent == "sample":
+                tangent = v[far]
+            else:
+                tangent = (u(xt[far], tf, tf) if field is None else field[far]).to(v.dtype)
             _, dudt = torch.func.jvp(u, (xt[far], tf, rf), (tangent, torch.ones_like(tf), torch.zeros_like(tf)))
             target = v.clone()
             target[far] = v[far] + _per_sample(h[far], dudt) * dudt.to(v.dtype)
@@ -250,6 +327,8 @@ class MeanFlow(FewStep):
 
     def losses(self, model, x, draw, model_kwargs) -> dict[str, torch.Tensor]:
         kwargs = dict(model_kwargs or {})
+        if self.guidance_input:  # the guidance each sample is trained for, the model's input in every pass
+            kwargs["g"] = draw["g"].to(x.device, x.dtype)
         t, h = draw["t"].to(x.device, x.dtype), draw["h"].to(x.device, x.dtype)
         xt, v = self.interpolate(x, t, draw["noise"].to(x.dtype))
         target = self.target(_inner(model), xt, t, h, v, kwargs)  # first: an add-on's hooks keep the last forward's

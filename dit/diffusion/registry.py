@@ -51,7 +51,7 @@ def check_sampling(settings: SamplingSettings) -> SamplingSettings:
     For entry points that check settings before anything is loaded (sample.py)."""
     if settings.sampler is not None:
         SAMPLERS[settings.sampler]  # unknown sampler 'x'; valid samplers: ... (sorted)
-    GUIDANCE[settings.guidance]  # unknown guidance 'x'; valid guidances: auto, cfg
+    GUIDANCE[settings.guidance]  # unknown guidance 'x'; valid guidances: auto, cfg, input
     return settings
 
 

@@ -1,5 +1,6 @@
 """Samplers in one registry, and the guidance every one of them applies: classifier-free guidance (Ho & Salimans
-2022) and autoguidance (Karras et al. 2024: guided by a weaker version of the same model), each a class of GUIDANCE.
+2022), autoguidance (Karras et al. 2024: guided by a weaker version of the same model) and the guidance a model
+takes as an input (improved MeanFlow), each a class of GUIDANCE.
 
     sampler = build_sampler(objective, SamplingSettings(sampler="ddim", steps=50, cfg_scale=4.0))
     x0 = sampler.sample(model, noise, labels, generator)
@@ -33,6 +34,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "Guidance",
+    "InputGuidance",
     "Sampler",
     "SamplingSettings",
     "auto_guided_model",
@@ -115,6 +117,7 @@ class Guidance:
     ``check(model, guide, settings)`` refuses what cannot work, ``wrap`` returns the guided denoiser."""
 
     name: ClassVar[str]
+    calls: ClassVar[int] = 2  # model evaluations an image for one unguided one (a second branch)
 
     @staticmethod
     def check(model, guide, settings: SamplingSettings) -> None:
@@ -160,6 +163,33 @@ class AutoGuidance(Guidance):
         return auto_guided_model(model, guide, s.cfg_scale, s.guidance_channels, s.cfg_interval, noise_level)
 
 
+class InputGuidance(Guidance):
+    """The guidance as the model's input, for models with one (model.guidance_input; trained by diffusion=meanflow
+    with guidance_input=true, improved MeanFlow's guidance conditions): the model is told the scale and the interval
+    [lo, hi] of noise levels (cfg_interval; null: [0, 1]) and returns the guided output itself, one call a step."""
+
+    name = "input"
+    calls = 1
+
+    @staticmethod
+    def check(model, guide, settings):
+        if getattr(model, "g_embedder", None) is None:
+            raise ValueError(
+                f"guidance=input (cfg_scale={settings.cfg_scale}) needs a model trained with a guidance input "
+                "(model.guidance_input=true, diffusion.guidance_input=true): guidance=cfg guides this one"
+            )
+
+    @staticmethod
+    def wrap(model, guide, settings, noise_level):
+        lo, hi = settings.cfg_interval or (0.0, 1.0)
+
+        def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+            g = torch.tensor([settings.cfg_scale, lo, hi], device=x.device, dtype=x.dtype).expand(len(x), 3)
+            return model(x, t, y, g=g, **conditions)
+
+        return fn
+
+
 class Sampler:
     """Base class: holds the objective and the settings; ``sample`` applies guidance, ``run`` the steps."""
 
@@ -173,8 +203,9 @@ class Sampler:
     @property
     def model_calls(self) -> int:
         """Network evaluations an image: steps x calls a step, x2 with guidance (a second, conditional-free or
-        guide, branch; batched together or not)."""
-        return self.settings.steps * self.calls_per_step * (1 if self.settings.cfg_scale == 1.0 else 2)
+        guide, branch; batched together or not; guidance=input: x1)."""
+        s = self.settings
+        return s.steps * self.calls_per_step * (1 if s.cfg_scale == 1.0 else GUIDANCE[s.guidance].calls)
 
     def check_model(self, model, guide=None) -> None:
         """The settings' guidance can guide this model (with this guide): one clear line if not."""
@@ -259,4 +290,4 @@ class DDIMSampler(ChainSampler):
         return self.chain.ddim_sample(out, x, t, noise, self.eta, self.clip_denoised)[0]
 
 
-GUIDANCE: Registry[Guidance] = Registry("guidance", [ClassifierFree, AutoGuidance])
+GUIDANCE: Registry[Guidance] = Registry("guidance", [ClassifierFree, AutoGuidance, InputGuidance])

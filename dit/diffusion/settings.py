@@ -26,7 +26,8 @@ class SamplingSettings:
     sampler: str | None = None
     steps: int = 250  # model evaluations per image (x2 with guidance)
     cfg_scale: float = 1.0  # the guidance scale w; 1 = unguided
-    # cfg: classifier-free (the model's null class); auto: autoguidance by a weaker model of the same task, the guide
+    # cfg: classifier-free (the model's null class); auto: autoguidance by a weaker model of the same task, the guide;
+    # input: the scale (and cfg_interval) as the input of a model trained with one (model.guidance_input), 1 call
     guidance: str = field(default="cfg", metadata=ADDED_WITH_SCHEMA)
     # guidance=auto: a checkpoint or export (a smaller zoo size, or the same model trained less), or @STEP for the
     # checkpoint at STEP of the run the sampled checkpoint belongs to (dit.sampling.load_guide)

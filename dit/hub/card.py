@@ -120,6 +120,7 @@ class SampleCommand:
     cfg_scale: float
     classes: list[int]  # the classes sampled (all of them up to 10, else the first 8)
     per_class: int = 8  # images per class (one row each): the run's training.sample_per_class
+    guidance: str = "cfg"  # the grid's (input: a model with a guidance input, guided in one call)
 
     @classmethod
     def for_model(cls, model: DiT, objective: dict, run: RunRecord) -> SampleCommand:
@@ -128,12 +129,12 @@ class SampleCommand:
         sampler = grid.get("sampler") or build_objective(**objective).default_sampler
         classes = list(range(model.num_classes if model.num_classes <= 10 else 8))
         per_class = int(run.setting("training", "sample_per_class", default=8))
-        return cls(
-            sampler, int(grid.get("steps", defaults.steps)), float(grid.get("cfg_scale", 4.0)), classes, per_class
-        )
+        steps, scale = int(grid.get("steps", defaults.steps)), float(grid.get("cfg_scale", 4.0))
+        return cls(sampler, steps, scale, classes, per_class, grid.get("guidance") or defaults.guidance)
 
     def sample_py(self, checkpoint: str, per_class: int | None = None, **extra) -> str:
         args = dict(checkpoint=checkpoint, sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale)
+        args |= {} if self.guidance == "cfg" else {"guidance": self.guidance}
         args |= dict(classes=f"[{','.join(map(str, self.classes))}]", per_class=per_class or self.per_class) | extra
         return "python sample.py " + " ".join(shlex.quote(f"{k}={v}") for k, v in args.items())
 

@@ -91,13 +91,14 @@ def diffusers_obstacle(model: DiT) -> str | None:
     plain = {
         **{"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "pos_embed": "sincos", "cond_map": None},
         "interval_input": False,
+        "guidance_input": False,
     }
     other = {k: getattr(model.config, k) for k, v in plain.items() if getattr(model.config, k) != v}
     if other:
         listing = ", ".join(f"{k}={v}" for k, v in other.items())
         return (
-            "diffusers' DiT has only layernorm, gelu, sincos, no qk_norm, no spatial map and no interval input "
-            f"(few-step models); this model has {listing}"
+            "diffusers' DiT has only layernorm, gelu, sincos, no qk_norm, no spatial map, no interval or guidance "
+            f"input (few-step models); this model has {listing}"
         )
     if not model.y_embedder.has_null_class:
         return "diffusers' DiT always has a null class; build the model with class_dropout_prob > 0"

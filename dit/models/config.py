@@ -81,6 +81,11 @@ class DiTConfig:
     # a shortcut model's step size; dit/diffusion/few_step.py). Its output layer starts at zero: a fresh interval
     # input leaves the model what it was at every h (init_from a flow model starts as that model).
     interval_input: bool = field(default=False, metadata=ADDED_WITH_SCHEMA)
+    # The guidance asked for as an input (improved MeanFlow's guidance conditions): (scale, lo, hi) through their own
+    # embedding (GuidanceEmbedder), added to the timestep's as the interval is; its output layer starts at zero too.
+    # Such a model is guided in one call an image (sample.py guidance=input cfg_scale=3), at a scale chosen after
+    # training (diffusion=meanflow with diffusion.guidance_input=true trains it).
+    guidance_input: bool = field(default=False, metadata=ADDED_WITH_SCHEMA)
     qk_norm: bool = False  # RMSNorm on q and k per head in self-attention (LightningDiT)
     mlp: Mlp = "gelu"
     pos_embed: PosEmbed = "sincos"

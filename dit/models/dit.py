@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dit.models.blocks import check_config, get_block, set_fused_adaln
 from dit.models.config import DiTConfig
-from dit.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dit.models.embeddings import GuidanceEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from dit.models.routing import Route
 from dit.models.spatial import MAP_INPUTS, MAPS, drop_maps
 
@@ -57,6 +57,8 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         # few-step models' second time (config.interval_input); None for the others
         self.h_embedder = TimestepEmbedder(hidden_size) if config.interval_input else None
+        # the guidance asked for, (scale, lo, hi) (config.guidance_input); None for the others
+        self.g_embedder = GuidanceEmbedder(hidden_size) if config.guidance_input else None
         self.num_tokens = self.x_embedder.num_patches  # T = (input_size / patch_size)^2
         if config.pos_embed == "sincos":
             # Fixed sin-cos position embedding: a buffer, so optimisers and EMA leave it alone.
@@ -98,6 +100,9 @@ class DiT(nn.Module):
         if self.h_embedder is not None:  # as t's, but its output zero: the model starts as it is without it
             nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.h_embedder.mlp[2].weight)
+        if self.g_embedder is not None:  # likewise: a fresh guidance input leaves the model unguided at first
+            nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.g_embedder.mlp[2].weight)
         # Variant-specific: adaLN-Zero zeroes its modulations and the output layer (identity blocks).
         for module in (*self.blocks, self.final_layer, self.shared_conditioning, self.map_input):
             module.initialize_conditioning()
@@ -108,7 +113,13 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, p=self.patch_size, q=self.patch_size)
 
     def check_input(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond_map: torch.Tensor | None, h: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cond_map: torch.Tensor | None,
+        h: torch.Tensor | None,
+        g: torch.Tensor | None = None,
     ) -> None:
         """Clear errors for inputs that would otherwise fail as a shape crash deep inside."""
         expected = (self.in_channels, self.input_size, self.input_size)
@@ -119,6 +130,10 @@ class DiT(nn.Module):
         for arg, v in (("t", t), ("y", y), ("h", t if h is None else h)):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"{arg} must have shape ({x.shape[0]},) to match x, got {tuple(v.shape)}")
+        if g is not None and self.g_embedder is None:
+            raise ValueError("g (a guidance) given, but this model has no guidance input (model.guidance_input=false)")
+        if g is not None and g.shape != (x.shape[0], 3):
+            raise ValueError(f"g must have shape ({x.shape[0]}, 3) to match x: (scale, lo, hi), got {tuple(g.shape)}")
         if self.map_kind is None:
             if cond_map is not None:
                 raise ValueError("cond_map given, but this model takes no spatial condition (model.cond_map=null)")
@@ -153,14 +168,16 @@ class DiT(nn.Module):
         route: Route | None = None,
         cond_map: torch.Tensor | None = None,
         h: torch.Tensor | None = None,
+        g: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) images or latents; t: (N,) timesteps; y: (N,) labels (num_classes = null).
         h: (N,) intervals of a model with an interval input (model.interval_input; None = 0: the instantaneous
-        velocity, what a flow model predicts).
+        velocity, what a flow model predicts). g: (N, 3) guidance (scale, lo, hi) of a model with a guidance input
+        (model.guidance_input; None = (1, 0, 1): unguided).
         route: TREAD token routing for this training step (routing.py); None = every token through every block.
         cond_map: (N, C_m, s, s) spatial condition of a model with model.cond_map (zeros = none); label dropout
         drops a label's map with it."""
-        self.check_input(x, t, y, cond_map, h)
+        self.check_input(x, t, y, cond_map, h, g)
         if route is not None and not 0 <= route.start < route.end <= len(self.blocks):
             raise ValueError(f"route spans blocks [{route.start}, {route.end}) of a model of depth {len(self.blocks)}")
         if cond_map is not None and self.y_embedder.has_null_class:
@@ -174,6 +191,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (N, D)
         if self.h_embedder is not None:
             t_emb = t_emb + self.h_embedder(torch.zeros_like(t) if h is None else h)
+        if self.g_embedder is not None:
+            if g is None:
+                g = torch.tensor(GuidanceEmbedder.UNGUIDED, device=t.device, dtype=t.dtype).expand(len(t), 3)
+            t_emb = t_emb + self.g_embedder(g)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = self.block_cls.condition(t_emb, y_emb)  # (N, D) for adaLN-like variants, (N, 2, D) otherwise
         c_blocks = self.shared_conditioning(c)  # c itself, or adaLN-single's (N, 6, D)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-__all__ = ["PatchEmbed", "TimestepEmbedder", "LabelEmbedder", "sincos_pos_embed_2d"]
+__all__ = ["GuidanceEmbedder", "LabelEmbedder", "PatchEmbed", "TimestepEmbedder", "sincos_pos_embed_2d"]
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,26 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class GuidanceEmbedder(nn.Module):
+    """The guidance a few-step model is asked for, (N, 3) = (scale, lo, hi): the classifier-free guidance scale and
+    the noise levels [lo, hi] it applies in (improved MeanFlow's guidance conditions, Geng et al. 2025b, Sec. 4.2) ->
+    (N, hidden_size): each value's 256-d sinusoidal frequencies (as a timestep's), concatenated, then
+    Linear-SiLU-Linear. Unguided is (1, 0, 1)."""
+
+    UNGUIDED = (1.0, 0.0, 1.0)
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        freqs = [TimestepEmbedder.timestep_embedding(g[:, i], self.frequency_embedding_size) for i in range(3)]
+        return self.mlp(torch.cat(freqs, dim=1).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
