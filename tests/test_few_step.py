@@ -489,6 +489,9 @@ def test_the_guidance_input_draws_as_imfs_code_and_its_loss_is_imfs():
         build_objective("meanflow", guidance_input=True, omega=2.0)
     with pytest.raises(ValueError, match="model.guidance_input=true"):
         build_objective("meanflow", guidance_input=True).check_model(tiny())
+    for untrained in ("flow", "ddpm", "meanflow", "shortcut"):  # a guidance input no objective trains: refused
+        with pytest.raises(ValueError, match="only diffusion=meanflow with diffusion.guidance_input=true trains"):
+            build_objective(untrained).check_model(tiny(guidance_input=True))
 
 
 def test_the_guidance_input_samples_guided_in_one_call_at_the_scale_asked():

@@ -66,7 +66,7 @@ def test_autoguidance_without_a_guide_and_unknown_guidances_are_one_line():
         sampler.sample(tiny_dit(), torch.randn(1, 3, 16, 16), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"^unknown guidance 'pag'; valid guidances: auto, cfg, input$"):
         build_sampler(objective, SamplingSettings(sampler="euler", guidance="pag"))
-    assert GUIDANCE.names() == ("cfg", "auto")
+    assert GUIDANCE.names() == ("cfg", "auto", "input")
 
 
 def test_a_guide_for_another_task_is_refused_naming_what_differs(tmp_path):

@@ -38,7 +38,7 @@ from scipy import stats
 
 from dit.analysis.significance import holm, mean_ci
 from dit.atomic import append_line, atomic_file
-from dit.diffusion import SamplingSettings, build_sampler
+from dit.diffusion import GUIDANCE, SamplingSettings, build_sampler
 from dit.eval.evaluator import Evaluator
 from dit.eval.extractors import ExtractorSpec
 from dit.hub import load_model, objective_of
@@ -124,7 +124,7 @@ def sampling_settings(arm: Arm, plan: dict, kind: str) -> SamplingSettings:
         sampler=name,
         steps=steps or plan["steps"],
         cfg_scale=1.0 if kind == "none" else arm.scale,
-        guidance=kind if kind in ("auto", "input") else "cfg",  # input: a model with a guidance input, one call
+        guidance=kind if kind in GUIDANCE.names() else "cfg",  # none: the settings' unguided cfg_scale 1
     )
 
 

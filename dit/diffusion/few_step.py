@@ -32,7 +32,9 @@ input (model.guidance_input) is told the guidance g = (scale w, lo, hi), which e
 distribution on [1, 1 + guidance_max], [lo, hi] within [0, 0.5] x [0.5, 1]; [0, 1] at h = 0), and learns the field
 guided at w within [lo, hi] (the target v + (1 - 1/w) (v_c - v_u), v_c the network's own h = 0 output at (w, 0, 1),
 v_u the null class's at (1, 0, 1)); it is then guided at any scale chosen after training in one call an image
-(`guidance=input`, dit/diffusion/sampler.py). Not built: iMF's auxiliary v-head (the h = 0 output stands for it).
+(`guidance=input`, dit/diffusion/sampler.py). iMF pairs it with tangent="predicted" (the JVP along v_c); with the
+default tangent the JVP runs along the guided target, MeanFlow's choice. Not built: iMF's auxiliary v-head (the
+h = 0 output stands for it).
 
 The JVP pass, and why it is a pass of its own: the target is a stop-gradient, so du/dt is computed without autograd
 (torch.func.jvp under no_grad) on the module under any DistributedDataParallel wrapper, and the prediction u that the
@@ -112,6 +114,7 @@ class FewStep(Objective):
     interval_input = True
 
     def check_model(self, model) -> None:
+        super().check_model(model)
         if getattr(model, "h_embedder", None) is None:
             raise ValueError(
                 f"diffusion={self.name} needs a model with an interval input: model.interval_input=true "
@@ -216,9 +219,10 @@ class MeanFlow(FewStep):
                 "(init_from adds it, starting as the source model)"
             )
         if self.guided and not model.y_embedder.has_null_class:
+            how = "guidance_input=true" if self.guidance_input else f"omega={self.omega}, kappa={self.kappa}"
             raise ValueError(
-                f"diffusion.omega={self.omega}, kappa={self.kappa} fold classifier-free guidance into the target, "
-                "which needs the null class: model.class_dropout_prob > 0"
+                f"diffusion.{how} folds classifier-free guidance into the target, which needs the null class: "
+                "model.class_dropout_prob > 0"
             )
 
     def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -274,8 +278,9 @@ class MeanFlow(FewStep):
         """With the guidance input (iMF's Sec. 4.2 and its official code, imf.py: guidance_fn): each sample's scale w
         inside its interval [lo, hi] of noise levels (1 outside), the guided velocity v + (1 - 1/w) (v_c - v_u) with
         v_c the network's own h = 0 output for the label at guidance (w, 0, 1) and v_u for the null class unguided,
-        (1, 0, 1) (the fixed point of this target is the guided field w v_c + (1 - w) v_u); v for the samples whose
-        label is dropped. Returns it and v_c, the network's guided velocity (iMF's JVP tangent)."""
+        (1, 0, 1) (where v_c and v_u are the network's estimates of the true velocities v(x | c) and v(x), this target's
+        fixed point is the guided field w v(x | c) + (1 - w) v(x)); v for the samples whose label is dropped. Returns
+        it and v_c, the network's guided velocity for the label before it is dropped (iMF's JVP tangent)."""
         n, c = len(xt), xt.shape[1]
         g = kwargs["g"].to(t.dtype)
         level = 1.0 - t
@@ -296,7 +301,7 @@ class MeanFlow(FewStep):
 
     def target(self, inner, xt, t, h, v, kwargs) -> torch.Tensor:
         """The stop-gradient target v~ + h du/dt, du/dt by a JVP with tangents (v~, 1, 0) for (x, t, r = t + h)
-        (tangent="predicted": (u(x, t, 0), 1, 0)).
+        (tangent="predicted": (u(x, t, 0), 1, 0); with the guidance input the guided v_c of input_guided_velocity).
         The JVP runs on the samples with h != 0 only (interval_share of the batch: the others' term is h du/dt = 0),
         which is the same target for every block whose output for one sample does not depend on the others (all of
         the zoo's but batch-statistics norms in training mode, whose JVP then sees those samples' statistics)."""

@@ -134,6 +134,7 @@ class FlowMatching(Objective):
 
     def check_model(self, model) -> None:
         """Any DiT: with learn_sigma its extra C output channels are ignored (SiT drops them too)."""
+        super().check_model(model)
 
     def draw(self, rng, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """t in [0, 1] (1 = data), then the noise x0: both from the step's SlicedRandom, in this order."""

@@ -120,6 +120,7 @@ class GaussianDiffusion(Objective):
         return ("loss", "mse", "vb") if self.variance_type == "learned_range" else ("loss", "mse")
 
     def check_model(self, model) -> None:
+        super().check_model(model)
         if self.variance_type == "learned_range" and not model.learn_sigma:
             raise ValueError("diffusion.variance_type=learned_range needs model.learn_sigma=true")
 

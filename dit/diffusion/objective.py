@@ -40,6 +40,7 @@ class Objective:
     default_sampler: ClassVar[str]  # what `sampler: null` means for its models (sample.py, the training grids)
     eval_sampler: ClassVar[str]  # ... for the in-training FID (TrainConfig.fid_sampling): a few-step one
     interval_input: ClassVar[bool] = False  # its models take a second time, the interval (model.interval_input)
+    guidance_input: bool = False  # it trains the guidance input (model.guidance_input): MeanFlow's option
     # Settings added after runs were recorded -> their defaults: left out of the settings digest at the default
     # (and, by the objective's settings(), of checkpoint records), so older records still describe their runs.
     ADDED_SETTINGS: ClassVar[dict[str, Any]] = {}
@@ -61,6 +62,11 @@ class Objective:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """A clear ValueError if the model cannot be trained or sampled with this objective."""
+        if getattr(model, "g_embedder", None) is not None and not self.guidance_input:
+            raise ValueError(
+                "model.guidance_input=true: only diffusion=meanflow with diffusion.guidance_input=true trains the "
+                "guidance input (left untrained, guidance=input would sample unguided at any scale)"
+            )
 
     def training_flops(self, config, flops: float) -> float:
         """FLOPs of one training image with this objective, given ``flops``: the DiT's forward and backward (the
