@@ -60,9 +60,8 @@ def parse_objective(spec: str):
 
 def ours(args, variant: str, objective_spec: str = "ddpm") -> dict:
     objective = parse_objective(objective_spec)
-    model = create_model(
-        args.model, input_size=args.input_size, in_channels=4, num_classes=1000, interval_input=objective.interval_input
-    )
+    inputs = dict(interval_input=objective.interval_input, guidance_input=objective.guidance_input)
+    model = create_model(args.model, input_size=args.input_size, in_channels=4, num_classes=1000, **inputs)
     data = SyntheticLatents(args.batch * 4, 4, args.input_size)
     total = args.warmup + args.steps
     t = TrainConfig(
