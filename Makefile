@@ -184,16 +184,19 @@ guidance_ema: setup
 
 # - few_step (issue 48): MeanFlow and shortcut models fine-tuned from the guidance study's 3 flow runs (trained here
 #   first if missing: make guidance_ema's main runs) and MeanFlow from scratch (configs/experiment/few_step.yaml); then
-#   studies/few_step/plan.yaml's evaluations, run by run, measuring only what studies/few_step/results.jsonl lacks, and
-#   the report (docs/few_step.md). Published runs (studies/few_step/runs/, make publish STUDY=few_step) are restored
-#   first, so a fresh clone trains only what is not finished.
-FEW_STEP_RUNS ?= flow meanflow_ft shortcut_ft meanflow
+#   studies/few_step/plan.yaml's evaluations (the selections of an EMA width and a guidance scale, then the report's),
+#   measuring only what studies/few_step/results.jsonl lacks, and the report (docs/few_step.md). Published runs
+#   (studies/few_step/runs/, make publish STUDY=few_step) are restored first, so a fresh clone trains only what is not
+#   finished.
+FEW_STEP_RUNS ?= flow meanflow_ft shortcut_ft meanflow meanflow_ft_w3 imf_ft
 few_step: setup
 	$(PY) -m dit.analysis.study restore studies/few_step outputs/studies/few_step
 	OMP_NUM_THREADS=1 $(PY) train.py experiment=guidance_ema +guidance_ema=main hydra/launcher=pool \
 	  hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=outputs/studies/guidance_ema
 	OMP_NUM_THREADS=1 $(PY) train.py experiment=few_step hydra/launcher=pool hydra.launcher.n_jobs=$(JOBS) \
 	  hydra.sweep.dir=outputs/studies/few_step $(ARGS)
+	for stage in select_ema select_scale; do $(PY) -m dit.analysis.posthoc measure outputs/studies/few_step \
+	  studies/few_step/plan.yaml --stage $$stage -o studies/few_step/results.jsonl || exit 1; done
 	for run in $(FEW_STEP_RUNS); do $(PY) -m dit.analysis.posthoc measure outputs/studies/few_step \
 	  studies/few_step/plan.yaml --stage report --run $$run -o studies/few_step/results.jsonl \
 	  --grids studies/few_step/grids || exit 1; done
