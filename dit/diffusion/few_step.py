@@ -65,6 +65,7 @@ from dit.diffusion.flow import FlowMatching, _per_sample
 from dit.diffusion.objective import Objective, mean_flat
 from dit.diffusion.sampler import Sampler
 from dit.diffusion.settings import SamplingSettings
+from dit.models.embeddings import GuidanceEmbedder
 from dit.models.flops import count_config
 
 __all__ = ["FewStepSampler", "MeanFlow", "Shortcut", "ShortcutSampler", "jvp_pass"]
@@ -286,7 +287,7 @@ class MeanFlow(FewStep):
         level = 1.0 - t
         w = torch.where((level >= g[:, 1]) & (level <= g[:, 2]), g[:, 0], torch.ones_like(t))
         asked = torch.stack([w, torch.zeros_like(w), torch.ones_like(w)], dim=1)
-        plain = torch.tensor([1.0, 0.0, 1.0], device=xt.device, dtype=t.dtype).expand(n, 3)
+        plain = torch.tensor(GuidanceEmbedder.UNGUIDED, device=xt.device, dtype=t.dtype).expand(n, 3)
         both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
         both |= {"g": torch.cat([asked, plain]), "force_drop_ids": torch.cat([torch.zeros(n), torch.ones(n)])}
         both["force_drop_ids"] = both["force_drop_ids"].to(xt.device, torch.long)
