@@ -86,6 +86,16 @@ def _rows(kwargs: dict, keep: torch.Tensor) -> dict:
     return {k: a[keep] if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
 
 
+def _label_and_null(inner, xt: torch.Tensor, t: torch.Tensor, kwargs: dict, **doubled) -> tuple[torch.Tensor, ...]:
+    """The network's h = 0 outputs (the input's channels) for each sample's label and for the null class, from one
+    forward of 2N: the per-sample keyword arguments repeated, `doubled` given for both halves (2N rows) as they are."""
+    n, c = len(xt), xt.shape[1]
+    both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
+    both |= doubled | {"force_drop_ids": torch.cat([torch.zeros(n), torch.ones(n)]).to(xt.device, torch.long)}
+    zero = torch.zeros(2 * n, device=xt.device, dtype=t.dtype)
+    return inner(torch.cat([xt, xt]), torch.cat([t, t]), h=zero, **both)[:, :c].chunk(2)
+
+
 def _inner(model):
     """The module under a DistributedDataParallel wrapper (itself otherwise): for the passes that do not
     back-propagate. DDP's own forward is kept for the one that does, so that it synchronises the gradients."""
@@ -258,7 +268,7 @@ class MeanFlow(FewStep):
     def guided_velocity(self, inner, xt, t, v, kwargs) -> torch.Tensor:
         """v with classifier-free guidance folded in (the paper's Eq. 19) for the labelled samples in the interval,
         the network's own h = 0 outputs standing for the guided field; v elsewhere."""
-        n, c = len(xt), xt.shape[1]
+        n = len(xt)
         dropped = kwargs.get("force_drop_ids")
         dropped = torch.zeros(n, dtype=torch.bool, device=xt.device) if dropped is None else dropped.bool()
         use = ~dropped
@@ -267,11 +277,7 @@ class MeanFlow(FewStep):
             use = use & (level >= self.guidance_interval[0]) & (level <= self.guidance_interval[1])
         if not use.any():
             return v
-        both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
-        both["force_drop_ids"] = torch.cat([torch.zeros(n), torch.ones(n)]).to(xt.device, torch.long)
-        zero = torch.zeros(2 * n, device=xt.device, dtype=t.dtype)
-        out = inner(torch.cat([xt, xt]), torch.cat([t, t]), h=zero, **both)
-        cond, uncond = out[:, :c].to(v.dtype).chunk(2)
+        cond, uncond = (o.to(v.dtype) for o in _label_and_null(inner, xt, t, kwargs))
         guided = self.omega * v + self.kappa * cond + (1 - self.omega - self.kappa) * uncond
         return torch.where(_per_sample(use, v).bool(), guided, v)
 
@@ -282,18 +288,13 @@ class MeanFlow(FewStep):
         (1, 0, 1) (where v_c and v_u are the network's estimates of the true velocities v(x | c) and v(x), this target's
         fixed point is the guided field w v(x | c) + (1 - w) v(x)); v for the samples whose label is dropped. Returns
         it and v_c, the network's guided velocity for the label before it is dropped (iMF's JVP tangent)."""
-        n, c = len(xt), xt.shape[1]
+        n = len(xt)
         g = kwargs["g"].to(t.dtype)
         level = 1.0 - t
         w = torch.where((level >= g[:, 1]) & (level <= g[:, 2]), g[:, 0], torch.ones_like(t))
         asked = torch.stack([w, torch.zeros_like(w), torch.ones_like(w)], dim=1)
         plain = torch.tensor(GuidanceEmbedder.UNGUIDED, device=xt.device, dtype=t.dtype).expand(n, 3)
-        both = {k: torch.cat([a, a]) if torch.is_tensor(a) and len(a) == n else a for k, a in kwargs.items()}
-        both |= {"g": torch.cat([asked, plain]), "force_drop_ids": torch.cat([torch.zeros(n), torch.ones(n)])}
-        both["force_drop_ids"] = both["force_drop_ids"].to(xt.device, torch.long)
-        zero = torch.zeros(2 * n, device=xt.device, dtype=t.dtype)
-        out = inner(torch.cat([xt, xt]), torch.cat([t, t]), h=zero, **both)
-        cond, uncond = out[:, :c].to(v.dtype).chunk(2)
+        cond, uncond = (o.to(v.dtype) for o in _label_and_null(inner, xt, t, kwargs, g=torch.cat([asked, plain])))
         guided = v + _per_sample(1 - 1 / w, v) * (cond - uncond)
         dropped = kwargs.get("force_drop_ids")
         if dropped is not None:
